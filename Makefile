@@ -1,0 +1,44 @@
+# catsdogs: two commands set everything up on a fresh machine.
+#   make run   -> creates .venv, installs, runs preprocess -> train -> evaluate on $(DATA)
+#   make test  -> creates .venv, installs (plus Chromium for the browser test), lint + tests
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= data/PetImages
+OUT ?= runs/latest
+MODEL ?=
+STAMP := $(VENV)/.installed
+# The CPU torch wheel lies in /opt/wheels on these machines; never let pip fetch a CUDA build.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: install run test lint bench browser clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q $(FIND_LINKS) -e '.[dev]'
+	@touch $(STAMP)
+
+# Debian's Chromium for the real-browser test of the web page (Playwright drives it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium missing and not root: sudo apt-get install chromium"; fi; }
+
+run: $(STAMP)
+	$(BIN)/catsdogs run --data "$(DATA)" --out "$(OUT)" $(if $(MODEL),--model $(MODEL),)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+test: $(STAMP) browser lint
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,121 @@
+"""The ``catsdogs`` command line: parses flags into a config dataclass and dispatches.
+
+It holds no pipeline logic. Flags are generated from the config dataclasses in :mod:`catsdogs.config`
+(field docstrings become help text), so every setting is a flag and a config-file key at once.
+User errors (:class:`catsdogs.errors.CatsdogsError`) print one line and exit 2; ``--debug`` shows
+the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from catsdogs import config as cfgmod
+from catsdogs.errors import CatsdogsError
+
+# command -> (config class, "module:function", section name in a config file, one-line help)
+COMMANDS: dict[str, tuple[type, str, str]] = {
+    "preprocess": (cfgmod.PreprocessConfig, "catsdogs.preprocess:main", "Decode, verify, resize and "
+                   "split an image folder into shards with Spark."),
+    "train": (cfgmod.TrainConfig, "catsdogs.train:main", "Train a model on the shards."),
+    "evaluate": (cfgmod.EvaluateConfig, "catsdogs.evaluate:main", "Metrics, plots and an HTML report "
+                 "for a trained run."),
+    "predict": (cfgmod.PredictConfig, "catsdogs.predict:main", "Classify image files or folders."),
+    "serve": (cfgmod.ServeConfig, "catsdogs.serve.app:main", "Serve the model over HTTP (FastAPI) "
+              "with a web page."),
+    "export": (cfgmod.ExportConfig, "catsdogs.export:main", "Export a trained model to ONNX or "
+               "TorchScript."),
+    "run": (cfgmod.RunConfig, "catsdogs.pipeline:main", "preprocess -> train -> evaluate in one go."),
+    "tune": (cfgmod.TuneConfig, "catsdogs.tune:main", "Optuna hyperparameter search on train/val."),
+}
+
+
+def _parse_kv(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key, value
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per dataclass field; defaults are suppressed so we know what was given."""
+    docs = cfgmod.field_docs(cls)
+    for f in dataclasses.fields(cls):
+        typ = f.type if isinstance(f.type, str) else str(f.type)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        helptext = f"{docs.get(f.name, '')} (default: {default!r})"
+        name = cfgmod.flag(f.name)
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": helptext}
+        if typ.startswith("list"):
+            parser.add_argument(f.name, nargs="*", metavar=f.name.upper(), default=argparse.SUPPRESS,
+                                help=helptext)
+        elif typ.startswith("dict"):
+            parser.add_argument(name, action="append", type=_parse_kv, metavar="KEY=VALUE", **kw)
+        elif typ == "bool":
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            conv = {"int": int, "float": float}.get(typ, str)
+            parser.add_argument(name, type=conv, metavar=f.name.upper(), **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with one sub-command per stage."""
+    parser = argparse.ArgumentParser(prog="catsdogs", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (cls, _target, helptext) in COMMANDS.items():
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("--config", default=None, metavar="FILE",
+                       help="TOML/JSON file of settings; explicit flags override it")
+        p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+        _add_fields(p, cls)
+    return parser
+
+
+def _version() -> str:
+    from catsdogs import __version__
+
+    return f"catsdogs {__version__}"
+
+
+def resolve(command: str, args: argparse.Namespace) -> Any:
+    """Merge defaults, the config file and explicit flags into the command's config object."""
+    cls = COMMANDS[command][0]
+    given = {k: v for k, v in vars(args).items() if k not in {"command", "config", "debug"}}
+    if "spark_conf" in given:
+        given["spark_conf"] = dict(given["spark_conf"])
+    layers = [cfgmod.read_config_file(args.config, command)] if args.config else []
+    return cfgmod.build_config(cls, *layers, given)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``catsdogs`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    debug = bool(args.debug)
+    try:
+        cfg = resolve(args.command, args)
+        module_name, func_name = COMMANDS[args.command][1].split(":")
+        func = getattr(importlib.import_module(module_name), func_name)
+        result = func(cfg)
+        return int(result or 0)
+    except CatsdogsError as exc:
+        if debug:
+            raise
+        print(f"catsdogs {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"catsdogs {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

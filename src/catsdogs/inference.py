@@ -1,0 +1,88 @@
+"""A loaded model that turns images into class probabilities; shared by evaluate, predict and serve.
+
+It applies exactly the transforms used for training (:mod:`catsdogs.transforms`) with the resize
+policy, size and normalisation recorded in the checkpoint, so every entry point agrees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from catsdogs import schema
+from catsdogs.checkpoint import build_from_checkpoint, load_checkpoint, resolve_checkpoint
+from catsdogs.models import probabilities
+from catsdogs.transforms import DEFAULT_MAX_PIXELS, hflip, load_image, normalize
+
+
+@dataclass
+class Predictor:
+    """A model plus the metadata needed to feed it: classes, image size, resize policy, mean/std."""
+
+    model: nn.Module
+    classes: list[str]
+    size: int
+    resize: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: torch.device
+    checkpoint: dict[str, Any]
+    path: Path
+
+    @classmethod
+    def from_run(cls, run: str | Path, device: torch.device | str = "cpu",
+                 name: str = schema.BEST_CKPT) -> Predictor:
+        """Load the checkpoint of a run folder (or a .pt file) and rebuild its model."""
+        path = resolve_checkpoint(run, name)
+        state = load_checkpoint(path)
+        device = torch.device(device)
+        model = build_from_checkpoint(state).to(device).to(memory_format=torch.channels_last)
+        image = state[schema.CKPT_IMAGE]
+        norm = state[schema.CKPT_NORM]
+        # Keep only small metadata: the weights now live in the model.
+        meta = {k: v for k, v in state.items() if k not in (schema.CKPT_MODEL_STATE, "optimizer",
+                                                              "scheduler", "ema_state", "rng")}
+        return cls(model=model, classes=list(state[schema.CKPT_CLASSES]), size=int(image["size"]),
+                   resize=str(image.get("resize", "stretch")), mean=tuple(norm["mean"]),
+                   std=tuple(norm["std"]), device=device, checkpoint=meta, path=path)
+
+    @torch.inference_mode()
+    def predict_arrays(self, images: np.ndarray | torch.Tensor, tta: bool = False) -> np.ndarray:
+        """Return probabilities ``(n, C)`` for a uint8 NHWC batch of already-resized images."""
+        x = torch.as_tensor(images)
+        if x.shape[0] == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        x = normalize(x, self.mean, self.std).to(self.device)
+        probs = probabilities(self.model(x))
+        if tta:
+            probs = (probs + probabilities(self.model(hflip(x)))) / 2
+        return probs.cpu().numpy().astype(np.float32)
+
+    def decode(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """Decode and resize image bytes the way training data was; raises ImageDecodeError."""
+        return load_image(data, self.size, self.resize, max_pixels)
+
+    def predict_bytes(self, blobs: Sequence[bytes], tta: bool = False,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """Decode and classify raw image bytes; any undecodable blob raises ImageDecodeError."""
+        arrays = np.stack([self.decode(b, max_pixels) for b in blobs])
+        return self.predict_arrays(arrays, tta=tta)
+
+    def describe(self) -> dict[str, Any]:
+        """Return JSON-ready model facts (name, classes, size, epoch, metrics) for APIs and reports."""
+        mc = self.checkpoint.get(schema.CKPT_MODEL_CONFIG, {})
+        return {
+            "name": mc.get("name"),
+            "classes": self.classes,
+            "size": self.size,
+            "resize": self.resize,
+            "checkpoint": str(self.path),
+            "epoch": self.checkpoint.get(schema.CKPT_EPOCH),
+            "metrics": self.checkpoint.get(schema.CKPT_METRICS, {}),
+        }

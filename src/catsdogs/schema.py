@@ -1,0 +1,51 @@
+"""Names and layouts shared by every stage, defined once.
+
+The shard layout (``<split>/X_part_<i>.npy`` + ``y_part_<i>.npy``) and the manifest fields are a
+contract between preprocess (writer), data (reader), evaluate and serve; change them only together
+with ``SCHEMA_VERSION``.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+"""Bumped whenever the shard layout or the manifest fields change incompatibly."""
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+"""Split names, in the order fractions are carved out (test first, then val, rest train)."""
+
+MANIFEST_NAME = "manifest.json"
+FILES_CSV_NAME = "files.csv"
+CONFIG_NAME = "config.json"
+X_PATTERN = "X_part_{index:05d}.npy"
+Y_PATTERN = "y_part_{index:05d}.npy"
+PARQUET_PATTERN = "part_{index:05d}.parquet"
+
+PIXEL_DTYPE = "uint8"
+"""Pixels are stored as uint8 (4x smaller than float32); normalisation happens in the loader."""
+
+LABEL_DTYPE = "int64"
+LAYOUT = "NHWC"
+"""Shard X arrays are ``(n, H, W, 3)``; the loader transposes to NCHW for torch."""
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+)
+"""File suffixes (compared lower-case) taken as candidate images."""
+
+IGNORED_NAMES: frozenset[str] = frozenset({"thumbs.db", "desktop.ini", ".ds_store"})
+"""OS clutter that is ignored (and counted) without trying to decode it."""
+
+FILES_CSV_COLUMNS: tuple[str, ...] = ("path", "split", "shard", "row", "label")
+
+# Checkpoint keys: a checkpoint carries everything needed to rebuild and run its model.
+CKPT_MODEL_STATE = "model_state"
+CKPT_MODEL_CONFIG = "model_config"
+CKPT_CLASSES = "classes"
+CKPT_NORM = "normalization"
+CKPT_IMAGE = "image"
+CKPT_TRAIN_CONFIG = "train_config"
+CKPT_EPOCH = "epoch"
+CKPT_METRICS = "metrics"
+BEST_CKPT = "best.pt"
+LAST_CKPT = "last.pt"
+METRICS_CSV = "metrics.csv"

@@ -1,0 +1,29 @@
+"""Shared pytest fixtures: generated image trees and shard folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import REAL_DATA, make_image_tree, make_shards
+
+
+@pytest.fixture
+def image_tree(tmp_path: Path) -> tuple[Path, dict[str, list[str]]]:
+    root = tmp_path / "PetImages"
+    return root, make_image_tree(root)
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> Path:
+    root = tmp_path / "shards"
+    make_shards(root)
+    return root
+
+
+@pytest.fixture
+def real_data() -> Path:
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real data not found at {REAL_DATA} (the ../shared/data/PetImages development copy)")
+    return REAL_DATA

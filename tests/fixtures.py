@@ -1,0 +1,151 @@
+"""Generated test data: image trees with broken and odd files, and small shard folders.
+
+Nothing here is committed as binary data; every fixture is made on the fly from a seed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from catsdogs import schema
+from catsdogs.manifest import Manifest, save_manifest
+from catsdogs.shards import ShardWriter
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "PetImages"
+"""../shared/data/PetImages seen from the project root (the development copy of the data)."""
+
+
+def synthetic_image(label: int, size: int = 48, seed: int = 0) -> np.ndarray:
+    """Return a uint8 RGB image whose class is learnable: class 0 bright-left, class 1 bright-right,
+    plus noise; other labels shift the colour."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 90, size=(size, size, 3), dtype=np.int32)
+    half = size // 2
+    if label % 2 == 0:
+        img[:, :half] += 140
+    else:
+        img[:, half:] += 140
+    img[..., label % 3] += 20 * (label // 2)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def jpeg_bytes(arr: np.ndarray, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def bomb_png(side: int = 30000) -> bytes:
+    """A valid PNG header claiming side x side pixels (a few hundred bytes): a decompression bomb."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    row = b"\x00" + b"\x00" * side
+    idat = zlib.compress(row * 64, 9)  # truncated data is fine: the header alone must be refused
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def make_image_tree(root: Path, per_class: int = 12, classes: tuple[str, ...] = ("Cat", "Dog"),
+                    size: int = 48, odd: bool = True) -> dict[str, list[str]]:
+    """Write a PetImages-like tree; return {"good": [...], "bad": [...], "ignored": [...]} rel paths.
+
+    With ``odd`` it adds every awkward kind of file the real download and users' folders contain.
+    """
+    good: list[str] = []
+    bad: list[str] = []
+    ignored: list[str] = []
+    for label, cls in enumerate(classes):
+        d = root / cls
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (d / f"{i}.jpg").write_bytes(jpeg_bytes(synthetic_image(label, size, seed=label * 1000 + i)))
+            good.append(f"{cls}/{i}.jpg")
+    if not odd:
+        return {"good": good, "bad": bad, "ignored": ignored}
+    cat, dog = root / classes[0], root / classes[1]
+    base = Image.fromarray(synthetic_image(0, size, seed=99))
+    rgba = base.convert("RGBA")
+    oddities: dict[str, bytes] = {
+        "png_named.jpg": encode(base, "PNG"),
+        "real.PNG": encode(base, "PNG"),
+        "anim.gif": encode(base.convert("P"), "GIF"),
+        "pic.bmp": encode(base, "BMP"),
+        "pic.webp": encode(base, "WEBP"),
+        "pic.TIFF": encode(base, "TIFF"),
+        "gray.jpg": encode(base.convert("L"), "JPEG"),
+        "cmyk.jpg": encode(base.convert("CMYK"), "JPEG"),
+        "rgba.png": encode(rgba, "PNG"),
+        "palette.png": encode(base.convert("P"), "PNG"),
+        "UPPER.JPEG": encode(base, "JPEG"),
+        "with space é.jpg": encode(base, "JPEG"),
+    }
+    arr16 = (np.asarray(base.convert("L"), dtype=np.uint16) * 257)
+    oddities["deep16.png"] = encode(Image.fromarray(arr16), "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW on display
+    oddities["rotated.jpg"] = encode(base.resize((size, size // 2)), "JPEG", exif=exif.tobytes())
+    for name, data in oddities.items():
+        (cat / name).write_bytes(data)
+        good.append(f"{classes[0]}/{name}")
+    nested = dog / "sub" / "deeper"
+    nested.mkdir(parents=True)
+    (nested / "nested.jpg").write_bytes(jpeg_bytes(synthetic_image(1, size, seed=4242)))
+    good.append(f"{classes[1]}/sub/deeper/nested.jpg")
+    full = jpeg_bytes(synthetic_image(1, size, seed=7))
+    broken: dict[str, bytes] = {
+        "empty.jpg": b"",
+        "truncated.jpg": full[: len(full) // 3],
+        "page.jpg": b"<html><body>404 not found</body></html>",
+        "random.jpg": np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+        "bomb.png": bomb_png(),
+    }
+    for name, data in broken.items():
+        (dog / name).write_bytes(data)
+        bad.append(f"{classes[1]}/{name}")
+    os.symlink(dog / "does-not-exist.jpg", dog / "broken_link.jpg")
+    bad.append(f"{classes[1]}/broken_link.jpg")
+    for name in ("Thumbs.db", ".DS_Store", "notes.txt", ".hidden.jpg"):
+        (cat / name).write_bytes(b"clutter")
+        ignored.append(f"{classes[0]}/{name}")
+    (root / "README.txt").write_text("top-level file outside class folders")
+    ignored.append("README.txt")
+    return {"good": good, "bad": bad, "ignored": ignored}
+
+
+def make_shards(root: Path, counts: dict[str, int] | None = None, size: int = 32,
+                shard_rows: int = 50, classes: tuple[str, ...] = ("Cat", "Dog"), seed: int = 0) -> Manifest:
+    """Write a small shards folder (no Spark) with the real writer and manifest; return the manifest."""
+    counts = counts or {"train": 200, "val": 60, "test": 60}
+    rng = np.random.default_rng(seed)
+    infos = []
+    per_split: dict[str, dict[str, int]] = {}
+    for split, n in counts.items():
+        labels = np.arange(n) % len(classes)
+        rng.shuffle(labels)
+        per_split[split] = {c: int((labels == k).sum()) for k, c in enumerate(classes)}
+        for index, start in enumerate(range(0, n, shard_rows)):
+            with ShardWriter(root, split, index, size, len(classes)) as w:
+                for j, label in enumerate(labels[start:start + shard_rows]):
+                    w.add(synthetic_image(int(label), size, seed=seed * 100000 + hash(split) % 1000 * 1000
+                                          + start + j), int(label))
+            infos.append(w.info)
+    manifest = Manifest(classes=list(classes), size=size, resize="stretch", mean=[120.0] * 3,
+                        std=[60.0] * 3, shards=infos, counts=per_split,
+                        stats={"kept": sum(counts.values()), "skipped": 0})
+    save_manifest(manifest, root)
+    assert schema.MANIFEST_NAME
+    return manifest
