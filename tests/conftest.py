@@ -27,3 +27,10 @@ def real_data() -> Path:
     if not REAL_DATA.is_dir():
         pytest.skip(f"real data not found at {REAL_DATA} (the ../shared/data/PetImages development copy)")
     return REAL_DATA
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, shards: Path) -> Path:
+    from tests.fixtures import make_run
+
+    return make_run(tmp_path / "run", data=str(shards))

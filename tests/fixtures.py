@@ -149,3 +149,42 @@ def make_shards(root: Path, counts: dict[str, int] | None = None, size: int = 32
     save_manifest(manifest, root)
     assert schema.MANIFEST_NAME
     return manifest
+
+
+def make_run(root: Path, size: int = 32, classes: tuple[str, ...] = ("Cat", "Dog"), model: str = "seed",
+             data: str = "", epochs: int = 3, seed: int = 0) -> Path:
+    """Write a run folder with an untrained model checkpoint (best.pt, last.pt), config.json and
+    metrics.csv, in the layout ``catsdogs train`` writes; for tests of evaluate/predict/serve."""
+    import csv
+    import json
+
+    import torch
+
+    from catsdogs.checkpoint import save_checkpoint
+    from catsdogs.config import TrainConfig, to_dict
+    from catsdogs.models import build_model
+
+    torch.manual_seed(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = TrainConfig(data=data, out=str(root), model=model, epochs=epochs, seed=seed)
+    net = build_model(model, num_classes=len(classes), size=size)
+    state = {
+        schema.CKPT_MODEL_STATE: net.state_dict(),
+        schema.CKPT_MODEL_CONFIG: {"name": model, "num_classes": len(classes), "size": size},
+        schema.CKPT_CLASSES: list(classes),
+        schema.CKPT_NORM: {"mean": [120.0] * 3, "std": [60.0] * 3},
+        schema.CKPT_IMAGE: {"size": size, "resize": "stretch"},
+        schema.CKPT_TRAIN_CONFIG: to_dict(cfg),
+        schema.CKPT_EPOCH: epochs,
+        schema.CKPT_METRICS: {"val_loss": 0.6, "val_acc": 0.6},
+    }
+    save_checkpoint(root / schema.BEST_CKPT, state)
+    save_checkpoint(root / schema.LAST_CKPT, state)
+    (root / schema.CONFIG_NAME).write_text(json.dumps(to_dict(cfg), indent=2))
+    with open(root / schema.METRICS_CSV, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"])
+        for e in range(1, epochs + 1):
+            w.writerow([e, e * 10, 0.7 - 0.05 * e, 0.5 + 0.05 * e, 0.72 - 0.04 * e, 0.5 + 0.04 * e,
+                        1e-3, 1.0])
+    return root
