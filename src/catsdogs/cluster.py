@@ -1,0 +1,280 @@
+"""A real Spark standalone cluster (one master, N workers) on this machine, for tests and benchmarks.
+
+It runs the master and worker daemons shipped inside the pyspark wheel (``sbin/spark-daemon.sh``),
+bound to 127.0.0.1 on free ports, with their logs, pid files and work dirs in one folder, and always
+stops them, also when the body of the ``with`` block raises. This exercises the same code path as
+a multi-machine cluster (driver -> master -> workers -> executors over the network), minus the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from catsdogs.errors import CatsdogsError
+
+MASTER_CLASS = "org.apache.spark.deploy.master.Master"
+WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
+HOST = "127.0.0.1"
+"""Everything binds to loopback: nothing is exposed and no DNS lookup of the host name is needed."""
+
+
+class ClusterError(CatsdogsError):
+    """The standalone cluster could not be started (no Java, a daemon died, workers never registered)."""
+
+
+@dataclass
+class Cluster:
+    """A running standalone cluster: where to submit to and what to stop."""
+
+    master_url: str
+    """``spark://127.0.0.1:<port>``, the value for ``--master``."""
+    ui_url: str
+    """Master web UI; ``<ui_url>/json/`` lists the registered workers."""
+    work_dir: Path
+    """Holds logs/, pids/, work/ (executor sandboxes) and conf/ of this cluster."""
+    workers: int
+    cores_per_worker: int
+    memory: str
+    tag: str
+    """Marker passed to every daemon JVM (``-Dcatsdogs.cluster=<tag>``) to find them in ``ps``."""
+    pids: dict[str, int] = field(default_factory=dict)
+    """Daemon name (master, worker-1, ...) -> JVM pid."""
+
+    def client_conf(self) -> dict[str, str]:
+        """Spark settings a driver on this machine needs to use the cluster (loopback driver address)."""
+        return {
+            "spark.driver.host": HOST,
+            "spark.driver.bindAddress": HOST,
+            "spark.executor.memory": self.memory,
+            "spark.executor.cores": str(self.cores_per_worker),
+        }
+
+    def status(self) -> dict:  # type: ignore[type-arg]
+        """Return the master's JSON status (workers, cores, running applications)."""
+        return _get_json(f"{self.ui_url}/json/")
+
+
+def spark_home() -> Path:
+    """Return the pyspark package folder, which holds ``bin/spark-class`` and ``sbin/spark-daemon.sh``."""
+    import pyspark
+
+    home = Path(pyspark.__file__).resolve().parent
+    if not (home / "sbin" / "spark-daemon.sh").is_file():
+        raise ClusterError(f"{home} has no sbin/spark-daemon.sh; reinstall pyspark (pip install pyspark)")
+    return home
+
+
+def free_port() -> int:
+    """Return a TCP port that is free on 127.0.0.1 right now (the OS picks it, so runs don't clash)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _get_json(url: str, timeout: float = 2.0) -> dict:  # type: ignore[type-arg]
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback URL we built)
+        return json.loads(resp.read().decode())
+
+
+def _daemon_env(work_dir: Path, tag: str) -> dict[str, str]:
+    """Environment of spark-daemon.sh: private log/pid/work/conf dirs and loopback binding."""
+    env = dict(os.environ)
+    for sub in ("logs", "pids", "work", "conf"):
+        (work_dir / sub).mkdir(parents=True, exist_ok=True)
+    env.update({
+        "SPARK_HOME": str(spark_home()),
+        "SPARK_CONF_DIR": str(work_dir / "conf"),  # empty: no user spark-env.sh or defaults leak in
+        "SPARK_LOG_DIR": str(work_dir / "logs"),
+        "SPARK_PID_DIR": str(work_dir / "pids"),
+        "SPARK_WORKER_DIR": str(work_dir / "work"),
+        "SPARK_LOCAL_IP": HOST,
+        "SPARK_LOCAL_HOSTNAME": HOST,
+        "SPARK_IDENT_STRING": tag,
+        # Executors launched by the workers must import catsdogs and torch: use this interpreter.
+        "PYSPARK_PYTHON": sys.executable,
+        "SPARK_DAEMON_JAVA_OPTS": f"-Dcatsdogs.cluster={tag} -XX:TieredStopAtLevel=1 -XX:+UseSerialGC",
+        # The REST submission server would take port 6066 on every master: two runs would clash.
+        "SPARK_MASTER_OPTS": "-Dspark.master.rest.enabled=false",
+    })
+    env.pop("SPARK_NO_DAEMONIZE", None)  # spark-daemon.sh must fork the JVM into the background
+    env.pop("SPARK_ENV_LOADED", None)
+    return env
+
+
+def _pid_file(cluster: Cluster, cls: str, instance: int) -> Path:
+    return cluster.work_dir / "pids" / f"spark-{cluster.tag}-{cls}-{instance}.pid"
+
+
+def _run_daemon(env: dict[str, str], action: str, cls: str, instance: int, *args: str) -> None:
+    script = Path(env["SPARK_HOME"]) / "sbin" / "spark-daemon.sh"
+    proc = subprocess.run(["bash", str(script), action, cls, str(instance), *args], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    if action == "start" and (proc.returncode != 0 or "failed to launch" in proc.stdout):
+        raise ClusterError(f"spark-daemon.sh could not start {cls} #{instance}: "
+                           f"{(proc.stdout + proc.stderr).strip()[-2000:]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by nohup's parent) counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """Return pids of live JVMs started with ``-Dcatsdogs.cluster=<tag>`` (this cluster's daemons)."""
+    marker = f"-Dcatsdogs.cluster={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker in cmdline.split(b"\0") and _alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def _log_tail(cluster: Cluster, lines: int = 15) -> str:
+    out = []
+    for log in sorted((cluster.work_dir / "logs").glob("*.out")):
+        text = log.read_text(errors="replace").splitlines()[-lines:]
+        out.append(f"--- {log.name}\n" + "\n".join(text))
+    return "\n".join(out)
+
+
+def wait_for_workers(cluster: Cluster, timeout: float = 60.0) -> dict:  # type: ignore[type-arg]
+    """Poll the master's ``/json/`` until all workers are ALIVE; raise :class:`ClusterError` on timeout."""
+    deadline = time.monotonic() + timeout
+    last: dict = {}  # type: ignore[type-arg]
+    while time.monotonic() < deadline:
+        dead = [name for name, pid in cluster.pids.items() if not _alive(pid)]
+        if dead:
+            raise ClusterError(f"Spark daemon(s) {', '.join(dead)} exited during start-up; "
+                               f"logs in {cluster.work_dir / 'logs'}:\n{_log_tail(cluster)}")
+        try:
+            last = cluster.status()
+        except (urllib.error.URLError, OSError, ValueError):
+            time.sleep(0.25)  # master UI not up yet
+            continue
+        alive = [w for w in last.get("workers", []) if w.get("state") == "ALIVE"]
+        if len(alive) >= cluster.workers:
+            return last
+        time.sleep(0.25)
+    registered = len([w for w in last.get("workers", []) if w.get("state") == "ALIVE"])
+    raise ClusterError(f"only {registered} of {cluster.workers} Spark workers registered with "
+                       f"{cluster.master_url} within {timeout:.0f} s; logs in {cluster.work_dir / 'logs'}:\n"
+                       f"{_log_tail(cluster)}")
+
+
+def start_cluster(work_dir: Path, workers: int = 2, cores_per_worker: int = 1, memory: str = "1g",
+                  timeout: float = 60.0) -> Cluster:
+    """Start a master and ``workers`` workers in ``work_dir``; return once all workers registered.
+
+    On any failure the daemons already started are stopped before the error propagates.
+    """
+    if workers < 1 or cores_per_worker < 1:
+        raise ClusterError(f"need at least 1 worker with 1 core, got workers={workers}, "
+                           f"cores_per_worker={cores_per_worker}")
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        raise ClusterError("Java is not installed (Spark needs Java 17): apt-get install openjdk-17-jre")
+    work_dir = Path(work_dir).resolve()
+    tag = f"{os.getpid()}-{free_port()}"  # unique per cluster on this machine
+    env = _daemon_env(work_dir, tag)
+    port, ui_port = free_port(), free_port()
+    cluster = Cluster(master_url=f"spark://{HOST}:{port}", ui_url=f"http://{HOST}:{ui_port}",
+                      work_dir=work_dir, workers=workers, cores_per_worker=cores_per_worker,
+                      memory=memory, tag=tag)
+    try:
+        _run_daemon(env, "start", MASTER_CLASS, 1, "--host", HOST, "--port", str(port),
+                    "--webui-port", str(ui_port))
+        cluster.pids["master"] = int(_pid_file(cluster, MASTER_CLASS, 1).read_text())
+        # Workers start in parallel: spark-daemon.sh sleeps ~2.5 s per daemon to check it lived.
+        procs = []
+        for i in range(1, workers + 1):
+            script = Path(env["SPARK_HOME"]) / "sbin" / "spark-daemon.sh"
+            procs.append(subprocess.Popen(
+                ["bash", str(script), "start", WORKER_CLASS, str(i), "--host", HOST,
+                 "--webui-port", str(free_port()), "--cores", str(cores_per_worker), "--memory", memory,
+                 "--work-dir", str(work_dir / "work"), cluster.master_url],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        for i, proc in enumerate(procs, start=1):
+            out, _ = proc.communicate(timeout=60)
+            if proc.returncode != 0 or "failed to launch" in out:
+                raise ClusterError(f"spark-daemon.sh could not start worker #{i}: {out.strip()[-2000:]}")
+            cluster.pids[f"worker-{i}"] = int(_pid_file(cluster, WORKER_CLASS, i).read_text())
+        wait_for_workers(cluster, timeout)
+    except BaseException:
+        stop_cluster(cluster)
+        raise
+    return cluster
+
+
+def stop_cluster(cluster: Cluster, grace: float = 15.0) -> None:
+    """Stop workers then the master with spark-daemon.sh; SIGKILL whatever outlives ``grace`` seconds."""
+    env = _daemon_env(cluster.work_dir, cluster.tag)
+    for name in sorted(cluster.pids, reverse=True):  # workers first, the master last
+        cls, instance = (MASTER_CLASS, 1) if name == "master" else (WORKER_CLASS, int(name.split("-")[1]))
+        try:
+            _run_daemon(env, "stop", cls, instance)
+        except (subprocess.SubprocessError, OSError):
+            pass  # the pid sweep below still ends it
+    pids = set(cluster.pids.values()) | set(tagged_pids(cluster.tag))
+    deadline = time.monotonic() + grace
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@contextmanager
+def standalone_cluster(workers: int = 2, cores_per_worker: int = 1, memory: str = "1g",
+                       work_dir: str | Path | None = None, timeout: float = 60.0) -> Iterator[Cluster]:
+    """Run a standalone master + ``workers`` workers for the ``with`` block; always stop them.
+
+    Without ``work_dir`` a temporary folder is used and removed afterwards (logs included).
+    """
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.mkdtemp(prefix="catsdogs-cluster-")
+        work_dir = tmp
+    cluster = start_cluster(Path(work_dir), workers, cores_per_worker, memory, timeout)
+    try:
+        yield cluster
+    finally:
+        stop_cluster(cluster)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
