@@ -1,0 +1,197 @@
+"""File discovery and split planning for ``catsdogs preprocess`` (pure Python, runs on the driver).
+
+The split is decided here, from relative paths and the seed only, so the same file lands in the same
+split whatever the cluster size, partitioning or file-system listing order. Spark then only executes
+the plan: one task per shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from catsdogs import schema
+from catsdogs.errors import InputError
+
+# Reasons a file is ignored (not a candidate); they end up in the manifest's "ignored" section.
+IGNORED_HIDDEN = "hidden"
+IGNORED_OS_FILE = "os_file"
+IGNORED_EXTENSION = "not_image_extension"
+IGNORED_OUTSIDE = "outside_class_folder"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One file that looks like an image: its path relative to the input root and its label."""
+
+    path: str
+    label: int
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """One file (or hidden folder) skipped without decoding, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Listing:
+    """The result of scanning an input folder: classes, image candidates and ignored entries."""
+
+    root: Path
+    classes: list[str]
+    candidates: list[Candidate]
+    ignored: list[Ignored] = field(default_factory=list)
+
+    def ignored_summary(self) -> dict[str, object]:
+        """Return the manifest's ``ignored`` section: count, count per reason, sorted paths."""
+        by_reason = Counter(i.reason for i in self.ignored)
+        return {"count": len(self.ignored), "by_reason": dict(sorted(by_reason.items())),
+                "paths": sorted(i.path for i in self.ignored)}
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The files of one shard, in row order; executed by one Spark task."""
+
+    split: str
+    index: int
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+
+
+def _classify_name(name: str) -> str | None:
+    """Return an ignore reason for a file name, or None when it is an image candidate."""
+    if name.lower() in schema.IGNORED_NAMES:
+        return IGNORED_OS_FILE
+    if name.startswith("."):
+        return IGNORED_HIDDEN
+    if Path(name).suffix.lower() not in schema.IMAGE_EXTENSIONS:
+        return IGNORED_EXTENSION
+    return None
+
+
+def _walk_class(root: Path, class_dir: Path, label: int, candidates: list[Candidate],
+                ignored: list[Ignored]) -> None:
+    """Collect candidates under one class folder recursively (symlinked folders followed once)."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop: do not descend again
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        here = Path(dirpath)
+        for d in sorted(dirnames):
+            if d.startswith("."):  # hidden folder (.git, .thumbnails): counted once, not entered
+                ignored.append(Ignored((here / d).relative_to(root).as_posix(), IGNORED_HIDDEN))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            rel = (here / name).relative_to(root).as_posix()
+            reason = _classify_name(name)
+            if reason is None:
+                # Broken symlinks stay candidates: the task skips them with reason "broken_link".
+                candidates.append(Candidate(rel, label))
+            else:
+                ignored.append(Ignored(rel, reason))
+
+
+def scan_input(input_dir: str | Path) -> Listing:
+    """List classes (sorted subfolder names) and image candidates under ``input_dir``.
+
+    Raises :class:`InputError` (naming ``--input``) for a missing input, a file, fewer than two
+    class folders or a class without any image candidate.
+    """
+    root = Path(input_dir).expanduser()
+    if not str(input_dir):
+        raise InputError("no input folder given (set --input to a folder with one subfolder per class)")
+    if not root.exists():
+        raise InputError(f"input folder {str(root)!r} does not exist (fix --input)")
+    if not root.is_dir():
+        raise InputError(f"input {str(root)!r} is a file, not a folder of class subfolders (fix --input)")
+    root = root.resolve()
+    ignored: list[Ignored] = []
+    classes: list[str] = []
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith("."):
+            ignored.append(Ignored(entry.name, IGNORED_HIDDEN))
+        elif entry.is_dir():
+            classes.append(entry.name)
+        else:
+            ignored.append(Ignored(entry.name, IGNORED_OUTSIDE))
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        raise InputError(
+            f"input folder {str(root)!r} needs at least two class subfolders (e.g. Cat/ and Dog/), "
+            f"found {found} (fix --input)"
+        )
+    candidates: list[Candidate] = []
+    for label, name in enumerate(classes):
+        before = len(candidates)
+        _walk_class(root, root / name, label, candidates, ignored)
+        if len(candidates) == before:
+            raise InputError(
+                f"class folder {str(root / name)!r} has no image files "
+                f"({', '.join(sorted(schema.IMAGE_EXTENSIONS))}) (fix --input)"
+            )
+    return Listing(root=root, classes=classes, candidates=candidates, ignored=ignored)
+
+
+def _split_key(seed: int, path: str) -> str:
+    """Return the ordering key of a file for the split: a hash of seed and relative path."""
+    return hashlib.sha256(f"{seed}:{path}".encode()).hexdigest()
+
+
+def assign_splits(candidates: list[Candidate], num_classes: int, val_frac: float, test_frac: float,
+                  seed: int) -> dict[str, list[Candidate]]:
+    """Split candidates per class, exactly stratified and independent of input order.
+
+    Per class, candidates are ordered by ``sha256(f"{seed}:{path}")``; the first
+    ``round(n * test_frac)`` go to test, the next ``round(n * val_frac)`` to val, the rest to train.
+    Each split's list is sorted by path (row order is decided later by :func:`plan_shards`).
+    """
+    out: dict[str, list[Candidate]] = {s: [] for s in schema.SPLITS}
+    for label in range(num_classes):
+        members = sorted((c for c in candidates if c.label == label),
+                         key=lambda c: (_split_key(seed, c.path), c.path))
+        n = len(members)
+        n_test = round(n * test_frac)
+        n_val = round(n * val_frac)
+        out["test"].extend(members[:n_test])
+        out["val"].extend(members[n_test:n_test + n_val])
+        out["train"].extend(members[n_test + n_val:])
+    for split in out:
+        out[split].sort(key=lambda c: c.path)
+    return out
+
+
+def chunk_sizes(n: int, max_rows: int) -> list[int]:
+    """Split ``n`` rows into ``ceil(n / max_rows)`` near-equal chunk sizes (differing by at most 1)."""
+    if n == 0:
+        return []
+    k = math.ceil(n / max_rows)
+    base, extra = divmod(n, k)
+    return [base + 1 if i < extra else base for i in range(k)]
+
+
+def plan_shards(splits: dict[str, list[Candidate]], shard_rows: int, seed: int) -> list[ShardPlan]:
+    """Shuffle each split's rows deterministically (seeded) and cut them into near-equal shards."""
+    plans: list[ShardPlan] = []
+    for split in schema.SPLITS:
+        rows = sorted(splits.get(split, []), key=lambda c: c.path)
+        # A string seed is hashed by random.Random deterministically (sha512), unlike hash().
+        random.Random(f"{seed}:shuffle:{split}").shuffle(rows)
+        start = 0
+        for index, size in enumerate(chunk_sizes(len(rows), shard_rows)):
+            chunk = rows[start:start + size]
+            start += size
+            plans.append(ShardPlan(split, index, tuple(c.path for c in chunk),
+                                   tuple(c.label for c in chunk)))
+    return plans

@@ -1,0 +1,443 @@
+"""``catsdogs preprocess``: decode, verify, resize and split an image folder into shards with Spark.
+
+Design (from measurements on 2 cores): the driver lists the files and plans the split and the shards
+(:mod:`catsdogs.listing`); Spark runs ONE TASK PER SHARD. Each task reads its files in a Python
+worker, decodes them with :func:`catsdogs.transforms.load_image`, writes the shard itself with
+:class:`catsdogs.shards.ShardWriter` and returns only small metadata rows. Pixels never go through
+the JVM or Arrow, so big images cannot exhaust Arrow buffers and no shuffle is needed.
+Everything is written into a sibling temporary folder that is renamed to ``--output`` at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import secrets
+import shutil
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from catsdogs import schema
+from catsdogs.config import PreprocessConfig, save_config, to_dict
+from catsdogs.errors import (
+    ConfigError,
+    ImageDecodeError,
+    InputError,
+    OutputExistsError,
+    TooManySkippedError,
+)
+from catsdogs.listing import Listing, ShardPlan, assign_splits, plan_shards, scan_input
+from catsdogs.manifest import Manifest, ShardInfo, save_manifest
+from catsdogs.shards import ShardWriter
+from catsdogs.transforms import load_image
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from pyspark import SparkContext
+    from pyspark.sql import SparkSession
+
+KIND_IMAGE = "image"
+KIND_SHARD = "shard"
+# Schema of the rows a task returns. Spark checks mapInArrow output types strictly, so the Arrow
+# schema below must match this DDL exactly (int = int32).
+RESULT_DDL = ("kind string, split string, shard int, row int, path string, label int, "
+              "reason string, detail string")
+PLAN_DDL = "split string, shard int, paths array<string>, labels array<int>"
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """What every shard task needs; pickled once into the Spark closure. Paths are absolute."""
+
+    input_root: str
+    output_root: str
+    size: int
+    resize: str
+    max_pixels: int
+    num_classes: int
+
+
+def _result_schema() -> pa.Schema:
+    """Return the Arrow schema matching :data:`RESULT_DDL`."""
+    import pyarrow as pa
+
+    return pa.schema([("kind", pa.string()), ("split", pa.string()), ("shard", pa.int32()),
+                      ("row", pa.int32()), ("path", pa.string()), ("label", pa.int32()),
+                      ("reason", pa.string()), ("detail", pa.string())])
+
+
+def read_file(path: str) -> bytes:
+    """Read a whole file; raise :class:`ImageDecodeError` ``broken_link`` or ``unreadable``."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        if os.path.islink(path) and not os.path.exists(path):
+            raise ImageDecodeError("broken_link", f"symlink to missing {os.readlink(path)!r}") from None
+        raise ImageDecodeError("unreadable", exc.strerror or str(exc)) from None
+
+
+def process_shard(settings: TaskSettings, split: str, index: int, paths: list[str],
+                  labels: list[int]) -> dict[str, list[Any]]:
+    """Decode one shard's files and write the shard; return metadata rows as column lists.
+
+    Runs inside a Spark Python worker (and directly in tests). One row per image (row index in the
+    shard, or -1 with a reason when skipped) plus one ``shard`` row whose ``detail`` is JSON with
+    the shard's files, checksums and, for train shards, per-channel pixel sums for normalisation.
+    """
+    cols: dict[str, list[Any]] = {k: [] for k in ("kind", "split", "shard", "row", "path", "label",
+                                                  "reason", "detail")}
+
+    def emit(kind: str, row: int, path: str, label: int, reason: str, detail: str) -> None:
+        for key, value in zip(cols, (kind, split, index, row, path, label, reason, detail), strict=True):
+            cols[key].append(value)
+
+    t0 = time.perf_counter()
+    # Read every file first: sequential I/O, then pure CPU work (measured slightly faster on cold cache).
+    blobs: list[bytes | ImageDecodeError] = []
+    for rel in paths:
+        try:
+            blobs.append(read_file(os.path.join(settings.input_root, rel)))
+        except ImageDecodeError as exc:
+            blobs.append(exc)
+    t1 = time.perf_counter()
+    psum = np.zeros(3, dtype=np.int64)  # sum of pixel values per channel (0..255 units)
+    psq = np.zeros(3, dtype=np.int64)  # sum of squared pixel values per channel
+    with ShardWriter(settings.output_root, split, index, settings.size, settings.num_classes) as writer:
+        for rel, label, blob in zip(paths, labels, blobs, strict=True):
+            try:
+                if isinstance(blob, ImageDecodeError):
+                    raise blob
+                arr = load_image(blob, settings.size, settings.resize, settings.max_pixels)
+            except ImageDecodeError as exc:
+                emit(KIND_IMAGE, -1, rel, int(label), exc.reason, exc.detail[:500])
+                continue
+            row = writer.add(arr, int(label))
+            if split == "train":
+                flat = arr.reshape(-1, 3).astype(np.int64)
+                psum += flat.sum(axis=0)
+                psq += (flat * flat).sum(axis=0)
+            emit(KIND_IMAGE, row, rel, int(label), "", "")
+        t2 = time.perf_counter()
+    t3 = time.perf_counter()
+    assert writer.info is not None  # set by a clean exit of the with-block
+    detail = {"info": asdict(writer.info), "pixel_sum": psum.tolist(), "pixel_sumsq": psq.tolist(),
+              "seconds": {"read": t1 - t0, "decode": t2 - t1, "write": t3 - t2}, "pid": os.getpid()}
+    emit(KIND_SHARD, -1, "", -1, "", json.dumps(detail))
+    return cols
+
+
+def make_task(settings: TaskSettings) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """Return the ``mapInArrow`` function: each input row is a shard plan, each output batch its rows."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        import pyarrow as pa
+
+        out_schema = _result_schema()
+        for batch in batches:
+            for plan in batch.to_pylist():
+                cols = process_shard(settings, plan["split"], plan["shard"], plan["paths"], plan["labels"])
+                yield pa.RecordBatch.from_pydict(cols, schema=out_schema)
+
+    return run
+
+
+class _Progress:
+    """A tqdm bar on stderr fed by polling Spark's status tracker from a thread.
+
+    Spark reports finished tasks, and each task is one shard, so images done = completed tasks x
+    mean shard rows (exact at the end).
+    """
+
+    def __init__(self, sc: SparkContext, group: str, total: int, tasks: int) -> None:
+        from tqdm import tqdm
+
+        self._sc = sc
+        self._group = group
+        self._per_task = total / max(tasks, 1)
+        self._tasks = tasks
+        self._stop = threading.Event()
+        self.bar = tqdm(total=total, unit="img", desc="preprocess", file=sys.stderr, mininterval=0.5,
+                        dynamic_ncols=True, smoothing=0.1)
+        self._thread = threading.Thread(target=self._poll, name="preprocess-progress", daemon=True)
+
+    def _completed_tasks(self) -> int:
+        tracker = self._sc.statusTracker()
+        done = 0
+        for job_id in tracker.getJobIdsForGroup(self._group):
+            job = tracker.getJobInfo(job_id)
+            for stage_id in job.stageIds if job else []:
+                stage = tracker.getStageInfo(stage_id)
+                done += stage.numCompletedTasks if stage else 0
+        return min(done, self._tasks)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.25):
+            try:
+                n = round(self._completed_tasks() * self._per_task)
+            except Exception:  # noqa: BLE001 - the tracker may vanish while Spark stops
+                continue
+            if n > self.bar.n:
+                self.bar.update(min(n, self.bar.total) - self.bar.n)
+
+    def __enter__(self) -> _Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if exc_type is None:
+            self.bar.update(self.bar.total - self.bar.n)
+        self.bar.close()
+
+
+def run_job(spark: SparkSession, plans: list[ShardPlan], settings: TaskSettings,
+            progress: bool = True) -> list[dict[str, Any]]:
+    """Run one Spark task per shard plan; return the collected metadata rows as dicts."""
+    sc = spark.sparkContext
+    # Images never travel through Arrow: input rows are shard plans (paths + labels, one per
+    # partition) and output rows are small per-image metadata. A small batch size keeps each input
+    # Arrow batch small even if a partition ever held several plans.
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
+    rows = [(p.split, p.index, list(p.paths), list(p.labels)) for p in plans]
+    # One row per partition: parallelize slices a list of n items into n partitions of one.
+    plan_df = spark.createDataFrame(sc.parallelize(rows, numSlices=len(rows)), schema=PLAN_DDL)
+    result = plan_df.mapInArrow(make_task(settings), RESULT_DDL)
+    group = f"catsdogs-preprocess-{secrets.token_hex(4)}"
+    sc.setJobGroup(group, f"catsdogs preprocess: {len(plans)} shards", interruptOnCancel=True)
+    total = sum(len(p.paths) for p in plans)
+    try:
+        if progress:
+            with _Progress(sc, group, total, len(plans)):
+                table = result.toArrow()
+        else:
+            table = result.toArrow()
+    except KeyboardInterrupt:
+        sc.cancelJobGroup(group)
+        raise
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)  # type: ignore[arg-type]
+    return table.to_pylist()
+
+
+# ----------------------------------------------------------------------------------------- driver
+
+
+def _resolve_output(cfg: PreprocessConfig, input_root: Path) -> Path:
+    """Validate ``--output`` (a file-system path, not nested with ``--input``); return it absolute."""
+    if not cfg.output:
+        raise ConfigError("no output folder given (set --output)")
+    text = cfg.output[len("file://"):] if cfg.output.startswith("file://") else cfg.output
+    if "://" in text:
+        raise ConfigError(f"--output {cfg.output!r}: only file-system paths (shared by all nodes) "
+                          "are supported")
+    out = Path(text).expanduser().resolve()
+    if out == input_root or out.is_relative_to(input_root):
+        raise ConfigError(f"--output {str(out)!r} is inside --input {str(input_root)!r}; it would be "
+                          "read as a class folder next time (choose another --output)")
+    if input_root.is_relative_to(out):
+        raise ConfigError(f"--output {str(out)!r} contains --input {str(input_root)!r} (choose another "
+                          "--output)")
+    return out
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless ``--overwrite``; never replace a folder that is not shards."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise OutputExistsError(f"output {str(out)!r} already exists (pass --overwrite to replace it, "
+                                "or choose another --output)")
+    if out.is_dir() and any(out.iterdir()) and not (out / schema.MANIFEST_NAME).is_file():
+        raise OutputExistsError(f"output {str(out)!r} is a non-empty folder without {schema.MANIFEST_NAME};"
+                                " refusing to replace it even with --overwrite (choose another --output)")
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished temporary folder to ``out``; an old output is removed only afterwards."""
+    _check_output(out, overwrite)
+    if out.exists() or out.is_symlink():
+        old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    else:
+        os.replace(tmp, out)
+
+
+@dataclass
+class _Outcome:
+    """What the driver assembled from the task results."""
+
+    manifest: Manifest
+    files: list[tuple[str, str, int, int, int]]
+    skipped: list[dict[str, str]]
+    task_seconds: dict[str, float]
+
+
+def _assemble(rows: list[dict[str, Any]], listing: Listing, cfg: PreprocessConfig) -> _Outcome:
+    """Turn task rows into files.csv rows, the skipped list, shard infos and normalisation stats."""
+    files: list[tuple[str, str, int, int, int]] = []
+    skipped: list[dict[str, str]] = []
+    infos: list[ShardInfo] = []
+    psum = np.zeros(3, dtype=np.float64)
+    psq = np.zeros(3, dtype=np.float64)
+    seconds: Counter[str] = Counter()
+    for r in rows:
+        if r["kind"] == KIND_SHARD:
+            detail = json.loads(r["detail"])
+            infos.append(ShardInfo(**detail["info"]))
+            # Integer sums from the tasks are exact; add them as Python ints, then divide once.
+            psum += np.array([int(v) for v in detail["pixel_sum"]], dtype=np.float64)
+            psq += np.array([int(v) for v in detail["pixel_sumsq"]], dtype=np.float64)
+            seconds.update(detail["seconds"])
+        elif r["row"] >= 0:
+            files.append((r["path"], r["split"], r["shard"], r["row"], r["label"]))
+        else:
+            skipped.append({"path": r["path"], "reason": r["reason"], "detail": r["detail"]})
+    order = {s: i for i, s in enumerate(schema.SPLITS)}
+    files.sort(key=lambda f: (order[f[1]], f[2], f[3]))
+    skipped.sort(key=lambda s: s["path"])
+    infos.sort(key=lambda i: (order[i.split], i.index))
+    counts = {s: {c: 0 for c in listing.classes} for s in schema.SPLITS}
+    for _path, split, _shard, _row, label in files:
+        counts[split][listing.classes[label]] += 1
+    train_rows = sum(counts["train"].values())
+    pixels = train_rows * cfg.size * cfg.size
+    mean = psum / pixels if pixels else np.zeros(3)
+    std = np.sqrt(np.maximum(psq / pixels - mean**2, 0.0)) if pixels else np.ones(3)
+    manifest = Manifest(classes=list(listing.classes), size=cfg.size, resize=cfg.resize,
+                        mean=[round(float(m), 4) for m in mean], std=[round(float(s), 4) for s in std],
+                        shards=infos, counts=counts, skipped=skipped, ignored=listing.ignored_summary(),
+                        config=to_dict(cfg), format=cfg.format)
+    return _Outcome(manifest, files, skipped, {k: round(v, 3) for k, v in seconds.items()})
+
+
+def _check_outcome(outcome: _Outcome, listing: Listing, cfg: PreprocessConfig) -> None:
+    """Fail when too many files were skipped, a class lost every image, or train is empty."""
+    n = len(listing.candidates)
+    bad = len(outcome.skipped)
+    if n and bad / n > cfg.max_skip_frac:
+        reasons = Counter(s["reason"] for s in outcome.skipped).most_common()
+        raise TooManySkippedError(
+            f"{bad} of {n} images ({bad / n:.1%}) could not be decoded "
+            f"({', '.join(f'{r}: {c}' for r, c in reasons)}), more than --max-skip-frac "
+            f"{cfg.max_skip_frac}; fix the input or raise --max-skip-frac"
+        )
+    kept = Counter(f[4] for f in outcome.files)
+    for label, name in enumerate(listing.classes):
+        if not kept[label]:
+            raise InputError(f"class {name!r} has no decodable image (fix --input)")
+    if not sum(outcome.manifest.counts["train"].values()):
+        raise ConfigError("no image left for training; lower --val-frac / --test-frac")
+
+
+def _write_files_csv(path: Path, files: list[tuple[str, str, int, int, int]]) -> None:
+    """Write files.csv (path relative to the input, split, shard, row, label)."""
+    from catsdogs.fsutil import atomic_write_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(schema.FILES_CSV_COLUMNS)
+    w.writerows(files)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _summary(m: Manifest, out: Path, skipped: list[dict[str, str]]) -> str:
+    """Return the one-paragraph summary printed at the end."""
+    st = m.stats
+    parts = []
+    for split in schema.SPLITS:
+        per = ", ".join(f"{c} {n:,}" for c, n in m.counts[split].items())
+        parts.append(f"{split} {sum(m.counts[split].values()):,} ({per})")
+    reasons = Counter(s["reason"] for s in skipped)
+    skip_txt = f"{len(skipped):,}" + (f" ({', '.join(f'{r} {c}' for r, c in sorted(reasons.items()))})"
+                                      if reasons else "")
+    return (f"Preprocessed {st['kept']:,} of {st['candidates']:,} images into {str(out)!r} "
+            f"({len(m.shards)} shards, {m.size}x{m.size} {m.resize}): {'; '.join(parts)}. "
+            f"Skipped {skip_txt}; ignored {st['ignored']:,} non-image files. "
+            f"Wall time {st['wall_time_s']:.1f} s ({st['images_per_s']:,.0f} images/s; "
+            f"Spark start {st['spark_start_s']:.1f} s). Mean {m.mean}, std {m.std} (pixel units).")
+
+
+def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progress: bool = True) -> Manifest:
+    """Run the whole preprocessing; return the manifest written to ``cfg.output``.
+
+    Uses ``spark`` when given (tests reuse one session), else the active session, else starts one
+    from ``cfg.master`` and stops it at the end.
+    """
+    t0 = time.perf_counter()
+    if cfg.format != "npy":
+        raise ConfigError(f"--format {cfg.format} is not yet supported by preprocess; use --format npy")
+    listing = scan_input(cfg.input)
+    out = _resolve_output(cfg, listing.root)
+    _check_output(out, cfg.overwrite)
+    plans = plan_shards(assign_splits(listing.candidates, len(listing.classes), cfg.val_frac,
+                                      cfg.test_frac, cfg.seed), cfg.shard_rows, cfg.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    owned = False
+    try:
+        t_start = time.perf_counter()
+        if spark is None:
+            from pyspark.sql import SparkSession
+
+            from catsdogs.spark import get_spark
+
+            owned = SparkSession.getActiveSession() is None
+            spark = get_spark(cfg.master, "catsdogs-preprocess", cfg.spark_conf)
+        t_job = time.perf_counter()
+        settings = TaskSettings(str(listing.root), str(tmp), cfg.size, cfg.resize, cfg.max_pixels,
+                                len(listing.classes))
+        rows = run_job(spark, plans, settings, progress=progress)
+        t_done = time.perf_counter()
+        outcome = _assemble(rows, listing, cfg)
+        _check_outcome(outcome, listing, cfg)
+        m = outcome.manifest
+        wall = time.perf_counter() - t0
+        n = len(listing.candidates)
+        m.stats = {
+            "candidates": n, "kept": len(outcome.files), "skipped": len(outcome.skipped),
+            "ignored": len(listing.ignored), "shards": len(m.shards), "spark_version": spark.version,
+            "master": spark.sparkContext.master, "wall_time_s": round(wall, 3),
+            "images_per_s": round(n / wall, 1) if wall else 0.0,
+            "spark_start_s": round(t_job - t_start, 3), "job_s": round(t_done - t_job, 3),
+            "job_images_per_s": round(n / (t_done - t_job), 1) if t_done > t_job else 0.0,
+            "task_seconds": outcome.task_seconds,
+        }
+        _write_files_csv(tmp / schema.FILES_CSV_NAME, outcome.files)
+        save_config(cfg, tmp / schema.CONFIG_NAME)
+        save_manifest(m, tmp)
+        _publish(tmp, out, cfg.overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if owned and spark is not None:
+            spark.stop()
+    if progress:
+        print(_summary(m, out, outcome.skipped))
+    return m
+
+
+def main(cfg: PreprocessConfig) -> int:
+    """CLI entry point of ``catsdogs preprocess``; returns the exit code."""
+    preprocess(cfg)
+    return 0
+
+

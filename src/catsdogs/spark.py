@@ -1,0 +1,138 @@
+"""SparkSession construction shared by preprocessing and distributed training.
+
+One place decides how catsdogs talks to Spark: which Python the workers run, quiet logging (no
+log4j banner or stage progress bars on the console), loopback binding in local mode, and user
+overrides from ``--spark-conf``. Works unchanged for ``local[*]``, ``spark://``, ``yarn``, ``k8s://``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+# Root logger at WARN, and loggers known to warn about harmless facts at ERROR. Used for the
+# driver JVM only; executors on a cluster keep the cluster's own logging.
+_LOG4J2 = """\
+rootLogger.level = warn
+rootLogger.appenderRef.stderr.ref = console
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{HH:mm:ss} %p %c{1}: %m%n%ex
+logger.hadoop.name = org.apache.hadoop.util.NativeCodeLoader
+logger.hadoop.level = error
+logger.utils.name = org.apache.spark.util.Utils
+logger.utils.level = error
+logger.sparkenv.name = org.apache.spark.SparkEnv
+logger.sparkenv.level = error
+logger.parquet.name = org.apache.parquet
+logger.parquet.level = error
+"""
+
+# JVM stderr lines that carry no information for a user (printed before log4j is configured).
+_NOISE = ("WARNING: Using incubator modules",)
+
+
+def is_local(master: str) -> bool:
+    """Return True for a local master (``local``, ``local[4]``, ``local[*]``, ``local[2,3]``)."""
+    return master == "local" or master.startswith("local[")
+
+
+def _log4j_file() -> Path:
+    """Write the log4j2 config once (content-addressed in the temp folder) and return its path."""
+    digest = hashlib.sha256(_LOG4J2.encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"catsdogs-log4j2-{digest}.properties"
+    if not path.is_file():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(_LOG4J2)
+        os.replace(tmp, path)
+    return path
+
+
+def _forward_stderr(stream: IO[bytes]) -> None:
+    """Copy the JVM's stderr to file descriptor 2 line by line, dropping known noise lines.
+
+    Writes to the descriptor (not ``sys.stderr``, which test capture swaps) and never stops
+    draining: a full pipe would block the JVM.
+    """
+    for raw in iter(stream.readline, b""):
+        if raw.decode(errors="replace").startswith(_NOISE):
+            continue
+        try:
+            os.write(2, raw)
+        except OSError:
+            pass
+
+
+def build_conf(master: str, app_name: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Return the Spark settings catsdogs uses; entries of ``extra`` (``--spark-conf``) win."""
+    conf: dict[str, str] = {
+        "spark.master": master,
+        "spark.app.name": app_name,
+        # Job progress is shown by catsdogs' own tqdm bar; Spark's bar would interleave with it.
+        "spark.ui.showConsoleProgress": "false",
+        "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{_log4j_file()}",
+        # Python workers stay alive between tasks, so numpy/Pillow are imported once per worker.
+        "spark.python.worker.reuse": "true",
+    }
+    if is_local(master):
+        conf.update({
+            "spark.ui.enabled": "false",
+            "spark.driver.host": "127.0.0.1",
+            "spark.driver.bindAddress": "127.0.0.1",
+        })
+    for key, value in (extra or {}).items():
+        if key == "spark.driver.extraJavaOptions":
+            value = f"{conf[key]} {value}"  # keep our log config, append the user's options
+        conf[key] = str(value)
+    return conf
+
+
+def get_spark(master: str = "local[*]", app_name: str = "catsdogs",
+              extra: Mapping[str, str] | None = None) -> SparkSession:
+    """Return the active SparkSession, or start one configured by :func:`build_conf`.
+
+    Sets ``PYSPARK_PYTHON``/``PYSPARK_DRIVER_PYTHON`` to this interpreter unless the user set them,
+    so workers import the same catsdogs and libraries (on a cluster the same path must exist on
+    every node, e.g. a shared venv).
+    """
+    from pyspark import SparkConf, SparkContext
+    from pyspark.java_gateway import launch_gateway
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    if is_local(master):
+        # Without it Spark warns that the host name resolves to a loopback address.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    conf = SparkConf(loadDefaults=False)
+    for key, value in build_conf(master, app_name, extra).items():
+        conf.set(key, value)
+    if SparkContext._gateway is None:  # noqa: SLF001 - the only hook to filter JVM stderr
+        gateway = launch_gateway(conf, popen_kwargs={"stderr": subprocess.PIPE})
+        threading.Thread(target=_forward_stderr, args=(gateway.proc.stderr,),
+                         name="spark-jvm-stderr", daemon=True).start()
+        sc = SparkContext(conf=conf, gateway=gateway)
+    else:
+        sc = SparkContext.getOrCreate(conf)
+    sc.setLogLevel("ERROR")
+    return SparkSession(sc)
+
+
+def stop_spark(spark: SparkSession) -> None:
+    """Stop a session started by :func:`get_spark` (the JVM stays up for a later session)."""
+    spark.stop()
