@@ -191,20 +191,30 @@ def most_confident_mistakes(labels: np.ndarray, probs: np.ndarray, k: int) -> np
 
 
 def read_history(path: Path) -> dict[str, list[float]]:
-    """Read RUN/metrics.csv into per-epoch lists (last row of each epoch wins; blanks become NaN)."""
+    """Read RUN/metrics.csv into per-epoch lists: the last logged value of each column per epoch.
+
+    Mid-epoch rows may leave validation columns blank; a torn last line (a killed run) is skipped.
+    """
+    cols = ("train_loss", "train_acc", "val_loss", "val_acc")
     if not path.is_file():
         return {"epoch": []}
-    by_epoch: dict[int, dict[str, str]] = {}
+    by_epoch: dict[int, dict[str, float]] = {}
     with open(path, newline="") as fh:
         for rec in csv.DictReader(fh):
+            if None in rec.values() or None in rec:  # too few or too many fields
+                continue
             try:
-                by_epoch[int(float(rec["epoch"]))] = rec
+                epoch = int(float(rec["epoch"]))
             except (KeyError, TypeError, ValueError):
-                continue  # a malformed or partial line (a run killed mid-write) is skipped
-    cols = ("train_loss", "train_acc", "val_loss", "val_acc")
+                continue
+            latest = by_epoch.setdefault(epoch, {})
+            for col in cols:
+                value = _float(rec.get(col))
+                if math.isfinite(value):
+                    latest[col] = value
     hist: dict[str, list[float]] = {"epoch": [float(e) for e in sorted(by_epoch)]}
     for col in cols:
-        hist[col] = [_float(by_epoch[e].get(col)) for e in sorted(by_epoch)]
+        hist[col] = [by_epoch[e].get(col, float("nan")) for e in sorted(by_epoch)]
     return hist
 
 
