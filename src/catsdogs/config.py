@@ -186,6 +186,8 @@ class ServeConfig:
     """Largest micro-batch of concurrent requests run as one forward pass."""
     batch_wait_ms: float = 2.0
     """How long the batcher waits for more requests once one is queued, in milliseconds."""
+    max_files: int = 64
+    """Most files accepted by one /predict/batch request (more gets 413)."""
     threads: int = 0
     """Torch intra-op threads (0 = all cores)."""
     tta: bool = False
@@ -348,7 +350,7 @@ def validate(cfg: Any) -> None:
         if value not in choices:
             raise ConfigError(f"{flag(key)} must be one of {', '.join(choices)}, got {value!r}")
     positive = ("size", "shard_rows", "epochs", "batch_size", "buffer_rows", "max_pixels", "max_bytes",
-                "max_batch", "trials", "grid")
+                "max_batch", "max_files", "trials", "grid")
     for key in positive:
         if hasattr(cfg, key) and getattr(cfg, key) <= 0:
             raise ConfigError(f"{flag(key)} must be positive, got {getattr(cfg, key)!r}")
