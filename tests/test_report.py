@@ -69,3 +69,14 @@ def test_page_without_skipped_and_long_skip_lists(tmp_path: Path) -> None:
 def test_sum_counts() -> None:
     assert sum_counts({"a": 2, "b": [1, 2, 3], "c": {"d": 4}}) == 9
     assert sum_counts("x") == 0
+
+
+def test_manifest_ignored_section(tmp_path: Path) -> None:
+    data = _data(tmp_path)
+    data.ignored = {"count": 3, "by_reason": {"hidden": 1, "not_image": 2},
+                    "paths": ["Cat/.DS_Store", "Cat/notes.txt", "README.txt"]}
+    page = render(data)
+    assert '<td>not_image</td><td class="num">2</td>' in page
+    assert "<th>total</th><td class=\"num\"><b>3</b></td>" in page and "Cat/notes.txt" in page
+    data.ignored = {"count": 0, "by_reason": {}, "paths": []}
+    assert "Nothing was ignored." in render(data)

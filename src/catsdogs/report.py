@@ -163,7 +163,9 @@ def _skipped_section(skipped: Sequence[Mapping[str, str]], ignored: Mapping[str,
     else:
         parts.append('<p class="note">No files were skipped.</p>')
     parts.append("<h3>Ignored (not image files)</h3>")
-    if ignored:
+    if isinstance(ignored.get("by_reason"), dict):
+        parts.append(_ignored_listing(ignored))
+    elif ignored:
         # Values may be counts, lists of paths or nested counts: show a count plus a short sample.
         rows = []
         for key, value in sorted(ignored.items()):
@@ -181,6 +183,24 @@ def _skipped_section(skipped: Sequence[Mapping[str, str]], ignored: Mapping[str,
     else:
         parts.append('<p class="note">Nothing was ignored.</p>')
     return "".join(parts)
+
+
+def _ignored_listing(ignored: Mapping[str, Any]) -> str:
+    """Render the manifest's ``{"count", "by_reason", "paths"}`` ignored section."""
+    by_reason = ignored.get("by_reason", {})
+    if not by_reason:
+        return '<p class="note">Nothing was ignored.</p>'
+    rows = "".join(f'<tr><td>{_e(r)}</td><td class="num">{_e(_fmt(n))}</td></tr>'
+                   for r, n in by_reason.items())
+    total = ignored.get("count", sum_counts(by_reason))
+    paths = list(ignored.get("paths", []))
+    listed = "".join(f"<tr><td><code>{_e(p)}</code></td></tr>" for p in paths[:MAX_SKIPPED_ROWS])
+    more = (f'<p class="note">{len(paths) - MAX_SKIPPED_ROWS:,} more are listed in the manifest.</p>'
+            if len(paths) > MAX_SKIPPED_ROWS else "")
+    return (f'<div class="cols"><div><table><tr><th>reason</th><th class="num">entries</th></tr>{rows}'
+            f'<tr><th>total</th><td class="num"><b>{_e(_fmt(total))}</b></td></tr></table></div>'
+            + (f'<div><div class="scroll"><table><tr><th>path</th></tr>{listed}</table></div>{more}</div>'
+               if paths else "") + "</div>")
 
 
 def sum_counts(value: Any) -> int:
