@@ -1,0 +1,214 @@
+"""``catsdogs preprocess`` end to end on local Spark (one session shared by the module)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from catsdogs import schema
+from catsdogs.cli import main as cli_main
+from catsdogs.errors import OutputExistsError
+from catsdogs.listing import scan_input
+from catsdogs.manifest import load_manifest
+from catsdogs.preprocess import TaskSettings, _check_output, process_shard
+from tests.fixtures import make_image_tree
+from tests.test_transforms import EXPECTED_REASONS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def spark() -> Iterator[object]:
+    from catsdogs.spark import get_spark
+
+    session = get_spark("local[2]", "catsdogs-tests", {"spark.sql.shuffle.partitions": "2"})
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]]]:
+    root = tmp_path_factory.mktemp("tree") / "PetImages"
+    return root, make_image_tree(root, per_class=20)
+
+
+@pytest.fixture(scope="module")
+def first_run(spark: object, tree: tuple[Path, dict[str, list[str]]],
+              tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Preprocess the odd-files tree once through the real CLI; return the output folder."""
+    root, _ = tree
+    out = tmp_path_factory.mktemp("out") / "shards"
+    rc = cli_main(["preprocess", "--input", str(root), "--output", str(out), "--size", "24",
+                   "--shard-rows", "16", "--val-frac", "0.2", "--test-frac", "0.2"])
+    assert rc == 0
+    return out
+
+
+def _files_csv(out: Path) -> list[dict[str, str]]:
+    with open(out / schema.FILES_CSV_NAME, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _digests(out: Path) -> dict[str, str]:
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*.npy"))}
+
+
+def test_every_file_is_accounted_for(first_run: Path, tree: tuple[Path, dict[str, list[str]]]) -> None:
+    _, info = tree
+    rows = _files_csv(first_run)
+    assert list(rows[0]) == list(schema.FILES_CSV_COLUMNS)
+    assert sorted(r["path"] for r in rows) == sorted(info["good"])
+    m = load_manifest(first_run)
+    assert {s["path"]: s["reason"] for s in m.skipped} == {
+        **EXPECTED_REASONS, "Dog/broken_link.jpg": "broken_link"}
+    assert m.ignored["count"] == len(info["ignored"])
+    assert m.ignored["paths"] == sorted(info["ignored"])
+    n_candidates = len(info["good"]) + len(info["bad"])
+    assert m.stats["candidates"] == n_candidates
+    assert (m.stats["kept"], m.stats["skipped"]) == (len(info["good"]), len(info["bad"]))
+    assert m.classes == ["Cat", "Dog"] and m.size == 24
+    assert (first_run / schema.CONFIG_NAME).is_file()
+    assert json.loads((first_run / schema.CONFIG_NAME).read_text())["size"] == 24
+    # The temporary folder was renamed away, nothing else left beside the output.
+    assert sorted(p.name for p in first_run.parent.iterdir()) == ["shards"]
+
+
+def test_shards_match_files_csv(first_run: Path) -> None:
+    m = load_manifest(first_run)
+    rows = _files_csv(first_run)
+    by_shard = Counter((r["split"], int(r["shard"])) for r in rows)
+    assert {(s.split, s.index): s.rows for s in m.shards} == dict(by_shard)
+    total = 0
+    for s in m.shards:
+        x = np.load(first_run / s.x, mmap_mode="r")
+        y = np.load(first_run / s.y)
+        assert x.shape == (s.rows, 24, 24, 3) and x.dtype == np.uint8
+        assert hashlib.sha256((first_run / s.x).read_bytes()).hexdigest() == s.x_sha256
+        labels = {int(r["row"]): int(r["label"]) for r in rows
+                  if (r["split"], int(r["shard"])) == (s.split, s.index)}
+        assert sorted(labels) == list(range(s.rows))  # rows 0..n-1, each exactly once
+        assert [labels[i] for i in range(s.rows)] == y.tolist()
+        total += s.rows
+    assert total == len(rows) == m.stats["kept"]
+    for split in schema.SPLITS:
+        per_class = Counter(m.classes[int(r["label"])] for r in rows if r["split"] == split)
+        assert m.counts[split] == {c: per_class.get(c, 0) for c in m.classes}
+    # Normalisation statistics are over the train shards, in pixel units.
+    train = np.concatenate([np.load(first_run / s.x) for s in m.split_shards("train")])
+    np.testing.assert_allclose(m.mean, train.reshape(-1, 3).mean(axis=0), atol=1e-3)
+    np.testing.assert_allclose(m.std, train.reshape(-1, 3).std(axis=0), atol=1e-3)
+
+
+def test_a_file_is_decoded_in_the_right_place(first_run: Path,
+                                              tree: tuple[Path, dict[str, list[str]]]) -> None:
+    from catsdogs.transforms import load_image
+
+    root, _ = tree
+    m = load_manifest(first_run)
+    row = next(r for r in _files_csv(first_run) if r["path"] == "Dog/sub/deeper/nested.jpg")
+    shard = next(s for s in m.shards if s.split == row["split"] and s.index == int(row["shard"]))
+    stored = np.load(first_run / shard.x)[int(row["row"])]
+    expected = load_image((root / row["path"]).read_bytes(), 24, "stretch")
+    assert np.array_equal(stored, expected)
+
+
+def test_overwrite_is_refused_then_replaces_with_identical_shards(
+        first_run: Path, tree: tuple[Path, dict[str, list[str]]], capsys: pytest.CaptureFixture[str]) -> None:
+    root, _ = tree
+    before = _digests(first_run)
+    args = ["preprocess", "--input", str(root), "--output", str(first_run), "--size", "24",
+            "--shard-rows", "16", "--val-frac", "0.2", "--test-frac", "0.2"]
+    capsys.readouterr()
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--overwrite" in err and "\n" not in err and "Traceback" not in err
+    assert _digests(first_run) == before
+    assert cli_main([*args, "--overwrite"]) == 0
+    # Same input and seed: byte-identical shards, whatever Spark's scheduling did.
+    assert _digests(first_run) == before
+    assert sorted(p.name for p in first_run.parent.iterdir()) == ["shards"]
+
+
+def test_too_many_skipped_fails_and_leaves_nothing(
+        spark: object, tree: tuple[Path, dict[str, list[str]]], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    root, _ = tree
+    out = tmp_path / "out"
+    rc = cli_main(["preprocess", "--input", str(root), "--output", str(out), "--size", "16",
+                   "--max-skip-frac", "0.01"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--max-skip-frac" in err
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary folder
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "one_class", "no_output", "nested"])
+def test_user_errors_exit_2_with_one_line(tmp_path: Path, case: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    inp = tmp_path / "in"
+    if case == "file":
+        inp.write_text("not a folder")
+    elif case in ("one_class", "nested", "no_output"):
+        make_image_tree(inp, per_class=2, classes=("Cat", "Dog"), odd=False)
+        if case == "one_class":
+            for p in (inp / "Dog").iterdir():
+                p.unlink()
+            (inp / "Dog").rmdir()
+    out = {"nested": str(inp / "Cat" / "shards"), "no_output": ""}.get(case, str(tmp_path / "out"))
+    rc = cli_main(["preprocess", "--input", str(inp), "--output", out])
+    captured = capsys.readouterr()
+    assert rc == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    flag = {"no_output": "--output", "nested": "--output"}.get(case, "--input")
+    assert flag in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_shards(tmp_path: Path) -> None:
+    precious = tmp_path / "docs"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("...")
+    with pytest.raises(OutputExistsError, match="--output"):
+        _check_output(precious, overwrite=True)
+    _check_output(tmp_path / "fresh", overwrite=False)
+
+
+def test_task_reports_unreadable_and_broken_links_without_spark(tmp_path: Path) -> None:
+    (tmp_path / "Cat").mkdir()
+    (tmp_path / "Cat" / "dir.jpg").mkdir()  # reading a folder fails like an unreadable file
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "Cat" / "link.jpg")
+    settings = TaskSettings(str(tmp_path), str(tmp_path / "out"), 8, "stretch", 10_000, 2)
+    cols = process_shard(settings, "val", 0, ["Cat/dir.jpg", "Cat/link.jpg"], [0, 0])
+    assert cols["kind"] == ["image", "image", "shard"]
+    assert cols["reason"][:2] == ["unreadable", "broken_link"]
+    assert cols["row"] == [-1, -1, -1]
+    detail = json.loads(cols["detail"][2])
+    assert detail["info"]["rows"] == 0
+
+
+@pytest.mark.realdata
+def test_real_data_sample(spark: object, real_data: Path, tmp_path: Path) -> None:
+    sample = tmp_path / "PetImages"
+    for cls in ("Cat", "Dog"):
+        (sample / cls).mkdir(parents=True)
+        names = sorted(os.listdir(real_data / cls), key=lambda n: int(n.split(".")[0]))[:150]
+        for name in names:
+            os.symlink(real_data / cls / name, sample / cls / name)
+    out = tmp_path / "shards"
+    assert cli_main(["preprocess", "--input", str(sample), "--output", str(out), "--size", "32"]) == 0
+    m = load_manifest(out)
+    assert m.stats["skipped"] == 0 and m.stats["kept"] == 300
+    assert m.counts == {"train": {"Cat": 120, "Dog": 120}, "val": {"Cat": 15, "Dog": 15},
+                        "test": {"Cat": 15, "Dog": 15}}
+    assert len(scan_input(sample).candidates) == 300
