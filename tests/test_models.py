@@ -1,0 +1,99 @@
+"""Model registry and the from-scratch cnn: shapes, sizes, errors, rebuild from a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from catsdogs import schema
+from catsdogs.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
+from catsdogs.errors import ConfigError
+from catsdogs.models import ResNetCNN, build_model, count_parameters, model_names, num_logits, probabilities
+
+
+def test_registry_lists_every_model() -> None:
+    assert set(model_names()) >= {"seed", "cnn", "effnet_lite0", "effnet_lite1", "effnet_lite2"}
+
+
+def test_unknown_model_names_the_flag() -> None:
+    with pytest.raises(ConfigError, match="--model"):
+        build_model("resnet9000", num_classes=2, size=64)
+
+
+@pytest.mark.parametrize("size", [64, 96, 128])
+@pytest.mark.parametrize("classes", [2, 5])
+def test_cnn_output_shapes(size: int, classes: int) -> None:
+    model = build_model("cnn", num_classes=classes, size=size, width=8, depth=1).eval()
+    x = torch.randn(3, 3, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (3, num_logits(classes))
+    assert probabilities(out).shape == (3, classes)
+
+
+def test_cnn_width_and_depth_change_capacity() -> None:
+    small = count_parameters(build_model("cnn", 2, 64, width=16, depth=0))
+    wide = count_parameters(build_model("cnn", 2, 64, width=32, depth=0))
+    deep = count_parameters(build_model("cnn", 2, 64, width=16, depth=2))
+    assert small < wide and small < deep
+    # width 32, depth 1: convs 3x3 of 3->16, 16->32, 32->64, 64->128 + 3 residual pairs, ~0.6 M.
+    n = count_parameters(build_model("cnn", 2, 128, width=32, depth=1))
+    assert 400_000 < n < 800_000
+
+
+def test_cnn_factory_ignores_other_models_kwargs() -> None:
+    model = build_model("cnn", 2, 64, width=8, pretrained=False, variant="x")
+    assert isinstance(model, ResNetCNN)
+
+
+@pytest.mark.parametrize(("kwargs", "flag"), [({"width": 2}, "--width"), ({"depth": -1}, "--depth"),
+                                              ({"size": 8}, "--size")])
+def test_cnn_bad_settings_name_the_flag(kwargs: dict, flag: str) -> None:
+    args = {"num_classes": 2, "size": 64, **kwargs}
+    with pytest.raises(ConfigError, match=flag):
+        build_model("cnn", **args)
+
+
+def test_cnn_learns_a_trivial_batch() -> None:
+    """A few steps on a separable batch must drive the loss down (gradients flow through the res blocks)."""
+    torch.manual_seed(0)
+    model = build_model("cnn", 2, 32, width=8, depth=1, dropout=0.0)
+    x = torch.randn(16, 3, 32, 32)
+    y = (torch.arange(16) % 2).float()
+    x[y == 1, 0] += 2.0
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x)[:, 0], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("cnn", {"width": 8, "depth": 2, "dropout": 0.1}),
+                                              ("effnet_lite0", {"dropout": 0.3})])
+def test_rebuild_from_checkpoint_matches_outputs(tmp_path: Path, name: str, kwargs: dict) -> None:
+    torch.manual_seed(1)
+    size = 48
+    model = build_model(name, num_classes=2, size=size, pretrained=False, **kwargs)
+    # Non-trivial BN statistics so a mismatch in buffers would show.
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, size, size))
+    model.eval()
+    state = {
+        schema.CKPT_MODEL_STATE: model.state_dict(),
+        schema.CKPT_MODEL_CONFIG: {"name": name, "num_classes": 2, "size": size, **kwargs},
+        schema.CKPT_CLASSES: ["Cat", "Dog"],
+        schema.CKPT_NORM: {"mean": [0.0] * 3, "std": [1.0] * 3},
+        schema.CKPT_IMAGE: {"size": size, "resize": "stretch"},
+    }
+    save_checkpoint(tmp_path / "best.pt", state)
+    rebuilt = build_from_checkpoint(load_checkpoint(tmp_path / "best.pt"))
+    x = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
