@@ -88,6 +88,8 @@ class TrainConfig:
     """Decay of an exponential moving average of the weights, evaluated instead of the raw ones."""
     width: int = 64
     """Base channel width of the from-scratch ``cnn`` model."""
+    depth: int = 1
+    """Residual blocks per stage of the from-scratch ``cnn`` model."""
     dropout: float = 0.5
     """Dropout before the classifier head."""
     freeze: str = "none"
