@@ -1,0 +1,108 @@
+"""Inference backends for the server: the PyTorch model itself, or an onnxruntime session.
+
+Both decode exactly like training (:meth:`catsdogs.inference.Predictor.decode`) and return class
+probabilities for a uint8 NHWC batch, so the app and the batcher do not care which one runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from catsdogs.config import ServeConfig
+from catsdogs.inference import Predictor
+from catsdogs.transforms import DEFAULT_MAX_PIXELS
+
+
+class Backend(Protocol):
+    """What the server needs from a model: metadata, decoding and batched probabilities."""
+
+    name: str
+    classes: list[str]
+    size: int
+
+    def decode(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray: ...
+
+    def predict_arrays(self, images: np.ndarray, tta: bool = False) -> np.ndarray: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class TorchBackend:
+    """Runs the checkpoint's PyTorch model (channels_last, inference mode)."""
+
+    name = "torch"
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+        self.classes = predictor.classes
+        self.size = predictor.size
+
+    def decode(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        return self.predictor.decode(data, max_pixels)
+
+    def predict_arrays(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
+        return self.predictor.predict_arrays(images, tta=tta)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.predictor.describe(), "backend": self.name}
+
+
+class OnnxBackend:
+    """Runs the exported ONNX graph (uint8 NHWC in, probabilities out) with onnxruntime on CPU."""
+
+    name = "onnx"
+
+    def __init__(self, predictor: Predictor, onnx_path: str | Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        from catsdogs.export import INPUT_NAME
+
+        self.predictor = predictor
+        self.classes = predictor.classes
+        self.size = predictor.size
+        self.path = Path(onnx_path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or _cores()
+        opts.inter_op_num_threads = 1  # one graph at a time: the batcher serialises forward passes
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        self._input = INPUT_NAME
+
+    def decode(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        return self.predictor.decode(data, max_pixels)
+
+    def predict_arrays(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
+        x = np.ascontiguousarray(images, dtype=np.uint8)
+        if x.shape[0] == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        probs = self.session.run(None, {self._input: x})[0]
+        if tta:
+            flipped = np.ascontiguousarray(x[:, :, ::-1, :])  # NHWC: mirror the W axis
+            probs = (probs + self.session.run(None, {self._input: flipped})[0]) / 2
+        return np.asarray(probs, dtype=np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.predictor.describe(), "backend": self.name, "onnx": str(self.path)}
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def load_backend(cfg: ServeConfig) -> Backend:
+    """Load the run's model for ``--backend``; for onnx, export RUN/model.onnx first if missing or stale."""
+    from catsdogs import runtime
+
+    device = runtime.setup(cfg.threads, "auto")
+    if cfg.backend == "onnx":
+        from catsdogs.export import ensure_onnx, run_folder
+
+        predictor = Predictor.from_run(cfg.run, "cpu")
+        path, _made = ensure_onnx(predictor, run_folder(cfg.run))
+        return OnnxBackend(predictor, path, cfg.threads)
+    return TorchBackend(Predictor.from_run(cfg.run, device))

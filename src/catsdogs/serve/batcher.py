@@ -1,0 +1,154 @@
+"""Micro-batching: concurrent requests share one forward pass, so throughput grows with load.
+
+Requests put a decoded image on an asyncio queue and await a future. One worker task takes the
+first waiting image, gathers more (up to ``max_batch``, waiting at most ``batch_wait_ms`` after the
+first, and only while other requests are known to be on their way), runs ONE forward pass in a
+dedicated thread and resolves every future with its own row. A lone request is never delayed:
+with nothing announced the worker runs at once, and images that arrive during a forward pass
+simply form the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+BatchFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class Ticket:
+    """Announced images of one request that have not been submitted yet."""
+
+    left: int
+
+
+@dataclass
+class BatcherStats:
+    """Counters for /stats and tests: how many batches of each size ran."""
+
+    batches: int = 0
+    items: int = 0
+    max_batch_seen: int = 0
+    sizes: Counter[int] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches, "items": self.items, "max_batch_seen": self.max_batch_seen,
+                "mean_batch": self.items / self.batches if self.batches else 0.0,
+                "sizes": {str(k): v for k, v in sorted(self.sizes.items())}}
+
+
+class MicroBatcher:
+    """Groups concurrent single-image requests into batched calls of ``fn`` (one at a time)."""
+
+    def __init__(self, fn: BatchFn, max_batch: int = 32, batch_wait_ms: float = 2.0) -> None:
+        self.fn = fn
+        self.max_batch = max(1, int(max_batch))
+        self.wait_s = max(0.0, batch_wait_ms) / 1000.0
+        self.stats = BatcherStats()
+        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]]] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        # One thread runs every forward pass: the model's own intra-op threads use the cores.
+        self._executor: ThreadPoolExecutor | None = None
+        self._incoming = 0
+
+    async def start(self) -> None:
+        """Start the worker task on the running event loop."""
+        self._queue = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        """Stop the worker; requests still queued fail with CancelledError."""
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        if self._queue is not None:
+            while not self._queue.empty():
+                _, fut = self._queue.get_nowait()
+                if not fut.done():
+                    fut.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    @contextlib.contextmanager
+    def expecting(self, n: int = 1) -> Iterator[Ticket]:
+        """Announce ``n`` images that are being decoded, so the worker waits for them a little.
+
+        Images not submitted when the block ends (decode failed) are withdrawn.
+        """
+        ticket = Ticket(n)
+        self._incoming += n
+        try:
+            yield ticket
+        finally:
+            self._incoming -= ticket.left
+            ticket.left = 0
+
+    async def submit(self, image: np.ndarray, ticket: Ticket | None = None) -> np.ndarray:
+        """Queue one decoded image ``(H, W, 3)`` and return its probabilities row ``(C,)``."""
+        if self._queue is None or self._worker is None or self._worker.done():
+            raise RuntimeError("MicroBatcher is not running; call start() first")
+        fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((image, fut))
+        if ticket is not None and ticket.left > 0:
+            ticket.left -= 1
+            self._incoming -= 1
+        return await fut
+
+    async def _gather(self) -> list[tuple[np.ndarray, asyncio.Future[np.ndarray]]]:
+        """Wait for a first item, then collect more while allowed (see the module doc)."""
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        batch = [await self._queue.get()]
+        deadline = loop.time() + self.wait_s
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            timeout = deadline - loop.time()
+            if self._incoming <= 0 or timeout <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [(img, fut) for img, fut in await self._gather() if not fut.cancelled()]
+            if not batch:
+                continue
+            try:
+                images = np.stack([img for img, _ in batch])
+                probs = await loop.run_in_executor(self._executor, self.fn, images)
+            except asyncio.CancelledError:
+                for _, fut in batch:
+                    fut.cancel()
+                raise
+            except Exception as exc:  # noqa: BLE001 - the model failed: every waiting request gets it
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            self.stats.batches += 1
+            self.stats.items += len(batch)
+            self.stats.sizes[len(batch)] += 1
+            self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(batch))
+            for k, (_, fut) in enumerate(batch):
+                if not fut.done():
+                    fut.set_result(probs[k])

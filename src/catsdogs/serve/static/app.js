@@ -1,0 +1,130 @@
+// catsdogs web page: pick or drop a photo, POST it to /predict, show the label and probabilities.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const input = $("file-input");
+const dropzone = $("dropzone");
+const preview = $("preview");
+let previewUrl = null;
+
+function pct(p) {
+  return (100 * p).toFixed(1) + "%";
+}
+
+function showError(code, detail) {
+  $("answer").hidden = true;
+  const box = $("error");
+  box.hidden = false;
+  box.innerHTML = "";
+  const strong = document.createElement("code");
+  strong.textContent = code;
+  box.append(strong, document.createTextNode(": " + (detail || "")));
+  $("status").textContent = "Could not classify this file.";
+}
+
+function showResult(result) {
+  $("error").hidden = true;
+  $("answer").hidden = false;
+  $("status").textContent = "";
+  $("label").textContent = result.label;
+  $("probability").textContent = pct(result.probability);
+  $("prob-bar").style.width = pct(result.probability);
+  const list = $("bars");
+  list.innerHTML = "";
+  const entries = Object.entries(result.probabilities).sort((a, b) => b[1] - a[1]);
+  for (const [name, p] of entries) {
+    const li = document.createElement("li");
+    if (name === result.label) li.className = "best";
+    const label = document.createElement("span");
+    label.className = "name";
+    label.textContent = name;
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    const fill = document.createElement("div");
+    fill.className = "fill";
+    fill.style.width = pct(p);
+    bar.append(fill);
+    const value = document.createElement("span");
+    value.className = "pct";
+    value.textContent = pct(p);
+    li.append(label, bar, value);
+    list.append(li);
+  }
+}
+
+async function classify(file) {
+  if (!file) return;
+  $("file-name").textContent = file.name + " (" + Math.ceil(file.size / 1024) + " KiB)";
+  if (previewUrl) URL.revokeObjectURL(previewUrl);
+  previewUrl = URL.createObjectURL(file);
+  preview.src = previewUrl;
+  preview.hidden = false;
+  preview.onerror = () => { preview.hidden = true; $("drop-hint").hidden = false; };
+  $("drop-hint").hidden = true;
+  $("status").textContent = "Classifying…";
+  $("error").hidden = true;
+  document.body.classList.add("busy");
+  const form = new FormData();
+  form.append("file", file, file.name);
+  try {
+    const response = await fetch("/predict", { method: "POST", body: form });
+    let body = null;
+    try { body = await response.json(); } catch (_) { body = null; }
+    if (!response.ok || !body || body.error) {
+      showError(body && body.error ? body.error : "http_" + response.status,
+                body && body.detail ? body.detail : response.statusText);
+    } else {
+      showResult(body);
+    }
+  } catch (err) {
+    showError("network_error", String(err));
+  } finally {
+    document.body.classList.remove("busy");
+  }
+}
+
+input.addEventListener("change", () => classify(input.files[0]));
+
+for (const name of ["dragenter", "dragover"]) {
+  dropzone.addEventListener(name, (e) => { e.preventDefault(); dropzone.classList.add("dragging"); });
+}
+for (const name of ["dragleave", "drop"]) {
+  dropzone.addEventListener(name, (e) => { e.preventDefault(); dropzone.classList.remove("dragging"); });
+}
+dropzone.addEventListener("drop", (e) => {
+  const file = e.dataTransfer && e.dataTransfer.files[0];
+  if (file) classify(file);
+});
+dropzone.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); }
+});
+
+async function loadModel() {
+  try {
+    const response = await fetch("/model");
+    const m = await response.json();
+    const parts = [
+      "Model " + (m.name || "?"),
+      "classes " + m.classes.join(" / "),
+      m.size + "×" + m.size + " px",
+      "backend " + m.backend,
+    ];
+    if (m.epoch != null) parts.push("epoch " + m.epoch);
+    const ev = m.eval_metrics;
+    if (ev && ev.accuracy != null) parts.push("test accuracy " + pct(ev.accuracy));
+    else if (m.metrics && m.metrics.val_acc != null) parts.push("val accuracy " + pct(m.metrics.val_acc));
+    $("model-info").textContent = parts.join(" · ");
+    const link = $("report-link");
+    if (m.report) {
+      link.textContent = "Evaluation report";
+      link.removeAttribute("aria-disabled");
+    } else {
+      link.textContent = "No report yet (run catsdogs evaluate)";
+      link.removeAttribute("href");
+    }
+  } catch (err) {
+    $("model-info").textContent = "Model info unavailable: " + err;
+  }
+}
+
+loadModel();

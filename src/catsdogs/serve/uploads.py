@@ -1,0 +1,132 @@
+"""Reading uploads safely: a bounded request body and an in-memory multipart parser.
+
+The body limit is checked against ``Content-Length`` first and enforced again while reading, so a
+client that lies about the length or streams chunks cannot make the server hold more than
+``max_bytes``. Uploads are parsed in memory (they are bounded), which avoids temporary files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+IMAGE_PART_TYPES: tuple[str, ...] = ("image/", "application/octet-stream")
+"""Part content types taken as images (prefixes); an absent type is accepted too."""
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP ``status`` with a JSON body ``{"error", "detail"}``."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(f"{status} {error}: {detail}")
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+@dataclass
+class Part:
+    """One multipart form part."""
+
+    name: str = ""
+    filename: str | None = None
+    content_type: str = ""
+    chunks: list[bytes] = field(default_factory=list)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def check_image_type(self) -> None:
+        """Raise a 415 ApiError when the part declares a non-image type (e.g. text/html)."""
+        ctype = self.content_type.split(";", 1)[0].strip().lower()
+        if ctype and not ctype.startswith(IMAGE_PART_TYPES):
+            raise ApiError(415, "unsupported_media_type",
+                           f"part {self.name!r} has content type {ctype!r}; upload an image (image/*)")
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, "payload_too_large", f"request body exceeds max_bytes={limit} bytes")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the request body, refusing (413) more than ``limit`` bytes declared or received."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise ApiError(400, "bad_request", f"invalid Content-Length {declared!r}") from None
+        if length > limit:
+            raise too_large(limit)
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:  # lying Content-Length or chunked upload: stop reading now
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def multipart_boundary(content_type: str) -> bytes:
+    """Return the boundary of a multipart/form-data content type; 415 for any other type."""
+    ctype, params = parse_options_header(content_type)
+    if ctype != b"multipart/form-data":
+        shown = ctype.decode("latin-1") or "none"
+        raise ApiError(415, "unsupported_media_type",
+                       f"content type {shown!r} is not multipart/form-data; send the image as a form file")
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "bad_request", "multipart/form-data without a boundary")
+    return boundary
+
+
+def parse_multipart(body: bytes, content_type: str) -> list[Part]:
+    """Parse a complete multipart/form-data body into parts (400 when malformed)."""
+    boundary = multipart_boundary(content_type)
+    parts: list[Part] = []
+    header_field: list[bytes] = []
+    header_value: list[bytes] = []
+    headers: dict[bytes, bytes] = {}
+
+    def on_part_begin() -> None:
+        headers.clear()
+        parts.append(Part())
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header_field.append(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header_value.append(data[start:end])
+
+    def on_header_end() -> None:
+        headers[b"".join(header_field).lower()] = b"".join(header_value)
+        header_field.clear()
+        header_value.clear()
+
+    def on_headers_finished() -> None:
+        part = parts[-1]
+        _, options = parse_options_header(headers.get(b"content-disposition", b""))
+        part.name = options.get(b"name", b"").decode("utf-8", "replace")
+        filename = options.get(b"filename")
+        part.filename = filename.decode("utf-8", "replace") if filename is not None else None
+        part.content_type = headers.get(b"content-type", b"").decode("latin-1")
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1].chunks.append(data[start:end])
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field,
+        "on_header_value": on_header_value, "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
+    })
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from None
+    return parts

@@ -1,0 +1,92 @@
+"""The web page in a real browser: Debian's Chromium driven by Playwright against the real server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from catsdogs.config import ServeConfig
+from tests.fixtures import jpeg_bytes, synthetic_image
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def live_server(run_dir: Path) -> Iterator[str]:
+    """Run the real app under uvicorn in a thread, on a free loopback port bound up front."""
+    import uvicorn
+
+    from catsdogs.serve.app import create_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    app = create_app(ServeConfig(run=str(run_dir), port=port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def test_page_classifies_an_uploaded_photo(live_server: str, tmp_path: Path) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (make browser) to run the browser test")
+    from playwright.sync_api import sync_playwright
+
+    photo = tmp_path / "kitten.jpg"
+    photo.write_bytes(jpeg_bytes(synthetic_image(0, 96, seed=5)))
+    api = httpx.post(f"{live_server}/predict", files={"file": (photo.name, photo.read_bytes(), "image/jpeg")})
+    assert api.status_code == 200
+    expected = api.json()
+    classes = list(expected["probabilities"])
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            page.goto(live_server + "/")
+            page.wait_for_selector("#model-info:not(:text('Loading model'))")
+            assert "No report yet" in page.inner_text("#report-link")
+            page.set_input_files("#file-input", str(photo))
+            page.wait_for_selector("#answer:not([hidden])", timeout=15_000)
+            label = page.inner_text("#label")
+            assert label in classes
+            assert label == expected["label"]
+            shown = page.inner_text("#probability")
+            assert shown == f"{100 * expected['probability']:.1f}%"
+            assert page.locator("#bars li").count() == len(classes)
+            assert page.is_hidden("#error")
+            assert page.evaluate("document.getElementById('preview').naturalWidth") == 96
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+            # A file that is not an image shows the server's error in the page, not a crash.
+            bad = tmp_path / "notes.jpg"
+            bad.write_bytes(b"this is not a photo")
+            page.set_input_files("#file-input", str(bad))
+            page.wait_for_selector("#error:not([hidden])", timeout=15_000)
+            assert "not_an_image" in page.inner_text("#error")
+            assert page.is_hidden("#answer")
+            page.screenshot(path=str(tmp_path / "page-error.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "page.png").stat().st_size > 10_000

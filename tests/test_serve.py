@@ -1,0 +1,280 @@
+"""The HTTP API: predictions, every refusal as a JSON error, micro-batching, and the CLI's port check."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import socket
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from catsdogs.cli import main as cli_main
+from catsdogs.config import ServeConfig
+from catsdogs.inference import Predictor
+from catsdogs.serve.app import create_app
+from catsdogs.serve.backends import TorchBackend
+from catsdogs.serve.batcher import MicroBatcher
+from tests.fixtures import bomb_png, jpeg_bytes, synthetic_image
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # starlette's notice about httpx in its TestClient
+    from fastapi.testclient import TestClient
+
+JPEG = jpeg_bytes(synthetic_image(0, 48, seed=1))
+
+
+@pytest.fixture
+def client(run_dir: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(ServeConfig(run=str(run_dir)))) as c:
+        yield c
+
+
+def upload(data: bytes, name: str = "a.jpg", ctype: str = "image/jpeg") -> dict[str, Any]:
+    return {"files": {"file": (name, data, ctype)}}
+
+
+def assert_error(r: httpx.Response, status: int, error: str) -> None:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error", "detail"}
+    assert body["error"] == error
+    assert body["detail"]
+
+
+def test_predict_good_jpeg(client: TestClient) -> None:
+    r = client.post("/predict", **upload(JPEG))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["label"] in ("Cat", "Dog")
+    assert set(body["probabilities"]) == {"Cat", "Dog"}
+    assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert body["probability"] == max(body["probabilities"].values())
+    assert body["probabilities"][body["label"]] == body["probability"]
+    assert body["model"]["name"] == "seed" and body["model"]["backend"] == "torch"
+
+
+def test_prediction_matches_the_predictor(client: TestClient, run_dir: Path) -> None:
+    predictor = Predictor.from_run(run_dir)
+    expected = predictor.predict_arrays(np.stack([predictor.decode(JPEG)]))[0]
+    got = client.post("/predict", **upload(JPEG)).json()["probabilities"]
+    assert [got["Cat"], got["Dog"]] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize(("kwargs", "status", "error"), [
+    (upload(b""), 400, "empty_file"),
+    (upload(b"<html><body>hello</body></html>", "page.html", "text/html"), 415, "unsupported_media_type"),
+    (upload(b"<html><body>hello</body></html>", "page.jpg", "image/jpeg"), 400, "not_an_image"),
+    (upload(JPEG[: len(JPEG) // 3]), 400, "corrupt"),
+    ({"content": b'{"image": "..."}', "headers": {"content-type": "application/json"}}, 415,
+     "unsupported_media_type"),
+    ({"content": b"raw bytes"}, 415, "unsupported_media_type"),
+    ({"data": {"other": "x"}, "files": {"not_file": ("a.jpg", JPEG, "image/jpeg")}}, 400, "missing_file"),
+    ({"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data"}}, 400, "bad_request"),
+])
+def test_bad_uploads_get_json_errors_and_the_app_keeps_serving(
+        client: TestClient, kwargs: dict[str, Any], status: int, error: str) -> None:
+    assert_error(client.post("/predict", **kwargs), status, error)
+    assert client.get("/healthz").json()["status"] == "ok"
+    assert client.post("/predict", **upload(JPEG)).status_code == 200
+
+
+def test_decompression_bomb_is_refused_without_allocating_it(client: TestClient) -> None:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    r = client.post("/predict", **upload(bomb_png(30000), "bomb.png", "image/png"))
+    assert_error(r, 400, "decompression_bomb")
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 200, f"peak memory grew {grown_mib:.0f} MiB: the 900 MB bomb was decoded"
+    assert client.get("/healthz").status_code == 200
+
+
+def test_body_over_max_bytes_is_413(client: TestClient) -> None:
+    big = bytes(50 * 1024 * 1024)  # one 50 MiB object, sent with an honest Content-Length
+    assert_error(client.post("/predict", **upload(big)), 413, "payload_too_large")
+    assert client.get("/healthz").status_code == 200
+
+
+def test_lying_or_chunked_bodies_are_cut_off_while_reading(run_dir: Path) -> None:
+    app = create_app(ServeConfig(run=str(run_dir), max_bytes=4096))
+    sent: list[int] = []
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(100):  # 100 KiB in total, far past the limit
+            sent.append(1)
+            yield b"\0" * 1024
+
+    with TestClient(app) as c:
+        boundary = {"content-type": "multipart/form-data; boundary=xyz"}
+        assert_error(c.post("/predict", content=chunks(), headers=boundary), 413, "payload_too_large")
+        lying = {**boundary, "content-length": "100"}
+        assert_error(c.post("/predict", content=b"\0" * 20_000, headers=lying), 413, "payload_too_large")
+        assert c.get("/healthz").status_code == 200
+        assert c.post("/predict", **upload(JPEG)).status_code == 200
+
+
+def test_batch_endpoint_reports_bad_files_individually(client: TestClient) -> None:
+    files = [
+        ("files", ("cat.jpg", JPEG, "image/jpeg")),
+        ("files", ("empty.jpg", b"", "image/jpeg")),
+        ("files", ("page.html", b"<html></html>", "text/html")),
+        ("files", ("bomb.png", bomb_png(), "image/png")),
+        ("files", ("dog.jpg", jpeg_bytes(synthetic_image(1, 48, seed=2)), "image/jpeg")),
+    ]
+    r = client.post("/predict/batch", files=files)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [o["filename"] for o in out] == ["cat.jpg", "empty.jpg", "page.html", "bomb.png", "dog.jpg"]
+    assert [o.get("error") for o in out] == [None, "empty_file", "unsupported_media_type",
+                                             "decompression_bomb", None]
+    single = client.post("/predict", **upload(JPEG)).json()
+    assert out[0]["label"] == single["label"]
+    assert out[0]["probabilities"] == pytest.approx(single["probabilities"], abs=1e-6)
+    r = client.post("/predict/batch", data={"x": "1"}, files={"y": ("a", b"1")})
+    assert_error(r, 400, "missing_file")
+
+
+def test_batch_over_max_files_is_413(run_dir: Path) -> None:
+    with TestClient(create_app(ServeConfig(run=str(run_dir), max_files=2))) as c:
+        files = [("files", (f"{i}.jpg", JPEG, "image/jpeg")) for i in range(3)]
+        assert_error(c.post("/predict/batch", files=files), 413, "too_many_files")
+
+
+def test_model_docs_page_and_report(client: TestClient, run_dir: Path) -> None:
+    info = client.get("/model").json()
+    assert info["classes"] == ["Cat", "Dog"] and info["size"] == 32
+    assert info["metrics"] == {"val_loss": 0.6, "val_acc": 0.6}
+    assert info["eval_metrics"] is None and info["report"] is False
+    assert_error(client.get("/report"), 404, "no_report")
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "metrics.json").write_text(json.dumps({"accuracy": 0.75, "roc_auc": 0.8}))
+    (run_dir / "eval" / "report.html").write_text("<html><body>the report</body></html>")
+    info = client.get("/model").json()
+    assert info["eval_metrics"] == {"accuracy": 0.75, "roc_auc": 0.8} and info["report"] is True
+    r = client.get("/report")
+    assert r.status_code == 200 and "the report" in r.text
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="file-input"' in page.text
+    assert client.get("/static/app.js").status_code == 200
+    assert_error(client.get("/missing"), 404, "not_found")
+
+
+class SlowFake:
+    """A backend whose 'model' sleeps and answers p(Dog) = mean pixel / 255, so answers are checkable."""
+
+    name = "fake"
+    classes = ["Cat", "Dog"]
+    size = 8
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.lock = threading.Lock()
+
+    def decode(self, data: bytes, max_pixels: int = 0) -> np.ndarray:
+        return np.full((8, 8, 3), data[0], dtype=np.uint8)  # the first byte is the "image"
+
+    def predict_arrays(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
+        with self.lock:
+            self.calls.append(len(images))
+        threading.Event().wait(0.05)  # a slow forward pass, so requests pile up behind it
+        p = images.reshape(len(images), -1).mean(axis=1) / 255.0
+        return np.stack([1 - p, p], axis=1).astype(np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "fake", "classes": self.classes, "size": self.size, "backend": self.name}
+
+
+def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(run_dir: Path) -> None:
+    fake = SlowFake()
+    app = create_app(ServeConfig(run=str(run_dir), max_batch=32, batch_wait_ms=5), predictor=fake)
+    values = [10 * i + 5 for i in range(20)]
+
+    async def scenario() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                rs = await asyncio.gather(*(c.post("/predict", files={"file": ("x", bytes([v]))})
+                                            for v in values))
+                stats = (await c.get("/stats")).json()
+        return [r.json() for r in rs], stats
+
+    answers, stats = asyncio.run(scenario())
+    for v, a in zip(values, answers, strict=True):
+        assert a["probabilities"]["Dog"] == pytest.approx(v / 255.0, abs=1e-6)
+        assert a["label"] == ("Dog" if v > 127.5 else "Cat")
+    assert stats["items"] == len(values)
+    assert stats["max_batch_seen"] > 1
+    assert stats["batches"] < len(values)
+    assert sum(fake.calls[1:]) == len(values)  # calls[0] is the warm-up pass
+
+
+def test_batcher_runs_a_lone_request_at_once_and_propagates_failures() -> None:
+    seen: list[int] = []
+
+    def double(x: np.ndarray) -> np.ndarray:
+        seen.append(len(x))
+        if (x == 255).any():
+            raise ValueError("model exploded")
+        return x.reshape(len(x), -1)[:, :2].astype(np.float32) * 2
+
+    async def scenario() -> None:
+        b = MicroBatcher(double, max_batch=4, batch_wait_ms=10_000)
+        await b.start()
+        try:
+            # Nothing else announced: a 10 s wait budget must not delay a lone request.
+            out = await asyncio.wait_for(b.submit(np.full((2, 2, 3), 3, np.uint8)), timeout=5)
+            assert out.tolist() == [6.0, 6.0]
+            imgs = [np.full((2, 2, 3), i, np.uint8) for i in range(10)]
+            outs = await asyncio.gather(*(b.submit(im) for im in imgs))
+            assert [o[0] for o in outs] == [2.0 * i for i in range(10)]
+            assert max(seen) == 4  # bounded by max_batch
+            with pytest.raises(ValueError, match="exploded"):
+                await b.submit(np.full((2, 2, 3), 255, np.uint8))
+            assert (await b.submit(np.full((2, 2, 3), 1, np.uint8)))[0] == 2.0  # still alive
+        finally:
+            await b.stop()
+
+    asyncio.run(scenario())
+
+
+def test_onnx_backend_exports_on_the_fly_and_agrees_with_torch(run_dir: Path) -> None:
+    backend = TorchBackend(Predictor.from_run(run_dir))
+    torch_probs = backend.predict_arrays(np.stack([backend.decode(JPEG)]))[0]
+    assert not (run_dir / "model.onnx").exists()
+    with TestClient(create_app(ServeConfig(run=str(run_dir), backend="onnx"))) as c:
+        body = c.post("/predict", **upload(JPEG)).json()
+        assert c.get("/model").json()["backend"] == "onnx"
+    assert (run_dir / "model.onnx").is_file()
+    assert body["model"]["backend"] == "onnx"
+    assert [body["probabilities"]["Cat"], body["probabilities"]["Dog"]] == pytest.approx(
+        torch_probs.tolist(), abs=1e-4)
+
+
+def test_port_in_use_exits_2_naming_the_flag(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc = cli_main(["serve", "--run", str(run_dir), "--port", str(port)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--port" in err and str(port) in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_run_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:  # a port that is free right now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert cli_main(["serve", "--run", str(tmp_path / "nope"), "--port", str(port)]) == 2
+    assert "--run" in capsys.readouterr().err
