@@ -1,0 +1,171 @@
+"""``catsdogs run``: preprocess -> train -> evaluate in one go, reusing shards that are still valid.
+
+Layout of ``--out`` (OUT is itself the run folder, so ``catsdogs evaluate/predict/serve --run OUT``
+work on it directly)::
+
+    OUT/shards/          shards + manifest.json (unless --shards points elsewhere)
+    OUT/config.json      resolved TrainConfig, metrics.csv, best.pt, last.pt (written by train)
+    OUT/run_config.json  the resolved RunConfig of this command
+    OUT/eval/            metrics, plots and report.html (written by evaluate)
+
+Re-running with the same ``--out`` is cheap and safe: shards made from the same input and settings
+are reused, training resumes from ``OUT/last.pt`` (``catsdogs train --resume``: an interrupted run
+continues, a finished one is kept as is; a larger ``--epochs`` trains on) and evaluation is redone.
+Changing the preprocessing (size, input) or a training setting for an existing OUT is refused:
+choose a new ``--out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from catsdogs import schema
+from catsdogs.config import (
+    EvaluateConfig,
+    PreprocessConfig,
+    RunConfig,
+    TrainConfig,
+    build_config,
+    read_config_file,
+    save_config,
+)
+from catsdogs.errors import ConfigError, InputError, OutputExistsError, SchemaError
+from catsdogs.manifest import load_manifest
+
+RUN_CONFIG_NAME = "run_config.json"
+"""Where the resolved RunConfig is saved (config.json of OUT belongs to train)."""
+
+CONTENT_KEYS: tuple[str, ...] = ("size", "resize", "val_frac", "test_frac", "seed", "shard_rows", "format",
+                                 "max_pixels")
+"""PreprocessConfig settings that change the shards' content; all must match to reuse shards."""
+
+DOWNLOAD_HELP = (
+    "download Microsoft's \"Kaggle Cats and Dogs Dataset\" "
+    "(https://www.microsoft.com/en-us/download/details.aspx?id=54765), unzip it so that DIR/Cat and "
+    "DIR/Dog exist (the zip holds PetImages/Cat and PetImages/Dog), then run "
+    "'make run DATA=/path/to/PetImages' or 'catsdogs run --data /path/to/PetImages --out runs/NAME'"
+)
+
+
+def check_data(data: str) -> Path:
+    """Return ``--data`` as an absolute path; a missing folder explains how to get the images."""
+    if not data:
+        raise InputError(f"no --data given: {DOWNLOAD_HELP}")
+    path = Path(data).expanduser()
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise InputError(f"--data {data!r} {what}: {DOWNLOAD_HELP}")
+    return path.resolve()
+
+
+def preprocess_config(cfg: RunConfig, data: Path, shards: Path) -> PreprocessConfig:
+    """Return the preprocessing settings of this run (defaults except input, output, size, master)."""
+    return build_config(PreprocessConfig, {"input": str(data), "output": str(shards), "size": cfg.size,
+                                           "master": cfg.master})
+
+
+def reuse_reason(shards: Path, wanted: PreprocessConfig) -> str | None:
+    """Return None when ``shards`` can be reused for ``wanted``, else why they must be re-made."""
+    if not shards.exists():
+        return "no shards yet"
+    try:
+        manifest = load_manifest(shards)
+    except SchemaError as exc:
+        return str(exc)
+    made = manifest.config
+    if not made.get("input") or Path(str(made["input"])).expanduser().resolve() != Path(wanted.input):
+        return f"they were made from input {made.get('input')!r}, not {wanted.input!r}"
+    for key in CONTENT_KEYS:
+        if made.get(key) != getattr(wanted, key):
+            return f"they were made with {key}={made.get(key)!r}, this run wants {getattr(wanted, key)!r}"
+    missing = [s.x for s in manifest.shards if not (shards / s.x).is_file() or not (shards / s.y).is_file()]
+    if missing:
+        return f"shard file {missing[0]!r} is missing"
+    from catsdogs.listing import scan_input
+
+    # Same settings but a changed image folder (files added or removed) needs new shards too.
+    listing = scan_input(wanted.input)
+    candidates = manifest.stats.get("candidates")
+    if list(listing.classes) != list(manifest.classes) or candidates != len(listing.candidates):
+        return (f"the input changed ({len(listing.candidates)} candidate images in classes "
+                f"{listing.classes}, the shards were made from {candidates} in {manifest.classes})")
+    return None
+
+
+def train_config(cfg: RunConfig, shards: Path, out: Path) -> TrainConfig:
+    """Build the TrainConfig: defaults < --train-config file < run flags that differ from defaults.
+
+    Without a file every run flag (model, epochs, seed) applies; with one, a run flag left at its
+    default does not override the file (so a tuned ``epochs`` survives unless --epochs is changed).
+    """
+    layers: list[dict[str, Any]] = []
+    defaults = RunConfig()
+    if cfg.train_config:
+        path = Path(cfg.train_config).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--train-config {cfg.train_config!r} does not exist (fix --train-config)")
+        try:
+            layers.append(read_config_file(path, "train"))
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (fix --train-config)") from None
+    run_flags = {k: getattr(cfg, k) for k in ("model", "epochs", "seed")
+                 if not cfg.train_config or getattr(cfg, k) != getattr(defaults, k)}
+    layers.append(run_flags)
+    layers.append({"data": str(shards), "out": str(out)})
+    try:
+        return build_config(TrainConfig, *layers)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (in --train-config {cfg.train_config!r})" if cfg.train_config
+                          else str(exc)) from None
+
+
+def main(cfg: RunConfig) -> int:
+    """Run preprocess (or reuse its shards), train into OUT and evaluate into OUT/eval."""
+    data = check_data(cfg.data)  # first: a missing download gets its help before any import
+    from catsdogs import evaluate, preprocess, train
+
+    if not cfg.out:
+        raise ConfigError("--out is required: the run folder to create (e.g. runs/latest)")
+    out = Path(cfg.out).expanduser().resolve()
+    shards = Path(cfg.shards).expanduser().resolve() if cfg.shards else out / "shards"
+    pre_cfg = preprocess_config(cfg, data, shards)
+    tr_cfg = train_config(cfg, shards, out)  # before any work: a bad file fails fast
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / RUN_CONFIG_NAME)
+
+    reason = reuse_reason(shards, pre_cfg)
+    resume = (out / schema.LAST_CKPT).is_file()
+    if reason is not None and resume and shards.exists():
+        # The model in OUT was trained on the old shards: continuing it on new ones would mix data.
+        raise OutputExistsError(f"run folder {str(out)!r} holds a model trained on shards that must be "
+                                f"re-made ({reason}); choose a new --out")
+    if reason is None:
+        print(f"[1/3] preprocess: reusing shards in {shards} (same input and settings)", flush=True)
+    else:
+        print(f"[1/3] preprocess: making shards in {shards} ({reason})", flush=True)
+        code = preprocess.main(dataclasses.replace(pre_cfg, overwrite=shards.exists()))
+        if code:
+            return code
+
+    if resume:
+        print(f"[2/3] train: resuming the run in {out} from {schema.LAST_CKPT} "
+              f"(up to {tr_cfg.epochs} epochs)", flush=True)
+    else:
+        print(f"[2/3] train: {tr_cfg.model} for {tr_cfg.epochs} epochs into {out}", flush=True)
+    code = train.main(dataclasses.replace(tr_cfg, resume=resume))
+    if code:
+        return code
+
+    eval_out = out / "eval"
+    print(f"[3/3] evaluate: test split into {eval_out}", flush=True)
+    ev_cfg = build_config(EvaluateConfig, {"run": str(out), "data": str(shards), "out": str(eval_out),
+                                           "device": tr_cfg.device, "threads": tr_cfg.threads,
+                                           "tta": tr_cfg.tta, "checkpoint": schema.BEST_CKPT})
+    code = evaluate.main(ev_cfg)
+    if code:
+        return code
+    print(f"done: open {eval_out / 'report.html'}\n"
+          f"      serve the model with 'catsdogs serve --run {out}'", flush=True)
+    return 0
