@@ -97,3 +97,21 @@ def test_rebuild_from_checkpoint_matches_outputs(tmp_path: Path, name: str, kwar
     x = torch.randn(4, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model(x))
+
+
+def test_cnn_trained_by_catsdogs_train_rebuilds_with_its_width_and_depth(tmp_path: Path) -> None:
+    from catsdogs.cli import main as cli_main
+    from catsdogs.inference import Predictor
+    from tests.fixtures import make_shards
+
+    data = tmp_path / "shards"
+    make_shards(data, counts={"train": 32, "val": 16, "test": 8}, size=32, shard_rows=16)
+    out = tmp_path / "run"
+    rc = cli_main(["train", "--data", str(data), "--out", str(out), "--model", "cnn", "--width", "8",
+                   "--depth", "2", "--epochs", "1", "--batch-size", "16", "--threads", "1"])
+    assert rc == 0
+    pred = Predictor.from_run(out)
+    assert pred.checkpoint[schema.CKPT_MODEL_CONFIG]["depth"] == 2
+    assert isinstance(pred.model, ResNetCNN) and pred.model.fc.in_features == 32
+    assert sum(isinstance(m, torch.nn.Module) and type(m).__name__ == "Residual"
+               for m in pred.model.modules()) == 6
