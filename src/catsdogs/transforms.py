@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 
 RESIZE_POLICIES = ("stretch", "crop", "pad")
 DEFAULT_MAX_PIXELS = 89_478_485
+DECODE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+"""Formats Pillow may parse (JPEG also yields MPO); anything else is ``not_an_image``. This keeps
+Pillow's exotic parsers (EPS shells out to Ghostscript, PSD, FITS, ...) away from untrusted uploads."""
 # Resampling filter for the final resize. BILINEAR with Pillow's reducing_gap keeps antialiasing
 # while being ~2x cheaper than LANCZOS; JPEG draft decoding already did most of the shrinking.
 _RESAMPLE = Image.Resampling.BILINEAR
@@ -34,7 +37,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow warns (not raises) between 1x and 2x its own limit; we apply ours explicitly.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError("decompression_bomb", str(exc)) from None
     except UnidentifiedImageError:
@@ -58,7 +61,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        img = Image.fromarray(((arr - lo) * scale).astype(np.uint8), mode="L")
+        # In place: a hostile 16-bit PNG near max_pixels must not cost 3 float64 copies (24 B/pixel).
+        arr -= lo
+        arr *= scale
+        img = Image.fromarray(arr.astype(np.uint8), mode="L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA"):
