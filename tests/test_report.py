@@ -25,7 +25,7 @@ def _data(tmp_path: Path, skipped: list[dict[str, str]] | None = None) -> Report
         title="catsdogs evaluation: r", metrics=metrics, classification_report=text,
         images={"Confusion matrix": png}, train_config={"model": "seed", "lr": 0.001},
         preprocess_config={"input": "/data/PetImages", "size": 64}, eval_config={"split": "test"},
-        counts={"train": {"Cat": 10, "Dog": 12}, "test": {"Cat": 3, "Dog": 4}}, classes=["Cat", "Dog"],
+        counts={"test": {"Cat": 3, "Dog": 4}, "train": {"Cat": 10, "Dog": 12}}, classes=["Cat", "Dog"],
         skipped=skipped if skipped is not None else [
             {"path": "Dog/<script>alert(1)</script>.jpg", "reason": "truncated", "detail": "x"},
             {"path": "Cat/666.jpg", "reason": "empty", "detail": ""},
@@ -51,6 +51,7 @@ def test_page_shows_metrics_counts_skipped_and_configs(tmp_path: Path) -> None:
     assert "75.00%" in page  # accuracy card
     assert "precision" in page and "f1-score" in page  # classification report
     # Counts table: per-class totals over splits and the grand total.
+    assert page.index("<th>train</th>") < page.index("<th>test</th>")  # split order, not dict order
     assert '<td class="num"><b>13</b></td>' in page and '<td class="num"><b>29</b></td>' in page
     assert "Cat/666.jpg" in page and "truncated" in page
     assert '<td>empty</td><td class="num">2</td>' in page  # per-reason count

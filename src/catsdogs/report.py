@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from catsdogs.fsutil import atomic_write_text
+from catsdogs.schema import SPLITS
 
 MAX_SKIPPED_ROWS = 1000
 """Skipped files listed in the page; the rest are counted (the full list is in manifest.json)."""
@@ -132,7 +133,8 @@ def _counts_table(counts: Mapping[str, Mapping[str, int]], classes: Sequence[str
     head = "".join(f'<th class="num">{_e(c)}</th>' for c in classes)
     body = []
     totals = [0] * len(classes)
-    for split, per in counts.items():
+    order = {s: i for i, s in enumerate(SPLITS)}  # train, val, test whatever order the manifest has
+    for split, per in sorted(counts.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
         vals = [int(per.get(c, 0)) for c in classes]
         totals = [t + v for t, v in zip(totals, vals, strict=True)]
         cells = "".join(f'<td class="num">{v:,}</td>' for v in vals)
