@@ -1,0 +1,87 @@
+"""A real Spark standalone cluster (master + two workers) gives byte-identical shards to local[*]."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from catsdogs import cluster as clustermod
+from catsdogs.cluster import Cluster, leftover_pids, standalone_cluster
+from tests.fixtures import make_image_tree
+
+pytestmark = pytest.mark.slow
+QUICK = {"spark.driver.extraJavaOptions": clustermod.QUICK_JVM_OPTS}  # short job: start the JVM fast
+
+
+def preprocess_cmd(src: Path, out: Path, master: str, extra: dict[str, str] | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "catsdogs.cli", "preprocess", "--input", str(src), "--output", str(out),
+           "--master", master, "--size", "32", "--shard-rows", "6"]
+    for key, value in (extra or {}).items():
+        cmd += ["--spark-conf", f"{key}={value}"]
+    return cmd
+
+
+def outputs(root: Path) -> dict[str, object]:
+    """Everything that must not depend on where the job ran: files.csv, shard bytes, manifest facts."""
+    from catsdogs.shards import sha256_file
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    shards = {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*.npy"))}
+    return {
+        "files_csv": (root / "files.csv").read_text(),
+        "shards": shards,
+        "manifest_shards": manifest["shards"],
+        "counts": manifest["counts"],
+        "normalization": manifest["normalization"],
+        "skipped": manifest["skipped"],
+    }
+
+
+def test_cluster_preprocess_matches_local(tmp_path: Path) -> None:
+    src = tmp_path / "PetImages"
+    make_image_tree(src, per_class=14)
+    # The local[*] run overlaps with the cluster start-up (both mostly wait on JVM start).
+    local = subprocess.Popen(preprocess_cmd(src, tmp_path / "local", "local[*]", QUICK),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with standalone_cluster(workers=2, cores_per_worker=1, work_dir=tmp_path / "cluster") as c:
+            assert len(c.status()["workers"]) == 2
+            proc = subprocess.run(preprocess_cmd(src, tmp_path / "remote", c.master_url,
+                                                 c.client_conf(quick_start=True)),
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            # Each worker launched one executor for the app: the job really ran on the cluster.
+            executor_dirs = list((c.work_dir / "work").glob("app-*/*"))
+            assert len(executor_dirs) == 2, executor_dirs
+    finally:
+        out, _ = local.communicate(timeout=300)
+    assert leftover_pids(c) == [], "master/worker/executor processes outlived the cluster"
+    assert local.returncode == 0, out
+    remote_manifest = json.loads((tmp_path / "remote" / "manifest.json").read_text())
+    assert remote_manifest["stats"]["master"] == c.master_url
+    assert outputs(tmp_path / "remote") == outputs(tmp_path / "local")
+    assert len(remote_manifest["shards"]) >= 4  # several tasks, so both executors got work
+
+
+def test_cluster_stopped_when_body_raises(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake = Cluster(master_url="spark://127.0.0.1:1", ui_url="http://127.0.0.1:1", work_dir=tmp_path,
+                   workers=1, cores_per_worker=1, memory="1g", tag="t")
+    stopped: list[Cluster] = []
+    monkeypatch.setattr(clustermod, "start_cluster", lambda *a, **k: fake)
+    monkeypatch.setattr(clustermod, "stop_cluster", stopped.append)
+    with pytest.raises(RuntimeError, match="boom"), standalone_cluster(work_dir=tmp_path):
+        raise RuntimeError("boom")
+    assert stopped == [fake]
+
+
+def test_start_failure_names_the_problem(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(clustermod.shutil, "which", lambda name: None)
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    with pytest.raises(clustermod.ClusterError, match="Java"):
+        clustermod.start_cluster(tmp_path, workers=1)
+    with pytest.raises(clustermod.ClusterError, match="at least 1 worker"):
+        clustermod.start_cluster(tmp_path, workers=0)
