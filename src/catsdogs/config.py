@@ -116,6 +116,10 @@ class TrainConfig:
     """Continue the run in --out from its last.pt (optimizer, schedule, RNG and data order restored)."""
     distributed: int = 0
     """Train with N processes through Spark's TorchDistributor (0 = single process)."""
+    master: str = "local[*]"
+    """Spark master for --distributed: local[*] runs the N processes here, spark://... on executors."""
+    spark_conf: dict[str, str] = field(default_factory=dict)
+    """Extra Spark settings for --distributed, key=value (config file or repeated --spark-conf)."""
     max_steps: int = 0
     """Stop after this many optimiser steps in total (0 = no limit); for smoke tests."""
 
