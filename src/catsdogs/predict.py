@@ -105,7 +105,8 @@ def _decode(predictor: Predictor, path: Path, max_pixels: int) -> np.ndarray | s
     try:
         data = path.read_bytes()
     except OSError:
-        return "unreadable"
+        # Same reasons as preprocess's skipped list, so both stages name a bad file alike.
+        return "broken_link" if path.is_symlink() and not path.exists() else "unreadable"
     try:
         return predictor.decode(data, max_pixels)
     except ImageDecodeError as exc:
