@@ -62,8 +62,8 @@ AUGMENT_SEED_OFFSET = 7919
 """Added to --seed for the augmentation generator so it is independent of weight init."""
 PER_INVOCATION = frozenset({"resume", "max_steps", "out"})
 """Settings that belong to one command invocation and are never taken over from the checkpoint."""
-RESUME_CHANGEABLE = frozenset({"epochs", "checkpoint_every", "workers", "threads", "device", "patience",
-                               "amp"})
+RESUME_CHANGEABLE = frozenset({"master", "spark_conf", "epochs", "checkpoint_every", "workers", "threads",
+                               "device", "patience", "amp"})
 """Settings a resumed run may change (others would silently make a different model)."""
 
 
@@ -469,7 +469,10 @@ class Trainer:
                 p.seconds = time.perf_counter() - t0
                 self.save_last()
             val_loss, val_acc = self.validate()
-            train_loss, train_acc = p.loss_sum / max(p.seen, 1), p.correct / max(p.seen, 1)
+            # Summed over DDP ranks (each saw a disjoint part of the data); identity in one process.
+            t_loss, t_correct, t_seen = _all_reduce([p.loss_sum, float(p.correct), float(p.seen)],
+                                                    self.device)
+            train_loss, train_acc = t_loss / max(t_seen, 1.0), t_correct / max(t_seen, 1.0)
             seconds = time.perf_counter() - t0
             row = {"epoch": e + 1, "step": p.step, "train_loss": train_loss, "train_acc": train_acc,
                    "val_loss": val_loss, "val_acc": val_acc, "lr": p.lr, "seconds": round(seconds, 3)}
@@ -508,6 +511,10 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> Progre
     """Run the training loop as one of ``world_size`` processes (DDP wraps this); only rank 0 writes."""
     trainer = Trainer(cfg, rank, world_size)
     progress = trainer.fit()
+    if world_size > 1:
+        from catsdogs.distributed import check_replicas
+
+        check_replicas(trainer.model)  # every rank must end with rank 0's weights
     if rank == 0:
         best = trainer.out / schema.BEST_CKPT
         why = f" (stopped: {trainer.stop_reason})" if trainer.stop_reason else ""
@@ -528,6 +535,8 @@ def main(cfg: TrainConfig) -> int:
         print(f"best checkpoint: {Path(cfg.out) / schema.BEST_CKPT} (val_acc {metrics['val_acc']:.4f})")
         return 0
     if cfg.distributed:
-        raise ConfigError("--distributed is not available in this build yet; train with --distributed 0")
+        from catsdogs.distributed import main as distributed_main
+
+        return distributed_main(cfg)
     train_worker(cfg, 0, 1)
     return 0
