@@ -1,0 +1,329 @@
+"""Serving benchmark: latency and throughput of ``catsdogs serve`` on loopback, torch vs onnx.
+
+For each backend it starts the real server (``python -m catsdogs.cli serve``, 127.0.0.1 only),
+then runs a bounded load test (a request count AND a time limit) at concurrency 1 and 16 with real
+JPEGs from PetImages, sent by a minimal keep-alive HTTP/1.1 client on raw asyncio streams (so the
+load generator, which shares the 2 cores, costs as little CPU as possible). In the same run it
+measures where a request's time goes: the bare model forward pass (batch 1), the JPEG decode,
+the multipart parse, and an HTTP round trip to ``/healthz`` (the web stack alone).
+
+Usage: ``.venv/bin/python -m benchmarks.serve [--run RUN] [--requests 1000] [--seconds 30]``
+(without --run it makes an untrained 64x64 seed-model run: speed does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from benchmarks._common import PROJECT_ROOT, REAL_DATA, heavy_lock, machine, write_fragment
+
+BOUNDARY = "catsdogsbenchboundary"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def multipart(jpeg: bytes, name: str) -> bytes:
+    head = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode()
+    return head + jpeg + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def post_request(port: int, body: bytes) -> bytes:
+    return (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; "
+            f"boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def get_request(port: int, path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection: send prepared bytes, read one response."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(reader, writer)
+
+    async def roundtrip(self, request: bytes) -> tuple[int, bytes]:
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = next(int(v) for k, _, v in (ln.partition(":") for ln in lines[1:])
+                      if k.lower() == "content-length")
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def load_test(port: int, requests: list[bytes], concurrency: int, max_requests: int,
+                    max_seconds: float, ok: Callable[[int, bytes], bool]) -> dict[str, Any]:
+    """Send up to ``max_requests`` (stopping after ``max_seconds``) from ``concurrency`` clients."""
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    start = time.perf_counter()
+    deadline = start + max_seconds
+
+    async def client() -> None:
+        nonlocal issued, errors
+        conn = await Connection.open(port)
+        try:
+            while issued < max_requests and time.perf_counter() < deadline:
+                req = requests[issued % len(requests)]
+                issued += 1
+                t0 = time.perf_counter()
+                try:
+                    status, body = await conn.roundtrip(req)
+                except (OSError, asyncio.IncompleteReadError, ValueError, StopIteration):
+                    errors += 1
+                    conn.close()
+                    conn = await Connection.open(port)
+                    continue
+                latencies.append(time.perf_counter() - t0)
+                if not ok(status, body):
+                    errors += 1
+        finally:
+            conn.close()
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    ms = np.array(latencies) * 1000
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors,
+            "seconds": elapsed, "rps": len(latencies) / elapsed,
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "mean_ms": float(ms.mean())}
+
+
+def good_prediction(status: int, body: bytes) -> bool:
+    return status == 200 and b'"label"' in body
+
+
+def timed(fn: Callable[[], object], n: int, warmup: int = 20) -> dict[str, float]:
+    """Run ``fn`` ``n`` times after a warm-up; return p50/p99/mean in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1000)
+    arr = np.array(samples)
+    return {"p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99)),
+            "mean_ms": float(arr.mean())}
+
+
+def component_costs(run: Path, backend: str, jpegs: list[bytes], n: int) -> dict[str, dict[str, float]]:
+    """Time the parts of a request in this process: forward (batch 1), decode, multipart parse."""
+    from catsdogs import runtime
+    from catsdogs.config import ServeConfig
+    from catsdogs.serve.backends import load_backend
+    from catsdogs.serve.uploads import parse_multipart
+
+    runtime.setup(0, "cpu")
+    model = load_backend(ServeConfig(run=str(run), backend=backend))
+    image = np.stack([model.decode(jpegs[0])])
+    it = iter(range(10**9))
+    body = multipart(jpegs[0], "x.jpg")
+    ctype = f"multipart/form-data; boundary={BOUNDARY}"
+    return {
+        "forward": timed(lambda: model.predict_arrays(image), n),
+        "decode": timed(lambda: model.decode(jpegs[next(it) % len(jpegs)]), n),
+        "parse": timed(lambda: parse_multipart(body, ctype), n),
+    }
+
+
+def start_server(run: Path, backend: str, port: int, extra: list[str]) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "catsdogs.cli", "serve", "--run", str(run), "--host", "127.0.0.1",
+           "--port", str(port), "--backend", backend, *extra]
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(get_request(port, "/healthz"))
+                if b" 200 " in s.recv(4096):
+                    return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become healthy in 180 s")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def fetch_json(port: int, path: str) -> dict[str, Any]:
+    conn = await Connection.open(port)
+    try:
+        _, body = await conn.roundtrip(get_request(port, path))
+    finally:
+        conn.close()
+    return dict(json.loads(body))
+
+
+def bench_backend(run: Path, backend: str, jpegs: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
+    costs = component_costs(run, backend, jpegs, args.component_samples)
+    port = free_port()
+    proc = start_server(run, backend, port, ["--batch-wait-ms", str(args.batch_wait_ms)])
+    try:
+        requests = [post_request(port, multipart(j, f"{i}.jpg")) for i, j in enumerate(jpegs)]
+        asyncio.run(load_test(port, requests, 4, 100, 30, good_prediction))  # warm-up
+        health = asyncio.run(load_test(port, [get_request(port, "/healthz")], 1, args.requests, args.seconds,
+                                       lambda s, _b: s == 200))
+        results = []
+        for c in (1, 16):
+            before = asyncio.run(fetch_json(port, "/stats"))
+            res = asyncio.run(load_test(port, requests, c, args.requests * (2 if c > 1 else 1),
+                                        args.seconds, good_prediction))
+            after = asyncio.run(fetch_json(port, "/stats"))
+            batches = after["batches"] - before["batches"]
+            res["mean_batch"] = (after["items"] - before["items"]) / batches if batches else 0.0
+            results.append(res)
+            print(f"  {backend} c={c}: {res['rps']:.0f} req/s p50 {res['p50_ms']:.2f} ms "
+                  f"p99 {res['p99_ms']:.2f} ms errors {res['errors']} mean batch {res['mean_batch']:.1f}",
+                  flush=True)
+    finally:
+        stop_server(proc)
+    return {"backend": backend, "costs": costs, "health": health, "load": results}
+
+
+def load_jpegs(n: int) -> list[bytes]:
+    files = []
+    for cls in ("Cat", "Dog"):
+        files += sorted((REAL_DATA / cls).glob("*.jpg"), key=lambda p: int(p.stem))[: n // 2]
+    if not files:
+        raise SystemExit(f"no JPEGs found under {REAL_DATA}")
+    return [p.read_bytes() for p in files]
+
+
+def trained_runs() -> list[str]:
+    runs = PROJECT_ROOT / "runs"
+    return sorted(str(p.parent.relative_to(PROJECT_ROOT)) for p in runs.glob("**/best.pt")) if runs.is_dir() \
+        else []
+
+
+def render(results: list[dict[str, Any]], run_note: str, args: argparse.Namespace, jpeg_kib: float,
+           deps: str) -> str:
+    cmd = "flock /tmp/catsdogs-heavy.lock .venv/bin/python -m benchmarks.serve " + " ".join(args.argv)
+    lines = [
+        "## Serving (`catsdogs serve`)", "",
+        f"Command: `{cmd.strip()}`  ",
+        f"Machine: {machine()}; server and load generator share these cores.  ",
+        f"Model: {run_note}. Server defaults (`--batch-wait-ms {args.batch_wait_ms}`, `--max-batch 32`, "
+        f"all cores); {deps}.  ",
+        f"Load: real PetImages JPEGs ({len(args.images_used)} files, mean {jpeg_kib:.1f} KiB, "
+        "180x180 -> 64x64), "
+        f"`POST /predict` multipart over keep-alive HTTP/1.1 on 127.0.0.1; each level bounded by "
+        f"{args.requests} (c=1) / {2 * args.requests} (c=16) requests and {args.seconds:.0f} s.", "",
+        "| backend | concurrency | requests | errors | req/s | p50 ms | p99 ms | mean batch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        for x in r["load"]:
+            lines.append(f"| {r['backend']} | {x['concurrency']} | {x['requests']} | {x['errors']} | "
+                         f"{x['rps']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['mean_batch']:.1f} |")
+    lines += ["", "Where the time of one request goes (measured in the same run; ms, p50 / p99):", "",
+              "| backend | bare forward, batch 1 | JPEG decode + resize | multipart parse | "
+              "HTTP round trip to /healthz (c=1) | /predict at c=1 |", "|---|---|---|---|---|---|"]
+    for r in results:
+        c = r["costs"]
+        one = r["load"][0]
+        lines.append(
+            f"| {r['backend']} | {c['forward']['p50_ms']:.2f} / {c['forward']['p99_ms']:.2f} | "
+            f"{c['decode']['p50_ms']:.2f} / {c['decode']['p99_ms']:.2f} | "
+            f"{c['parse']['p50_ms']:.3f} / {c['parse']['p99_ms']:.3f} | "
+            f"{r['health']['p50_ms']:.2f} / {r['health']['p99_ms']:.2f} | "
+            f"{one['p50_ms']:.2f} / {one['p99_ms']:.2f} |")
+    lines += ["", "Targets:", ""]
+    for r in results:
+        one, many = r["load"]
+        fwd = r["costs"]["forward"]["p50_ms"]
+        ratio = one["p99_ms"] / fwd
+        scale = many["rps"] / one["rps"]
+        errs = sum(x["errors"] for x in r["load"])
+        lines.append(f"- {r['backend']}: p99 at c=1 = {ratio:.1f}x the bare forward (target <= 2x: "
+                     f"{'met' if ratio <= 2 else 'NOT met'}); req/s at c=16 = {scale:.1f}x c=1 "
+                     f"(target >= 2x: {'met' if scale >= 2 else 'NOT met'}); errors {errs} "
+                     f"(target 0: {'met' if errs == 0 else 'NOT met'}).")
+    fastest = max(results, key=lambda r: r["load"][1]["rps"])
+    lines += ["", f"Faster backend at c=16 here: **{fastest['backend']}**."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", default="", help="run folder to serve (default: untrained 64x64 seed run)")
+    parser.add_argument("--requests", type=int, default=1000, help="requests at concurrency 1 (2x at 16)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="time limit per load level")
+    parser.add_argument("--images", type=int, default=200, help="distinct JPEGs cycled through")
+    parser.add_argument("--backends", default="torch,onnx")
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0)
+    parser.add_argument("--component-samples", type=int, default=300)
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    jpegs = load_jpegs(args.images)
+    args.images_used = jpegs
+    jpeg_kib = statistics.mean(len(j) for j in jpegs) / 1024
+    try:
+        import httptools  # noqa: F401
+
+        deps = "uvicorn with httptools"
+    except ImportError:
+        deps = "uvicorn with h11 (httptools not installed)"
+    with heavy_lock(), tempfile.TemporaryDirectory(prefix="catsdogs-bench-serve-") as tmp:
+        if args.run:
+            run = Path(args.run)
+            run_note = f"run `{args.run}`"
+        else:
+            sys.path.insert(0, str(PROJECT_ROOT))
+            from tests.fixtures import make_run
+
+            run = make_run(Path(tmp) / "run", size=64)
+            others = trained_runs()
+            run_note = ("untrained seed CNN at 64x64 (`tests.fixtures.make_run(size=64)`)"
+                        + (f"; trained runs present but not used: {', '.join(others)}" if others else
+                           "; no trained run under runs/ yet"))
+        results = [bench_backend(run, b, jpegs, args) for b in args.backends.split(",")]
+    text = render(results, run_note, args, jpeg_kib, deps)
+    path = write_fragment("serve", text)
+    print(text)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
