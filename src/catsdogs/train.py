@@ -278,7 +278,8 @@ class Trainer:
         self.eval_model = self.model
         if self.ema is not None:
             self.eval_model = copy.deepcopy(self.model)  # holds the EMA weights for validation
-        self.aug_gen = torch.Generator().manual_seed(cfg.seed + AUGMENT_SEED_OFFSET)
+        # One augmentation stream per rank: ranks see different images, they should not share flips.
+        self.aug_gen = torch.Generator().manual_seed(cfg.seed + AUGMENT_SEED_OFFSET + 1_000_003 * rank)
         self.steps_per_epoch = [self.train_ds.batches_in_epoch(e) for e in range(cfg.epochs)]
         self.total_steps = sum(self.steps_per_epoch)
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch[0])
