@@ -1,8 +1,10 @@
-"""A real Spark standalone cluster (master + two workers) gives byte-identical shards to local[*]."""
+"""A real Spark standalone cluster (master + two workers): preprocessing gives byte-identical shards
+to local[*]; ``train --distributed 2`` runs one DDP rank per executor (opt-in, slow)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 
 from catsdogs import cluster as clustermod
 from catsdogs.cluster import Cluster, leftover_pids, standalone_cluster
-from tests.fixtures import make_image_tree
+from tests.fixtures import make_image_tree, make_shards
 
 pytestmark = pytest.mark.slow
 QUICK = {"spark.driver.extraJavaOptions": clustermod.QUICK_JVM_OPTS}  # short job: start the JVM fast
@@ -21,6 +23,14 @@ def preprocess_cmd(src: Path, out: Path, master: str, extra: dict[str, str] | No
     cmd = [sys.executable, "-m", "catsdogs.cli", "preprocess", "--input", str(src), "--output", str(out),
            "--master", master, "--size", "32", "--shard-rows", "6"]
     for key, value in (extra or {}).items():
+        cmd += ["--spark-conf", f"{key}={value}"]
+    return cmd
+
+
+def train_cmd(data: Path, out: Path, c: Cluster) -> list[str]:
+    cmd = [sys.executable, "-m", "catsdogs.cli", "train", "--data", str(data), "--out", str(out),
+           "--epochs", "1", "--batch-size", "4", "--distributed", "2", "--master", c.master_url]
+    for key, value in c.client_conf(quick_start=True).items():
         cmd += ["--spark-conf", f"{key}={value}"]
     return cmd
 
@@ -65,6 +75,24 @@ def test_cluster_preprocess_matches_local(tmp_path: Path) -> None:
     assert remote_manifest["stats"]["master"] == c.master_url
     assert outputs(tmp_path / "remote") == outputs(tmp_path / "local")
     assert len(remote_manifest["shards"]) >= 4  # several tasks, so both executors got work
+
+
+@pytest.mark.skipif(os.environ.get("CATSDOGS_CLUSTER_TRAIN") != "1",
+                    reason="~60 s on 2 cores; set CATSDOGS_CLUSTER_TRAIN=1 to run DDP on a real cluster")
+def test_cluster_distributed_training(tmp_path: Path) -> None:
+    """``train --distributed 2 --master spark://...``: TorchDistributor runs one DDP rank per executor."""
+    data = tmp_path / "shards"
+    make_shards(data, counts={"train": 80, "val": 20, "test": 20}, shard_rows=20)
+    with standalone_cluster(workers=2, cores_per_worker=1, work_dir=tmp_path / "cluster") as c:
+        train = subprocess.run(train_cmd(data, tmp_path / "run", c), capture_output=True, text=True,
+                               timeout=300)
+        assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    assert leftover_pids(c) == []
+    log = train.stdout + train.stderr  # ranks' output is streamed back to the driver
+    assert "replicas in sync: 2 ranks" in log and "2 executor processes" in log
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt", "config.json", "last.pt",
+                                                                   "metrics.csv"]
+    assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 1 + 1  # header + 1 epoch
 
 
 def test_cluster_stopped_when_body_raises(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
