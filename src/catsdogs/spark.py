@@ -119,10 +119,17 @@ def get_spark(master: str = "local[*]", app_name: str = "catsdogs",
     if is_local(master):
         # Without it Spark warns that the host name resolves to a loopback address.
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    conf = SparkConf(loadDefaults=False)
+    # Under spark-submit the JVM already runs and holds its --master/--conf/--py-files: keep those
+    # (our defaults only fill gaps; --spark-conf still wins).
+    submitted = "PYSPARK_GATEWAY_PORT" in os.environ
+    if submitted:
+        SparkContext._ensure_initialized()  # noqa: SLF001 - connect to that JVM to read its settings
+    conf = SparkConf(loadDefaults=submitted)
     for key, value in build_conf(master, app_name, extra).items():
+        if submitted and conf.contains(key) and key not in (extra or {}):
+            continue
         conf.set(key, value)
-    if SparkContext._gateway is None:  # noqa: SLF001 - the only hook to filter JVM stderr
+    if SparkContext._gateway is None and not submitted:  # noqa: SLF001 - the hook to filter JVM stderr
         gateway = launch_gateway(conf, popen_kwargs={"stderr": subprocess.PIPE})
         threading.Thread(target=_forward_stderr, args=(gateway.proc.stderr,),
                          name="spark-jvm-stderr", daemon=True).start()
