@@ -125,6 +125,8 @@ def get_spark(master: str = "local[*]", app_name: str = "catsdogs",
     if submitted:
         SparkContext._ensure_initialized()  # noqa: SLF001 - connect to that JVM to read its settings
     conf = SparkConf(loadDefaults=submitted)
+    if submitted and conf.contains("spark.master"):
+        master = str(conf.get("spark.master"))  # e.g. no loopback driver address for a real cluster
     for key, value in build_conf(master, app_name, extra).items():
         if submitted and conf.contains(key) and key not in (extra or {}):
             continue
