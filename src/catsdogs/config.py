@@ -309,8 +309,38 @@ def build_config(cls: type[C], *layers: dict[str, Any]) -> C:
                 )
             merged[key] = _coerce(key, value, names[key])
     cfg = cls(**merged)
+    for key in PATH_FIELDS:
+        value = getattr(cfg, key, None)
+        if isinstance(value, str) and value:
+            setattr(cfg, key, local_path(value, flag(key)))
     validate(cfg)
     return cfg
+
+
+PATH_FIELDS = ("input", "output", "data", "out", "run", "shards", "train_config")
+"""Settings holding a folder or file; they accept plain paths and ``file://`` URIs."""
+
+
+def local_path(value: str, flag_name: str) -> str:
+    """Turn a ``file://`` URI into a path; refuse other schemes (hdfs://, s3a://) with a hint.
+
+    Every stage reads and writes with POSIX file I/O (Spark tasks included), so any storage all
+    nodes mount works; see docs/cluster.md for HDFS.
+    """
+    from urllib.parse import unquote, urlparse
+
+    if value.startswith("file:"):
+        parsed = urlparse(value)
+        if parsed.netloc not in ("", "localhost"):
+            raise ConfigError(f"{flag_name} {value!r}: file:// URIs must name a local path "
+                              f"(file:///abs/path), not host {parsed.netloc!r}")
+        return unquote(parsed.path)
+    scheme = value.split("://", 1)[0] if "://" in value else ""
+    if scheme and scheme.isalnum():
+        raise ConfigError(f"{flag_name} {value!r}: {scheme}:// is not read directly; mount it on every "
+                          f"node (e.g. HDFS NFS gateway or FUSE) and pass the mounted path or a file:// "
+                          f"URI (see docs/cluster.md)")
+    return value
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:  # type: ignore[type-arg]
