@@ -116,6 +116,7 @@ def test_preprocess_sigkill_leaves_no_complete_output_and_rerun_is_identical(tmp
         assert cli_main(preprocess_argv(src, reference)[3:]) == 0
     finally:
         spark.stop()
+    assert not list(tmp_path.glob("shards.tmp-*")), "the killed run's temporary folder was not removed"
     a, b = snapshot(out), snapshot(reference)
     assert len(a["files"]) == 2 * 40  # X and y of every shard
     assert a == b
@@ -217,6 +218,7 @@ def test_train_killed_at_random_moments_resumes_bit_identical(tiny: Path, refere
               f"leftover temp files {len(leftovers)}")
     assert kills >= 1, "no kill landed before the run finished"
     assert cli_main(train_argv(tiny, run, "--resume")) == 0
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")], "--resume keeps stale temp files"
     assert_same_run(reference, run)
 
 
@@ -251,4 +253,5 @@ def test_train_killed_while_writing_a_checkpoint_keeps_the_previous_one(tiny: Pa
     assert load_checkpoint(run / schema.LAST_CKPT)["step"] == 5
     assert not (run / schema.BEST_CKPT).exists()  # no epoch finished: nothing else was published
     assert cli_main(train_argv(tiny, run, "--resume")) == 0
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")], "--resume keeps stale temp files"
     assert_same_run(reference, run)

@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -264,6 +265,25 @@ def _check_output(out: Path, overwrite: bool) -> None:
                                 " refusing to replace it even with --overwrite (choose another --output)")
 
 
+def _remove_stale_tmp(out: Path) -> None:
+    """Delete temporary folders of earlier runs on this host that were killed (their pid is gone).
+
+    A SIGKILLed run cannot clean up; its ``OUTPUT.tmp-<host>-<pid>-<token>`` may be as big as the
+    output. Folders of live processes (a concurrent run) and of other hosts are left alone.
+    """
+    host = socket.gethostname()
+    for path in out.parent.glob(f"{out.name}.tmp-*"):
+        parts = path.name[len(out.name) + len(".tmp-"):].rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit() or int(parts[1]) == os.getpid():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, owned by another user
+            continue
+
+
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished temporary folder to ``out``; an old output is removed only afterwards."""
     _check_output(out, overwrite)
@@ -389,7 +409,8 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
     plans = plan_shards(assign_splits(listing.candidates, len(listing.classes), cfg.val_frac,
                                       cfg.test_frac, cfg.seed), cfg.shard_rows, cfg.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
+    _remove_stale_tmp(out)
+    tmp = out.with_name(f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
     tmp.mkdir()
     owned = False
     try:

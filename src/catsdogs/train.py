@@ -301,6 +301,9 @@ class Trainer:
         if not cfg.resume:
             raise OutputExistsError(f"run folder {str(self.out)!r} already has {schema.LAST_CKPT}; pass "
                                     f"--resume to continue it or choose a new --out")
+        if self.is_main:  # half-written checkpoints of a killed save (fsutil.atomic_open), never loaded
+            for tmp in self.out.glob(".*.pt.*.tmp"):
+                tmp.unlink(missing_ok=True)
         state = load_checkpoint(last)
         if "progress" not in state or "optimizer" not in state:
             raise CheckpointError(f"{str(last)!r} was not written by a resumable 'catsdogs train' run; "
