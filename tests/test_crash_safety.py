@@ -122,6 +122,29 @@ def test_preprocess_sigkill_leaves_no_complete_output_and_rerun_is_identical(tmp
     assert a == b
 
 
+def test_stale_temp_folders_of_dead_runs_only_are_removed(tmp_path: Path) -> None:
+    """A rerun deletes temp folders of killed runs on this host, never a live run's or another host's."""
+    import socket
+
+    from catsdogs.preprocess import _remove_stale_tmp
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    try:
+        names = {"dead": f"shards.tmp-{host}-{dead.pid}-aaaa", "live": f"shards.tmp-{host}-{live.pid}-bbbb",
+                 "other_host": f"shards.tmp-elsewhere-{dead.pid}-cccc", "unrelated": "shards.tmp-x"}
+        for name in names.values():
+            (tmp_path / name / "train").mkdir(parents=True)
+        _remove_stale_tmp(tmp_path / "shards")
+        left = {k for k, name in names.items() if (tmp_path / name).exists()}
+        assert left == {"live", "other_host", "unrelated"}
+    finally:
+        live.kill()
+        live.wait()
+
+
 # ----------------------------------------------------------------------------------------- train
 
 
