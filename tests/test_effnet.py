@@ -99,3 +99,14 @@ def test_zero_shot_imagenet_cat_vs_dog_classes_beat_chance(real_data: Path) -> N
     assert acc >= 0.75, acc  # chance is 0.5; measured ~0.9
     # An untrained network of the same shape must not do this: the weights carry the knowledge.
     assert p[:, 151:269].sum(1).mean() + p[:, 281:286].sum(1).mean() > 0.5
+
+
+def test_folded_batchnorm_gives_the_same_features() -> None:
+    torch.manual_seed(0)
+    model = effnet.efficientnet_lite("lite0", 1, 64, pretrained=True).eval()
+    folded = effnet.fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # original untouched
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded.features(x), model.features(x), rtol=1e-4, atol=1e-4)

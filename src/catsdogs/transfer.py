@@ -22,6 +22,7 @@ from torch import nn
 from catsdogs import schema
 from catsdogs.checkpoint import save_checkpoint
 from catsdogs.config import TrainConfig, save_config, to_dict
+from catsdogs.effnet import EfficientNetLite, fold_batchnorm
 from catsdogs.errors import ConfigError, InputError
 from catsdogs.manifest import Manifest, load_manifest
 from catsdogs.models import PRETRAINED_MODELS, build_model, input_normalization, num_logits
@@ -30,7 +31,7 @@ from catsdogs.transforms import hflip, normalize
 
 log = logging.getLogger(__name__)
 
-C_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+C_GRID: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 """Inverse L2 strengths tried for the logistic head on standardised features; best val log-loss wins."""
 
 
@@ -45,6 +46,8 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
     With ``flip`` the mirrored images are appended as extra rows (``2n`` rows; free augmentation).
     """
     model.eval()
+    if isinstance(model, EfficientNetLite):
+        model = fold_batchnorm(model)  # inference-only copy: BN folded into the convs
     feats: list[np.ndarray] = []
     flipped: list[np.ndarray] = []
     labels: list[np.ndarray] = []
