@@ -119,6 +119,19 @@ async def load_test(port: int, requests: list[bytes], concurrency: int, max_requ
             "mean_ms": float(ms.mean())}
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of every thread of ``pid`` so far (from /proc)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def good_prediction(status: int, body: bytes) -> bool:
     return status == 200 and b'"label"' in body
 
@@ -137,15 +150,14 @@ def timed(fn: Callable[[], object], n: int, warmup: int = 20) -> dict[str, float
             "mean_ms": float(arr.mean())}
 
 
-def component_costs(run: Path, backend: str, jpegs: list[bytes], n: int) -> dict[str, dict[str, float]]:
+def component_costs(run: Path, backend: str, threads: int, jpegs: list[bytes], n: int
+                    ) -> dict[str, dict[str, float]]:
     """Time the parts of a request in this process: forward (batch 1), decode, multipart parse."""
-    from catsdogs import runtime
     from catsdogs.config import ServeConfig
     from catsdogs.serve.backends import load_backend
     from catsdogs.serve.uploads import parse_multipart
 
-    runtime.setup(0, "cpu")
-    model = load_backend(ServeConfig(run=str(run), backend=backend))
+    model = load_backend(ServeConfig(run=str(run), backend=backend, threads=threads))
     image = np.stack([model.decode(jpegs[0])])
     it = iter(range(10**9))
     body = multipart(jpegs[0], "x.jpg")
@@ -194,10 +206,12 @@ async def fetch_json(port: int, path: str) -> dict[str, Any]:
     return dict(json.loads(body))
 
 
-def bench_backend(run: Path, backend: str, jpegs: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
-    costs = component_costs(run, backend, jpegs, args.component_samples)
+def bench_backend(run: Path, backend: str, threads: int, jpegs: list[bytes], args: argparse.Namespace
+                  ) -> dict[str, Any]:
+    costs = component_costs(run, backend, threads, jpegs, args.component_samples)
     port = free_port()
-    proc = start_server(run, backend, port, ["--batch-wait-ms", str(args.batch_wait_ms)])
+    flags = ["--batch-wait-ms", str(args.batch_wait_ms), "--threads", str(threads)]
+    proc = start_server(run, backend, port, flags)
     try:
         requests = [post_request(port, multipart(j, f"{i}.jpg")) for i, j in enumerate(jpegs)]
         asyncio.run(load_test(port, requests, 4, 100, 30, good_prediction))  # warm-up
@@ -206,18 +220,20 @@ def bench_backend(run: Path, backend: str, jpegs: list[bytes], args: argparse.Na
         results = []
         for c in (1, 16):
             before = asyncio.run(fetch_json(port, "/stats"))
+            cpu0 = process_cpu_seconds(proc.pid)
             res = asyncio.run(load_test(port, requests, c, args.requests * (2 if c > 1 else 1),
                                         args.seconds, good_prediction))
+            res["server_cpu_ms"] = 1000 * (process_cpu_seconds(proc.pid) - cpu0) / max(1, res["requests"])
             after = asyncio.run(fetch_json(port, "/stats"))
             batches = after["batches"] - before["batches"]
             res["mean_batch"] = (after["items"] - before["items"]) / batches if batches else 0.0
             results.append(res)
-            print(f"  {backend} c={c}: {res['rps']:.0f} req/s p50 {res['p50_ms']:.2f} ms "
-                  f"p99 {res['p99_ms']:.2f} ms errors {res['errors']} mean batch {res['mean_batch']:.1f}",
-                  flush=True)
+            print(f"  {backend} threads={threads} c={c}: {res['rps']:.0f} req/s p50 {res['p50_ms']:.2f} ms "
+                  f"p99 {res['p99_ms']:.2f} ms errors {res['errors']} mean batch {res['mean_batch']:.1f} "
+                  f"server CPU {res['server_cpu_ms']:.2f} ms/req", flush=True)
     finally:
         stop_server(proc)
-    return {"backend": backend, "costs": costs, "health": health, "load": results}
+    return {"backend": backend, "threads": threads, "costs": costs, "health": health, "load": results}
 
 
 def load_jpegs(n: int) -> list[bytes]:
@@ -237,32 +253,34 @@ def trained_runs() -> list[str]:
 
 def render(results: list[dict[str, Any]], run_note: str, args: argparse.Namespace, jpeg_kib: float,
            deps: str) -> str:
-    cmd = "flock /tmp/catsdogs-heavy.lock .venv/bin/python -m benchmarks.serve " + " ".join(args.argv)
+    cmd = ".venv/bin/python -m benchmarks.serve " + " ".join(args.argv)
     lines = [
         "## Serving (`catsdogs serve`)", "",
-        f"Command: `{cmd.strip()}`  ",
+        f"Command: `{cmd.strip()}` (it holds /tmp/catsdogs-heavy.lock itself)  ",
         f"Machine: {machine()}; server and load generator share these cores.  ",
-        f"Model: {run_note}. Server defaults (`--batch-wait-ms {args.batch_wait_ms}`, `--max-batch 32`, "
-        f"all cores); {deps}.  ",
+        f"Model: {run_note}. Server: `--batch-wait-ms {args.batch_wait_ms}`, `--max-batch 32`; {deps}.  ",
         f"Load: real PetImages JPEGs ({len(args.images_used)} files, mean {jpeg_kib:.1f} KiB, "
         "180x180 -> 64x64), "
         f"`POST /predict` multipart over keep-alive HTTP/1.1 on 127.0.0.1; each level bounded by "
         f"{args.requests} (c=1) / {2 * args.requests} (c=16) requests and {args.seconds:.0f} s.", "",
-        "| backend | concurrency | requests | errors | req/s | p50 ms | p99 ms | mean batch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| backend | --threads | concurrency | requests | errors | req/s | p50 ms | p99 ms | mean batch | "
+        "server CPU ms/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         for x in r["load"]:
-            lines.append(f"| {r['backend']} | {x['concurrency']} | {x['requests']} | {x['errors']} | "
-                         f"{x['rps']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['mean_batch']:.1f} |")
+            lines.append(f"| {r['backend']} | {r['threads']} | {x['concurrency']} | {x['requests']} | "
+                         f"{x['errors']} | {x['rps']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | "
+                         f"{x['mean_batch']:.1f} | {x['server_cpu_ms']:.2f} |")
     lines += ["", "Where the time of one request goes (measured in the same run; ms, p50 / p99):", "",
-              "| backend | bare forward, batch 1 | JPEG decode + resize | multipart parse | "
-              "HTTP round trip to /healthz (c=1) | /predict at c=1 |", "|---|---|---|---|---|---|"]
+              "| backend | --threads | bare forward, batch 1 | JPEG decode + resize | multipart parse | "
+              "HTTP round trip to /healthz (c=1) | /predict at c=1 |", "|---|---:|---|---|---|---|---|"]
     for r in results:
         c = r["costs"]
         one = r["load"][0]
         lines.append(
-            f"| {r['backend']} | {c['forward']['p50_ms']:.2f} / {c['forward']['p99_ms']:.2f} | "
+            f"| {r['backend']} | {r['threads']} | "
+            f"{c['forward']['p50_ms']:.2f} / {c['forward']['p99_ms']:.2f} | "
             f"{c['decode']['p50_ms']:.2f} / {c['decode']['p99_ms']:.2f} | "
             f"{c['parse']['p50_ms']:.3f} / {c['parse']['p99_ms']:.3f} | "
             f"{r['health']['p50_ms']:.2f} / {r['health']['p99_ms']:.2f} | "
@@ -274,12 +292,16 @@ def render(results: list[dict[str, Any]], run_note: str, args: argparse.Namespac
         ratio = one["p99_ms"] / fwd
         scale = many["rps"] / one["rps"]
         errs = sum(x["errors"] for x in r["load"])
-        lines.append(f"- {r['backend']}: p99 at c=1 = {ratio:.1f}x the bare forward (target <= 2x: "
-                     f"{'met' if ratio <= 2 else 'NOT met'}); req/s at c=16 = {scale:.1f}x c=1 "
+        lines.append(f"- {r['backend']} --threads {r['threads']}: p99 at c=1 = {ratio:.1f}x the bare "
+                     f"forward (target <= 2x: {'met' if ratio <= 2 else 'NOT met'}); "
+                     f"req/s at c=16 = {scale:.1f}x c=1 "
                      f"(target >= 2x: {'met' if scale >= 2 else 'NOT met'}); errors {errs} "
                      f"(target 0: {'met' if errs == 0 else 'NOT met'}).")
     fastest = max(results, key=lambda r: r["load"][1]["rps"])
-    lines += ["", f"Faster backend at c=16 here: **{fastest['backend']}**."]
+    quickest = min(results, key=lambda r: r["load"][0]["p99_ms"])
+    lines += ["", f"Highest throughput at c=16: **{fastest['backend']} --threads {fastest['threads']}**; "
+              f"lowest p99 at c=1: **{quickest['backend']} --threads {quickest['threads']}** "
+              "(--threads 0 = all cores)."]
     return "\n".join(lines)
 
 
@@ -290,8 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="time limit per load level")
     parser.add_argument("--images", type=int, default=200, help="distinct JPEGs cycled through")
     parser.add_argument("--backends", default="torch,onnx")
+    parser.add_argument("--threads", default="0,1", help="server --threads values to compare (0 = all cores)")
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
     parser.add_argument("--component-samples", type=int, default=300)
+    parser.add_argument("--fragment", default="serve", help="name of the docs/benchmarks fragment to write")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     jpegs = load_jpegs(args.images)
@@ -316,9 +340,10 @@ def main(argv: list[str] | None = None) -> int:
             run_note = ("untrained seed CNN at 64x64 (`tests.fixtures.make_run(size=64)`)"
                         + (f"; trained runs present but not used: {', '.join(others)}" if others else
                            "; no trained run under runs/ yet"))
-        results = [bench_backend(run, b, jpegs, args) for b in args.backends.split(",")]
+        results = [bench_backend(run, b, int(t), jpegs, args) for b in args.backends.split(",")
+                   for t in args.threads.split(",")]
     text = render(results, run_note, args, jpeg_kib, deps)
-    path = write_fragment("serve", text)
+    path = write_fragment(args.fragment, text)
     print(text)
     print(f"wrote {path}", file=sys.stderr)
     return 0

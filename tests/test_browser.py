@@ -28,7 +28,7 @@ def live_server(run_dir: Path) -> Iterator[str]:
 
     from catsdogs.serve.app import create_app
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets NODELAY
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     app = create_app(ServeConfig(run=str(run_dir), port=port))

@@ -288,8 +288,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ConfigError(f"cannot resolve --host {host!r}: {exc}") from None
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto, _, addr = infos[0]
+    # proto must be IPPROTO_TCP (not 0): asyncio only sets TCP_NODELAY on such sockets, and without
+    # it a response written in two parts waits ~40 ms for the client's delayed ACK (Nagle).
+    sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does; still refuses a live one
     try:
         sock.bind(addr)
@@ -317,7 +319,11 @@ def main(cfg: ServeConfig) -> int:
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         print(f"catsdogs serve: http://{host}:{cfg.port}/ (model {backend.describe().get('name')}, "
               f"backend {backend.name}, API docs at /docs)", file=sys.stderr, flush=True)
-        server.run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+            pass
     finally:
         sock.close()
+    print("catsdogs serve: stopped", file=sys.stderr)
     return 0 if server.started else 1
