@@ -79,6 +79,26 @@ def test_page_classifies_an_uploaded_photo(live_server: str, tmp_path: Path) -> 
             assert page.evaluate("document.getElementById('preview').naturalWidth") == 96
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
 
+            # Drag and drop works too: drop another photo on the drop zone.
+            dropped = jpeg_bytes(synthetic_image(1, 64, seed=9))
+            served = httpx.get(f"{live_server}/stats").json()["items"]
+            transfer = page.evaluate_handle(
+                """(bytes) => { const dt = new DataTransfer();
+                   dt.items.add(new File([new Uint8Array(bytes)], 'dropped.jpg', {type: 'image/jpeg'}));
+                   return dt; }""", list(dropped))
+            page.dispatch_event("#dropzone", "drop", {"dataTransfer": transfer})
+            page.wait_for_selector("#file-name:has-text('dropped.jpg')")
+            page.wait_for_function("document.getElementById('preview').naturalWidth === 64")
+            deadline = time.monotonic() + 15
+            while httpx.get(f"{live_server}/stats").json()["items"] < served + 1:  # the page posted it
+                assert time.monotonic() < deadline, "the dropped file was never sent to /predict"
+                time.sleep(0.05)
+            want = httpx.post(f"{live_server}/predict",
+                              files={"file": ("d.jpg", dropped, "image/jpeg")}).json()
+            page.wait_for_function("(want) => document.getElementById('probability').textContent === want",
+                                   arg=f"{100 * want['probability']:.1f}%")
+            assert page.inner_text("#label") == want["label"]
+
             # A file that is not an image shows the server's error in the page, not a crash.
             bad = tmp_path / "notes.jpg"
             bad.write_bytes(b"this is not a photo")

@@ -71,6 +71,8 @@ def test_prediction_matches_the_predictor(client: TestClient, run_dir: Path) -> 
 
 @pytest.mark.parametrize(("kwargs", "status", "error"), [
     (upload(b""), 400, "empty_file"),
+    ({"content": b"", "headers": {"content-type": "multipart/form-data; boundary=xyz"}}, 400, "missing_file"),
+    ({"content": b""}, 415, "unsupported_media_type"),
     (upload(b"<html><body>hello</body></html>", "page.html", "text/html"), 415, "unsupported_media_type"),
     (upload(b"<html><body>hello</body></html>", "page.jpg", "image/jpeg"), 400, "not_an_image"),
     (upload(JPEG[: len(JPEG) // 3]), 400, "corrupt"),
