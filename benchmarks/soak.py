@@ -10,7 +10,7 @@ with the expected code for bad ones; never a 5xx) and samples the server's RSS (
 connections, and RSS is flat: the median of the last quarter is within 16 MiB of the second quarter.
 
 Usage: ``flock /tmp/catsdogs-heavy.lock .venv/bin/python -m benchmarks.soak [--seconds 120]
-[--requests 40000] [--clients 16]``; writes docs/benchmarks/soak.md. Exit status 1 if it fails.
+[--requests 100000] [--clients 16]``; writes docs/benchmarks/soak.md. Exit status 1 if it fails.
 """
 
 from __future__ import annotations
@@ -316,7 +316,7 @@ def vm_hwm_mib(pid: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=120.0, help="time limit of the load phase")
-    parser.add_argument("--requests", type=int, default=40000, help="request limit of the load phase")
+    parser.add_argument("--requests", type=int, default=100000, help="request limit of the load phase")
     parser.add_argument("--clients", type=int, default=16, help="concurrent keep-alive connections")
     parser.add_argument("--images", type=int, default=200, help="distinct real JPEGs cycled through")
     args = parser.parse_args(argv)
