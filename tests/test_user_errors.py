@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 
 from catsdogs import schema
 from catsdogs.cli import main as cli_main
@@ -260,7 +261,7 @@ def client(world: World) -> Iterator[TestClient]:
         yield c
 
 
-def create_app_for(world: World):  # noqa: ANN201 - FastAPI app
+def create_app_for(world: World) -> FastAPI:
     from catsdogs.serve.app import create_app
 
     return create_app(ServeConfig(run=str(world.run), max_bytes=4096))
