@@ -1,0 +1,167 @@
+"""Helpers shared by the benchmarks: heavy-job lock, peak RSS of a process tree, result fragments.
+
+Every benchmark writes a markdown fragment to ``docs/benchmarks/<name>.md`` (with the exact command
+and the machine); ``benchmarks/run_all.py`` concatenates them into ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DOCS_DIR = PROJECT_ROOT / "docs" / "benchmarks"
+REAL_DATA = PROJECT_ROOT.parent / "shared" / "data" / "PetImages"
+HEAVY_LOCK = Path("/tmp/catsdogs-heavy.lock")
+# Set by run_all (which holds the lock for all benchmarks) so nested benchmarks do not deadlock.
+LOCK_HELD_ENV = "CATSDOGS_HEAVY_LOCK_HELD"
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[1])
+
+
+def _held_by_ancestor(fd: int) -> bool:
+    """True when a parent process holds the flock on ``fd``'s file, e.g. ``flock LOCK python -m ...``.
+
+    Without this check a benchmark started under ``flock(1)`` would wait forever for its own parent.
+    """
+    inode = os.fstat(fd).st_ino
+    try:
+        with open("/proc/locks") as fh:  # "1: FLOCK  ADVISORY  WRITE <pid> <maj:min:inode> 0 EOF"
+            holders = {int(f[4]) for f in (line.split() for line in fh)
+                       if len(f) > 5 and f[1] == "FLOCK" and f[5].rsplit(":", 1)[-1] == str(inode)}
+        pid = os.getppid()
+        while pid > 1:
+            if pid in holders:
+                return True
+            pid = _parent(pid)
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
+@contextmanager
+def heavy_lock() -> Iterator[None]:
+    """Hold ``/tmp/catsdogs-heavy.lock`` (same lock as ``flock(1)``) so heavy jobs run one at a time."""
+    if os.environ.get(LOCK_HELD_ENV) == "1":
+        yield
+        return
+    with open(HEAVY_LOCK, "a") as fh:
+        if _held_by_ancestor(fh.fileno()):
+            yield
+            return
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for {HEAVY_LOCK} (another heavy job runs)...", file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        os.environ[LOCK_HELD_ENV] = "1"  # children (and nested helpers) already hold it through us
+        try:
+            yield
+        finally:
+            os.environ.pop(LOCK_HELD_ENV, None)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _children() -> dict[int, list[int]]:
+    """Return parent pid -> child pids for every process visible in /proc."""
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4; the name (field 2) may hold spaces
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def tree_rss(root: int) -> int:
+    """Return the summed resident set size in bytes of ``root`` and all its descendants."""
+    tree = _children()
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        stack.extend(tree.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/statm") as fh:
+                total += int(fh.read().split()[1]) * _PAGE
+        except OSError:
+            continue
+    return total
+
+
+class PeakRSS:
+    """Sample the RSS of a process tree in a thread (every ``interval`` s) and keep the peak."""
+
+    def __init__(self, pid: int | None = None, interval: float = 0.1) -> None:
+        self.pid = pid or os.getpid()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, tree_rss(self.pid))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak / 2**20
+
+
+def machine() -> str:
+    """Return a one-line description of this machine for result fragments."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0))
+    mem = os.sysconf("SC_PHYS_PAGES") * _PAGE / 2**30
+    return (f"{cores} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, "
+            f"{platform.system()}")
+
+
+def write_fragment(name: str, markdown: str) -> Path:
+    """Write ``docs/benchmarks/<name>.md`` and return its path."""
+    DOCS_DIR.mkdir(parents=True, exist_ok=True)
+    path = DOCS_DIR / f"{name}.md"
+    path.write_text(markdown.rstrip() + "\n")
+    return path
+
+
+class Timer:
+    """Context manager measuring wall seconds (``perf_counter``)."""
+
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
