@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 QUICK = {"spark.driver.extraJavaOptions": clustermod.QUICK_JVM_OPTS}  # short job: start the JVM fast
 
 
-def preprocess_cmd(src: Path, out: Path, master: str, extra: dict[str, str] | None = None) -> list[str]:
+def preprocess_cmd(src: Path | str, out: Path | str, master: str,
+                   extra: dict[str, str] | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "catsdogs.cli", "preprocess", "--input", str(src), "--output", str(out),
            "--master", master, "--size", "32", "--shard-rows", "6"]
     for key, value in (extra or {}).items():
@@ -54,8 +55,9 @@ def outputs(root: Path) -> dict[str, object]:
 def test_cluster_preprocess_matches_local(tmp_path: Path) -> None:
     src = tmp_path / "PetImages"
     make_image_tree(src, per_class=14)
-    # The local[*] run overlaps with the cluster start-up (both mostly wait on JVM start).
-    local = subprocess.Popen(preprocess_cmd(src, tmp_path / "local", "local[*]", QUICK),
+    # The local[*] run overlaps with the cluster start-up (both mostly wait on JVM start). It is
+    # also the end-to-end check that preprocess takes file:// URIs.
+    local = subprocess.Popen(preprocess_cmd(src.as_uri(), (tmp_path / "local").as_uri(), "local[*]", QUICK),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with standalone_cluster(workers=2, cores_per_worker=1, work_dir=tmp_path / "cluster") as c:

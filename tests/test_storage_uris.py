@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from catsdogs.cluster import QUICK_JVM_OPTS
 from catsdogs.config import PreprocessConfig, TrainConfig, build_config
 from catsdogs.errors import ConfigError
-from tests.fixtures import make_image_tree
+from tests.fixtures import make_shards
 
 
 def test_file_uri_becomes_a_path() -> None:
@@ -27,21 +24,15 @@ def test_other_schemes_name_the_flag(uri: str) -> None:
         build_config(PreprocessConfig, {"input": uri, "output": "/tmp/x"})
 
 
-@pytest.mark.slow
 def test_file_uris_end_to_end(tmp_path: Path) -> None:
-    src = tmp_path / "Pet Images"  # a space: the URI is percent-encoded
-    make_image_tree(src, per_class=10, odd=False)
-    shards_uri = (tmp_path / "shards").as_uri()
-    proc = subprocess.run([sys.executable, "-m", "catsdogs.cli", "preprocess", "--input", src.as_uri(),
-                           "--output", shards_uri, "--size", "32", "--shard-rows", "8",
-                           "--spark-conf", f"spark.driver.extraJavaOptions={QUICK_JVM_OPTS}"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
-    assert manifest["stats"]["kept"] == 20
+    """Train reads shards and writes the run through file:// URIs (preprocess with file:// URIs runs in
+    tests/test_cluster.py, whose local[*] job takes them)."""
+    data = tmp_path / "shards dir"  # a space: the URI is percent-encoded
+    make_shards(data, counts={"train": 40, "val": 10, "test": 10}, shard_rows=20)
     from catsdogs.cli import main as cli_main
 
     run = tmp_path / "run"
-    assert cli_main(["train", "--data", shards_uri, "--out", run.as_uri(), "--epochs", "1",
-                     "--batch-size", "4", "--threads", "1"]) == 0
+    assert cli_main(["train", "--data", data.as_uri(), "--out", run.as_uri(), "--epochs", "1",
+                     "--batch-size", "8", "--threads", "1"]) == 0
     assert (run / "best.pt").is_file() and (run / "metrics.csv").is_file()
+    assert json.loads((run / "config.json").read_text())["data"] == str(data)
