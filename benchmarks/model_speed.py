@@ -8,13 +8,14 @@ weights (speed does not depend on the values), channels_last, batch 64 and batch
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
-from benchmarks._common import heavy_lock, machine, write_fragment
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks._common import heavy_lock, machine, write_fragment
 from catsdogs.models import build_model, count_parameters
 from catsdogs.runtime import setup
 
@@ -74,9 +75,11 @@ def main() -> None:
             print(row, flush=True)
             rows.append(row)
     flags = f" --threads {args.threads}" if args.threads else ""
+    wait = os.environ.get("OMP_WAIT_POLICY")
+    env = f"OMP_WAIT_POLICY={wait} " if wait else ""
     lines = [
         "## Model speed\n",
-        f"Command: `.venv/bin/python -m benchmarks.model_speed{flags}`"
+        f"Command: `{env}.venv/bin/python -m benchmarks.model_speed{flags}`"
         f"; machine: {machine()}; torch {torch.__version__}, {threads} threads, channels_last, "
         "random weights and inputs, best of 3 rounds.\n",
         "| model | size | settings | params | GFLOPs/img | infer img/s (batch 64) | infer img/s (batch 1) "
