@@ -65,11 +65,12 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with one sub-command per stage."""
-    parser = argparse.ArgumentParser(prog="catsdogs", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="catsdogs", description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (cls, _target, helptext) in COMMANDS.items():
-        p = sub.add_parser(name, help=helptext, description=helptext)
+        # allow_abbrev=False: a misspelt flag (--epoch) must be an error, not silently --epochs.
+        p = sub.add_parser(name, help=helptext, description=helptext, allow_abbrev=False)
         p.add_argument("--config", default=None, metavar="FILE",
                        help="TOML/JSON file of settings; explicit flags override it")
         p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
