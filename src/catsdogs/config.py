@@ -187,8 +187,8 @@ class ServeConfig:
     max_bytes: int = 10 * 1024 * 1024
     """Largest accepted upload in bytes (larger gets 413)."""
     max_pixels: int = 40_000_000
-    """Images with more pixels are rejected (400): 40 MP admits 12-48 MP phone photos while capping
-    the decode memory of a hostile PNG per request (~0.5 GB at this size; Pillow's 89 MP allows ~1 GB)."""
+    """Images with more pixels are rejected (400): 40 MP admits usual camera and phone photos while
+    capping a hostile PNG's decode memory per request (~0.5 GB; Pillow's 89 MP default allows ~1 GB)."""
     max_batch: int = 32
     """Largest micro-batch of concurrent requests run as one forward pass."""
     batch_wait_ms: float = 2.0

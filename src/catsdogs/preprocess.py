@@ -103,6 +103,7 @@ def process_shard(settings: TaskSettings, split: str, index: int, paths: list[st
         for key, value in zip(cols, (kind, split, index, row, path, label, reason, detail), strict=True):
             cols[key].append(value)
 
+    started = time.time()  # wall clock, comparable with the driver's for the job timeline
     t0 = time.perf_counter()
     # Read every file first: sequential I/O, then pure CPU work (measured slightly faster on cold cache).
     blobs: list[bytes | ImageDecodeError] = []
@@ -133,7 +134,8 @@ def process_shard(settings: TaskSettings, split: str, index: int, paths: list[st
     t3 = time.perf_counter()
     assert writer.info is not None  # set by a clean exit of the with-block
     detail = {"info": asdict(writer.info), "pixel_sum": psum.tolist(), "pixel_sumsq": psq.tolist(),
-              "seconds": {"read": t1 - t0, "decode": t2 - t1, "write": t3 - t2}, "pid": os.getpid()}
+              "seconds": {"read": t1 - t0, "decode": t2 - t1, "write": t3 - t2}, "pid": os.getpid(),
+              "span": [started, time.time()]}
     emit(KIND_SHARD, -1, "", -1, "", json.dumps(detail))
     return cols
 
@@ -307,6 +309,8 @@ class _Outcome:
     files: list[tuple[str, str, int, int, int]]
     skipped: list[dict[str, str]]
     task_seconds: dict[str, float]
+    spans: list[tuple[float, float]]
+    worker_pids: set[int]
 
 
 def _assemble(rows: list[dict[str, Any]], listing: Listing, cfg: PreprocessConfig) -> _Outcome:
@@ -317,6 +321,8 @@ def _assemble(rows: list[dict[str, Any]], listing: Listing, cfg: PreprocessConfi
     psum = np.zeros(3, dtype=np.float64)
     psq = np.zeros(3, dtype=np.float64)
     seconds: Counter[str] = Counter()
+    spans: list[tuple[float, float]] = []
+    pids: set[int] = set()
     for r in rows:
         if r["kind"] == KIND_SHARD:
             detail = json.loads(r["detail"])
@@ -325,6 +331,8 @@ def _assemble(rows: list[dict[str, Any]], listing: Listing, cfg: PreprocessConfi
             psum += np.array([int(v) for v in detail["pixel_sum"]], dtype=np.float64)
             psq += np.array([int(v) for v in detail["pixel_sumsq"]], dtype=np.float64)
             seconds.update(detail["seconds"])
+            spans.append((float(detail["span"][0]), float(detail["span"][1])))
+            pids.add(int(detail["pid"]))
         elif r["row"] >= 0:
             files.append((r["path"], r["split"], r["shard"], r["row"], r["label"]))
         else:
@@ -344,7 +352,7 @@ def _assemble(rows: list[dict[str, Any]], listing: Listing, cfg: PreprocessConfi
                         mean=[round(float(m), 4) for m in mean], std=[round(float(s), 4) for s in std],
                         shards=infos, counts=counts, skipped=skipped, ignored=listing.ignored_summary(),
                         config=to_dict(cfg), format=cfg.format)
-    return _Outcome(manifest, files, skipped, {k: round(v, 3) for k, v in seconds.items()})
+    return _Outcome(manifest, files, skipped, {k: round(v, 3) for k, v in seconds.items()}, spans, pids)
 
 
 def _check_outcome(outcome: _Outcome, listing: Listing, cfg: PreprocessConfig) -> None:
@@ -423,10 +431,12 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
             owned = SparkSession.getActiveSession() is None
             spark = get_spark(cfg.master, "catsdogs-preprocess", cfg.spark_conf)
         t_job = time.perf_counter()
+        job_epoch = time.time()
         settings = TaskSettings(str(listing.root), str(tmp), cfg.size, cfg.resize, cfg.max_pixels,
                                 len(listing.classes))
         rows = run_job(spark, plans, settings, progress=progress)
         t_done = time.perf_counter()
+        done_epoch = time.time()
         outcome = _assemble(rows, listing, cfg)
         _check_outcome(outcome, listing, cfg)
         m = outcome.manifest
@@ -439,7 +449,13 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
             "images_per_s": round(n / wall, 1) if wall else 0.0,
             "spark_start_s": round(t_job - t_start, 3), "job_s": round(t_done - t_job, 3),
             "job_images_per_s": round(n / (t_done - t_job), 1) if t_done > t_job else 0.0,
+            # Where the job's wall time goes: summed in-task time (read/decode/write), the delay
+            # until the first task starts (scheduling, Python worker start-up) and the tail after
+            # the last task ends (result collection).
             "task_seconds": outcome.task_seconds,
+            "first_task_start_s": round(min(s for s, _ in outcome.spans) - job_epoch, 3),
+            "after_last_task_s": round(done_epoch - max(e for _, e in outcome.spans), 3),
+            "python_workers": len(outcome.worker_pids),
         }
         _write_files_csv(tmp / schema.FILES_CSV_NAME, outcome.files)
         save_config(cfg, tmp / schema.CONFIG_NAME)
