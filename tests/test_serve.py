@@ -98,6 +98,13 @@ def test_decompression_bomb_is_refused_without_allocating_it(client: TestClient)
     assert client.get("/healthz").status_code == 200
 
 
+def test_max_pixels_setting_is_applied(run_dir: Path) -> None:
+    with TestClient(create_app(ServeConfig(run=str(run_dir), max_pixels=48 * 48 - 1))) as c:
+        assert_error(c.post("/predict", **upload(JPEG)), 400, "decompression_bomb")  # 48x48 > limit
+        small = jpeg_bytes(synthetic_image(0, 40, seed=3))
+        assert c.post("/predict", **upload(small)).status_code == 200
+
+
 def test_body_over_max_bytes_is_413(client: TestClient) -> None:
     big = bytes(50 * 1024 * 1024)  # one 50 MiB object, sent with an honest Content-Length
     assert_error(client.post("/predict", **upload(big)), 413, "payload_too_large")
