@@ -74,6 +74,16 @@ def _mem(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def _cpu_ticks(pid: int) -> int:
+    """Return utime + stime of one process in clock ticks (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # stat fields 14 and 15
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 @dataclass
 class TreeMemory:
     """Peak memory of a process tree, sampled in a thread; totals and per role."""
@@ -84,6 +94,8 @@ class TreeMemory:
     peak_pss: int = 0
     peak_by_role: dict[str, int] = field(default_factory=dict)
     """Peak RSS per role (each role's own peak; they need not coincide in time)."""
+    cpu_ticks: dict[int, int] = field(default_factory=dict)
+    """Last seen user+system clock ticks per pid of the tree (summed: CPU seconds of the run)."""
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def sample(self) -> None:
@@ -99,6 +111,7 @@ class TreeMemory:
             if pid not in table:
                 continue
             rss, pss = _mem(pid)
+            self.cpu_ticks[pid] = max(self.cpu_ticks.get(pid, 0), _cpu_ticks(pid))
             rss_total += rss
             pss_total += pss
             role = _role(pid, self.root, table[pid][1])
@@ -111,6 +124,11 @@ class TreeMemory:
     def run(self) -> None:
         while not self._stop.wait(self.interval):
             self.sample()
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU seconds used by the tree (up to the last sample of each process)."""
+        return sum(self.cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self._stop.set()
@@ -164,6 +182,12 @@ class Row:
     pre_ips: float
     job_ips: float
     spark_start: float
+    task_ms: float
+    """Sum of the tasks' read+decode+write seconds per image, in ms (excludes fixed start-up costs)."""
+    pre_cpu: float
+    """CPU seconds of the whole preprocess process tree."""
+    load: float
+    """1-minute load average just before the best preprocess run (2 = both cores busy elsewhere)."""
     pre_mem: TreeMemory
     train_wall: float
     train_ips: float
@@ -176,11 +200,19 @@ def bench_scale(k: int, src: Path, work: Path, args: argparse.Namespace) -> Row:
     n = make_tree(src, tree, k)
     shards, run = work / f"x{k}" / "shards", work / f"x{k}" / "run"
     cli = [sys.executable, "-m", "catsdogs.cli"]
-    print(f"[{k}x] preprocess {n:,} images ...", flush=True)
-    pre_wall, pre_mem, _ = run_measured(
-        [*cli, "preprocess", "--input", str(tree), "--output", str(shards), "--size", str(args.size)],
-        work / f"preprocess-{k}x.log")
-    stats = json.loads((shards / "manifest.json").read_text())["stats"]
+    best: tuple[float, TreeMemory, dict, float] | None = None  # type: ignore[type-arg]
+    for rep in range(args.repeats):  # best of N: other users of the 2 cores only ever slow a run down
+        print(f"[{k}x] preprocess {n:,} images (run {rep + 1}/{args.repeats}) ...", flush=True)
+        load = os.getloadavg()[0]
+        wall, mem, _ = run_measured(
+            [*cli, "preprocess", "--input", str(tree), "--output", str(shards), "--size", str(args.size),
+             "--overwrite"], work / f"preprocess-{k}x.log")
+        stats = json.loads((shards / "manifest.json").read_text())["stats"]
+        if best is None or wall < best[0]:
+            best = (wall, mem, stats, load)
+    assert best is not None
+    pre_wall, pre_mem, stats, load = best
+    task_ms = 1000 * sum(stats.get("task_seconds", {}).values()) / n
     shard_mib = sum(p.stat().st_size for p in shards.rglob("*.npy")) / MiB
     print(f"[{k}x] train {args.steps} steps ...", flush=True)
     train_wall, train_mem, out = run_measured(
@@ -189,10 +221,11 @@ def bench_scale(k: int, src: Path, work: Path, args: argparse.Namespace) -> Row:
         work / f"train-{k}x.log")
     m = re.search(r"\((\d+) img/s train\)", out)
     row = Row(k, n, pre_wall, n / pre_wall, float(stats.get("job_images_per_s", 0.0)),
-              float(stats.get("spark_start_s", 0.0)), pre_mem, train_wall, float(m.group(1)) if m else 0.0,
-              train_mem, shard_mib)
-    print(f"[{k}x] preprocess {pre_wall:.1f} s ({row.pre_ips:.0f} img/s, job {row.job_ips:.0f} img/s), "
-          f"peak RSS {pre_mem.peak_rss / MiB:.0f} MiB; train {train_wall:.1f} s, peak RSS "
+              float(stats.get("spark_start_s", 0.0)), task_ms, pre_mem.cpu_seconds, load, pre_mem,
+              train_wall, float(m.group(1)) if m else 0.0, train_mem, shard_mib)
+    print(f"[{k}x] preprocess {pre_wall:.1f} s ({row.pre_ips:.0f} img/s, job {row.job_ips:.0f} img/s, "
+          f"task {task_ms:.2f} ms/img, {row.pre_cpu:.0f} CPU s, load {load:.1f}), peak RSS "
+          f"{pre_mem.peak_rss / MiB:.0f} MiB; train {train_wall:.1f} s, peak RSS "
           f"{train_mem.peak_rss / MiB:.0f} MiB", flush=True)
     shutil.rmtree(work / f"x{k}", ignore_errors=True)  # 4x shards are ~0.9 GB
     return row
@@ -210,30 +243,39 @@ def render(rows: list[Row], args: argparse.Namespace, command: str, total: float
         f"Machine: {machine()}; CPU only. Total {total / 60:.1f} min.",
         "",
         f"Inputs: k symlinks per real image (18,000 photos), preprocess `--size {args.size}` with `local[*]` "
-        f"(one Spark task per 1,500-image shard), then `catsdogs train --model {args.model} --epochs 1 "
-        f"--max-steps {args.steps} --batch-size {args.batch_size}` (a bounded number of steps, then a full "
-        "validation pass over the val split, which grows with k). Page cache warmed before the 1x run. "
-        "Memory is sampled every 0.25 s over the whole process tree: RSS summed over processes (shared "
-        "pages counted once per process) and PSS (shared pages split, the honest total).",
+        f"(one Spark task per 1,500-image shard; best wall time of {args.repeats} runs per scale), then "
+        f"`catsdogs train --model {args.model} --epochs 1 --max-steps {args.steps} --batch-size "
+        f"{args.batch_size}` (a bounded number of steps, then a full validation pass over the val split, "
+        "which grows with k). Page cache warmed before the 1x run. Memory and CPU are sampled every "
+        "0.25 s over the whole process tree: RSS summed over processes (shared pages counted once per "
+        "process) and PSS (shared pages split, the honest total). \"task ms/img\" is the tasks' own "
+        "read+decode+write time per image (no start-up costs); \"load\" is the 1-minute load average "
+        "before the run (other users of the 2 cores).",
         "",
-        "| scale | images | preprocess wall s | img/s end-to-end | img/s Spark job | Spark start s "
-        "| preprocess peak RSS MiB (PSS) | driver / JVM / Python workers RSS MiB | shards MiB "
-        "| train wall s | train img/s | train peak RSS MiB (PSS) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scale | images | preprocess wall s | img/s end-to-end | img/s Spark job | task ms/img "
+        "| CPU s | load | Spark start s | preprocess peak RSS MiB (PSS) "
+        "| driver / JVM / Python workers RSS MiB | shards MiB | train wall s | train img/s "
+        "| train peak RSS MiB (PSS) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         roles = r.pre_mem.peak_by_role
         lines.append(
             f"| {r.scale}x | {r.images:,} | {r.pre_wall:.1f} | {r.pre_ips:,.0f} | {r.job_ips:,.0f} "
-            f"| {r.spark_start:.1f} | {mib(r.pre_mem.peak_rss)} ({mib(r.pre_mem.peak_pss)}) "
+            f"| {r.task_ms:.2f} | {r.pre_cpu:.0f} | {r.load:.1f} | {r.spark_start:.1f} "
+            f"| {mib(r.pre_mem.peak_rss)} ({mib(r.pre_mem.peak_pss)}) "
             f"| {mib(roles.get('driver', 0))} / {mib(roles.get('jvm', 0))} / {mib(roles.get('workers', 0))} "
             f"| {r.shard_mib:,.0f} | {r.train_wall:.1f} | {r.train_ips:,.0f} "
             f"| {mib(r.train_mem.peak_rss)} ({mib(r.train_mem.peak_pss)}) |")
     top = rows[-1]
-    job_ratio = top.job_ips / base.job_ips if base.job_ips else 0.0
-    e2e_ratio = top.pre_ips / base.pre_ips if base.pre_ips else 0.0
-    mem_ratio = top.train_mem.peak_rss / base.train_mem.peak_rss if base.train_mem.peak_rss else 0.0
-    pre_mem_ratio = top.pre_mem.peak_rss / base.pre_mem.peak_rss if base.pre_mem.peak_rss else 0.0
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else 0.0
+
+    job_ratio, e2e_ratio = ratio(top.job_ips, base.job_ips), ratio(top.pre_ips, base.pre_ips)
+    task_ratio = ratio(top.task_ms, base.task_ms)
+    mem_ratio = ratio(top.train_mem.peak_rss, base.train_mem.peak_rss)
+    pre_mem_ratio = ratio(top.pre_mem.peak_rss, base.pre_mem.peak_rss)
 
     def verdict(ok: bool) -> str:
         return "PASS" if ok else "FAIL"
@@ -242,8 +284,12 @@ def render(rows: list[Row], args: argparse.Namespace, command: str, total: float
         "",
         f"Checks ({top.scale}x vs 1x):",
         f"- preprocessing throughput, Spark job: {job_ratio:.2f}x of 1x "
-        f"({verdict(job_ratio >= 0.8)}: within 20%); end to end incl. JVM start and listing: "
-        f"{e2e_ratio:.2f}x ({verdict(e2e_ratio >= 0.8)}).",
+        f"({verdict(job_ratio >= 0.8)}: not more than 20% slower); end to end incl. JVM start and "
+        f"listing: {e2e_ratio:.2f}x ({verdict(e2e_ratio >= 0.8)}). Per-image task time {task_ratio:.2f}x "
+        "of 1x" + (": the work per image does not grow with the data, so higher throughput at larger "
+                   "scale comes from fixed costs (JVM and Python worker start-up, imports, the last, "
+                   "partly idle wave of tasks) spread over more images." if 0.8 <= task_ratio <= 1.2
+                   and job_ratio > 1.1 else "."),
         f"- training peak RSS: {mem_ratio:.2f}x of 1x ({verdict(abs(mem_ratio - 1) <= 0.10)}: flat within "
         "+-10%; the loader holds one shuffle buffer plus one memory-mapped shard, whatever the data size).",
         f"- preprocessing peak RSS: {pre_mem_ratio:.2f}x of 1x (tasks write their own shards; the driver "
@@ -264,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=150, help="training optimiser steps per scale")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--model", default="seed")
+    parser.add_argument("--repeats", type=int, default=2, help="preprocess runs per scale (best is kept)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
