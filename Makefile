@@ -6,8 +6,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= data/PetImages
-OUT ?= runs/latest
-MODEL ?=
+# A preset in configs/: effnet_lite0_frozen (default, best accuracy per minute), effnet_lite0
+# (fine-tuned, most accurate), cnn (from scratch), seed (the classic small CNN).
+MODEL ?= effnet_lite0_frozen
+OUT ?= runs/$(MODEL)
 STAMP := $(VENV)/.installed
 # The CPU torch wheel lies in /opt/wheels on these machines; never let pip fetch a CUDA build.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
@@ -29,7 +31,8 @@ browser:
 	  else echo "chromium missing and not root: sudo apt-get install chromium"; fi; }
 
 run: $(STAMP)
-	$(BIN)/catsdogs run --data "$(DATA)" --out "$(OUT)" $(if $(MODEL),--model $(MODEL),)
+	@test -f configs/$(MODEL).toml || { echo "MODEL=$(MODEL): no configs/$(MODEL).toml; choose one of: $$(ls configs | sed 's/.toml//' | tr '\n' ' ')"; exit 2; }
+	$(BIN)/catsdogs run --config configs/$(MODEL).toml --data "$(DATA)" --out "$(OUT)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -96,6 +97,10 @@ def resolve(command: str, args: argparse.Namespace) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``catsdogs`` console script."""
+    # Before torch loads: idle OpenMP threads sleep instead of spinning. On 2 shared cores (Spark
+    # workers, DataLoader workers, a server) spinning threads starved each other: Lite0 inference
+    # measured 17-20 images/s with spinning vs 126 with PASSIVE under load (docs/models.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
