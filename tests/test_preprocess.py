@@ -138,6 +138,21 @@ def test_overwrite_is_refused_then_replaces_with_identical_shards(
     assert sorted(p.name for p in first_run.parent.iterdir()) == ["shards"]
 
 
+def test_dataframe_api_writes_the_same_shards(
+        spark: object, first_run: Path, tree: tuple[Path, dict[str, list[str]]], tmp_path: Path) -> None:
+    from catsdogs.config import PreprocessConfig
+    from catsdogs.preprocess import preprocess
+
+    root, _ = tree
+    cfg = PreprocessConfig(input=str(root), output=str(tmp_path / "df"), size=24, shard_rows=16,
+                           val_frac=0.2, test_frac=0.2)
+    m = preprocess(cfg, spark=spark, progress=False, api="dataframe")  # type: ignore[arg-type]
+    assert m.stats["api"] == "dataframe"
+    assert _digests(tmp_path / "df") == _digests(first_run)
+    assert _files_csv(tmp_path / "df") == _files_csv(first_run)
+    assert m.skipped == load_manifest(first_run).skipped
+
+
 def test_too_many_skipped_fails_and_leaves_nothing(
         spark: object, tree: tuple[Path, dict[str, list[str]]], tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -151,26 +166,27 @@ def test_too_many_skipped_fails_and_leaves_nothing(
     assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary folder
 
 
-@pytest.mark.parametrize("case", ["missing", "file", "one_class", "no_output", "nested"])
+@pytest.mark.parametrize("case", ["missing", "file", "one_class", "no_output", "nested", "parquet"])
 def test_user_errors_exit_2_with_one_line(tmp_path: Path, case: str,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     inp = tmp_path / "in"
     if case == "file":
         inp.write_text("not a folder")
-    elif case in ("one_class", "nested", "no_output"):
+    elif case in ("one_class", "nested", "no_output", "parquet"):
         make_image_tree(inp, per_class=2, classes=("Cat", "Dog"), odd=False)
         if case == "one_class":
             for p in (inp / "Dog").iterdir():
                 p.unlink()
             (inp / "Dog").rmdir()
     out = {"nested": str(inp / "Cat" / "shards"), "no_output": ""}.get(case, str(tmp_path / "out"))
-    rc = cli_main(["preprocess", "--input", str(inp), "--output", out])
+    extra = ["--format", "parquet"] if case == "parquet" else []
+    rc = cli_main(["preprocess", "--input", str(inp), "--output", out, *extra])
     captured = capsys.readouterr()
     assert rc == 2
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
     assert "Traceback" not in captured.err
-    flag = {"no_output": "--output", "nested": "--output"}.get(case, "--input")
+    flag = {"no_output": "--output", "nested": "--output", "parquet": "--format"}.get(case, "--input")
     assert flag in lines[0]
     assert not (tmp_path / "out").exists()
 

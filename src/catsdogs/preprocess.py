@@ -1,10 +1,13 @@
 """``catsdogs preprocess``: decode, verify, resize and split an image folder into shards with Spark.
 
 Design (from measurements on 2 cores): the driver lists the files and plans the split and the shards
-(:mod:`catsdogs.listing`); Spark runs ONE TASK PER SHARD. Each task reads its files in a Python
-worker, decodes them with :func:`catsdogs.transforms.load_image`, writes the shard itself with
+(:mod:`catsdogs.listing`); Spark runs ONE TASK PER SHARD (a parallelized list of shard plans, one
+per partition). Each task reads its files in a Python worker, decodes them with
+:func:`catsdogs.transforms.load_image`, writes the shard itself with
 :class:`catsdogs.shards.ShardWriter` and returns only small metadata rows. Pixels never go through
-the JVM or Arrow, so big images cannot exhaust Arrow buffers and no shuffle is needed.
+the JVM or Arrow, so big images cannot exhaust Arrow buffers and no shuffle is needed. The same
+tasks can run as DataFrame ``mapInArrow`` (``run_job(api="dataframe")``), which measured ~5 s
+slower to start on a cold session.
 Everything is written into a sibling temporary folder that is renamed to ``--output`` at the end.
 """
 
@@ -54,6 +57,8 @@ KIND_SHARD = "shard"
 RESULT_DDL = ("kind string, split string, shard int, row int, path string, label int, "
               "reason string, detail string")
 PLAN_DDL = "split string, shard int, paths array<string>, labels array<int>"
+PlanRow = tuple[str, int, list[str], list[int]]
+"""One shard plan as shipped to a task: split, shard index, relative paths, labels."""
 
 
 @dataclass(frozen=True)
@@ -205,33 +210,63 @@ class _Progress:
         self.bar.close()
 
 
+def _rdd_task(settings: TaskSettings) -> Callable[[PlanRow], dict[str, list[Any]]]:
+    """Return the RDD ``map`` function: one shard plan in, that shard's metadata columns out."""
+
+    def run(plan: PlanRow) -> dict[str, list[Any]]:
+        return process_shard(settings, *plan)
+
+    return run
+
+
+def _columns_to_rows(cols: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Turn one task's column lists into row dicts."""
+    keys = list(cols)
+    return [dict(zip(keys, values, strict=True)) for values in zip(*cols.values(), strict=True)]
+
+
 def run_job(spark: SparkSession, plans: list[ShardPlan], settings: TaskSettings,
-            progress: bool = True) -> list[dict[str, Any]]:
-    """Run one Spark task per shard plan; return the collected metadata rows as dicts."""
+            progress: bool = True, api: str = "rdd") -> list[dict[str, Any]]:
+    """Run one Spark task per shard plan; return the collected metadata rows as dicts.
+
+    ``api="rdd"`` (default) maps a parallelized list of plans; ``api="dataframe"`` runs the same
+    tasks through a plan DataFrame and ``mapInArrow``. Both make one partition per shard and move
+    only paths and metadata. The RDD form starts its first task ~5 s sooner on a cold 2-core
+    session (no Catalyst planning/codegen, no extra Python worker feeding the DataFrame), see
+    docs/benchmarks/preprocess.md; the work inside the tasks is identical.
+    """
+    if api not in ("rdd", "dataframe"):
+        raise ValueError(f"api must be 'rdd' or 'dataframe', got {api!r}")
     sc = spark.sparkContext
-    # Images never travel through Arrow: input rows are shard plans (paths + labels, one per
-    # partition) and output rows are small per-image metadata. A small batch size keeps each input
-    # Arrow batch small even if a partition ever held several plans.
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
     rows = [(p.split, p.index, list(p.paths), list(p.labels)) for p in plans]
-    # One row per partition: parallelize slices a list of n items into n partitions of one.
-    plan_df = spark.createDataFrame(sc.parallelize(rows, numSlices=len(rows)), schema=PLAN_DDL)
-    result = plan_df.mapInArrow(make_task(settings), RESULT_DDL)
+    # One element per partition: parallelize slices a list of n items into n partitions of one,
+    # so every Spark task is exactly one shard.
+    source = sc.parallelize(rows, numSlices=len(rows))
     group = f"catsdogs-preprocess-{secrets.token_hex(4)}"
     sc.setJobGroup(group, f"catsdogs preprocess: {len(plans)} shards", interruptOnCancel=True)
     total = sum(len(p.paths) for p in plans)
+
+    def collect() -> list[dict[str, Any]]:
+        if api == "rdd":
+            return [row for cols in source.map(_rdd_task(settings)).collect()
+                    for row in _columns_to_rows(cols)]
+        # Images never travel through Arrow: input rows are shard plans (paths + labels, one per
+        # partition) and output rows are small per-image metadata. A small batch size keeps each
+        # input Arrow batch small even if a partition ever held several plans.
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
+        plan_df = spark.createDataFrame(source, schema=PLAN_DDL)
+        return plan_df.mapInArrow(make_task(settings), RESULT_DDL).toArrow().to_pylist()
+
     try:
         if progress:
             with _Progress(sc, group, total, len(plans)):
-                table = result.toArrow()
-        else:
-            table = result.toArrow()
+                return collect()
+        return collect()
     except KeyboardInterrupt:
         sc.cancelJobGroup(group)
         raise
     finally:
         sc.setLocalProperty("spark.jobGroup.id", None)  # type: ignore[arg-type]
-    return table.to_pylist()
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -402,11 +437,12 @@ def _summary(m: Manifest, out: Path, skipped: list[dict[str, str]]) -> str:
             f"Spark start {st['spark_start_s']:.1f} s). Mean {m.mean}, std {m.std} (pixel units).")
 
 
-def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progress: bool = True) -> Manifest:
+def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progress: bool = True,
+               api: str = "rdd") -> Manifest:
     """Run the whole preprocessing; return the manifest written to ``cfg.output``.
 
     Uses ``spark`` when given (tests reuse one session), else the active session, else starts one
-    from ``cfg.master`` and stops it at the end.
+    from ``cfg.master`` and stops it at the end. ``api`` is passed to :func:`run_job`.
     """
     t0 = time.perf_counter()
     if cfg.format != "npy":
@@ -434,7 +470,7 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
         job_epoch = time.time()
         settings = TaskSettings(str(listing.root), str(tmp), cfg.size, cfg.resize, cfg.max_pixels,
                                 len(listing.classes))
-        rows = run_job(spark, plans, settings, progress=progress)
+        rows = run_job(spark, plans, settings, progress=progress, api=api)
         t_done = time.perf_counter()
         done_epoch = time.time()
         outcome = _assemble(rows, listing, cfg)
@@ -452,7 +488,7 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
             # Where the job's wall time goes: summed in-task time (read/decode/write), the delay
             # until the first task starts (scheduling, Python worker start-up) and the tail after
             # the last task ends (result collection).
-            "task_seconds": outcome.task_seconds,
+            "task_seconds": outcome.task_seconds, "api": api,
             "first_task_start_s": round(min(s for s, _ in outcome.spans) - job_epoch, 3),
             "after_last_task_s": round(done_epoch - max(e for _, e in outcome.spans), 3),
             "python_workers": len(outcome.worker_pids),
