@@ -228,3 +228,35 @@ def test_real_data_sample(spark: object, real_data: Path, tmp_path: Path) -> Non
     assert m.counts == {"train": {"Cat": 120, "Dog": 120}, "val": {"Cat": 15, "Dog": 15},
                         "test": {"Cat": 15, "Dog": 15}}
     assert len(scan_input(sample).candidates) == 300
+
+
+def test_spark_conf_is_quiet_local_and_user_overridable() -> None:
+    from catsdogs.spark import build_conf
+
+    conf = build_conf("local[2]", "x", {"spark.ui.enabled": "true", "spark.executor.memory": "2g",
+                                        "spark.driver.extraJavaOptions": "-Dfoo=1"})
+    assert conf["spark.driver.bindAddress"] == "127.0.0.1"
+    assert conf["spark.ui.showConsoleProgress"] == "false"
+    assert conf["spark.ui.enabled"] == "true" and conf["spark.executor.memory"] == "2g"
+    assert "log4j2.configurationFile" in conf["spark.driver.extraJavaOptions"]
+    assert conf["spark.driver.extraJavaOptions"].endswith("-Dfoo=1")
+    cluster = build_conf("spark://head:7077", "x")
+    assert cluster["spark.master"] == "spark://head:7077"
+    assert "spark.driver.bindAddress" not in cluster and "spark.ui.enabled" not in cluster
+
+
+def test_console_shows_progress_and_summary_but_no_spark_logs(tmp_path: Path) -> None:
+    """A fresh process, as a user runs it: stdout has the summary, stderr no JVM/log4j chatter."""
+    import subprocess
+    import sys
+
+    make_image_tree(tmp_path / "in", per_class=3, odd=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK", "SPARK"))}
+    cmd = [sys.executable, "-m", "catsdogs.cli", "preprocess", "--input", str(tmp_path / "in"),
+           "--output", str(tmp_path / "out"), "--master", "local[1]", "--size", "8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Preprocessed 6 of 6 images")
+    assert "6/6" in proc.stderr  # the tqdm bar
+    for noise in ("WARN", "INFO", "log4j", "WARNING", "Setting default log level", "Stage 0"):
+        assert noise not in proc.stderr, proc.stderr
