@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -120,3 +122,16 @@ def test_plan_shards_near_equal_and_shuffled() -> None:
                                                      (3, 10, [3])])
 def test_chunk_sizes(n: int, rows: int, expected: list[int]) -> None:
     assert chunk_sizes(n, rows) == expected
+
+
+def test_non_utf8_names_are_ignored_not_fatal(tmp_path: Path) -> None:
+    for c in ("Cat", "Dog"):
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "ok.jpg").write_bytes(b"x")
+    bad = os.fsencode(tmp_path / "Cat") + b"/caf\xe9.jpg"  # latin-1 byte, not UTF-8
+    with open(bad, "wb") as fh:
+        fh.write(b"x")
+    listing = scan_input(tmp_path)
+    assert [c.path for c in listing.candidates] == ["Cat/ok.jpg", "Dog/ok.jpg"]
+    assert [(i.path, i.reason) for i in listing.ignored] == [("Cat/caf\\xe9.jpg", "name_not_utf8")]
+    json.dumps(listing.ignored_summary()).encode("utf-8")  # serialisable as UTF-8

@@ -23,6 +23,7 @@ IGNORED_HIDDEN = "hidden"
 IGNORED_OS_FILE = "os_file"
 IGNORED_EXTENSION = "not_image_extension"
 IGNORED_OUTSIDE = "outside_class_folder"
+IGNORED_BAD_NAME = "name_not_utf8"
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ class ShardPlan:
     labels: tuple[int, ...]
 
 
+def _printable(rel: str) -> str:
+    r"""Return ``rel`` safe for JSON/CSV: undecodable bytes (surrogate escapes) as ``\xNN``."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _classify_name(name: str) -> str | None:
     """Return an ignore reason for a file name, or None when it is an image candidate."""
     if name.lower() in schema.IGNORED_NAMES:
@@ -91,16 +97,17 @@ def _walk_class(root: Path, class_dir: Path, label: int, candidates: list[Candid
         here = Path(dirpath)
         for d in sorted(dirnames):
             if d.startswith("."):  # hidden folder (.git, .thumbnails): counted once, not entered
-                ignored.append(Ignored((here / d).relative_to(root).as_posix(), IGNORED_HIDDEN))
+                ignored.append(Ignored(_printable((here / d).relative_to(root).as_posix()), IGNORED_HIDDEN))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             rel = (here / name).relative_to(root).as_posix()
-            reason = _classify_name(name)
+            # Bytes that are not UTF-8 (in the name or a parent folder) cannot go into files.csv/JSON.
+            reason = IGNORED_BAD_NAME if _printable(rel) != rel else _classify_name(name)
             if reason is None:
                 # Broken symlinks stay candidates: the task skips them with reason "broken_link".
                 candidates.append(Candidate(rel, label))
             else:
-                ignored.append(Ignored(rel, reason))
+                ignored.append(Ignored(_printable(rel), reason))
 
 
 def scan_input(input_dir: str | Path) -> Listing:
@@ -121,11 +128,13 @@ def scan_input(input_dir: str | Path) -> Listing:
     classes: list[str] = []
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
         if entry.name.startswith("."):
-            ignored.append(Ignored(entry.name, IGNORED_HIDDEN))
+            ignored.append(Ignored(_printable(entry.name), IGNORED_HIDDEN))
+        elif _printable(entry.name) != entry.name:
+            ignored.append(Ignored(_printable(entry.name), IGNORED_BAD_NAME))
         elif entry.is_dir():
             classes.append(entry.name)
         else:
-            ignored.append(Ignored(entry.name, IGNORED_OUTSIDE))
+            ignored.append(Ignored(_printable(entry.name), IGNORED_OUTSIDE))
     if len(classes) < 2:
         found = f"only {classes[0]!r}" if classes else "none"
         raise InputError(
