@@ -253,7 +253,7 @@ def render(rows: list[Row], args: argparse.Namespace, command: str, total: float
         "before the run (other users of the 2 cores).",
         "",
         "| scale | images | preprocess wall s | img/s end-to-end | img/s Spark job | task ms/img "
-        "| CPU s | load | Spark start s | preprocess peak RSS MiB (PSS) "
+        "| CPU s (ms/img) | load | Spark start s | preprocess peak RSS MiB (PSS) "
         "| driver / JVM / Python workers RSS MiB | shards MiB | train wall s | train img/s "
         "| train peak RSS MiB (PSS) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -262,7 +262,8 @@ def render(rows: list[Row], args: argparse.Namespace, command: str, total: float
         roles = r.pre_mem.peak_by_role
         lines.append(
             f"| {r.scale}x | {r.images:,} | {r.pre_wall:.1f} | {r.pre_ips:,.0f} | {r.job_ips:,.0f} "
-            f"| {r.task_ms:.2f} | {r.pre_cpu:.0f} | {r.load:.1f} | {r.spark_start:.1f} "
+            f"| {r.task_ms:.2f} | {r.pre_cpu:.0f} ({1000 * r.pre_cpu / r.images:.2f}) | {r.load:.1f} "
+            f"| {r.spark_start:.1f} "
             f"| {mib(r.pre_mem.peak_rss)} ({mib(r.pre_mem.peak_pss)}) "
             f"| {mib(roles.get('driver', 0))} / {mib(roles.get('jvm', 0))} / {mib(roles.get('workers', 0))} "
             f"| {r.shard_mib:,.0f} | {r.train_wall:.1f} | {r.train_ips:,.0f} "
@@ -274,6 +275,7 @@ def render(rows: list[Row], args: argparse.Namespace, command: str, total: float
 
     job_ratio, e2e_ratio = ratio(top.job_ips, base.job_ips), ratio(top.pre_ips, base.pre_ips)
     task_ratio = ratio(top.task_ms, base.task_ms)
+    cpu_ratio = ratio(top.pre_cpu / top.images, base.pre_cpu / base.images)
     mem_ratio = ratio(top.train_mem.peak_rss, base.train_mem.peak_rss)
     pre_mem_ratio = ratio(top.pre_mem.peak_rss, base.pre_mem.peak_rss)
 
@@ -290,6 +292,8 @@ def render(rows: list[Row], args: argparse.Namespace, command: str, total: float
                    "scale comes from fixed costs (JVM and Python worker start-up, imports, the last, "
                    "partly idle wave of tasks) spread over more images." if 0.8 <= task_ratio <= 1.2
                    and job_ratio > 1.1 else "."),
+        f"- preprocessing CPU per image (all processes, robust to other load on the machine): "
+        f"{cpu_ratio:.2f}x of 1x ({verdict(cpu_ratio <= 1.2)}: not more than 20% more CPU per image).",
         f"- training peak RSS: {mem_ratio:.2f}x of 1x ({verdict(abs(mem_ratio - 1) <= 0.10)}: flat within "
         "+-10%; the loader holds one shuffle buffer plus one memory-mapped shard, whatever the data size).",
         f"- preprocessing peak RSS: {pre_mem_ratio:.2f}x of 1x (tasks write their own shards; the driver "
