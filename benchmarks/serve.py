@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from benchmarks._common import PROJECT_ROOT, REAL_DATA, heavy_lock, machine, write_fragment
 
 BOUNDARY = "catsdogsbenchboundary"
@@ -67,23 +68,34 @@ class Connection:
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return cls(reader, writer)
 
-    async def roundtrip(self, request: bytes) -> tuple[int, bytes]:
+    async def roundtrip(self, request: bytes) -> tuple[int, bytes, dict[str, str]]:
         self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split()[1])
-        length = next(int(v) for k, _, v in (ln.partition(":") for ln in lines[1:])
-                      if k.lower() == "content-length")
-        return status, await self.reader.readexactly(length)
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+        return status, await self.reader.readexactly(int(headers["content-length"])), headers
+
 
     def close(self) -> None:
         self.writer.close()
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """Parse ``Server-Timing: decode;dur=0.4, infer;dur=0.6, app;dur=1.2`` into milliseconds."""
+    out = {}
+    for item in header.split(","):
+        name, _, dur = item.strip().partition(";dur=")
+        if dur:
+            out[name] = float(dur)
+    return out
 
 
 async def load_test(port: int, requests: list[bytes], concurrency: int, max_requests: int,
                     max_seconds: float, ok: Callable[[int, bytes], bool]) -> dict[str, Any]:
     """Send up to ``max_requests`` (stopping after ``max_seconds``) from ``concurrency`` clients."""
     latencies: list[float] = []
+    timings: dict[str, list[float]] = {}
     errors = 0
     issued = 0
     start = time.perf_counter()
@@ -98,13 +110,15 @@ async def load_test(port: int, requests: list[bytes], concurrency: int, max_requ
                 issued += 1
                 t0 = time.perf_counter()
                 try:
-                    status, body = await conn.roundtrip(req)
-                except (OSError, asyncio.IncompleteReadError, ValueError, StopIteration):
+                    status, body, headers = await conn.roundtrip(req)
+                except (OSError, asyncio.IncompleteReadError, ValueError, KeyError):
                     errors += 1
                     conn.close()
                     conn = await Connection.open(port)
                     continue
                 latencies.append(time.perf_counter() - t0)
+                for name, ms in server_timing(headers.get("server-timing", "")).items():
+                    timings.setdefault(name, []).append(ms)
                 if not ok(status, body):
                     errors += 1
         finally:
@@ -116,7 +130,8 @@ async def load_test(port: int, requests: list[bytes], concurrency: int, max_requ
     return {"concurrency": concurrency, "requests": len(latencies), "errors": errors,
             "seconds": elapsed, "rps": len(latencies) / elapsed,
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "mean_ms": float(ms.mean())}
+            "mean_ms": float(ms.mean()),
+            "server_timing_p50_ms": {k: float(np.percentile(v, 50)) for k, v in timings.items()}}
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -200,7 +215,7 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
 async def fetch_json(port: int, path: str) -> dict[str, Any]:
     conn = await Connection.open(port)
     try:
-        _, body = await conn.roundtrip(get_request(port, path))
+        _, body, _ = await conn.roundtrip(get_request(port, path))
     finally:
         conn.close()
     return dict(json.loads(body))
@@ -227,6 +242,8 @@ def bench_backend(run: Path, backend: str, threads: int, jpegs: list[bytes], arg
             after = asyncio.run(fetch_json(port, "/stats"))
             batches = after["batches"] - before["batches"]
             res["mean_batch"] = (after["items"] - before["items"]) / batches if batches else 0.0
+            forward_s = after["forward_seconds"] - before["forward_seconds"]
+            res["forward_ms"] = 1000 * forward_s / max(1, batches)  # in-server forward per batch
             results.append(res)
             print(f"  {backend} threads={threads} c={c}: {res['rps']:.0f} req/s p50 {res['p50_ms']:.2f} ms "
                   f"p99 {res['p99_ms']:.2f} ms errors {res['errors']} mean batch {res['mean_batch']:.1f} "
@@ -302,7 +319,47 @@ def render(results: list[dict[str, Any]], run_note: str, args: argparse.Namespac
     lines += ["", f"Highest throughput at c=16: **{fastest['backend']} --threads {fastest['threads']}**; "
               f"lowest p99 at c=1: **{quickest['backend']} --threads {quickest['threads']}** "
               "(--threads 0 = all cores)."]
-    return "\n".join(lines)
+    return "\n".join(lines + analysis(results))
+
+
+def analysis(results: list[dict[str, Any]]) -> list[str]:
+    """Split the c=1 latency with the server's own Server-Timing and /stats, and explain c=16 by CPU."""
+    lines = ["", "### Where the time goes", "",
+             "Per request at c=1, p50 in ms, measured inside the server during the load test "
+             "(`Server-Timing` header and `/stats`): *HTTP + client* = client latency - app time; "
+             "*decode* and *infer* include the hop to their thread; *infer* = batch wait + forward.", "",
+             "| backend | --threads | client p50 | HTTP + client | app total | decode (+hop) | "
+             "infer (+hop) | forward (mean per batch) | other app work | server cores busy c=1 / c=16 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        one, many = r["load"]
+        st = one["server_timing_p50_ms"]
+        app, dec, inf = st.get("app", 0.0), st.get("decode", 0.0), st.get("infer", 0.0)
+        busy = [x["server_cpu_ms"] * x["rps"] / 1000 for x in (one, many)]
+        lines.append(f"| {r['backend']} | {r['threads']} | {one['p50_ms']:.2f} | {one['p50_ms'] - app:.2f} | "
+                     f"{app:.2f} | {dec:.2f} | {inf:.2f} | {one['forward_ms']:.2f} | {app - dec - inf:.2f} | "
+                     f"{busy[0]:.2f} / {busy[1]:.2f} |")
+    best = min(results, key=lambda r: r["load"][0]["p99_ms"])
+    one = best["load"][0]
+    fixed = one["server_timing_p50_ms"].get("decode", 0.0) + best["health"]["p50_ms"]
+    forward = best["costs"]["forward"]["p50_ms"]
+    verdict = ("so request + forward already exceed 2x the forward and the target cannot hold for this model"
+               if fixed >= forward else f"which leaves {forward - fixed:.2f} ms for all other work")
+    lines += [
+        "",
+        f"For this tiny model the forward pass is not what a request costs. With {best['backend']} "
+        f"--threads {best['threads']} (lowest p99), the JPEG decode (with its thread hop) plus a bare HTTP "
+        f"round trip (/healthz) take {fixed:.2f} ms = {fixed / forward:.1f}x the bare forward "
+        f"({forward:.2f} ms), {verdict}. Only a model whose forward pass dominates (e.g. EfficientNet at "
+        "128-224 px) can meet it. The decode is Pillow decoding the whole photo: the shared transform's "
+        "JPEG draft mode only skips work when the photo is at least 4x the model's input side.",
+        "",
+        "Throughput at c=16 is bounded by CPU, not by waiting: at c=1 the server process already keeps "
+        "about one core busy (last column; the load generator and any other job share the same 2 cores), "
+        "and micro-batching amortises only the forward pass, not each request's decode, multipart and "
+        "HTTP work, so the c=16 gain stays around 2x or below on this machine.",
+    ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,9 @@ def test_predict_good_jpeg(client: TestClient) -> None:
     assert body["probability"] == max(body["probabilities"].values())
     assert body["probabilities"][body["label"]] == body["probability"]
     assert body["model"]["name"] == "seed" and body["model"]["backend"] == "torch"
+    timing = dict(item.split(";dur=") for item in r.headers["server-timing"].split(", "))
+    assert set(timing) == {"decode", "infer", "app"}
+    assert 0 < float(timing["decode"]) + float(timing["infer"]) <= float(timing["app"])
 
 
 def test_prediction_matches_the_predictor(client: TestClient, run_dir: Path) -> None:

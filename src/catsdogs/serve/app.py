@@ -21,6 +21,7 @@ import errno
 import json
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -123,12 +124,24 @@ class Serving:
         return {"label": classes[best], "probability": float(probs[best]),
                 "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)}}
 
-    async def classify(self, part: Part) -> dict[str, Any]:
-        """Check, decode and classify one uploaded part."""
+    async def classify(self, part: Part, timing: dict[str, float] | None = None) -> dict[str, Any]:
+        """Check, decode and classify one uploaded part; add the seconds spent to ``timing``."""
         with self.batcher.expecting(1) as ticket:
             part.check_image_type()
+            t0 = time.perf_counter()
             image = await self.decode(part.data)
-            return self.result(await self.batcher.submit(image, ticket))
+            t1 = time.perf_counter()
+            probs = await self.batcher.submit(image, ticket)
+            if timing is not None:
+                timing["decode"] = timing.get("decode", 0.0) + t1 - t0
+                timing["infer"] = timing.get("infer", 0.0) + time.perf_counter() - t1
+            return self.result(probs)
+
+
+def server_timing(timing: dict[str, float], start: float) -> str:
+    """Format a ``Server-Timing`` header (milliseconds): decode, infer (queue + forward), app total."""
+    items = {**timing, "app": time.perf_counter() - start}
+    return ", ".join(f"{k};dur={1000 * v:.3f}" for k, v in items.items())
 
 
 def _cores() -> int:
@@ -195,13 +208,15 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
               openapi_extra=_multipart_body("file", many=False))
     async def predict(request: Request) -> JSONResponse:
         """Classify one image sent as multipart field ``file``."""
+        start = time.perf_counter()
         serving: Serving = request.app.state.serving
         parts = [p for p in await read_parts(request) if p.name == "file"]
         if not parts:
             raise ApiError(400, "missing_file", "send the image as multipart form field 'file'")
-        out = await serving.classify(parts[0])
+        timing: dict[str, float] = {}
+        out = await serving.classify(parts[0], timing)
         out["model"] = serving.model_info
-        return JSONResponse(out)
+        return JSONResponse(out, headers={"Server-Timing": server_timing(timing, start)})
 
     @app.post("/predict/batch", response_model=list[BatchItemOut], responses=_ERRORS,
               openapi_extra=_multipart_body("files", many=True))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,11 +38,13 @@ class BatcherStats:
     batches: int = 0
     items: int = 0
     max_batch_seen: int = 0
+    forward_seconds: float = 0.0
     sizes: Counter[int] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
         return {"batches": self.batches, "items": self.items, "max_batch_seen": self.max_batch_seen,
                 "mean_batch": self.items / self.batches if self.batches else 0.0,
+                "forward_seconds": self.forward_seconds,
                 "sizes": {str(k): v for k, v in sorted(self.sizes.items())}}
 
 
@@ -127,6 +130,12 @@ class MicroBatcher:
                 break
         return batch
 
+    def _timed(self, images: np.ndarray) -> tuple[np.ndarray, float]:
+        """Run the forward pass (in the executor thread); return it with its duration in seconds."""
+        start = time.perf_counter()
+        probs = self.fn(images)
+        return probs, time.perf_counter() - start
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -135,7 +144,7 @@ class MicroBatcher:
                 continue
             try:
                 images = np.stack([img for img, _ in batch])
-                probs = await loop.run_in_executor(self._executor, self.fn, images)
+                probs, seconds = await loop.run_in_executor(self._executor, self._timed, images)
             except asyncio.CancelledError:
                 for _, fut in batch:
                     fut.cancel()
@@ -145,6 +154,7 @@ class MicroBatcher:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
+            self.stats.forward_seconds += seconds
             self.stats.batches += 1
             self.stats.items += len(batch)
             self.stats.sizes[len(batch)] += 1
