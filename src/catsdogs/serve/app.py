@@ -41,7 +41,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from catsdogs import __version__
 from catsdogs.config import ServeConfig
 from catsdogs.errors import ConfigError, ImageDecodeError
-from catsdogs.serve.backends import Backend, load_backend
+from catsdogs.export import run_folder as export_run_folder
+from catsdogs.serve.backends import Backend, cores, load_backend
 from catsdogs.serve.batcher import MicroBatcher
 from catsdogs.serve.uploads import ApiError, Part, parse_multipart, read_body
 
@@ -144,16 +145,9 @@ def server_timing(timing: dict[str, float], start: float) -> str:
     return ", ".join(f"{k};dur={1000 * v:.3f}" for k, v in items.items())
 
 
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def run_folder(cfg: ServeConfig) -> Path:
     """The run folder of --run (the folder itself, or the folder holding a .pt file)."""
-    p = Path(cfg.run)
-    return p.parent if p.is_file() else p
+    return export_run_folder(cfg.run)
 
 
 def eval_metrics(cfg: ServeConfig) -> dict[str, Any] | None:
@@ -182,7 +176,7 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
         # Warm up once so the first request does not pay lazy initialisation.
         backend.predict_arrays(np.zeros((1, backend.size, backend.size, 3), dtype=np.uint8))
         batcher = MicroBatcher(partial(backend.predict_arrays, tta=cfg.tta), cfg.max_batch, cfg.batch_wait_ms)
-        pool = ThreadPoolExecutor(max_workers=min(_MAX_DECODE_THREADS, _cores() + 1),
+        pool = ThreadPoolExecutor(max_workers=min(_MAX_DECODE_THREADS, cores() + 1),
                                   thread_name_prefix="decode")
         desc = backend.describe()
         info = {k: desc.get(k) for k in ("name", "backend", "size", "epoch")}

@@ -66,7 +66,7 @@ class OnnxBackend:
         self.size = predictor.size
         self.path = Path(onnx_path)
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or _cores()
+        opts.intra_op_num_threads = threads or cores()
         opts.inter_op_num_threads = 1  # one graph at a time: the batcher serialises forward passes
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -90,7 +90,8 @@ class OnnxBackend:
         return {**self.predictor.describe(), "backend": self.name, "onnx": str(self.path)}
 
 
-def _cores() -> int:
+def cores() -> int:
+    """Return the number of CPU cores this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
