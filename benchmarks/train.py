@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,38 @@ def repeated_manifest(data: Path, dest: Path, times: int) -> Path:
     return dest
 
 
+class HighWater:
+    """Poll ``VmHWM`` (the kernel's peak-RSS mark of one process since its exec) until it exits.
+
+    Unlike ``ru_maxrss`` from ``wait4`` this excludes the pages the child inherited from this
+    (large) benchmark process between fork and exec, and unlike RSS sampling it misses no spike.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid, self.interval, self.kib = pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with open(f"/proc/{self.pid}/status") as fh:
+                    for line in fh:
+                        if line.startswith("VmHWM:"):
+                            self.kib = max(self.kib, int(line.split()[1]))
+            except (OSError, ValueError):
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> HighWater:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def run_train(data: Path, out: Path, env_extra: dict[str, str], extra: list[str]) -> dict[str, float]:
     """Run ``catsdogs train`` for one epoch; return wall/user/sys seconds, peak RSS and val acc."""
     shutil.rmtree(out, ignore_errors=True)
@@ -166,7 +199,10 @@ def run_train(data: Path, out: Path, env_extra: dict[str, str], extra: list[str]
     env = {**os.environ, **env_extra}
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    with PeakRSS(proc.pid, interval=0.05) as peak:
+    with PeakRSS(proc.pid, interval=0.05) as peak, HighWater(proc.pid) as hwm:
+        # Reap via waitid(WNOWAIT) first so /proc/PID/status (VmHWM) stays readable until the end.
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+        time.sleep(2 * hwm.interval)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t
     output = proc.stdout.read() if proc.stdout else ""
@@ -174,7 +210,7 @@ def run_train(data: Path, out: Path, env_extra: dict[str, str], extra: list[str]
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{output}")
     line = next((ln for ln in output.splitlines() if ln.startswith("epoch 1/")), "")
     return {"wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime, "peak_mib": peak.peak_mib,
-            "maxrss_mib": usage.ru_maxrss / 1024, "line": line}  # type: ignore[dict-item]
+            "hwm_mib": hwm.kib / 1024, "line": line}  # type: ignore[dict-item]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         mem_x, mem_y = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
         del xs, ys
         results: dict[str, list[float]] = {"stream": [], "memory": []}
-        for _ in range(2):  # alternate to share any background noise; keep the best of each
+        for _ in range(3):  # alternate to share any background noise; keep the best of each
             results["stream"].append(timed_training(streaming_batches(data), args.steps, 10, m.mean, m.std,
                                                     size))
             results["memory"].append(timed_training(memory_batches(mem_x, mem_y), args.steps, 10, m.mean,
@@ -227,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                     runs[name] = run_train(d, Path(tmp) / "run", env, [])
                     r = runs[name]
                     print(f"{name}: wall {r['wall']:.1f}s user {r['user']:.1f}s sys {r['sys']:.1f}s "
-                          f"peak RSS {r['peak_mib']:.0f} MiB (ru_maxrss {r['maxrss_mib']:.0f})", flush=True)
+                          f"peak RSS {r['peak_mib']:.0f} MiB (VmHWM {r['hwm_mib']:.0f})", flush=True)
         load_after = os.getloadavg()[0]
 
     lines = [
@@ -240,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| measure | value | target |",
         "|---|---|---|",
-        f"| training img/s, streaming loader (best of 2 x {args.steps} steps) | {stream_ips:.0f} | |",
+        f"| training img/s, streaming loader (best of 3 x {args.steps} steps) | {stream_ips:.0f} | |",
         f"| training img/s, in-memory tensors (same gather + normalise + step) | {memory_ips:.0f} | |",
         f"| streaming overhead | {overhead * 100:+.1f}% | <= 5% |",
         f"| loader alone (one epoch, no training) | {loader_ips:,.0f} img/s | |",
@@ -251,24 +287,41 @@ def main(argv: list[str] | None = None) -> int:
         f"| achieved / matmul | {achieved / mm:.2f}x | >= 0.35x |",
     ]
     if runs:
-        base = runs["1x, malloc tuned"]
-        four_r = runs["4x, malloc tuned"]
-        growth = four_r["peak_mib"] / base["peak_mib"] - 1
+        def peak(r: dict[str, float]) -> float:
+            return max(r["peak_mib"], r["hwm_mib"])
+
+        base, four_r = runs["1x, malloc tuned"], runs["4x, malloc tuned"]
+        untuned = runs["1x, CATSDOGS_NO_MALLOC_TUNING=1"]
+        growth = peak(four_r) / peak(base) - 1
         lines += [
-            f"| peak RSS of `catsdogs train` (process tree), {n_train:,} rows | {base['peak_mib']:.0f} MiB | "
-            f"<= 1024 MiB |",
-            f"| peak RSS, 4x rows ({4 * n_train:,}) | {four_r['peak_mib']:.0f} MiB ({growth * 100:+.1f}%) | "
+            f"| peak RSS of `catsdogs train`, {n_train:,} rows | {peak(base):.0f} MiB | <= 1024 MiB |",
+            f"| peak RSS, 4x rows ({4 * n_train:,}) | {peak(four_r):.0f} MiB ({growth * 100:+.1f}%) | "
             f"growth < 10% |",
+            f"| malloc tuning, one epoch: wall / system seconds | {base['wall']:.1f} / {base['sys']:.1f} "
+            f"tuned vs {untuned['wall']:.1f} / {untuned['sys']:.1f} untuned | |",
             "",
-            "One epoch of `catsdogs train --model seed --epochs 1 --batch-size 64` (including start-up and "
-            "validation):",
+            "One epoch of `catsdogs train --model seed --epochs 1 --batch-size 64` (start-up and validation "
+            "included; `--workers 0`, so the tree is one process). Peak RSS is the larger of the tree's RSS "
+            "sampled every 50 ms and the process's `VmHWM` (kernel high-water mark since exec; `ru_maxrss` "
+            "would also count pages inherited from this benchmark process at fork):",
             "",
-            "| run | wall s | user s | system s | peak RSS MiB (tree, sampled) | ru_maxrss MiB |",
+            "| run | wall s | user s | system s | peak RSS MiB (tree, sampled) | VmHWM MiB |",
             "|---|---|---|---|---|---|",
         ]
         for name, r in runs.items():
             lines.append(f"| {name} | {r['wall']:.1f} | {r['user']:.1f} | {r['sys']:.1f} | "
-                         f"{r['peak_mib']:.0f} | {r['maxrss_mib']:.0f} |")
+                         f"{r['peak_mib']:.0f} | {r['hwm_mib']:.0f} |")
+    lines += [
+        "",
+        "Notes: the in-memory baseline gathers the same random rows from one tensor and normalises them the "
+        "same way, so the difference is the loader alone; a negative overhead is noise (the loader costs "
+        "well under 1% of a step: see 'loader alone'). FLOPs are counted by torch's FlopCounterMode "
+        "(convolutions and matrix products, 2 FLOP per multiply-add); backward is ~2x forward minus the "
+        "first convolution's unneeded input gradient. The 4x run lists every train shard 4 times in its "
+        "manifest and runs one full epoch, so it maps and streams all 4x rows; memory stays flat because "
+        "the loader holds the shuffle buffer (4,096 rows = 48 MiB at 64x64) plus one memory-mapped shard, "
+        "and drops each shard's map when done.",
+    ]
     path = write_fragment("train", "\n".join(lines))
     print(f"wrote {path.relative_to(PROJECT_ROOT)}")
     return 0
