@@ -127,3 +127,13 @@ def test_predict_files_with_tta_and_one_worker(image_tree: tuple[Path, dict[str,
     arrays = np.stack([predictor.decode(p.read_bytes()) for p in paths[:9]])
     expected = predictor.predict_arrays(arrays, tta=True).max(axis=1)
     assert [r.probability for r in tta[:9]] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+@pytest.mark.realdata
+def test_real_photos(real_data: Path, run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "real.csv"
+    pattern = str(real_data / "Cat" / "1?.jpg")  # ten real JPEGs, through the glob path
+    assert cli_main(["predict", pattern, "--run", str(run_dir), "--output", str(out)]) == 0
+    rows = read_csv(out)
+    assert len(rows) == len(list((real_data / "Cat").glob("1?.jpg"))) > 0
+    assert all(r["error"] == "" and r["label"] in ("Cat", "Dog") for r in rows)
