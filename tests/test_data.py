@@ -193,3 +193,15 @@ def test_missing_split_or_shard_file_is_an_input_error(tmp_path: Path) -> None:
     (root / m.split_shards("train")[1].x).unlink()
     with pytest.raises(InputError, match="X_part_00001"):
         split_stream(root, m, "train", 8, shuffle=True)
+
+
+def test_too_few_rows_or_shards_for_the_ranks_is_an_input_error(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    make_shards(root, counts={"train": 30, "val": 10}, size=16, shard_rows=30)
+    m = load_manifest(root)
+    with pytest.raises(InputError, match="--batch-size"):
+        split_stream(root, m, "train", 32, shuffle=True)
+    with pytest.raises(InputError, match="--distributed"):
+        split_stream(root, m, "train", 8, shuffle=True, rank=1, world_size=2)  # one shard, two ranks
+    idle = split_stream(root, m, "train", 8, shuffle=True, num_workers=2)  # worker 1 has no shard: fine
+    assert len(idle) == 3 and len(epoch(idle)) == 3

@@ -384,5 +384,10 @@ def split_stream(root: str | Path, manifest: Manifest, split: str, batch_size: i
             if not (Path(root) / rel).is_file():
                 raise InputError(f"shard file {str(Path(root) / rel)!r} listed in the manifest is "
                                  f"missing; re-run catsdogs preprocess or fix {flag}")
-    return ShardStream(root, shards, batch_size, shuffle=shuffle, seed=seed, buffer_rows=buffer_rows,
-                       rank=rank, world_size=world_size, num_workers=num_workers)
+    stream = ShardStream(root, shards, batch_size, shuffle=shuffle, seed=seed, buffer_rows=buffer_rows,
+                         rank=rank, world_size=world_size, num_workers=num_workers)
+    if shuffle and stream.batches_in_epoch(0) == 0:
+        raise InputError(f"split {split!r} of {str(root)!r} ({sum(s.rows for s in shards)} rows in "
+                         f"{len(shards)} shards) gives no full batch of {batch_size} per process: lower "
+                         f"--batch-size or --distributed, or make more/larger shards")
+    return stream
