@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from benchmarks._common import PROJECT_ROOT, REAL_DATA, heavy_lock, machine, write_fragment
 from benchmarks.serve import free_port, get_request
 
