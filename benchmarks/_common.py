@@ -23,6 +23,7 @@ HEAVY_LOCK = Path("/tmp/catsdogs-heavy.lock")
 # Set by run_all (which holds the lock for all benchmarks) so nested benchmarks do not deadlock.
 LOCK_HELD_ENV = "CATSDOGS_HEAVY_LOCK_HELD"
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _parent(pid: int) -> int:
@@ -89,13 +90,21 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def tree_rss(root: int) -> int:
-    """Return the summed resident set size in bytes of ``root`` and all its descendants."""
+def tree_pids(root: int) -> list[int]:
+    """Return ``root`` and all its descendants' pids."""
     tree = _children()
-    total, stack = 0, [root]
+    out, stack = [], [root]
     while stack:
         pid = stack.pop()
+        out.append(pid)
         stack.extend(tree.get(pid, []))
+    return out
+
+
+def tree_rss(root: int) -> int:
+    """Return the summed resident set size in bytes of ``root`` and all its descendants."""
+    total = 0
+    for pid in tree_pids(root):
         try:
             with open(f"/proc/{pid}/statm") as fh:
                 total += int(fh.read().split()[1]) * _PAGE
@@ -104,21 +113,61 @@ def tree_rss(root: int) -> int:
     return total
 
 
+def _cpu_and_label(pid: int, root: int) -> tuple[float, str] | None:
+    """Return (user+system CPU seconds, kind) of a process: driver, java, pyspark or its name."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    name = stat[stat.index("(") + 1:stat.rindex(")")]
+    fields = stat.rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime (fields 14, 15)
+    if pid == root:
+        label = "driver"
+    elif name == "java":
+        label = "jvm"
+    elif "pyspark.daemon" in cmd or "pyspark.worker" in cmd:
+        label = "python workers"
+    else:
+        label = name
+    return cpu, label
+
+
 class PeakRSS:
-    """Sample the RSS of a process tree in a thread (every ``interval`` s) and keep the peak."""
+    """Sample the RSS of a process tree in a thread (every ``interval`` s) and keep the peak.
+
+    Also keeps each process's last seen CPU seconds; :attr:`cpu_by_kind` sums them per kind
+    (driver, jvm, python workers, ...), accurate to one sampling interval for processes that exit.
+    """
 
     def __init__(self, pid: int | None = None, interval: float = 0.1) -> None:
         self.pid = pid or os.getpid()
         self.interval = interval
         self.peak = 0
+        self._cpu: dict[int, tuple[float, str]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while True:
             self.peak = max(self.peak, tree_rss(self.pid))
+            for pid in tree_pids(self.pid):
+                seen = _cpu_and_label(pid, self.pid)
+                if seen is not None:
+                    self._cpu[pid] = seen
             if self._stop.wait(self.interval):
                 return
+
+    @property
+    def cpu_by_kind(self) -> dict[str, float]:
+        """Return CPU seconds per process kind over the sampled tree."""
+        out: dict[str, float] = {}
+        for cpu, label in self._cpu.values():
+            out[label] = out.get(label, 0.0) + cpu
+        return out
 
     def __enter__(self) -> PeakRSS:
         self._thread.start()

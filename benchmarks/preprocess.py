@@ -38,27 +38,29 @@ def bench_pool(paths: list[str], processes: int = 2) -> dict[str, float]:
     """Decode every file with Pool(processes); return seconds, images/s and peak RSS (MiB)."""
     with PeakRSS() as rss, Timer() as t, Pool(processes) as pool:
         done = sum(1 for _ in pool.imap_unordered(_decode, paths, chunksize=64))
-    return {"seconds": t.seconds, "images_per_s": done / t.seconds, "peak_rss_mib": rss.peak_mib}
+    workers = sum(v for k, v in rss.cpu_by_kind.items() if k != "driver")
+    return {"seconds": t.seconds, "images_per_s": done / t.seconds, "peak_rss_mib": rss.peak_mib,
+            "cpu_s": workers}
 
 
-def _run_tree(cmd: list[str]) -> tuple[float, float, str]:
-    """Run ``cmd``; return (wall seconds, peak RSS MiB of its process tree, stdout)."""
+def _run_tree(cmd: list[str]) -> tuple[float, PeakRSS, str]:
+    """Run ``cmd``; return (wall seconds, its process tree's RSS/CPU sampler, stdout)."""
     with Timer() as t:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         with PeakRSS(proc.pid) as rss:
             out, err = proc.communicate()
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return t.seconds, rss.peak_mib, out
+    return t.seconds, rss, out
 
 
 def bench_spark_cli(data: Path, out: Path, extra: list[str]) -> dict[str, Any]:
     """Run ``catsdogs preprocess`` in a fresh process (so SparkSession start-up is included)."""
     cmd = [sys.executable, "-m", "catsdogs.cli", "preprocess", "--input", str(data), "--output", str(out),
            "--size", str(SIZE), "--overwrite", *extra]
-    wall, peak, _ = _run_tree(cmd)
+    wall, rss, _ = _run_tree(cmd)
     stats = json.loads((out / "manifest.json").read_text())["stats"]
-    return {"process_wall_s": wall, "peak_rss_mib": peak, **stats}
+    return {"process_wall_s": wall, "peak_rss_mib": rss.peak_mib, "cpu_s": rss.cpu_by_kind, **stats}
 
 
 def bench_spark_inner(data: Path, out: Path, api: str, jobs: int) -> dict[str, Any]:
@@ -66,9 +68,10 @@ def bench_spark_inner(data: Path, out: Path, api: str, jobs: int) -> dict[str, A
 
     With ``jobs=2`` the second job finds the JVM and the Python workers warm.
     """
-    wall, peak, stdout = _run_tree([sys.executable, "-m", "benchmarks.preprocess", "--inner",
-                                    str(data), str(out), api, str(jobs)])
-    return {"process_wall_s": wall, "peak_rss_mib": peak, **json.loads(stdout.strip().splitlines()[-1])}
+    wall, rss, stdout = _run_tree([sys.executable, "-m", "benchmarks.preprocess", "--inner",
+                                   str(data), str(out), api, str(jobs)])
+    return {"process_wall_s": wall, "peak_rss_mib": rss.peak_mib, "cpu_s": rss.cpu_by_kind,
+            **json.loads(stdout.strip().splitlines()[-1])}
 
 
 def _inner(data: str, out: str, api: str, jobs: str) -> None:
@@ -166,11 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Where the Spark job's time goes (best run): "
         f"{best['job_s']:.1f} s job wall on 2 cores; summed in-task time "
-        f"read {best['task_seconds']['read']:.1f} s, decode {best['task_seconds']['decode']:.1f} s, "
-        f"write {best['task_seconds']['write']:.1f} s; first task started "
-        f"{best['first_task_start_s']:.1f} s after submission (query planning, Python worker start-up); "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in best["task_seconds"].items())
+        + "; first task started "
+        f"{best['first_task_start_s']:.1f} s after submission (job scheduling, Python worker start-up); "
         f"results collected {best['after_last_task_s']:.2f} s after the last task; "
-        f"{best['python_workers']} Python workers (reused across tasks).",
+        f"{best['python_workers']} Python workers (reused across tasks). CPU seconds of the whole "
+        "process tree by kind: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(best["cpu_s"].items()))
+        + f" (pool workers: {best_pool['cpu_s']:.1f}).",
         "",
         "All runs, in order: pool " + ", ".join(f"{r['images_per_s']:,.0f}" for r in pool)
         + " img/s; Spark excl. start-up " + ", ".join(f"{n / excl(r):,.0f}" for r in spark)

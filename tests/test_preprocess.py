@@ -240,6 +240,8 @@ def test_spark_conf_is_quiet_local_and_user_overridable() -> None:
     assert conf["spark.ui.enabled"] == "true" and conf["spark.executor.memory"] == "2g"
     assert "log4j2.configurationFile" in conf["spark.driver.extraJavaOptions"]
     assert conf["spark.driver.extraJavaOptions"].endswith("-Dfoo=1")
+    assert "UseSerialGC" not in conf["spark.driver.extraJavaOptions"]  # the user's options replace ours
+    assert "UseSerialGC" in build_conf("local[2]", "x")["spark.driver.extraJavaOptions"]
     cluster = build_conf("spark://head:7077", "x")
     assert cluster["spark.master"] == "spark://head:7077"
     assert "spark.driver.bindAddress" not in cluster and "spark.ui.enabled" not in cluster

@@ -40,6 +40,13 @@ logger.parquet.name = org.apache.parquet
 logger.parquet.level = error
 """
 
+# JIT and GC settings of the driver JVM (which is also the executor in local mode). catsdogs' JVM only
+# schedules tasks; the work runs in Python workers. On 2 cores the default C2 compiler and parallel G1
+# threads burned ~10 CPU-s per preprocess run, competing with the workers; C1 only + serial GC
+# measured ~5 CPU-s, SparkSession start 8 -> 4 s and the 18,000-image job ~30% faster.
+# A user-given spark.driver.extraJavaOptions replaces these (two GC choices would abort the JVM).
+_JVM_TUNING = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+
 # JVM stderr lines that carry no information for a user (printed before log4j is configured).
 _NOISE = ("WARNING: Using incubator modules",)
 
@@ -82,7 +89,7 @@ def build_conf(master: str, app_name: str, extra: Mapping[str, str] | None = Non
         "spark.app.name": app_name,
         # Job progress is shown by catsdogs' own tqdm bar; Spark's bar would interleave with it.
         "spark.ui.showConsoleProgress": "false",
-        "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{_log4j_file()}",
+        "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{_log4j_file()} {_JVM_TUNING}",
         # Python workers stay alive between tasks, so numpy/Pillow are imported once per worker.
         "spark.python.worker.reuse": "true",
     }
@@ -94,7 +101,7 @@ def build_conf(master: str, app_name: str, extra: Mapping[str, str] | None = Non
         })
     for key, value in (extra or {}).items():
         if key == "spark.driver.extraJavaOptions":
-            value = f"{conf[key]} {value}"  # keep our log config, append the user's options
+            value = f"-Dlog4j2.configurationFile=file:{_log4j_file()} {value}"  # keep our log config
         conf[key] = str(value)
     return conf
 
