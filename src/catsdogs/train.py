@@ -49,7 +49,7 @@ from catsdogs.data import split_stream
 from catsdogs.errors import CheckpointError, ConfigError, OutputExistsError
 from catsdogs.fsutil import atomic_write_text
 from catsdogs.manifest import Manifest, load_manifest
-from catsdogs.models import build_model, input_normalization
+from catsdogs.models import build_model, input_normalization, model_names
 from catsdogs.runtime import setup
 from catsdogs.schedule import EMA, lr_at
 from catsdogs.transforms import hflip, normalize
@@ -538,6 +538,8 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> Progre
 
 def main(cfg: TrainConfig) -> int:
     """Entry point of ``catsdogs train``."""
+    if cfg.model not in model_names():  # the cheapest mistake to report comes first, before any data
+        raise ConfigError(f"unknown --model {cfg.model!r}; choose one of {', '.join(model_names())}")
     if cfg.freeze == "backbone":
         from catsdogs.transfer import train_frozen
 
