@@ -262,3 +262,15 @@ def test_console_shows_progress_and_summary_but_no_spark_logs(tmp_path: Path) ->
     assert "6/6" in proc.stderr  # the tqdm bar
     for noise in ("WARN", "INFO", "log4j", "WARNING", "Setting default log level", "Stage 0"):
         assert noise not in proc.stderr, proc.stderr
+
+
+def test_pixel_sums_are_exact() -> None:
+    from catsdogs.preprocess import pixel_sums
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(150)]  # > one chunk
+    total, squares = pixel_sums(images)
+    flat = np.stack(images).reshape(-1, 3).astype(np.int64)
+    assert total.tolist() == flat.sum(axis=0).tolist()
+    assert squares.tolist() == (flat * flat).sum(axis=0).tolist()
+    assert [v.tolist() for v in pixel_sums([])] == [[0, 0, 0], [0, 0, 0]]
