@@ -188,10 +188,16 @@ def start_server(run: Path, backend: str, port: int, extra: list[str]) -> subpro
     cmd = [sys.executable, "-m", "catsdogs.cli", "serve", "--run", str(run), "--host", "127.0.0.1",
            "--port", str(port), "--backend", backend, *extra]
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
+    return wait_healthy(proc, port, lambda: proc.stderr.read().decode()[-2000:])  # type: ignore[union-attr]
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], port: int, output: Callable[[], str],
+                 timeout_s: float = 180.0) -> subprocess.Popen[bytes]:
+    """Poll GET /healthz until it answers 200; raise with the server's output if it exits or stalls."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"server exited {proc.returncode}: {output()}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                 s.sendall(get_request(port, "/healthz"))
@@ -200,7 +206,7 @@ def start_server(run: Path, backend: str, port: int, extra: list[str]) -> subpro
         except OSError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("server did not become healthy in 180 s")
+    raise RuntimeError(f"server did not become healthy in {timeout_s:.0f} s")
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:

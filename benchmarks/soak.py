@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import PROJECT_ROOT, REAL_DATA, heavy_lock, machine, write_fragment
-from benchmarks.serve import free_port, get_request
+from benchmarks.serve import free_port, wait_healthy
 
 BOUNDARY = "catsdogssoakboundary"
 MAX_BYTES = 10 * 1024 * 1024  # the server's default --max-bytes
@@ -230,21 +230,7 @@ def start_server(run: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
            "--port", str(port)]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=fh, stderr=subprocess.STDOUT)
-    import socket
-
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(get_request(port, "/healthz"))
-                if b" 200 " in s.recv(4096):
-                    return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become healthy in 180 s")
+    return wait_healthy(proc, port, lambda: log.read_text()[-2000:])
 
 
 def load_jpegs(n: int) -> list[bytes]:
