@@ -216,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"**Spark excluding start-up / Pool = {ratio:.2f}x** (target >= 0.7x); 2nd job in a warm session "
         f"{ratio_warm:.2f}x; whole process including JVM start {ratio_whole:.2f}x. Without the one-off "
-        f"delay before the first task of a fresh session ({best['first_task_start_s']:.1f} s, mostly the "
-        f"Python daemon booting and importing pyspark) the cold job runs at {n / steady:,.0f} img/s = "
+        f"delay before the first task of a fresh session ({best['first_task_start_s']:.1f} s: job scheduling "
+        f"in a cold JVM and booting the Python daemon and workers) the cold job runs at {n / steady:,.0f} "
+        "img/s = "
         f"{ratio_steady:.2f}x.",
         "",
         PROFILE_NOTES,
