@@ -124,7 +124,7 @@ the main effects every run):
 - Per-channel pixel sums via int64 squares cost 0.12 ms per image (30% of the decode); 256-bin
   histograms in chunks of 64 images cost 0.016 ms.
 - Per 1,440-image shard, ShardWriter takes ~75 ms (np.stack 5, np.save 3-35, fsync ~10,
-  sha256 re-read ~12 ms for each of X and y).
+  sha256 re-read ~12 ms for X; y is tiny).
 - What remains versus the pool: the one-off first-task delay above and the work the pool does not
   do (shard writing with fsync + sha256, normalisation statistics, ~1.4 CPU-s in total)."""
 
