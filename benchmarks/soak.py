@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import PROJECT_ROOT, REAL_DATA, heavy_lock, machine, write_fragment
-from benchmarks.serve import free_port, wait_healthy
+from benchmarks.serve import free_port, stop_server, wait_healthy
 
 BOUNDARY = "catsdogssoakboundary"
 MAX_BYTES = 10 * 1024 * 1024  # the server's default --max-bytes
@@ -332,12 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             hwm = vm_hwm_mib(proc.pid)
             alive = proc.poll() is None
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_server(proc)
         load_samples = [m for t, m in sampler.samples if t >= t_start]
         rss = {"start": rss_start, "peak": max(load_samples), "end": rss_end, "hwm": hwm}
         quarters = quarter_medians(sampler.samples, t_start, t_end)
