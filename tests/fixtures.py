@@ -127,7 +127,8 @@ def make_image_tree(root: Path, per_class: int = 12, classes: tuple[str, ...] = 
 
 
 def make_shards(root: Path, counts: dict[str, int] | None = None, size: int = 32,
-                shard_rows: int = 50, classes: tuple[str, ...] = ("Cat", "Dog"), seed: int = 0) -> Manifest:
+                shard_rows: int = 50, classes: tuple[str, ...] = ("Cat", "Dog"), seed: int = 0,
+                fmt: str = "npy") -> Manifest:
     """Write a small shards folder (no Spark) with the real writer and manifest; return the manifest."""
     counts = counts or {"train": 200, "val": 60, "test": 60}
     rng = np.random.default_rng(seed)
@@ -138,13 +139,15 @@ def make_shards(root: Path, counts: dict[str, int] | None = None, size: int = 32
         rng.shuffle(labels)
         per_split[split] = {c: int((labels == k).sum()) for k, c in enumerate(classes)}
         for index, start in enumerate(range(0, n, shard_rows)):
-            with ShardWriter(root, split, index, size, len(classes)) as w:
+            with ShardWriter(root, split, index, size, len(classes), fmt) as w:
                 for j, label in enumerate(labels[start:start + shard_rows]):
-                    w.add(synthetic_image(int(label), size, seed=seed * 100000 + hash(split) % 1000 * 1000
-                                          + start + j), int(label))
+                    # crc32, not hash(): str hashes change per process, and fixtures must not.
+                    image_seed = seed * 100000 + zlib.crc32(split.encode()) % 1000 * 1000 + start + j
+                    w.add(synthetic_image(int(label), size, seed=image_seed), int(label),
+                          f"{split}/{start + j}.png")
             infos.append(w.info)
     manifest = Manifest(classes=list(classes), size=size, resize="stretch", mean=[120.0] * 3,
-                        std=[60.0] * 3, shards=infos, counts=per_split,
+                        std=[60.0] * 3, shards=infos, counts=per_split, format=fmt,
                         stats={"kept": sum(counts.values()), "skipped": 0})
     save_manifest(manifest, root)
     assert schema.MANIFEST_NAME

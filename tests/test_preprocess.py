@@ -153,6 +153,33 @@ def test_dataframe_api_writes_the_same_shards(
     assert m.skipped == load_manifest(first_run).skipped
 
 
+def test_parquet_format_holds_the_same_rows_and_spark_reads_it(
+        spark: object, first_run: Path, tree: tuple[Path, dict[str, list[str]]], tmp_path: Path) -> None:
+    from catsdogs.shards import open_shard
+
+    root, _ = tree
+    out = tmp_path / "pq"
+    assert cli_main(["preprocess", "--input", str(root), "--output", str(out), "--size", "24",
+                     "--shard-rows", "16", "--val-frac", "0.2", "--test-frac", "0.2",
+                     "--format", "parquet"]) == 0
+    m, ref = load_manifest(out), load_manifest(first_run)
+    assert m.format == "parquet" and ref.format == "npy"
+    assert not list(out.rglob("*.npy")) and len(list(out.rglob("*.parquet"))) == len(m.shards)
+    assert _files_csv(out) == _files_csv(first_run)  # same files, splits, shards and rows
+    assert (m.counts, m.skipped, m.mean, m.std) == (ref.counts, ref.skipped, ref.mean, ref.std)
+    for s, r in zip(m.shards, ref.shards, strict=True):
+        x, y = open_shard(out, s, 24)
+        xr, yr = open_shard(first_run, r, 24)
+        assert np.array_equal(x[0:len(x)], np.asarray(xr)) and np.array_equal(y, yr)
+    # Spark (and so any Spark SQL user) reads the folder as a table with label and split columns.
+    df = spark.read.parquet(*[str(out / s.x) for s in m.shards])  # type: ignore[attr-defined]
+    got = Counter((r["split"], r["label"]) for r in df.select("split", "label").collect())
+    want = Counter((r["split"], int(r["label"])) for r in _files_csv(first_run))
+    assert got == want
+    row = df.filter(df.path == "Dog/sub/deeper/nested.jpg").select("pixels").collect()
+    assert len(row) == 1 and len(row[0]["pixels"]) == 24 * 24 * 3
+
+
 def test_too_many_skipped_fails_and_leaves_nothing(
         spark: object, tree: tuple[Path, dict[str, list[str]]], tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -166,27 +193,26 @@ def test_too_many_skipped_fails_and_leaves_nothing(
     assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary folder
 
 
-@pytest.mark.parametrize("case", ["missing", "file", "one_class", "no_output", "nested", "parquet"])
+@pytest.mark.parametrize("case", ["missing", "file", "one_class", "no_output", "nested"])
 def test_user_errors_exit_2_with_one_line(tmp_path: Path, case: str,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     inp = tmp_path / "in"
     if case == "file":
         inp.write_text("not a folder")
-    elif case in ("one_class", "nested", "no_output", "parquet"):
+    elif case in ("one_class", "nested", "no_output"):
         make_image_tree(inp, per_class=2, classes=("Cat", "Dog"), odd=False)
         if case == "one_class":
             for p in (inp / "Dog").iterdir():
                 p.unlink()
             (inp / "Dog").rmdir()
     out = {"nested": str(inp / "Cat" / "shards"), "no_output": ""}.get(case, str(tmp_path / "out"))
-    extra = ["--format", "parquet"] if case == "parquet" else []
-    rc = cli_main(["preprocess", "--input", str(inp), "--output", out, *extra])
+    rc = cli_main(["preprocess", "--input", str(inp), "--output", out])
     captured = capsys.readouterr()
     assert rc == 2
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
     assert "Traceback" not in captured.err
-    flag = {"no_output": "--output", "nested": "--output", "parquet": "--format"}.get(case, "--input")
+    flag = {"no_output": "--output", "nested": "--output"}.get(case, "--input")
     assert flag in lines[0]
     assert not (tmp_path / "out").exists()
 

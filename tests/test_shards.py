@@ -60,3 +60,87 @@ def test_wrong_shape_or_dtype_is_refused(tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             w.add(np.zeros((9, 8, 3), dtype=np.uint8), 0)
     assert w.info is not None and w.info.rows == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Parquet shards: same rows, readable by pyarrow, read back a row group at a time
+
+
+def test_parquet_round_trip_across_row_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.parquet as pq
+
+    from catsdogs import shards as shards_mod
+    from catsdogs.shards import ParquetPixels, open_shard
+
+    monkeypatch.setattr(shards_mod, "PARQUET_ROW_GROUP_ROWS", 3)  # 7 rows -> groups of 3, 3, 1
+    imgs = _images(7)
+    labels = [0, 1, 1, 0, 2, 1, 0]
+    with ShardWriter(tmp_path, "val", 2, 8, num_classes=3, fmt="parquet") as w:
+        for i, (img, lab) in enumerate(zip(imgs, labels, strict=True)):
+            w.add(img, lab, f"Cat/{i}.jpg")
+    info = w.info
+    assert info is not None and info.x == info.y == "val/part_00002.parquet" and info.files() == [info.x]
+    assert info.class_counts == [3, 3, 1]
+    assert hashlib.sha256((tmp_path / info.x).read_bytes()).hexdigest() == info.x_sha256
+    table = pq.read_table(tmp_path / info.x)
+    assert table.column_names == ["path", "split", "label", "pixels"]
+    assert pq.ParquetFile(tmp_path / info.x).metadata.num_row_groups == 3
+    assert table.column("path").to_pylist() == [f"Cat/{i}.jpg" for i in range(7)]
+    assert set(table.column("split").to_pylist()) == {"val"}
+    assert table.column("label").to_pylist() == labels
+    assert table.column("pixels")[4].as_py() == imgs[4].tobytes()  # row-major HWC bytes
+
+    x, y = open_shard(tmp_path, info, 8)
+    assert isinstance(x, ParquetPixels) and x.shape == (7, 8, 8, 3) and len(x) == 7
+    assert y.dtype == np.int64 and y.tolist() == labels
+    assert np.array_equal(x[0:7], imgs)
+    assert np.array_equal(x[2:5], imgs[2:5])  # spans two row groups
+    assert np.array_equal(x[6:9], imgs[6:7]) and x[7:9].shape == (0, 8, 8, 3)
+    assert np.array_equal(x[::2], imgs[::2])
+    order = np.array([6, 0, 4, 3, -1])
+    assert np.array_equal(x[order], imgs[order])
+    assert np.array_equal(x[5], imgs[5])
+    with pytest.raises(IndexError):
+        x[np.array([7])]
+    assert sorted(p.name for p in (tmp_path / "val").iterdir()) == ["part_00002.parquet"]
+
+
+def test_npy_and_parquet_shards_stream_identical_batches(tmp_path: Path) -> None:
+    from catsdogs.data import split_stream
+    from catsdogs.manifest import load_manifest
+    from tests.fixtures import make_shards
+
+    for fmt in ("npy", "parquet"):
+        make_shards(tmp_path / fmt, counts={"train": 90, "val": 30}, size=8, shard_rows=40, fmt=fmt)
+    streams = {}
+    for fmt in ("npy", "parquet"):
+        m = load_manifest(tmp_path / fmt)
+        assert m.format == fmt
+        s = split_stream(tmp_path / fmt, m, "train", 16, shuffle=True, seed=3, buffer_rows=32)
+        s.set_epoch(1)
+        streams[fmt] = [(x.numpy(), y.numpy()) for x, y in s.loader()]
+        ordered = split_stream(tmp_path / fmt, m, "val", 16, shuffle=False)
+        streams[fmt + "_val"] = [(x.numpy(), y.numpy()) for x, y in ordered.loader()]
+    for key in ("", "_val"):
+        a, b = streams["npy" + key], streams["parquet" + key]
+        assert len(a) == len(b) > 0
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+            assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+    assert sum(len(y) for _, y in streams["parquet_val"]) == 30  # evaluation keeps every row
+
+
+def test_corrupt_parquet_shard_is_a_schema_error(tmp_path: Path) -> None:
+    from catsdogs.errors import InputError, SchemaError
+    from catsdogs.shards import open_shard
+
+    with ShardWriter(tmp_path, "train", 0, 8, num_classes=2, fmt="parquet") as w:
+        w.add(_images(1)[0], 1, "a.jpg")
+    assert w.info is not None
+    with pytest.raises(SchemaError, match="re-run"):
+        open_shard(tmp_path, w.info, 16)  # the manifest says another size
+    (tmp_path / w.info.x).write_bytes(b"PAR1 not really")
+    with pytest.raises(SchemaError, match="part_00000.parquet"):
+        open_shard(tmp_path, w.info, 8)
+    (tmp_path / w.info.x).unlink()
+    with pytest.raises(InputError, match="missing"):
+        open_shard(tmp_path, w.info, 8)

@@ -93,6 +93,20 @@ def test_train_learns_and_writes_the_run_folder(tiny: Path, tmp_path: Path,
             "early_stopping"} <= set(last)
 
 
+def test_train_and_evaluate_read_parquet_shards(tmp_path: Path) -> None:
+    data = tmp_path / "pq"
+    make_shards(data, counts={"train": 200, "val": 60, "test": 40}, size=16, shard_rows=50, fmt="parquet")
+    assert not list(data.rglob("*.npy"))
+    run = tmp_path / "run"
+    assert cli(args(data, run, "--epochs", "2")) == 0
+    assert float(rows(run)[-1]["val_acc"]) > 0.9  # learns from Parquet exactly as from npy
+    ev = tmp_path / "eval"
+    assert cli(["evaluate", "--run", str(run), "--data", str(data), "--out", str(ev), "--threads", "1"]) == 0
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["n"] == 40 and metrics["accuracy"] > 0.9
+    assert (ev / "misclassified.png").is_file()
+
+
 def test_checkpoint_rebuilds_identical_model(tiny: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(data=str(tiny), out=str(tmp_path / "run"), epochs=1, batch_size=16, threads=1,
                       ema=0.5, max_steps=5)

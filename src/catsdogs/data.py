@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from catsdogs.errors import InputError, SchemaError
+from catsdogs.errors import InputError
 from catsdogs.manifest import Manifest, ShardInfo
+from catsdogs.shards import ParquetPixels, open_shard, shard_size
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -102,11 +103,13 @@ class ShardStream(IterableDataset):
         rank, world_size: this process's place among distributed processes.
         num_workers: DataLoader workers that will read this stream (must match the loader).
         drop_last: yield only full batches (default: same as ``shuffle``).
+        size: image side in pixels (the manifest's); read from the first shard's header if None.
     """
 
     def __init__(self, root: str | Path, shards: Sequence[ShardInfo], batch_size: int, *,
                  shuffle: bool, seed: int = 0, buffer_rows: int = 4096, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, drop_last: bool | None = None) -> None:
+                 world_size: int = 1, num_workers: int = 0, drop_last: bool | None = None,
+                 size: int | None = None) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
@@ -120,6 +123,7 @@ class ShardStream(IterableDataset):
         self.world_size = world_size
         self.num_workers = int(num_workers)
         self.drop_last = shuffle if drop_last is None else drop_last
+        self.size = size
         self.epoch = 0
         self._skips: list[int] = [0] * max(1, self.num_workers)
         self._discard = 0
@@ -195,23 +199,15 @@ class ShardStream(IterableDataset):
         """Return an iterable over this epoch's remaining batches through a matching DataLoader."""
         return EpochLoader(self, pin_memory)
 
-    def _open_shard(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Memory-map one shard's pixels (pages load only as rows are read) and load its labels."""
+    def _open_shard(self, index: int) -> tuple[np.ndarray | ParquetPixels, np.ndarray]:
+        """Open one shard (npy memory map or Parquet row groups: pages load only as rows are read)."""
         info = self.shards[index]
-        x_path, y_path = self.root / info.x, self.root / info.y
-        for p in (x_path, y_path):
-            if not p.is_file():
-                raise InputError(f"shard file {str(p)!r} listed in the manifest is missing; "
-                                 f"re-run catsdogs preprocess or fix --data")
-        x = np.load(x_path, mmap_mode="r", allow_pickle=False)
-        y = np.load(y_path, allow_pickle=False)
-        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3 or x.shape[0] != info.rows or \
-                y.shape != (info.rows,):
-            raise SchemaError(f"shard {str(x_path)!r} has shape {x.shape} {x.dtype} / labels "
-                              f"{y.shape}, manifest says {info.rows} uint8 NHWC rows; re-run preprocess")
+        if self.size is None:
+            self.size = shard_size(self.root, info)
+        x, y = open_shard(self.root, info, self.size)
         self.stats["shards_opened"] = self.stats.get("shards_opened", 0) + 1
         self.stats["mmap"] = isinstance(x, np.memmap)
-        return x, y.astype(np.int64, copy=False)
+        return x, y
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -340,10 +336,10 @@ class ShardStream(IterableDataset):
                 yield out
 
     def _row_shape(self, slot: SlotPlan) -> tuple[int, ...]:
-        """Return ``(H, W, 3)`` of this slot's rows from its first shard's header."""
-        info = self.shards[slot.shards[0]]
-        x = np.load(self.root / info.x, mmap_mode="r", allow_pickle=False)
-        return tuple(x.shape[1:])
+        """Return ``(H, W, 3)`` of this slot's rows (from the first shard's header if not known)."""
+        if self.size is None:
+            self.size = shard_size(self.root, self.shards[slot.shards[0]])
+        return (self.size, self.size, 3)
 
 
 class EpochLoader:
@@ -380,12 +376,13 @@ def split_stream(root: str | Path, manifest: Manifest, split: str, batch_size: i
         raise InputError(f"shards folder {str(root)!r} has no rows in split {split!r}; "
                          f"re-run catsdogs preprocess with a non-zero fraction for it or fix {flag}")
     for s in shards:
-        for rel in (s.x, s.y):
+        for rel in s.files():
             if not (Path(root) / rel).is_file():
                 raise InputError(f"shard file {str(Path(root) / rel)!r} listed in the manifest is "
                                  f"missing; re-run catsdogs preprocess or fix {flag}")
     stream = ShardStream(root, shards, batch_size, shuffle=shuffle, seed=seed, buffer_rows=buffer_rows,
-                         rank=rank, world_size=world_size, num_workers=num_workers)
+                         rank=rank, world_size=world_size, num_workers=num_workers,
+                         size=manifest.size)
     if shuffle and stream.batches_in_epoch(0) == 0:
         raise InputError(f"split {split!r} of {str(root)!r} ({sum(s.rows for s in shards)} rows in "
                          f"{len(shards)} shards) gives no full batch of {batch_size} per process: lower "

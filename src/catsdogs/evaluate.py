@@ -1,7 +1,8 @@
 """``catsdogs evaluate``: metrics, plots and a self-contained HTML report for a trained run.
 
-Shards are streamed with ``np.load(mmap_mode="r")`` one batch at a time, so memory stays bounded by
-``--batch-size`` whatever the split size; only the ``(n, C)`` probabilities are kept.
+Shards (npy or Parquet, :func:`catsdogs.shards.open_shard`) are streamed one batch at a time, so
+memory stays bounded by ``--batch-size`` whatever the split size; only the ``(n, C)`` probabilities
+are kept.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import numpy as np
 
 from catsdogs import plots, schema
 from catsdogs.config import EvaluateConfig, save_config, to_dict
-from catsdogs.errors import ConfigError, InputError, SchemaError
+from catsdogs.errors import ConfigError, InputError
 from catsdogs.fsutil import atomic_write_text
-from catsdogs.manifest import Manifest, ShardInfo, load_manifest
+from catsdogs.manifest import Manifest, load_manifest
+from catsdogs.shards import open_shard
 
 OUTPUT_FILES: tuple[str, ...] = (
     "metrics.json", "classification_report.txt", "predictions.csv", "confusion_matrix.png",
@@ -53,27 +55,13 @@ class Predictions:
 # Reading shards
 
 
-def open_shard(root: Path, info: ShardInfo) -> tuple[np.ndarray, np.ndarray]:
-    """Memory-map one npy shard; a missing or wrong-shaped file raises SchemaError."""
-    try:
-        x = np.load(root / info.x, mmap_mode="r", allow_pickle=False)
-        y = np.load(root / info.y, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise SchemaError(f"cannot read shard {info.x!r} of {str(root)!r} ({exc}); re-run "
-                          f"'catsdogs preprocess --overwrite --output {root}' or fix --data") from None
-    if x.ndim != 4 or x.shape[3] != 3 or x.dtype != np.uint8 or len(x) != len(y):
-        raise SchemaError(f"shard {info.x!r} of {str(root)!r} has shape {x.shape} {x.dtype} (labels "
-                          f"{len(y)}), expected uint8 (n, H, W, 3); re-run catsdogs preprocess")
-    return x, y
-
-
 def iter_batches(root: Path, manifest: Manifest, split: str, batch_size: int
                  ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
     """Yield ``(shard_pos, start_row, X uint8 NHWC, y)`` batches of at most ``batch_size`` rows."""
     for pos, info in enumerate(manifest.split_shards(split)):
-        x, y = open_shard(root, info)
+        x, y = open_shard(root, info, manifest.size)
         for start in range(0, len(y), batch_size):
-            # Copy just this batch out of the read-only memory map (torch wants writable memory).
+            # Copy just this batch out of the read-only shard view (torch wants writable memory).
             yield (pos, start, np.array(x[start:start + batch_size], copy=True),
                    np.asarray(y[start:start + batch_size], dtype=np.int64))
 
@@ -108,7 +96,7 @@ def load_rows(root: Path, manifest: Manifest, split: str, shard: np.ndarray, row
     size = manifest.size
     out = np.zeros((len(row), size, size, 3), dtype=np.uint8)
     for i, (pos, r) in enumerate(zip(shard.tolist(), row.tolist(), strict=True)):
-        x, _ = open_shard(root, infos[pos])
+        x, _ = open_shard(root, infos[pos], size)
         out[i] = x[r]
     return out
 

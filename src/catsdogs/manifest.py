@@ -29,6 +29,10 @@ class ShardInfo:
     y_sha256: str = ""
     class_counts: list[int] = field(default_factory=list)
 
+    def files(self) -> list[str]:
+        """Return the shard's distinct files (npy: X and y; parquet: the one file in both fields)."""
+        return list(dict.fromkeys(f for f in (self.x, self.y) if f))
+
 
 @dataclass
 class Manifest:

@@ -80,7 +80,7 @@ def reuse_reason(shards: Path, wanted: PreprocessConfig) -> str | None:
     for key in CONTENT_KEYS:
         if made.get(key) != getattr(wanted, key):
             return f"they were made with {key}={made.get(key)!r}, this run wants {getattr(wanted, key)!r}"
-    missing = [s.x for s in manifest.shards if not (shards / s.x).is_file() or not (shards / s.y).is_file()]
+    missing = [f for s in manifest.shards for f in s.files() if not (shards / f).is_file()]
     if missing:
         return f"shard file {missing[0]!r} is missing"
     from catsdogs.listing import scan_input

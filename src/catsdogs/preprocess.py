@@ -71,6 +71,8 @@ class TaskSettings:
     resize: str
     max_pixels: int
     num_classes: int
+    format: str = "npy"
+    """Shard format written by the task: npy or parquet (see :mod:`catsdogs.shards`)."""
 
 
 def _result_schema() -> pa.Schema:
@@ -119,7 +121,8 @@ def process_shard(settings: TaskSettings, split: str, index: int, paths: list[st
             blobs.append(exc)
     t1 = time.perf_counter()
     kept: list[np.ndarray] = []  # references to the decoded train images, for the pixel statistics
-    with ShardWriter(settings.output_root, split, index, settings.size, settings.num_classes) as writer:
+    with ShardWriter(settings.output_root, split, index, settings.size, settings.num_classes,
+                     settings.format) as writer:
         for rel, label, blob in zip(paths, labels, blobs, strict=True):
             try:
                 if isinstance(blob, ImageDecodeError):
@@ -128,7 +131,7 @@ def process_shard(settings: TaskSettings, split: str, index: int, paths: list[st
             except ImageDecodeError as exc:
                 emit(KIND_IMAGE, -1, rel, int(label), exc.reason, exc.detail[:500])
                 continue
-            row = writer.add(arr, int(label))
+            row = writer.add(arr, int(label), rel)
             if split == "train":
                 kept.append(arr)
             emit(KIND_IMAGE, row, rel, int(label), "", "")
@@ -460,8 +463,6 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
     from ``cfg.master`` and stops it at the end. ``api`` is passed to :func:`run_job`.
     """
     t0 = time.perf_counter()
-    if cfg.format != "npy":
-        raise ConfigError(f"--format {cfg.format} is not yet supported by preprocess; use --format npy")
     listing = scan_input(cfg.input)
     out = _resolve_output(cfg, listing.root)
     _check_output(out, cfg.overwrite)
@@ -484,7 +485,7 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
         t_job = time.perf_counter()
         job_epoch = time.time()
         settings = TaskSettings(str(listing.root), str(tmp), cfg.size, cfg.resize, cfg.max_pixels,
-                                len(listing.classes))
+                                len(listing.classes), cfg.format)
         rows = run_job(spark, plans, settings, progress=progress, api=api)
         t_done = time.perf_counter()
         done_epoch = time.time()

@@ -27,6 +27,7 @@ from catsdogs.errors import ConfigError, InputError
 from catsdogs.manifest import Manifest, load_manifest
 from catsdogs.models import PRETRAINED_MODELS, build_model, input_normalization, num_logits
 from catsdogs.runtime import setup
+from catsdogs.shards import open_shard
 from catsdogs.transforms import hflip, normalize
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Return pooled backbone features ``(n, d)`` float32 and labels ``(n,)`` of one split.
 
-    Shards are memory-mapped and read ``batch_size`` rows at a time, so memory stays at one batch.
+    Shards are opened lazily (npy memory map or Parquet row groups) and read ``batch_size`` rows at
+    a time, so memory stays at one batch.
     With ``flip`` the mirrored images are appended as extra rows (``2n`` rows; free augmentation).
     """
     model.eval()
@@ -52,8 +54,7 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
     flipped: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     for info in manifest.split_shards(split):
-        x_all = np.load(Path(root) / info.x, mmap_mode="r")
-        y_all = np.load(Path(root) / info.y)
+        x_all, y_all = open_shard(root, info, manifest.size)
         for start in range(0, len(y_all), batch_size):
             rows = np.array(x_all[start:start + batch_size])  # a copy: the memory map is read-only
             x = normalize(torch.from_numpy(rows), mean, std).to(device)
