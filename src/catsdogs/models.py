@@ -5,8 +5,9 @@ rebuilt from its checkpoint alone. Two classes use one logit (sigmoid + BCE); N 
 (softmax + cross-entropy).
 
 Models: ``seed`` (the classic 2-conv CNN), ``cnn`` (a small residual network trained from scratch,
-ResNet-9-like) and ``effnet_lite0/1/2`` (EfficientNet-Lite with ImageNet weights, see
-:mod:`catsdogs.effnet`). Factories ignore keyword arguments meant for other models (``**_``).
+ResNet-9-like), ``effnet_lite0/1/2`` (EfficientNet-Lite with ImageNet weights, see
+:mod:`catsdogs.effnet`) and ``effnet_lite12`` (Lite1 and Lite2 side by side, one head).
+Factories ignore keyword arguments meant for other models (``**_``).
 """
 
 from __future__ import annotations
@@ -148,11 +149,30 @@ def _effnet_factory(variant: str) -> ModelFactory:
     return factory
 
 
-PRETRAINED_MODELS: tuple[str, ...] = ("effnet_lite0", "effnet_lite1", "effnet_lite2")
+ENSEMBLES: dict[str, tuple[str, ...]] = {"effnet_lite12": ("lite1", "lite2")}
+"""Ensembles of EfficientNet-Lite backbones (features concatenated, one head), by model name."""
+
+
+def _ensemble_factory(variants: tuple[str, ...]) -> ModelFactory:
+    def factory(num_classes: int, size: int, dropout: float = 0.2, pretrained: bool = True,
+                **_: Any) -> nn.Module:
+        from catsdogs.effnet import EfficientNetLiteEnsemble
+
+        return EfficientNetLiteEnsemble(variants, num_logits(num_classes), size, dropout=dropout,
+                                        pretrained=pretrained)
+
+    factory.__doc__ = f"EfficientNet-{' + '.join(v.capitalize() for v in variants)} ensemble."
+    return factory
+
+
+PRETRAINED_MODELS: tuple[str, ...] = ("effnet_lite0", "effnet_lite1", "effnet_lite2", *ENSEMBLES)
 """Models whose backbone starts from ImageNet weights (and expects their input normalisation)."""
 
 for _name in PRETRAINED_MODELS:
-    register(_name)(_effnet_factory(_name.removeprefix("effnet_")))
+    if _name in ENSEMBLES:
+        register(_name)(_ensemble_factory(ENSEMBLES[_name]))
+    else:
+        register(_name)(_effnet_factory(_name.removeprefix("effnet_")))
 
 
 def model_names() -> list[str]:

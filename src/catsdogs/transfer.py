@@ -22,7 +22,7 @@ from torch import nn
 from catsdogs import schema
 from catsdogs.checkpoint import save_checkpoint
 from catsdogs.config import TrainConfig, save_config, to_dict
-from catsdogs.effnet import EfficientNetLite, fold_batchnorm
+from catsdogs.effnet import fold_for_inference
 from catsdogs.errors import ConfigError, InputError
 from catsdogs.manifest import Manifest, load_manifest
 from catsdogs.models import PRETRAINED_MODELS, build_model, input_normalization, num_logits
@@ -48,8 +48,7 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
     With ``flip`` the mirrored images are appended as extra rows (``2n`` rows; free augmentation).
     """
     model.eval()
-    if isinstance(model, EfficientNetLite):
-        model = fold_batchnorm(model)  # inference-only copy: BN folded into the convs
+    model = fold_for_inference(model)  # inference-only copy: BN folded into the convs
     feats: list[np.ndarray] = []
     flipped: list[np.ndarray] = []
     labels: list[np.ndarray] = []
@@ -62,7 +61,7 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
             if flip:
                 flipped.append(model.features(hflip(x)).float().cpu().numpy())
         labels.append(y_all)
-    d = int(model._fc.in_features)
+    d = int(model._fc.in_features)  # type: ignore[union-attr]
     f = np.concatenate(feats) if feats else np.zeros((0, d), np.float32)
     y = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
     if flip and flipped:
