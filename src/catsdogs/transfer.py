@@ -39,7 +39,7 @@ C_GRID: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 @torch.inference_mode()
 def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, split: str,
                      mean: tuple[float, ...], std: tuple[float, ...], batch_size: int = 64,
-                     flip: bool = False, device: torch.device | str = "cpu"
+                     flip: bool = False, device: torch.device | str = "cpu", progress: bool = True
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Return pooled backbone features ``(n, d)`` float32 and labels ``(n,)`` of one split.
 
@@ -49,9 +49,13 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
     """
     model.eval()
     model = fold_for_inference(model)  # inference-only copy: BN folded into the convs
+    from tqdm import tqdm
+
     feats: list[np.ndarray] = []
     flipped: list[np.ndarray] = []
     labels: list[np.ndarray] = []
+    bar = tqdm(total=manifest.split_rows(split), desc=f"features {split}", unit="img",
+               disable=not progress)
     for info in manifest.split_shards(split):
         x_all, y_all = open_shard(root, info, manifest.size)
         for start in range(0, len(y_all), batch_size):
@@ -60,7 +64,9 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
             feats.append(model.features(x).float().cpu().numpy())
             if flip:
                 flipped.append(model.features(hflip(x)).float().cpu().numpy())
+            bar.update(len(rows))
         labels.append(y_all)
+    bar.close()
     d = int(model._fc.in_features)  # type: ignore[union-attr]
     f = np.concatenate(feats) if feats else np.zeros((0, d), np.float32)
     y = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
