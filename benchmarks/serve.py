@@ -167,18 +167,29 @@ def timed(fn: Callable[[], object], n: int, warmup: int = 20) -> dict[str, float
 
 def component_costs(run: Path, backend: str, threads: int, jpegs: list[bytes], n: int
                     ) -> dict[str, dict[str, float]]:
-    """Time the parts of a request in this process: forward (batch 1), decode, multipart parse."""
+    """Time the parts of a request in this process: forward (batch 1), decode, multipart parse.
+
+    The bare forward is the faster of the server's own thread setting and all cores in one forward
+    (``--workers 1``), so the latency target is judged against the quickest batch-1 forward.
+    """
     from catsdogs.config import ServeConfig
     from catsdogs.serve.backends import load_backend
     from catsdogs.serve.uploads import parse_multipart
 
-    model = load_backend(ServeConfig(run=str(run), backend=backend, threads=threads))
-    image = np.stack([model.decode(jpegs[0])])
+    forwards = {}
+    for label, cfg in (("all cores", ServeConfig(run=str(run), backend=backend, workers=1)),
+                       ("server threads", ServeConfig(run=str(run), backend=backend, threads=threads))):
+        model = load_backend(cfg)  # sets torch's thread count for what follows
+        image = np.stack([model.decode(jpegs[0])])
+        forwards[label] = timed(lambda m=model, x=image: m.predict_arrays(x), n)
+    best = min(forwards, key=lambda k: forwards[k]["p50_ms"])
     it = iter(range(10**9))
     body = multipart(jpegs[0], "x.jpg")
     ctype = f"multipart/form-data; boundary={BOUNDARY}"
     return {
-        "forward": timed(lambda: model.predict_arrays(image), n),
+        "forward": {**forwards[best], "setting": best},  # type: ignore[dict-item]
+        "forward_all_cores": forwards["all cores"],
+        "forward_server_threads": forwards["server threads"],
         "decode": timed(lambda: model.decode(jpegs[next(it) % len(jpegs)]), n),
         "parse": timed(lambda: parse_multipart(body, ctype), n),
     }
@@ -231,7 +242,8 @@ def bench_backend(run: Path, backend: str, threads: int, jpegs: list[bytes], arg
                   ) -> dict[str, Any]:
     costs = component_costs(run, backend, threads, jpegs, args.component_samples)
     port = free_port()
-    flags = ["--batch-wait-ms", str(args.batch_wait_ms), "--threads", str(threads)]
+    flags = ["--batch-wait-ms", str(args.batch_wait_ms), "--threads", str(threads),
+             "--workers", str(args.workers)]
     proc = start_server(run, backend, port, flags)
     try:
         requests = [post_request(port, multipart(j, f"{i}.jpg")) for i, j in enumerate(jpegs)]
@@ -281,9 +293,10 @@ def render(results: list[dict[str, Any]], run_note: str, args: argparse.Namespac
         "## Serving (`catsdogs serve`)", "",
         f"Command: `{cmd.strip()}` (it holds /tmp/catsdogs-heavy.lock itself)  ",
         f"Machine: {machine()}; server and load generator share these cores.  ",
-        f"Model: {run_note}. Server: `--batch-wait-ms {args.batch_wait_ms}`, `--max-batch 32`; {deps}.  ",
+        f"Model: {run_note}. Server: `--batch-wait-ms {args.batch_wait_ms}`, `--max-batch 32`, "
+        f"`--workers {args.workers}` (0 = one forward worker per core); {deps}.  ",
         f"Load: real PetImages JPEGs ({len(args.images_used)} files, mean {jpeg_kib:.1f} KiB, "
-        "180x180 -> 64x64), "
+        f"180x180 -> {args.model_size}x{args.model_size}), "
         f"`POST /predict` multipart over keep-alive HTTP/1.1 on 127.0.0.1; each level bounded by "
         f"{args.requests} (c=1) / {2 * args.requests} (c=16) requests and {args.seconds:.0f} s.", "",
         "| backend | --threads | concurrency | requests | errors | req/s | p50 ms | p99 ms | mean batch | "
@@ -295,15 +308,19 @@ def render(results: list[dict[str, Any]], run_note: str, args: argparse.Namespac
             lines.append(f"| {r['backend']} | {r['threads']} | {x['concurrency']} | {x['requests']} | "
                          f"{x['errors']} | {x['rps']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | "
                          f"{x['mean_batch']:.1f} | {x['server_cpu_ms']:.2f} |")
-    lines += ["", "Where the time of one request goes (measured in the same run; ms, p50 / p99):", "",
-              "| backend | --threads | bare forward, batch 1 | JPEG decode + resize | multipart parse | "
-              "HTTP round trip to /healthz (c=1) | /predict at c=1 |", "|---|---:|---|---|---|---|---|"]
+    lines += ["", "Where the time of one request goes (measured in the same run; ms, p50 / p99). Bare "
+              "forward: batch 1 in this process, with all cores in one forward and with the server's "
+              "per-worker threads; the faster p50 is the reference for the latency target.", "",
+              "| backend | --threads | bare forward, all cores | bare forward, server threads | "
+              "JPEG decode + resize | multipart parse | "
+              "HTTP round trip to /healthz (c=1) | /predict at c=1 |", "|---|---:|---|---|---|---|---|---|"]
     for r in results:
         c = r["costs"]
         one = r["load"][0]
         lines.append(
             f"| {r['backend']} | {r['threads']} | "
-            f"{c['forward']['p50_ms']:.2f} / {c['forward']['p99_ms']:.2f} | "
+            f"{c['forward_all_cores']['p50_ms']:.2f} / {c['forward_all_cores']['p99_ms']:.2f} | "
+            f"{c['forward_server_threads']['p50_ms']:.2f} / {c['forward_server_threads']['p99_ms']:.2f} | "
             f"{c['decode']['p50_ms']:.2f} / {c['decode']['p99_ms']:.2f} | "
             f"{c['parse']['p50_ms']:.3f} / {c['parse']['p99_ms']:.3f} | "
             f"{r['health']['p50_ms']:.2f} / {r['health']['p99_ms']:.2f} | "
@@ -353,17 +370,15 @@ def analysis(results: list[dict[str, Any]]) -> list[str]:
                if fixed >= forward else f"which leaves {forward - fixed:.2f} ms for all other work")
     lines += [
         "",
-        f"For this tiny model the forward pass is not what a request costs. With {best['backend']} "
-        f"--threads {best['threads']} (lowest p99), the JPEG decode (with its thread hop) plus a bare HTTP "
-        f"round trip (/healthz) take {fixed:.2f} ms = {fixed / forward:.1f}x the bare forward "
-        f"({forward:.2f} ms), {verdict}. Only a model whose forward pass dominates (e.g. EfficientNet at "
-        "128-224 px) can meet it. The decode is Pillow decoding the whole photo: the shared transform's "
-        "JPEG draft mode only skips work when the photo is at least 4x the model's input side.",
+        f"With {best['backend']} --threads {best['threads']} (lowest p99), the JPEG decode (with its thread "
+        f"hop) plus a bare HTTP round trip (/healthz) take {fixed:.2f} ms = {fixed / forward:.2f}x the bare "
+        f"forward ({forward:.2f} ms), {verdict}. A small model cannot meet the latency target because "
+        "these fixed costs rival its forward pass; a model whose forward dominates can.",
         "",
-        "Throughput at c=16 is bounded by CPU, not by waiting: at c=1 the server process already keeps "
-        "about one core busy (last column; the load generator and any other job share the same 2 cores), "
-        "and micro-batching amortises only the forward pass, not each request's decode, multipart and "
-        "HTTP work, so the c=16 gain stays around 2x or below on this machine.",
+        "Throughput at c=16 is bounded by CPU: it grows over c=1 only by what a lone request leaves "
+        "idle. A batch-1 forward barely uses the second core (compare the two bare-forward columns), so "
+        "the server runs one single-threaded forward worker per core and splits queued requests "
+        "between them; the load generator and the HTTP work share the same 2 cores.",
     ]
     return lines
 
@@ -377,12 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default="torch,onnx")
     parser.add_argument("--threads", default="0,1", help="server --threads values to compare (0 = all cores)")
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
+    parser.add_argument("--workers", type=int, default=0, help="server --workers (0 = one per core)")
     parser.add_argument("--component-samples", type=int, default=300)
     parser.add_argument("--fragment", default="serve", help="name of the docs/benchmarks fragment to write")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     jpegs = load_jpegs(args.images)
     args.images_used = jpegs
+    args.model_size = 64
     jpeg_kib = statistics.mean(len(j) for j in jpegs) / 1024
     try:
         import httptools  # noqa: F401
@@ -403,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
             run_note = ("untrained seed CNN at 64x64 (`tests.fixtures.make_run(size=64)`)"
                         + (f"; trained runs present but not used: {', '.join(others)}" if others else
                            "; no trained run under runs/ yet"))
+        from catsdogs.checkpoint import load_checkpoint, resolve_checkpoint
+
+        args.model_size = int(load_checkpoint(resolve_checkpoint(run, "best.pt"))["image"]["size"])
         results = [bench_backend(run, b, int(t), jpegs, args) for b in args.backends.split(",")
                    for t in args.threads.split(",")]
     text = render(results, run_note, args, jpeg_kib, deps)

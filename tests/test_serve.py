@@ -259,6 +259,50 @@ def test_batcher_runs_a_lone_request_at_once_and_propagates_failures() -> None:
     asyncio.run(scenario())
 
 
+def test_batcher_workers_run_batches_in_parallel_and_share_the_queue() -> None:
+    import threading
+    import time as _time
+
+    sizes: list[int] = []
+    active = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    def slow(x: np.ndarray) -> np.ndarray:
+        with lock:
+            active["now"] += 1
+            active["max"] = max(active["max"], active["now"])
+            sizes.append(len(x))
+        _time.sleep(0.2)  # a forward pass long enough for the other worker to start its own
+        with lock:
+            active["now"] -= 1
+        return x.reshape(len(x), -1)[:, :2].astype(np.float32)
+
+    async def scenario() -> None:
+        b = MicroBatcher(slow, max_batch=32, batch_wait_ms=0, workers=2)
+        await b.start()
+        try:
+            imgs = [np.full((2, 2, 3), i, np.uint8) for i in range(8)]
+            with b.expecting(8) as ticket:
+                outs = await asyncio.gather(*(b.submit(im, ticket) for im in imgs))
+            assert [int(o[0]) for o in outs] == list(range(8))  # each request gets its own row
+        finally:
+            await b.stop()
+
+    asyncio.run(scenario())
+    assert active["max"] == 2  # two forward passes overlapped
+    assert sum(sizes) == 8 and max(sizes) <= 4  # 8 announced images split over 2 idle workers
+
+
+def test_plan_workers_one_single_threaded_worker_per_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    from catsdogs.serve import backends
+
+    monkeypatch.setattr(backends, "cores", lambda: 4)
+    assert backends.plan_workers(ServeConfig(), on_cuda=False) == (4, 1)
+    assert backends.plan_workers(ServeConfig(), on_cuda=True) == (1, 4)
+    assert backends.plan_workers(ServeConfig(workers=1), on_cuda=False) == (1, 4)
+    assert backends.plan_workers(ServeConfig(workers=2, threads=3), on_cuda=False) == (2, 3)
+
+
 def test_onnx_backend_exports_on_the_fly_and_agrees_with_torch(run_dir: Path) -> None:
     backend = TorchBackend(Predictor.from_run(run_dir))
     torch_probs = backend.predict_arrays(np.stack([backend.decode(JPEG)]))[0]

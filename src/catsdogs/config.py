@@ -136,8 +136,9 @@ class EvaluateConfig:
     """Split to evaluate: test, val or train."""
     out: str = ""
     """Folder for the report (default: RUN/eval)."""
-    batch_size: int = 256
-    """Images per forward pass."""
+    batch_size: int = 64
+    """Images per forward pass. Activations grow with it: 256 peaked at 8 GB RSS for effnet_lite12 at
+    260 px, 64 keeps that model near 2 GB at the same speed on CPU."""
     tta: bool = False
     """Average predictions over horizontal flips."""
     device: str = "auto"
@@ -195,8 +196,11 @@ class ServeConfig:
     """How long the batcher waits for more requests once one is queued, in milliseconds."""
     max_files: int = 64
     """Most files accepted by one /predict/batch request (more gets 413)."""
+    workers: int = 0
+    """Forward passes run in parallel (0 = one per CPU core, 1 on CUDA): batch-1 CPU inference barely
+    uses a second core, so parallel single-threaded workers keep every core busy under load."""
     threads: int = 0
-    """Torch intra-op threads (0 = all cores)."""
+    """Intra-op threads per forward worker (0 = cores / workers)."""
     tta: bool = False
     """Average predictions over horizontal flips."""
 

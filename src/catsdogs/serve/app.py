@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
@@ -42,7 +43,7 @@ from catsdogs import __version__
 from catsdogs.config import ServeConfig
 from catsdogs.errors import ConfigError, ImageDecodeError
 from catsdogs.export import run_folder as export_run_folder
-from catsdogs.serve.backends import Backend, cores, load_backend
+from catsdogs.serve.backends import Backend, cores, load_backend, on_cuda, plan_workers
 from catsdogs.serve.batcher import MicroBatcher
 from catsdogs.serve.uploads import ApiError, Part, parse_multipart, read_body
 
@@ -175,7 +176,9 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
         backend = predictor if predictor is not None else load_backend(cfg)
         # Warm up once so the first request does not pay lazy initialisation.
         backend.predict_arrays(np.zeros((1, backend.size, backend.size, 3), dtype=np.uint8))
-        batcher = MicroBatcher(partial(backend.predict_arrays, tta=cfg.tta), cfg.max_batch, cfg.batch_wait_ms)
+        workers, _threads = plan_workers(cfg, on_cuda(backend))
+        batcher = MicroBatcher(partial(backend.predict_arrays, tta=cfg.tta), cfg.max_batch,
+                               cfg.batch_wait_ms, workers)
         pool = ThreadPoolExecutor(max_workers=min(_MAX_DECODE_THREADS, cores() + 1),
                                   thread_name_prefix="decode")
         desc = backend.describe()
@@ -250,8 +253,9 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
 
     @app.get("/stats")
     async def stats(request: Request) -> dict[str, Any]:
-        """Micro-batching counters: number of forward passes and their batch sizes."""
-        return request.app.state.serving.batcher.stats.as_dict()
+        """Micro-batching counters: number of forward passes and their batch sizes, forward workers."""
+        batcher = request.app.state.serving.batcher
+        return {**batcher.stats.as_dict(), "workers": batcher.workers, "threads": torch.get_num_threads()}
 
     @app.get("/report", include_in_schema=True, response_model=None)
     async def report() -> FileResponse | JSONResponse:

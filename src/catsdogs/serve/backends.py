@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from catsdogs.config import ServeConfig
 from catsdogs.inference import Predictor
@@ -95,15 +96,30 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def on_cuda(backend: Backend) -> bool:
+    """Return True when the backend runs its model on a CUDA GPU."""
+    predictor = getattr(backend, "predictor", None)
+    return isinstance(predictor, Predictor) and predictor.device.type == "cuda"
+
+
+def plan_workers(cfg: ServeConfig, on_cuda: bool) -> tuple[int, int]:
+    """Return ``(forward workers, intra-op threads per worker)`` from ``--workers`` / ``--threads``."""
+    workers = cfg.workers or (1 if on_cuda else cores())
+    threads = cfg.threads or max(1, cores() // workers)
+    return workers, threads
+
+
 def load_backend(cfg: ServeConfig) -> Backend:
     """Load the run's model for ``--backend``; for onnx, export RUN/model.onnx first if missing or stale."""
     from catsdogs import runtime
 
-    device = runtime.setup(cfg.threads, "auto")
+    device = runtime.select_device("auto") if cfg.backend == "torch" else torch.device("cpu")
+    _workers, threads = plan_workers(cfg, device.type == "cuda")
+    runtime.setup(threads, device.type)
     if cfg.backend == "onnx":
         from catsdogs.export import ensure_onnx, run_folder
 
         predictor = Predictor.from_run(cfg.run, "cpu")
         path, _made = ensure_onnx(predictor, run_folder(cfg.run))
-        return OnnxBackend(predictor, path, cfg.threads)
+        return OnnxBackend(predictor, path, threads)
     return TorchBackend(Predictor.from_run(cfg.run, device))
