@@ -6,9 +6,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= data/PetImages
-# A preset in configs/: effnet_lite0_frozen (default, best accuracy per minute), effnet_lite0
-# (fine-tuned, most accurate), cnn (from scratch), seed (the classic small CNN).
-MODEL ?= effnet_lite0_frozen
+# A preset in configs/: effnet_lite12_frozen (default, most accurate), effnet_lite0_frozen (quick),
+# effnet_lite0 (fine-tuned), cnn (from scratch), seed (the classic small CNN).
+MODEL ?= effnet_lite12_frozen
 OUT ?= runs/$(MODEL)
 STAMP := $(VENV)/.installed
 # The CPU torch wheel lies in /opt/wheels on these machines; never let pip fetch a CUDA build.

@@ -106,6 +106,16 @@ def history_figure(epochs: Sequence[float], train: Sequence[float], val: Sequenc
     ax.set_xlabel("Epoch")
     ax.set_ylabel(metric)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if np.unique(ep).size == 1:
+        # One row (e.g. a frozen-backbone run: one feature pass, no epochs): no curve to draw, so
+        # show the point on a readable axis with its value written next to it.
+        ax.set_xlim(ep[0] - 1, ep[0] + 1)
+        ax.set_xticks([ep[0]])
+        for values in (tr, va):
+            if not np.isnan(values[-1]):
+                ax.annotate(f"{values[-1]:.4f}", (ep[-1], values[-1]), textcoords="offset points",
+                            xytext=(8, 4))
+        title += " (one training pass)"
     ax.set_title(title, fontsize=12, fontweight="bold")
     ax.grid(alpha=0.3)
     ax.legend()
