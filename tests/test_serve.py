@@ -301,6 +301,7 @@ def test_plan_workers_one_single_threaded_worker_per_core(monkeypatch: pytest.Mo
     assert backends.plan_workers(ServeConfig(), on_cuda=True) == (1, 4)
     assert backends.plan_workers(ServeConfig(workers=1), on_cuda=False) == (1, 4)
     assert backends.plan_workers(ServeConfig(workers=2, threads=3), on_cuda=False) == (2, 3)
+    assert backends.plan_workers(ServeConfig(backend="onnx"), on_cuda=False) == (1, 4)
 
 
 def test_onnx_backend_exports_on_the_fly_and_agrees_with_torch(run_dir: Path) -> None:

@@ -197,8 +197,8 @@ class ServeConfig:
     max_files: int = 64
     """Most files accepted by one /predict/batch request (more gets 413)."""
     workers: int = 0
-    """Forward passes run in parallel (0 = one per CPU core, 1 on CUDA): batch-1 CPU inference barely
-    uses a second core, so parallel single-threaded workers keep every core busy under load."""
+    """Forward passes run in parallel (0 = torch on CPU: one per core, since its batch-1 forward barely
+    uses a second core; onnx or CUDA: 1, since they parallelise one image well)."""
     threads: int = 0
     """Intra-op threads per forward worker (0 = cores / workers)."""
     tta: bool = False
