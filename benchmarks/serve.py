@@ -294,7 +294,8 @@ def render(results: list[dict[str, Any]], run_note: str, args: argparse.Namespac
         f"Command: `{cmd.strip()}` (it holds /tmp/catsdogs-heavy.lock itself)  ",
         f"Machine: {machine()}; server and load generator share these cores.  ",
         f"Model: {run_note}. Server: `--batch-wait-ms {args.batch_wait_ms}`, `--max-batch 32`, "
-        f"`--workers {args.workers}` (0 = one forward worker per core); {deps}.  ",
+        f"`--workers {args.workers}` (0 = torch: one single-threaded forward worker per core; onnx: one "
+        f"worker with every core); {deps}.  ",
         f"Load: real PetImages JPEGs ({len(args.images_used)} files, mean {jpeg_kib:.1f} KiB, "
         f"180x180 -> {args.model_size}x{args.model_size}), "
         f"`POST /predict` multipart over keep-alive HTTP/1.1 on 127.0.0.1; each level bounded by "
