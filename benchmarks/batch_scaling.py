@@ -61,7 +61,8 @@ def measure(run: Path) -> list[tuple[str, int, int, float]]:
             x = rng.integers(0, 256, (b, pred.size, pred.size, 3), dtype=np.uint8)
             reps = 20 if b == 1 else 6
             rows.append(("torch", threads, b, median_ms(lambda x=x: pred.predict_arrays(x), reps)))
-            rows.append(("onnx", threads, b, median_ms(lambda x=x, s=sess, n=name: s.run(None, {n: x}), reps)))
+            run_onnx = lambda x=x, s=sess, n=name: s.run(None, {n: x})  # noqa: E731
+            rows.append(("onnx", threads, b, median_ms(run_onnx, reps)))
             print(f"{run.name} threads={threads} batch={b}: torch {rows[-2][3]:.1f} ms, "
                   f"onnx {rows[-1][3]:.1f} ms", flush=True)
     return rows
