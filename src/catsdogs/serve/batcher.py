@@ -7,12 +7,12 @@ in that worker's thread and resolves every future with its own row. A lone reque
 with nothing announced the dispatcher runs at once, and images that arrive during a forward pass
 simply form the next batch.
 
-``workers`` forward passes may run at once (one thread each). On CPU a batch-1 forward of these
-convnets barely uses a second core (EfficientNet-Lite12 at 260 px: 54 ms with 2 threads, 53 ms with 1),
-so one single-threaded worker per core keeps every core busy under load while a lone request is
-as fast as with all cores. Queued images are split evenly over the idle workers (a batch takes at
-most ``ceil(queued / idle workers)``, and never more than ``max_batch``), so one worker does not
-take everything while the other idles.
+``workers`` forward passes may run at once. A batch-1 torch forward of these convnets on CPU gains
+nothing from a second thread (EfficientNet-Lite12 at 260 px: 70 ms with 2 threads, 53 ms with 1;
+``benchmarks.batch_scaling``), so the server's torch default, one single-threaded worker per core,
+keeps every core busy under load while a lone request is as fast as it can be. Queued images are
+split evenly over the idle workers (a batch takes at most ``ceil(queued / idle workers)``, and never
+more than ``max_batch``), so one worker does not take everything while the other idles.
 """
 
 from __future__ import annotations
