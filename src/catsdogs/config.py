@@ -137,8 +137,8 @@ class EvaluateConfig:
     out: str = ""
     """Folder for the report (default: RUN/eval)."""
     batch_size: int = 64
-    """Images per forward pass. Activations grow with it: 256 peaked at 8 GB RSS for effnet_lite12 at
-    260 px, 64 keeps that model near 2 GB at the same speed on CPU."""
+    """Images per forward pass. Activations grow with it: with 256, `make run` of effnet_lite12 at
+    260 px peaked at 8 GB RSS; with 64 at 2.5 GB (docs/models.md)."""
     tta: bool = False
     """Average predictions over horizontal flips."""
     device: str = "auto"
