@@ -136,7 +136,34 @@ def _cpu_and_label(pid: int, root: int) -> tuple[float, str] | None:
     return cpu, label
 
 
-class PeakRSS:
+class Sampler:
+    """Call :meth:`sample` every ``interval`` seconds in a daemon thread while the ``with`` block runs.
+
+    Subclasses implement ``sample``; returning False stops the thread early (e.g. the process is gone).
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> bool | None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while self.sample() is not False and not self._stop.wait(self.interval):
+            pass
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class PeakRSS(Sampler):
     """Sample the RSS of a process tree in a thread (every ``interval`` s) and keep the peak.
 
     Also keeps each process's last seen CPU seconds; :attr:`cpu_by_kind` sums them per kind
@@ -144,22 +171,17 @@ class PeakRSS:
     """
 
     def __init__(self, pid: int | None = None, interval: float = 0.1) -> None:
+        super().__init__(interval)
         self.pid = pid or os.getpid()
-        self.interval = interval
         self.peak = 0
         self._cpu: dict[int, tuple[float, str]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while True:
-            self.peak = max(self.peak, tree_rss(self.pid))
-            for pid in tree_pids(self.pid):
-                seen = _cpu_and_label(pid, self.pid)
-                if seen is not None:
-                    self._cpu[pid] = seen
-            if self._stop.wait(self.interval):
-                return
+    def sample(self) -> None:
+        self.peak = max(self.peak, tree_rss(self.pid))
+        for pid in tree_pids(self.pid):
+            seen = _cpu_and_label(pid, self.pid)
+            if seen is not None:
+                self._cpu[pid] = seen
 
     @property
     def cpu_by_kind(self) -> dict[str, float]:
@@ -168,14 +190,6 @@ class PeakRSS:
         for cpu, label in self._cpu.values():
             out[label] = out.get(label, 0.0) + cpu
         return out
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
     @property
     def peak_mib(self) -> float:

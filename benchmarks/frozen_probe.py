@@ -1,10 +1,11 @@
 """Model selection for the frozen-backbone presets: linear probes of ImageNet features on val only.
 
-For each backbone@size it computes pooled features of the train and val splits once (BatchNorm
-folded, channels_last, batch 64; images upsampled in torch from the given shards when the size is
-larger), caches them, then fits the project's logistic head (:func:`catsdogs.transfer.fit_head`,
-C picked by val log-loss) on single backbones and on concatenations. Only val is used: the test
-split is for the final ``catsdogs evaluate`` of the chosen preset.
+For each backbone@size it computes pooled features of the train and val splits once with the
+product's feature pass (``transfer.extract_features``; images resized in torch from the given shards
+when the size differs), caches them, then fits the project's logistic head
+(:func:`catsdogs.transfer.fit_head`, C picked by val log-loss) on single backbones and on
+concatenations. Only val is used: the test split is for the final ``catsdogs evaluate`` of the
+chosen preset.
 
 Usage: ``.venv/bin/python -m benchmarks.frozen_probe [--data SHARDS_180] [--cache DIR]`` (without --data it
 makes 180-px shards of the real data with ``catsdogs preprocess``; about 35 min on 2 cores the first
@@ -33,20 +34,24 @@ COMBOS = ("effnet_lite0@180", "effnet_lite1@240", "effnet_lite1@260", "effnet_li
 
 
 def features(spec: str, data: Path, cache: Path) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
-    """Return ``split -> (features, mirrored features, images/s)`` for train and val, cached on disk."""
-    import torch
-    import torch.nn.functional as F
+    """Return ``split -> (features, mirrored features, forward passes/s)`` for train and val, cached.
 
-    from catsdogs.effnet import fold_for_inference
+    Uses the product's own feature pass (:func:`catsdogs.transfer.extract_features`, BatchNorm folded,
+    batch 64), resizing the shards' images to the spec's size in torch; mirrored features for val only
+    (flip TTA); training the head on mirrored copies did not help.
+    """
+    import torch
+
     from catsdogs.manifest import load_manifest
-    from catsdogs.models import build_model
+    from catsdogs.models import build_model, input_normalization
     from catsdogs.runtime import setup
-    from catsdogs.shards import open_shard
+    from catsdogs.transfer import extract_features
 
     name, size = spec.split("@")[0], int(spec.split("@")[1])
     out: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
     setup(0, "cpu", 0)
     m = load_manifest(data)
+    mean, std = input_normalization(name, tuple(m.mean), tuple(m.std))
     model = None
     for split in ("train", "val"):
         f = cache / f"{name}_{size}_{split}.npz"
@@ -55,30 +60,16 @@ def features(spec: str, data: Path, cache: Path) -> dict[str, tuple[np.ndarray, 
             out[split] = (z["x"], z["xf"], float(z["rate"]))
             continue
         if model is None:
-            model = fold_for_inference(build_model(name, 2, size, pretrained=True).eval())
-            model = model.to(memory_format=torch.channels_last)
-        xs, xfs = [], []
+            model = build_model(name, 2, size, pretrained=True).eval().to(memory_format=torch.channels_last)
+        flip = split == "val"
         t0 = time.perf_counter()
-        for info in m.split_shards(split):
-            xa, _ = open_shard(data, info, m.size)
-            for s in range(0, info.rows, 64):
-                x = torch.from_numpy(np.array(xa[s:s + 64])).permute(0, 3, 1, 2).float()
-                x = (x - 127.5) / 128  # the Lite weights' input scaling (models.input_normalization)
-                if size != m.size:
-                    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-                x = x.contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode():
-                    xs.append(model.features(x).numpy())
-                    # Mirrored features only for val (flip TTA); training the head on them did not help.
-                    if split == "val":
-                        xfs.append(model.features(x.flip(-1)).numpy())
-        rows = sum(len(a) for a in xs)
-        rate = rows * (2 if split == "val" else 1) / (time.perf_counter() - t0)
-        x_all = np.concatenate(xs)
-        xf_all = np.concatenate(xfs) if xfs else np.zeros((0, x_all.shape[1]), np.float32)
+        x_all, _ = extract_features(model, data, m, split, mean, std, 64, flip=flip, size=size)
+        rate = len(x_all) / (time.perf_counter() - t0)
+        rows = len(x_all) // 2 if flip else len(x_all)
+        x, xf = x_all[:rows], x_all[rows:]  # extract_features appends the mirrored rows
         cache.mkdir(parents=True, exist_ok=True)
-        np.savez(f, x=x_all, xf=xf_all, rate=rate)
-        out[split] = (x_all, xf_all, rate)
+        np.savez(f, x=x, xf=xf, rate=rate)
+        out[split] = (x, xf, rate)
         print(f"{spec} {split}: {rows} images, {rate:.1f} forward passes/s", flush=True)
     return out
 

@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import PROJECT_ROOT, REAL_DATA, heavy_lock, machine, write_fragment
+from benchmarks._common import PROJECT_ROOT, REAL_DATA, Sampler, heavy_lock, machine, write_fragment
 from benchmarks.serve import free_port, stop_server, wait_healthy
 
 BOUNDARY = "catsdogssoakboundary"
@@ -197,31 +196,23 @@ def vm_rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-class RssSampler:
+class RssSampler(Sampler):
     """Sample a process's VmRSS every ``interval`` seconds in a thread: (seconds, MiB) pairs."""
 
     def __init__(self, pid: int, interval: float = 0.5) -> None:
-        self.pid, self.interval = pid, interval
+        super().__init__(interval)
+        self.pid = pid
         self.samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._t0: float | None = None
 
-    def _run(self) -> None:
-        t0 = time.perf_counter()
-        while not self._stop.is_set():
-            try:
-                self.samples.append((time.perf_counter() - t0, vm_rss_mib(self.pid)))
-            except (OSError, RuntimeError):
-                return
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> bool:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        try:
+            self.samples.append((time.perf_counter() - self._t0, vm_rss_mib(self.pid)))
+        except (OSError, RuntimeError):
+            return False  # the server is gone
+        return True
 
 
 def start_server(run: Path, port: int, log: Path) -> subprocess.Popen[bytes]:

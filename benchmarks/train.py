@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks._common import PROJECT_ROOT, REAL_DATA, PeakRSS, heavy_lock, machine, write_fragment
+from benchmarks._common import PROJECT_ROOT, REAL_DATA, PeakRSS, Sampler, heavy_lock, machine, write_fragment
 from catsdogs.config import TrainConfig
 from catsdogs.data import split_stream
 from catsdogs.manifest import ShardInfo, load_manifest, save_manifest
@@ -159,7 +158,7 @@ def repeated_manifest(data: Path, dest: Path, times: int) -> Path:
     return dest
 
 
-class HighWater:
+class HighWater(Sampler):
     """Poll ``VmHWM`` (the kernel's peak-RSS mark of one process since its exec) until it exits.
 
     Unlike ``ru_maxrss`` from ``wait4`` this excludes the pages the child inherited from this
@@ -167,28 +166,17 @@ class HighWater:
     """
 
     def __init__(self, pid: int, interval: float = 0.05) -> None:
-        self.pid, self.interval, self.kib = pid, interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(interval)
+        self.pid, self.kib = pid, 0
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                with open(f"/proc/{self.pid}/status") as fh:
-                    for line in fh:
-                        if line.startswith("VmHWM:"):
-                            self.kib = max(self.kib, int(line.split()[1]))
-            except (OSError, ValueError):
-                pass
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> HighWater:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        try:
+            with open(f"/proc/{self.pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        self.kib = max(self.kib, int(line.split()[1]))
+        except (OSError, ValueError):
+            pass
 
 
 def run_train(data: Path, out: Path, env_extra: dict[str, str], extra: list[str]) -> dict[str, float]:

@@ -61,3 +61,26 @@ def test_freeze_needs_a_pretrained_model(tmp_path: Path) -> None:
     cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), model="cnn", freeze="backbone")
     with pytest.raises(ConfigError, match="--freeze backbone"):
         train_frozen(cfg)
+
+
+def test_extract_features_resizes_to_the_models_size(tmp_path: Path) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from catsdogs.models import build_model
+    from catsdogs.shards import open_shard
+    from catsdogs.transfer import extract_features
+
+    data = tmp_path / "shards"
+    manifest = make_shards(data, counts={"train": 10, "val": 6}, size=32, shard_rows=4, fmt="parquet")
+    model = build_model("effnet_lite0", 2, 48, pretrained=True).eval()
+    mean, std = (127.5,) * 3, (128.0,) * 3
+    feats, labels = extract_features(model, data, manifest, "val", mean, std, batch_size=4, flip=True,
+                                     size=48, progress=False)
+    assert feats.shape == (12, 1280) and labels.tolist()[:6] == labels.tolist()[6:]
+    x = np.concatenate([open_shard(data, s, 32)[0][0:s.rows] for s in manifest.split_shards("val")])
+    t = F.interpolate((torch.from_numpy(x).permute(0, 3, 1, 2).float() - 127.5) / 128, size=(48, 48),
+                      mode="bilinear", antialias=True)
+    with torch.no_grad():
+        np.testing.assert_allclose(feats[:6], model.features(t).numpy(), atol=1e-3)
+        np.testing.assert_allclose(feats[6:], model.features(t.flip(-1)).numpy(), atol=1e-3)

@@ -44,7 +44,7 @@ class Predictor:
         state = load_checkpoint(path)
         device = torch.device(device)
         model = build_from_checkpoint(state).eval()
-        # Inference only: BatchNorm folded into the convolutions (same outputs, ~25 % less work).
+        # Inference only: BatchNorm folded into the convolutions (same outputs, one op less per conv).
         model = fold_for_inference(model).to(device).to(memory_format=torch.channels_last)
         image = state[schema.CKPT_IMAGE]
         norm = state[schema.CKPT_NORM]

@@ -199,7 +199,8 @@ class ParquetPixels:
                 pos, g = end, g + 1
             if not parts:
                 return np.zeros((0, *self.shape[1:]), dtype=np.uint8)
-            return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+            # One row group: a read-only view, like a memory-map slice; callers copy what they keep.
+            return np.concatenate(parts) if len(parts) > 1 else parts[0]
         idx = np.asarray(key)
         if idx.ndim == 0:
             return self[int(idx):int(idx) + 1][0]

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from catsdogs import schema
@@ -39,13 +40,15 @@ C_GRID: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 @torch.inference_mode()
 def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, split: str,
                      mean: tuple[float, ...], std: tuple[float, ...], batch_size: int = 64,
-                     flip: bool = False, device: torch.device | str = "cpu", progress: bool = True
-                     ) -> tuple[np.ndarray, np.ndarray]:
+                     flip: bool = False, device: torch.device | str = "cpu", progress: bool = True,
+                     size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Return pooled backbone features ``(n, d)`` float32 and labels ``(n,)`` of one split.
 
     Shards are opened lazily (npy memory map or Parquet row groups) and read ``batch_size`` rows at
     a time, so memory stays at one batch.
     With ``flip`` the mirrored images are appended as extra rows (``2n`` rows; free augmentation).
+    With ``size`` the batches are resized in torch (bilinear, antialiased) to that side first; the
+    model must be built for it (used to compare backbones at several sizes from one shards folder).
     """
     model.eval()
     model = fold_for_inference(model)  # inference-only copy: BN folded into the convs
@@ -61,6 +64,9 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
         for start in range(0, len(y_all), batch_size):
             rows = np.array(x_all[start:start + batch_size])  # a copy: the memory map is read-only
             x = normalize(torch.from_numpy(rows), mean, std).to(device)
+            if size is not None and size != x.shape[-1]:
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+                x = x.contiguous(memory_format=torch.channels_last)
             feats.append(model.features(x).float().cpu().numpy())
             if flip:
                 flipped.append(model.features(hflip(x)).float().cpu().numpy())
