@@ -126,7 +126,7 @@ def test_stale_temp_folders_of_dead_runs_only_are_removed(tmp_path: Path) -> Non
     """A rerun deletes temp folders of killed runs on this host, never a live run's or another host's."""
     import socket
 
-    from catsdogs.preprocess import _remove_stale_tmp
+    from catsdogs.outputs import remove_stale_tmp as _remove_stale_tmp
 
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

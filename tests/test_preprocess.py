@@ -18,7 +18,8 @@ from catsdogs.cli import main as cli_main
 from catsdogs.errors import OutputExistsError
 from catsdogs.listing import scan_input
 from catsdogs.manifest import load_manifest
-from catsdogs.preprocess import TaskSettings, _check_output, process_shard
+from catsdogs.outputs import check_local_output
+from catsdogs.preprocess import TaskSettings, process_shard
 from tests.fixtures import make_image_tree
 from tests.test_transforms import EXPECTED_REASONS
 
@@ -222,8 +223,8 @@ def test_overwrite_never_replaces_a_folder_that_is_not_shards(tmp_path: Path) ->
     precious.mkdir()
     (precious / "thesis.tex").write_text("...")
     with pytest.raises(OutputExistsError, match="--output"):
-        _check_output(precious, overwrite=True)
-    _check_output(tmp_path / "fresh", overwrite=False)
+        check_local_output(precious, overwrite=True)
+    check_local_output(tmp_path / "fresh", overwrite=False)
 
 
 def test_task_reports_unreadable_and_broken_links_without_spark(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Paths given as ``file://`` URIs work end to end; other schemes fail with a hint at docs/cluster.md."""
+"""Paths given as ``file://`` URIs work end to end; unsupported schemes fail with a hint."""
 
 from __future__ import annotations
 
@@ -18,10 +18,17 @@ def test_file_uri_becomes_a_path() -> None:
     assert build_config(TrainConfig, {"data": "relative/shards"}).data == "relative/shards"
 
 
-@pytest.mark.parametrize("uri", ["hdfs://namenode:8020/pets", "s3a://bucket/pets", "file://otherhost/pets"])
+@pytest.mark.parametrize("uri", ["gs://bucket/pets", "ftp://host/pets", "file://otherhost/pets"])
 def test_other_schemes_name_the_flag(uri: str) -> None:
     with pytest.raises(ConfigError, match="--input"):
         build_config(PreprocessConfig, {"input": uri, "output": "/tmp/x"})
+
+
+@pytest.mark.parametrize("uri", ["hdfs://namenode:8020/run", "s3a://bucket/run"])
+def test_runs_stay_local(uri: str) -> None:
+    """Shards may live on S3/HDFS (tests/test_storage_remote.py); run folders are local files."""
+    with pytest.raises(ConfigError, match="--out"):
+        build_config(TrainConfig, {"data": "/tmp/shards", "out": uri})
 
 
 def test_file_uris_end_to_end(tmp_path: Path) -> None:

@@ -61,7 +61,10 @@ class TrainConfig:
     """Settings of ``catsdogs train``."""
 
     data: str = ""
-    """Shards folder written by ``catsdogs preprocess``."""
+    """Shards folder written by ``catsdogs preprocess``: a path, or an s3a:// / hdfs:// URI."""
+    cache_dir: str = ""
+    """Local copy of remote --data, checked against the manifest's sha256 (default:
+    $CATSDOGS_CACHE, else ~/.cache/catsdogs). Training streams from local disk, not the network."""
     out: str = ""
     """Run folder for checkpoints, metrics.csv and config.json."""
     model: str = "seed"
@@ -131,7 +134,9 @@ class EvaluateConfig:
     run: str = ""
     """Run folder written by ``catsdogs train``."""
     data: str = ""
-    """Shards folder to evaluate on (default: the run's own --data)."""
+    """Shards folder to evaluate on (default: the run's own --data); a path or s3a:// / hdfs:// URI."""
+    cache_dir: str = ""
+    """Local copy of remote --data (default: $CATSDOGS_CACHE, else ~/.cache/catsdogs)."""
     split: str = "test"
     """Split to evaluate: test, val or train."""
     out: str = ""
@@ -317,22 +322,32 @@ def build_config(cls: type[C], *layers: dict[str, Any]) -> C:
     for key in PATH_FIELDS:
         value = getattr(cfg, key, None)
         if isinstance(value, str) and value:
-            setattr(cfg, key, local_path(value, flag(key)))
+            remote_ok = key in REMOTE_FIELDS.get(cls.__name__, ())
+            setattr(cfg, key, local_path(value, flag(key), remote_ok))
     validate(cfg)
     return cfg
 
 
-PATH_FIELDS = ("input", "output", "data", "out", "run", "shards", "train_config")
+PATH_FIELDS = ("input", "output", "data", "out", "run", "shards", "train_config", "cache_dir")
 """Settings holding a folder or file; they accept plain paths and ``file://`` URIs."""
 
+REMOTE_FIELDS: dict[str, tuple[str, ...]] = {
+    "PreprocessConfig": ("input", "output"),
+    "TrainConfig": ("data",),
+    "EvaluateConfig": ("data",),
+}
+"""Settings that also take s3a://, s3:// and hdfs:// URIs (:mod:`catsdogs.storage`): the image folder
+and the shards, the data that outgrows one machine. Runs and models stay on local disk."""
 
-def local_path(value: str, flag_name: str) -> str:
-    """Turn a ``file://`` URI into a path; refuse other schemes (hdfs://, s3a://) with a hint.
 
-    Every stage reads and writes with POSIX file I/O (Spark tasks included), so any storage all
-    nodes mount works; see docs/cluster.md for HDFS.
+def local_path(value: str, flag_name: str, remote_ok: bool = False) -> str:
+    """Turn a ``file://`` URI into a path; keep s3a:// and hdfs:// URIs where ``remote_ok``.
+
+    Any other scheme is refused with a hint: storage that every node mounts works through its path.
     """
     from urllib.parse import unquote, urlparse
+
+    from catsdogs.storage import SCHEMES, scheme_of
 
     if value.startswith("file:"):
         parsed = urlparse(value)
@@ -340,11 +355,14 @@ def local_path(value: str, flag_name: str) -> str:
             raise ConfigError(f"{flag_name} {value!r}: file:// URIs must name a local path "
                               f"(file:///abs/path), not host {parsed.netloc!r}")
         return unquote(parsed.path)
-    scheme = value.split("://", 1)[0] if "://" in value else ""
+    scheme = scheme_of(value)
+    if scheme in SCHEMES and remote_ok:
+        return value
     if scheme and scheme.isalnum():
-        raise ConfigError(f"{flag_name} {value!r}: {scheme}:// is not read directly; mount it on every "
-                          f"node (e.g. HDFS NFS gateway or FUSE) and pass the mounted path or a file:// "
-                          f"URI (see docs/cluster.md)")
+        where = ("only --input/--output of preprocess and --data of train and evaluate take "
+                 "s3a:// or hdfs:// URIs" if scheme in SCHEMES else f"{scheme}:// is not supported")
+        raise ConfigError(f"{flag_name} {value!r}: {where}; for other storage, mount it on every node "
+                          f"and pass the mounted path or a file:// URI (see docs/cluster.md)")
     return value
 
 

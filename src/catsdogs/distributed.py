@@ -31,6 +31,7 @@ from catsdogs.config import TrainConfig
 from catsdogs.errors import ConfigError, OutputExistsError
 from catsdogs.manifest import load_manifest
 from catsdogs.runtime import select_device
+from catsdogs.shardcache import local_shards, read_manifest
 from catsdogs.spark import get_spark, is_local
 
 
@@ -94,7 +95,10 @@ def _preflight(cfg: TrainConfig) -> None:
         raise OutputExistsError(f"run folder {cfg.out!r} already has {schema.LAST_CKPT}; pass --resume "
                                 f"to continue it or choose a new --out")
     if cfg.data:
-        manifest = load_manifest(cfg.data)
+        # In local mode the ranks share this machine: fetch remote shards once, here, so the N
+        # ranks find them cached instead of downloading them N times at once.
+        manifest = (load_manifest(local_shards(cfg.data, cfg.cache_dir)) if is_local(cfg.master)
+                    else read_manifest(cfg.data))
         shards = len(manifest.split_shards("train"))
         if shards < cfg.distributed:
             raise ConfigError(f"--distributed {cfg.distributed} exceeds the {shards} train shards of "

@@ -25,6 +25,7 @@ from catsdogs.config import EvaluateConfig, save_config, to_dict
 from catsdogs.errors import ConfigError, InputError
 from catsdogs.fsutil import atomic_write_text
 from catsdogs.manifest import Manifest, load_manifest
+from catsdogs.shardcache import local_shards
 from catsdogs.shards import open_shard
 
 OUTPUT_FILES: tuple[str, ...] = (
@@ -251,6 +252,8 @@ def resolve_paths(cfg: EvaluateConfig) -> tuple[Path, Path, Path, dict[str, Any]
     if not data:
         raise ConfigError(f"run {str(run_dir)!r} does not record its shards folder; give --data")
     out = Path(cfg.out) if cfg.out else run_dir / "eval"
+    # Remote shards (s3a://, hdfs://) are read from a verified local copy.
+    data = local_shards(data, cfg.cache_dir or str(train_cfg.get("cache_dir", "")))
     return run_dir, Path(data), out, train_cfg
 
 

@@ -46,7 +46,8 @@ class Ignored:
 class Listing:
     """The result of scanning an input folder: classes, image candidates and ignored entries."""
 
-    root: Path
+    root: Path | str
+    """The input folder, resolved (a local path, or a remote URI for s3a:// / hdfs:// input)."""
     classes: list[str]
     candidates: list[Candidate]
     ignored: list[Ignored] = field(default_factory=list)
@@ -150,6 +151,53 @@ def scan_input(input_dir: str | Path) -> Listing:
                 f"class folder {str(root / name)!r} has no image files "
                 f"({', '.join(sorted(schema.IMAGE_EXTENSIONS))}) (fix --input)"
             )
+    return Listing(root=root, classes=classes, candidates=candidates, ignored=ignored)
+
+
+def scan_remote(uri: str) -> Listing:
+    """List classes and image candidates under a remote ``uri`` (s3a://, hdfs://), like :func:`scan_input`.
+
+    Object stores have no folders of their own: a class is the first component of a file's key.
+    Hidden folders are recorded once each, as :func:`scan_input` does; there are no symlinks.
+    """
+    from catsdogs import storage
+
+    if storage.file_type(uri, "--input") == "file":
+        raise InputError(f"input {uri!r} is a file, not a folder of class subfolders (fix --input)")
+    files = storage.list_files(uri, "--input")
+    if not files:
+        raise InputError(f"input {uri!r} holds no files (fix --input)")
+    root = uri.rstrip("/")
+    ignored: list[Ignored] = []
+    hidden_dirs: set[str] = set()
+    by_class: dict[str, list[str]] = {}
+    for rel, _size in files:
+        parts = rel.split("/")
+        hidden = next((i for i, p in enumerate(parts[:-1]) if p.startswith(".")), None)
+        if hidden is not None:  # a file inside a hidden folder: count the folder once, not its files
+            hidden_dirs.add("/".join(parts[:hidden + 1]))
+        elif len(parts) == 1:
+            ignored.append(Ignored(rel, IGNORED_HIDDEN if rel.startswith(".") else IGNORED_OUTSIDE))
+        else:
+            by_class.setdefault(parts[0], []).append(rel)
+    ignored.extend(Ignored(d, IGNORED_HIDDEN) for d in sorted(hidden_dirs))
+    classes = sorted(by_class)
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        raise InputError(f"input {uri!r} needs at least two class subfolders (e.g. Cat/ and Dog/), "
+                         f"found {found} (fix --input)")
+    candidates: list[Candidate] = []
+    for label, name in enumerate(classes):
+        before = len(candidates)
+        for rel in by_class[name]:
+            reason = _classify_name(rel.rsplit("/", 1)[1])
+            if reason is None:
+                candidates.append(Candidate(rel, label))
+            else:
+                ignored.append(Ignored(rel, reason))
+        if len(candidates) == before:
+            raise InputError(f"class folder {root}/{name!r} has no image files "
+                             f"({', '.join(sorted(schema.IMAGE_EXTENSIONS))}) (fix --input)")
     return Listing(root=root, classes=classes, candidates=candidates, ignored=ignored)
 
 

@@ -8,7 +8,8 @@ per partition). Each task reads its files in a Python worker, decodes them with
 the JVM or Arrow, so big images cannot exhaust Arrow buffers and no shuffle is needed. The same
 tasks can run as DataFrame ``mapInArrow`` (``run_job(api="dataframe")``), which measured ~5 s
 slower to start on a cold session.
-Everything is written into a sibling temporary folder that is renamed to ``--output`` at the end.
+Everything is written into a temporary sibling of ``--output`` and published only when complete
+(:mod:`catsdogs.outputs`); input and output may be local or on S3/HDFS (:mod:`catsdogs.storage`).
 """
 
 from __future__ import annotations
@@ -18,30 +19,30 @@ import io
 import json
 import os
 import secrets
-import shutil
-import socket
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from catsdogs import schema
+from catsdogs import schema, storage
 from catsdogs.config import PreprocessConfig, save_config, to_dict
 from catsdogs.errors import (
     ConfigError,
     ImageDecodeError,
     InputError,
-    OutputExistsError,
     TooManySkippedError,
 )
-from catsdogs.listing import Listing, ShardPlan, assign_splits, plan_shards, scan_input
+from catsdogs.listing import Listing, ShardPlan, assign_splits, plan_shards, scan_input, scan_remote
 from catsdogs.manifest import Manifest, ShardInfo, save_manifest
+from catsdogs.outputs import open_output
 from catsdogs.shards import ShardWriter
 from catsdogs.transforms import load_image
 
@@ -84,8 +85,18 @@ def _result_schema() -> pa.Schema:
                       ("reason", pa.string()), ("detail", pa.string())])
 
 
-def read_file(path: str) -> bytes:
-    """Read a whole file; raise :class:`ImageDecodeError` ``broken_link`` or ``unreadable``."""
+def read_file(root: str, rel: str) -> bytes:
+    """Read one input file whole; raise :class:`ImageDecodeError` ``broken_link`` or ``unreadable``.
+
+    ``root`` is a local folder or a remote URI (read through :mod:`catsdogs.storage`).
+    """
+    if storage.is_remote(root):
+        uri = storage.join(root, rel)
+        try:
+            return storage.read_bytes(uri)
+        except OSError as exc:  # pyarrow has already retried transient S3 errors
+            raise ImageDecodeError("unreadable", str(exc).splitlines()[0]) from None
+    path = os.path.join(root, rel)
     try:
         with open(path, "rb") as fh:
             return fh.read()
@@ -93,6 +104,22 @@ def read_file(path: str) -> bytes:
         if os.path.islink(path) and not os.path.exists(path):
             raise ImageDecodeError("broken_link", f"symlink to missing {os.readlink(path)!r}") from None
         raise ImageDecodeError("unreadable", exc.strerror or str(exc)) from None
+
+
+@contextmanager
+def _shard_root(output_root: str) -> Iterator[str]:
+    """Yield the folder a task writes its shard into: the output itself, or a local scratch folder.
+
+    For remote output the shard's files are uploaded on a clean exit; the scratch folder is deleted.
+    """
+    if not storage.is_remote(output_root):
+        yield output_root
+        return
+    with tempfile.TemporaryDirectory(prefix="catsdogs-shard-") as scratch:
+        yield scratch
+        for path in sorted(Path(scratch).rglob("*")):
+            if path.is_file():
+                storage.upload(path, storage.join(output_root, path.relative_to(scratch).as_posix()))
 
 
 def process_shard(settings: TaskSettings, split: str, index: int, paths: list[str],
@@ -116,13 +143,13 @@ def process_shard(settings: TaskSettings, split: str, index: int, paths: list[st
     blobs: list[bytes | ImageDecodeError] = []
     for rel in paths:
         try:
-            blobs.append(read_file(os.path.join(settings.input_root, rel)))
+            blobs.append(read_file(settings.input_root, rel))
         except ImageDecodeError as exc:
             blobs.append(exc)
     t1 = time.perf_counter()
     kept: list[np.ndarray] = []  # references to the decoded train images, for the pixel statistics
-    with ShardWriter(settings.output_root, split, index, settings.size, settings.num_classes,
-                     settings.format) as writer:
+    with _shard_root(settings.output_root) as root, \
+            ShardWriter(root, split, index, settings.size, settings.num_classes, settings.format) as writer:
         for rel, label, blob in zip(paths, labels, blobs, strict=True):
             try:
                 if isinstance(blob, ImageDecodeError):
@@ -290,68 +317,27 @@ def run_job(spark: SparkSession, plans: list[ShardPlan], settings: TaskSettings,
 # ----------------------------------------------------------------------------------------- driver
 
 
-def _resolve_output(cfg: PreprocessConfig, input_root: Path) -> Path:
-    """Validate ``--output`` (a file-system path, not nested with ``--input``); return it absolute."""
+def _resolve_output(cfg: PreprocessConfig, input_root: Path | str) -> str:
+    """Validate ``--output`` (a path or remote URI, not nested with ``--input``); return it resolved."""
     if not cfg.output:
         raise ConfigError("no output folder given (set --output)")
-    text = cfg.output[len("file://"):] if cfg.output.startswith("file://") else cfg.output
-    if "://" in text:
-        raise ConfigError(f"--output {cfg.output!r}: only file-system paths (shared by all nodes) "
-                          "are supported")
-    out = Path(text).expanduser().resolve()
-    if out == input_root or out.is_relative_to(input_root):
-        raise ConfigError(f"--output {str(out)!r} is inside --input {str(input_root)!r}; it would be "
+    if storage.is_remote(cfg.output) or storage.is_remote(str(input_root)):
+        out, root = cfg.output.rstrip("/"), str(input_root).rstrip("/")
+        if out == root or out.startswith(f"{root}/") or root.startswith(f"{out}/"):
+            raise ConfigError(f"--output {out!r} and --input {root!r} are nested; a shards folder "
+                              "inside the input would be read as a class next time (choose another --output)")
+        return out if storage.is_remote(out) else str(Path(out).expanduser().resolve())
+    if "://" in cfg.output:
+        raise ConfigError(f"--output {cfg.output!r}: use a path, file://, s3a:// or hdfs:// URI")
+    out_path = Path(cfg.output).expanduser().resolve()
+    assert isinstance(input_root, Path)
+    if out_path == input_root or out_path.is_relative_to(input_root):
+        raise ConfigError(f"--output {str(out_path)!r} is inside --input {str(input_root)!r}; it would be "
                           "read as a class folder next time (choose another --output)")
-    if input_root.is_relative_to(out):
-        raise ConfigError(f"--output {str(out)!r} contains --input {str(input_root)!r} (choose another "
+    if input_root.is_relative_to(out_path):
+        raise ConfigError(f"--output {str(out_path)!r} contains --input {str(input_root)!r} (choose another "
                           "--output)")
-    return out
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless ``--overwrite``; never replace a folder that is not shards."""
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not overwrite:
-        raise OutputExistsError(f"output {str(out)!r} already exists (pass --overwrite to replace it, "
-                                "or choose another --output)")
-    if out.is_dir() and any(out.iterdir()) and not (out / schema.MANIFEST_NAME).is_file():
-        raise OutputExistsError(f"output {str(out)!r} is a non-empty folder without {schema.MANIFEST_NAME};"
-                                " refusing to replace it even with --overwrite (choose another --output)")
-
-
-def _remove_stale_tmp(out: Path) -> None:
-    """Delete temporary folders of earlier runs on this host that were killed (their pid is gone).
-
-    A SIGKILLed run cannot clean up; its ``OUTPUT.tmp-<host>-<pid>-<token>`` may be as big as the
-    output. Folders of live processes (a concurrent run) and of other hosts are left alone.
-    """
-    host = socket.gethostname()
-    for path in out.parent.glob(f"{out.name}.tmp-*"):
-        parts = path.name[len(out.name) + len(".tmp-"):].rsplit("-", 2)
-        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit() or int(parts[1]) == os.getpid():
-            continue
-        try:
-            os.kill(int(parts[1]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:  # alive, owned by another user
-            continue
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished temporary folder to ``out``; an old output is removed only afterwards."""
-    _check_output(out, overwrite)
-    if out.exists() or out.is_symlink():
-        old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    else:
-        os.replace(tmp, out)
+    return str(out_path)
 
 
 @dataclass
@@ -438,7 +424,7 @@ def _write_files_csv(path: Path, files: list[tuple[str, str, int, int, int]]) ->
     atomic_write_text(path, buf.getvalue())
 
 
-def _summary(m: Manifest, out: Path, skipped: list[dict[str, str]]) -> str:
+def _summary(m: Manifest, out: str, skipped: list[dict[str, str]]) -> str:
     """Return the one-paragraph summary printed at the end."""
     st = m.stats
     parts = []
@@ -448,7 +434,7 @@ def _summary(m: Manifest, out: Path, skipped: list[dict[str, str]]) -> str:
     reasons = Counter(s["reason"] for s in skipped)
     skip_txt = f"{len(skipped):,}" + (f" ({', '.join(f'{r} {c}' for r, c in sorted(reasons.items()))})"
                                       if reasons else "")
-    return (f"Preprocessed {st['kept']:,} of {st['candidates']:,} images into {str(out)!r} "
+    return (f"Preprocessed {st['kept']:,} of {st['candidates']:,} images into {out!r} "
             f"({len(m.shards)} shards, {m.size}x{m.size} {m.resize}): {'; '.join(parts)}. "
             f"Skipped {skip_txt}; ignored {st['ignored']:,} non-image files. "
             f"Wall time {st['wall_time_s']:.1f} s ({st['images_per_s']:,.0f} images/s; "
@@ -463,15 +449,10 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
     from ``cfg.master`` and stops it at the end. ``api`` is passed to :func:`run_job`.
     """
     t0 = time.perf_counter()
-    listing = scan_input(cfg.input)
-    out = _resolve_output(cfg, listing.root)
-    _check_output(out, cfg.overwrite)
+    listing = scan_remote(cfg.input) if storage.is_remote(cfg.input) else scan_input(cfg.input)
+    target = open_output(_resolve_output(cfg, listing.root), cfg.overwrite)
     plans = plan_shards(assign_splits(listing.candidates, len(listing.classes), cfg.val_frac,
                                       cfg.test_frac, cfg.seed), cfg.shard_rows, cfg.seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(out)
-    tmp = out.with_name(f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.mkdir()
     owned = False
     try:
         t_start = time.perf_counter()
@@ -484,8 +465,8 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
             spark = get_spark(cfg.master, "catsdogs-preprocess", cfg.spark_conf)
         t_job = time.perf_counter()
         job_epoch = time.time()
-        settings = TaskSettings(str(listing.root), str(tmp), cfg.size, cfg.resize, cfg.max_pixels,
-                                len(listing.classes), cfg.format)
+        settings = TaskSettings(str(listing.root), target.task_root, cfg.size, cfg.resize,
+                                cfg.max_pixels, len(listing.classes), cfg.format)
         rows = run_job(spark, plans, settings, progress=progress, api=api)
         t_done = time.perf_counter()
         done_epoch = time.time()
@@ -509,18 +490,18 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
             "after_last_task_s": round(done_epoch - max(e for _, e in outcome.spans), 3),
             "python_workers": len(outcome.worker_pids),
         }
-        _write_files_csv(tmp / schema.FILES_CSV_NAME, outcome.files)
-        save_config(cfg, tmp / schema.CONFIG_NAME)
-        save_manifest(m, tmp)
-        _publish(tmp, out, cfg.overwrite)
+        _write_files_csv(target.stage / schema.FILES_CSV_NAME, outcome.files)
+        save_config(cfg, target.stage / schema.CONFIG_NAME)
+        save_manifest(m, target.stage)
+        target.publish()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        target.abort()
         raise
     finally:
         if owned and spark is not None:
             spark.stop()
     if progress:
-        print(_summary(m, out, outcome.skipped))
+        print(_summary(m, str(target), outcome.skipped))
     return m
 
 

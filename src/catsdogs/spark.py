@@ -99,6 +99,13 @@ def build_conf(master: str, app_name: str, extra: Mapping[str, str] | None = Non
             "spark.driver.host": "127.0.0.1",
             "spark.driver.bindAddress": "127.0.0.1",
         })
+    # Executors on a cluster do not inherit the driver's shell: pass on where S3 is (not secrets,
+    # which executors take from their own AWS chain, or from --spark-conf spark.executorEnv.*).
+    from catsdogs.storage import ENDPOINT_ENV, REGION_ENV
+
+    for name in ENDPOINT_ENV + REGION_ENV:
+        if os.environ.get(name):
+            conf[f"spark.executorEnv.{name}"] = os.environ[name]
     for key, value in (extra or {}).items():
         if key == "spark.driver.extraJavaOptions":
             value = f"-Dlog4j2.configurationFile=file:{_log4j_file()} {value}"  # keep our log config

@@ -52,6 +52,7 @@ from catsdogs.manifest import Manifest, load_manifest
 from catsdogs.models import build_model, input_normalization, model_names
 from catsdogs.runtime import setup
 from catsdogs.schedule import EMA, lr_at
+from catsdogs.shardcache import local_shards
 from catsdogs.transforms import hflip, normalize
 
 METRICS_COLUMNS: tuple[str, ...] = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
@@ -261,14 +262,16 @@ class Trainer:
             raise ConfigError("--data is required: the shards folder written by catsdogs preprocess")
         self.cfg = cfg
         self.device = setup(cfg.threads, cfg.device, cfg.seed)
-        self.manifest: Manifest = load_manifest(cfg.data)
+        # Remote shards (s3a://, hdfs://) are streamed from a verified local copy.
+        self.data = local_shards(cfg.data, cfg.cache_dir, quiet=not self.is_main)
+        self.manifest: Manifest = load_manifest(self.data)
         m = self.manifest
         self.num_classes = len(m.classes)
         self.mean, self.std = input_normalization(cfg.model, tuple(m.mean), tuple(m.std))
-        self.train_ds = split_stream(cfg.data, m, "train", cfg.batch_size, shuffle=True, seed=cfg.seed,
+        self.train_ds = split_stream(self.data, m, "train", cfg.batch_size, shuffle=True, seed=cfg.seed,
                                      buffer_rows=cfg.buffer_rows, rank=rank, world_size=world_size,
                                      num_workers=cfg.workers)
-        self.val_ds = split_stream(cfg.data, m, "val", cfg.batch_size, shuffle=False, rank=rank,
+        self.val_ds = split_stream(self.data, m, "val", cfg.batch_size, shuffle=False, rank=rank,
                                    world_size=world_size, num_workers=cfg.workers)
         self.model_config = {"name": cfg.model, "num_classes": self.num_classes, "size": m.size,
                              **model_kwargs(cfg)}

@@ -28,6 +28,7 @@ from catsdogs.errors import ConfigError, InputError
 from catsdogs.manifest import Manifest, load_manifest
 from catsdogs.models import PRETRAINED_MODELS, build_model, input_normalization, num_logits
 from catsdogs.runtime import setup
+from catsdogs.shardcache import local_shards
 from catsdogs.shards import open_shard
 from catsdogs.transforms import hflip, normalize
 
@@ -130,7 +131,8 @@ def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
         raise ConfigError("--out is required: the run folder to write the checkpoint into")
     t0 = time.perf_counter()
     device = setup(cfg.threads, cfg.device, cfg.seed)
-    manifest = load_manifest(cfg.data)
+    data = local_shards(cfg.data, cfg.cache_dir)  # remote shards: a verified local copy
+    manifest = load_manifest(data)
     if manifest.split_rows("train") == 0:
         raise InputError(f"shards {cfg.data!r} have no train rows (fix --data)")
     size = size or manifest.size
@@ -142,7 +144,7 @@ def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
     feats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in ("train", "val"):
         ts = time.perf_counter()
-        feats[split] = extract_features(model, cfg.data, manifest, split, mean, std, cfg.batch_size,
+        feats[split] = extract_features(model, data, manifest, split, mean, std, cfg.batch_size,
                                         flip=cfg.augment and split == "train", device=device)
         log.info("features %s: %d rows in %.1f s", split, len(feats[split][1]), time.perf_counter() - ts)
     feature_s = time.perf_counter() - t0

@@ -1,0 +1,187 @@
+"""Input and output by s3a:// URI against a real local S3 server: Spark tasks read the images and
+upload the shards, the driver publishes the manifest last, train/evaluate read a verified cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from catsdogs import storage
+from catsdogs.config import EvaluateConfig, PreprocessConfig, TrainConfig, build_config
+from catsdogs.errors import ConfigError, OutputExistsError, SchemaError, TooManySkippedError
+from catsdogs.listing import scan_input, scan_remote
+from catsdogs.preprocess import preprocess
+from catsdogs.shardcache import cache_folder, local_shards
+from tests.fixtures import make_image_tree, make_shards
+from tests.s3 import download_tree, make_bucket, s3_server, upload_tree
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[str]:
+    with s3_server() as endpoint:
+        make_bucket("pets")
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def spark(s3: str) -> Iterator[object]:
+    from catsdogs.spark import get_spark
+
+    session = get_spark("local[2]", "catsdogs-tests-s3", {"spark.sql.shuffle.partitions": "2"})
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="module")
+def tree(s3: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The odd-files fixture tree, locally and uploaded under s3a://pets/PetImages (no symlinks: S3
+    has none, so the broken link is dropped from both)."""
+    root = tmp_path_factory.mktemp("s3src") / "PetImages"
+    make_image_tree(root, per_class=14)
+    (root / "Dog" / "broken_link.jpg").unlink()
+    (root / "Cat" / ".thumbnails").mkdir()
+    (root / "Cat" / ".thumbnails" / "t.jpg").write_bytes(b"x")
+    uri = "s3a://pets/PetImages"
+    upload_tree(root, uri)
+    return root, uri
+
+
+def cfg(input_: str, output: str, **kw: object) -> PreprocessConfig:
+    return build_config(PreprocessConfig, {"input": input_, "output": output, "size": 16, "shard_rows": 7,
+                                           "master": "local[2]", **kw})
+
+
+def outputs(root: Path) -> dict[str, object]:
+    from catsdogs.shards import sha256_file
+
+    m = json.loads((root / "manifest.json").read_text())
+    return {"files_csv": (root / "files.csv").read_text(),
+            "shards": {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*.npy"))},
+            "manifest": {k: m[k] for k in ("shards", "counts", "normalization", "skipped", "ignored")}}
+
+
+def test_remote_listing_matches_local(tree: tuple[Path, str]) -> None:
+    local, uri = tree
+    a, b = scan_input(local), scan_remote(uri)
+    # Same classes and files; the order may differ (a walk lists a folder's files before its
+    # subfolders, S3 lists keys in byte order), and nothing downstream depends on it.
+    assert a.classes == b.classes
+    assert sorted(a.candidates, key=lambda c: c.path) == sorted(b.candidates, key=lambda c: c.path)
+    assert sorted(a.ignored, key=lambda i: i.path) == sorted(b.ignored, key=lambda i: i.path)
+    assert b.root == uri
+
+
+def test_s3_to_s3_gives_the_same_shards_as_local(spark: object, tree: tuple[Path, str],
+                                                 tmp_path: Path) -> None:
+    local_src, uri = tree
+    ref = preprocess(cfg(str(local_src), str(tmp_path / "local")), spark=spark, progress=False)  # type: ignore[arg-type]
+    m = preprocess(cfg(uri, "s3a://pets/shards"), spark=spark, progress=False)  # type: ignore[arg-type]
+    assert m.stats["kept"] == ref.stats["kept"] and m.skipped == ref.skipped and len(m.skipped) == 5
+    names = [rel for rel, _ in storage.list_files("s3a://pets")]
+    assert not [n for n in names if ".tmp-" in n], "the temporary prefix was left behind"
+    got = tmp_path / "fetched"
+    download_tree("s3a://pets/shards", got)
+    assert outputs(got) == outputs(tmp_path / "local")
+    assert json.loads((got / "config.json").read_text())["output"] == "s3a://pets/shards"
+
+    # Train and evaluate straight from the URI: a verified local copy, then the usual readers.
+    cache = tmp_path / "cache"
+    run = tmp_path / "run"
+    from catsdogs.cli import main as cli_main
+
+    assert cli_main(["train", "--data", "s3a://pets/shards", "--cache-dir", str(cache), "--out", str(run),
+                     "--epochs", "1", "--batch-size", "8", "--threads", "1"]) == 0
+    assert json.loads((run / "config.json").read_text())["data"] == "s3a://pets/shards"
+    local = cache_folder("s3a://pets/shards", cache)
+    assert outputs(local) == outputs(tmp_path / "local")
+    assert cli_main(["evaluate", "--run", str(run), "--threads", "1"]) == 0  # the run's own --data
+    assert json.loads((run / "eval" / "metrics.json").read_text())["n"] == m.counts["test"]["Cat"] + \
+        m.counts["test"]["Dog"]
+
+
+def test_cache_refetches_a_damaged_copy_and_refuses_damaged_remote(s3: str, tmp_path: Path) -> None:
+    src = tmp_path / "shards"
+    make_shards(src, counts={"train": 20, "val": 6, "test": 6}, shard_rows=10)
+    upload_tree(src, "s3a://pets/cached")
+    first = Path(local_shards("s3a://pets/cached", tmp_path / "c", quiet=True))
+    x0 = first / "train" / "X_part_00000.npy"
+    good = x0.read_bytes()
+    x0.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # a flipped bit in the cache
+    assert Path(local_shards("s3a://pets/cached", tmp_path / "c", quiet=True)) == first
+    assert x0.read_bytes() == good
+    storage.write_bytes("s3a://pets/cached/train/X_part_00000.npy", good[:-1])  # damaged at the source
+    x0.unlink()
+    with pytest.raises(SchemaError, match="sha256"):
+        local_shards("s3a://pets/cached", tmp_path / "c", quiet=True)
+    assert not (first / "manifest.json").exists(), "an incomplete cache must not look complete"
+    with pytest.raises(SchemaError, match="--data"):
+        local_shards("s3a://pets/nothing-here", tmp_path / "c", quiet=True)
+
+
+def test_existing_output_and_failed_runs(spark: object, tree: tuple[Path, str], tmp_path: Path) -> None:
+    _, uri = tree
+    out = "s3a://pets/out2"
+    first = preprocess(cfg(uri, out), spark=spark, progress=False)  # type: ignore[arg-type]
+    before = sorted(storage.list_files(out))
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        preprocess(cfg(uri, out), spark=spark, progress=False)  # type: ignore[arg-type]
+    # A run that fails after its tasks wrote shards leaves the old output as it was, and no temp prefix.
+    with pytest.raises(TooManySkippedError):
+        preprocess(cfg(uri, out, overwrite=True, max_skip_frac=0.01), spark=spark, progress=False)  # type: ignore[arg-type]
+    assert sorted(storage.list_files(out)) == before
+    assert not [n for n, _ in storage.list_files("s3a://pets") if ".tmp-" in n]
+    # --overwrite replaces it (other size: every shard differs) and the manifest is the new one.
+    m = preprocess(cfg(uri, out, overwrite=True, size=8), spark=spark, progress=False)  # type: ignore[arg-type]
+    remote = json.loads(storage.read_bytes(f"{out}/manifest.json"))
+    assert remote["image"]["size"] == 8 and m.stats["kept"] == first.stats["kept"]
+    # A prefix with files but no manifest is never replaced, and a whole bucket is never an output.
+    storage.write_bytes("s3a://pets/precious/thesis.tex", b"...")
+    with pytest.raises(OutputExistsError, match="manifest.json"):
+        preprocess(cfg(uri, "s3a://pets/precious", overwrite=True), spark=spark, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="whole bucket"):
+        preprocess(cfg(uri, "s3a://elsewhere", overwrite=True), spark=spark, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="nested"):
+        preprocess(cfg(uri, f"{uri}/shards"), spark=spark, progress=False)  # type: ignore[arg-type]
+
+
+def test_remote_input_errors_name_the_flag(s3: str, tmp_path: Path) -> None:
+    from catsdogs.cli import main as cli_main
+
+    storage.write_bytes("s3a://pets/one/Cat/a.jpg", b"x")
+    cases = {"s3a://pets/empty": "holds no files", "s3a://pets/one": "two class subfolders",
+             "s3a://pets/one/Cat/a.jpg": "is a file", "s3a://no-such-bucket/x": "--input"}
+    for uri, words in cases.items():
+        with pytest.raises(Exception, match=words):
+            preprocess(cfg(uri, str(tmp_path / "o")), progress=False)
+        assert cli_main(["preprocess", "--input", uri, "--output", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_remote_uris_only_where_supported() -> None:
+    assert build_config(TrainConfig, {"data": "s3a://b/shards"}).data == "s3a://b/shards"
+    assert build_config(EvaluateConfig, {"data": "hdfs://nn:8020/shards"}).data == "hdfs://nn:8020/shards"
+    with pytest.raises(ConfigError, match="--out .*only --input/--output"):
+        build_config(TrainConfig, {"data": "s3a://b/shards", "out": "s3a://b/run"})
+    with pytest.raises(ConfigError, match="gs:// is not supported"):
+        build_config(PreprocessConfig, {"input": "gs://b/pets", "output": "/tmp/x"})
+
+
+def test_hdfs_without_libhdfs_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Hadoop install here: the error must say what hdfs:// needs, in one line, naming the flag."""
+    for var in ("HADOOP_HOME", "ARROW_LIBHDFS_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    storage._hdfs.cache_clear()  # noqa: SLF001
+    if shutil.which("hadoop") or os.environ.get("CLASSPATH"):
+        pytest.skip("a Hadoop client is installed here; the message for a missing one cannot be shown")
+    from catsdogs.cli import main as cli_main
+
+    with pytest.raises(storage.StorageError, match="HADOOP_HOME.*hadoop classpath"):
+        scan_remote("hdfs://127.0.0.1:1/pets")
+    assert cli_main(["preprocess", "--input", "hdfs://127.0.0.1:1/pets", "--output", "/tmp/never"]) == 2
