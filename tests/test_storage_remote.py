@@ -185,3 +185,26 @@ def test_hdfs_without_libhdfs_says_what_to_install(monkeypatch: pytest.MonkeyPat
     with pytest.raises(storage.StorageError, match="HADOOP_HOME.*hadoop classpath"):
         scan_remote("hdfs://127.0.0.1:1/pets")
     assert cli_main(["preprocess", "--input", "hdfs://127.0.0.1:1/pets", "--output", "/tmp/never"]) == 2
+
+
+def test_parquet_shards_on_s3_train_and_distributed_preflight_fills_the_cache(
+        spark: object, tree: tuple[Path, str], tmp_path: Path) -> None:
+    """--format parquet goes through the same upload; --distributed on a local master fetches once."""
+    from catsdogs.distributed import _preflight
+
+    _, uri = tree
+    m = preprocess(cfg(uri, "s3a://pets/pq", format="parquet"), spark=spark, progress=False)  # type: ignore[arg-type]
+    keys = {rel for rel, _ in storage.list_files("s3a://pets/pq")}
+    assert {s.x for s in m.shards} <= keys and all(k.endswith(".parquet") for k in keys
+                                                   if k.startswith(("train/", "val/", "test/")))
+    train = build_config(TrainConfig, {"data": "s3a://pets/pq", "out": str(tmp_path / "run"),
+                                       "cache_dir": str(tmp_path / "cache"), "distributed": 2,
+                                       "master": "local[2]"})
+    _preflight(train)
+    local = cache_folder("s3a://pets/pq", tmp_path / "cache")
+    assert (local / "manifest.json").is_file() and all((local / s.x).is_file() for s in m.shards)
+    from catsdogs.cli import main as cli_main
+
+    assert cli_main(["train", "--data", "s3a://pets/pq", "--cache-dir", str(tmp_path / "cache"), "--out",
+                     str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8", "--threads", "1"]) == 0
+    assert (tmp_path / "run" / "best.pt").is_file()

@@ -27,9 +27,10 @@ class PreprocessConfig:
     """Settings of ``catsdogs preprocess``."""
 
     input: str = ""
-    """Folder (or URI) with one subfolder per class, e.g. PetImages/ with Cat/ and Dog/."""
+    """Folder with one subfolder per class, e.g. PetImages/ with Cat/ and Dog/; a path, file://,
+    s3a:// or hdfs:// URI."""
     output: str = ""
-    """Folder (or URI) to write the shards, files.csv and manifest.json into."""
+    """Folder to write the shards, files.csv and manifest.json into; a path or URI like --input."""
     size: int = 64
     """Side of the square output image in pixels."""
     resize: str = "stretch"
@@ -46,6 +47,9 @@ class PreprocessConfig:
     """Shard format: npy (X_part/y_part pairs) or parquet (pixels, label and split columns)."""
     master: str = "local[*]"
     """Spark master URL: local[*], spark://host:7077, yarn, k8s://..."""
+    read_threads: int = 16
+    """Concurrent file reads per Spark task for s3a:// or hdfs:// input: each read waits on a network
+    round trip (tens of ms on S3), not on the CPU. Local input is read by one thread."""
     max_pixels: int = 89_478_485
     """Images with more pixels than this are skipped as decompression bombs (Pillow's default)."""
     max_skip_frac: float = 0.5
@@ -408,8 +412,8 @@ def validate(cfg: Any) -> None:
         value = getattr(cfg, key)
         if value not in choices:
             raise ConfigError(f"{flag(key)} must be one of {', '.join(choices)}, got {value!r}")
-    positive = ("size", "shard_rows", "epochs", "batch_size", "buffer_rows", "max_pixels", "max_bytes",
-                "max_batch", "max_files", "trials", "grid")
+    positive = ("size", "shard_rows", "read_threads", "epochs", "batch_size", "buffer_rows", "max_pixels",
+                "max_bytes", "max_batch", "max_files", "trials", "grid")
     for key in positive:
         if hasattr(cfg, key) and getattr(cfg, key) <= 0:
             raise ConfigError(f"{flag(key)} must be positive, got {getattr(cfg, key)!r}")
