@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from catsdogs import plots, schema
+from catsdogs import plots, schema, storage
 from catsdogs.config import EvaluateConfig, save_config, to_dict
 from catsdogs.errors import ConfigError, InputError
 from catsdogs.fsutil import atomic_write_text
@@ -328,10 +328,15 @@ def main(cfg: EvaluateConfig) -> int:
     classes = list(manifest.classes)
     metrics, report_text = compute_metrics(preds.labels, preds.probs, classes)
     description = _jsonable(predictor.describe())
-    metrics.update({"split": cfg.split, "data": str(data.resolve()), "run": str(run_dir.resolve()),
-                    "checkpoint": str(predictor.path.resolve()), "tta": cfg.tta, "model": description})
+    source = cfg.data or str(train_cfg.get("data", ""))
+    remote = storage.is_remote(source)  # then ``data`` is its verified local copy
+    metrics.update({"split": cfg.split, "data": source if remote else str(data.resolve()),
+                    "run": str(run_dir.resolve()), "checkpoint": str(predictor.path.resolve()),
+                    "tta": cfg.tta, "model": description})
+    if remote:
+        metrics["data_cache"] = str(data)
     out.mkdir(parents=True, exist_ok=True)
-    resolved = dataclasses.replace(cfg, data=str(data), out=str(out))
+    resolved = dataclasses.replace(cfg, data=source if remote else str(data), out=str(out))
     save_config(resolved, out / schema.CONFIG_NAME)
     atomic_write_text(out / "metrics.json", json.dumps(_jsonable(metrics), indent=2) + "\n")
     atomic_write_text(out / "classification_report.txt", report_text)
