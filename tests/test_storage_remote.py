@@ -18,6 +18,7 @@ from catsdogs.listing import scan_input, scan_remote
 from catsdogs.preprocess import preprocess
 from catsdogs.shardcache import cache_folder, local_shards
 from tests.fixtures import make_image_tree, make_shards
+from tests.s3 import ENV as S3_ENV
 from tests.s3 import download_tree, make_bucket, s3_server, upload_tree
 
 pytestmark = pytest.mark.slow
@@ -34,7 +35,11 @@ def s3() -> Iterator[str]:
 def spark(s3: str) -> Iterator[object]:
     from catsdogs.spark import get_spark
 
-    session = get_spark("local[2]", "catsdogs-tests-s3", {"spark.sql.shuffle.partitions": "2"})
+    # The Spark JVM (and so the Python workers' environment) may have been launched by an earlier
+    # test module, before the S3 settings existed: hand the credentials to the executors the way
+    # docs/cluster.md tells cluster users to (the endpoint is forwarded by catsdogs itself).
+    creds = {f"spark.executorEnv.{k}": v for k, v in S3_ENV.items() if "KEY" in k}
+    session = get_spark("local[2]", "catsdogs-tests-s3", {"spark.sql.shuffle.partitions": "2", **creds})
     yield session
     session.stop()
 

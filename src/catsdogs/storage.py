@@ -175,11 +175,20 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def upload(local: str | Path, uri: str) -> None:
-    """Stream a local file to ``uri`` in :data:`CHUNK_BYTES` pieces."""
+    """Stream a local file to ``uri`` in :data:`CHUNK_BYTES` pieces, then check the stored size.
+
+    The size check (one HEAD request) catches a store that kept something else than what was sent,
+    e.g. an S3-compatible server that did not decode the SDK's chunked upload encoding.
+    """
     loc = locate(uri)
     with open(local, "rb") as src, loc.fs.open_output_stream(loc.path) as dst:
         while block := src.read(CHUNK_BYTES):
             dst.write(block)
+    sent = os.path.getsize(local)
+    stored = loc.fs.get_file_info(loc.path).size
+    if stored != sent:
+        raise StorageError(f"{uri}: the store kept {stored} bytes of the {sent} sent; check the storage "
+                           f"settings (credentials, endpoint) and the store's S3 compatibility")
 
 
 def download(uri: str, local: str | Path) -> str:
