@@ -156,8 +156,25 @@ def list_files(uri: str, flag: str = "") -> list[tuple[str, int]]:
         return []
     except OSError as exc:
         raise _wrap(uri, exc, flag) from None
-    base = len(loc.path.rstrip("/")) + 1
-    return sorted((i.path[base:], int(i.size or 0)) for i in infos if i.type == pafs.FileType.File)
+    base = _norm(loc.path)
+    out = []
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        path = _norm(info.path)
+        if base and not path.startswith(f"{base}/"):
+            raise StorageError(f"{uri}: listing returned {info.path!r}, outside {loc.path!r}")
+        out.append((path[len(base) + 1:] if base else path, int(info.size or 0)))
+    return sorted(out)
+
+
+def _norm(path: str) -> str:
+    """Return a listed path without scheme, authority or surrounding slashes, for comparison.
+
+    File systems differ in how they name listed entries (S3 ``bucket/key``, HDFS ``/dir/file`` or a
+    full ``hdfs://host:port/dir/file``); relative paths are computed on this common form.
+    """
+    return (urlparse(path).path if "://" in path else path).strip("/")
 
 
 def read_bytes(uri: str) -> bytes:
@@ -167,9 +184,16 @@ def read_bytes(uri: str) -> bytes:
         return fh.read()
 
 
+def _make_parent(loc: Location) -> None:
+    """Create the parent folder on file systems with real folders (HDFS); S3 keys need none."""
+    if SCHEMES.get(scheme_of(loc.uri)) != "s3":
+        loc.fs.create_dir(loc.path.rsplit("/", 1)[0] or "/", recursive=True)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to a remote file (an S3 object appears only when the upload completes)."""
     loc = locate(uri)
+    _make_parent(loc)
     with loc.fs.open_output_stream(loc.path) as fh:
         fh.write(data)
 
@@ -181,6 +205,7 @@ def upload(local: str | Path, uri: str) -> None:
     e.g. an S3-compatible server that did not decode the SDK's chunked upload encoding.
     """
     loc = locate(uri)
+    _make_parent(loc)
     with open(local, "rb") as src, loc.fs.open_output_stream(loc.path) as dst:
         while block := src.read(CHUNK_BYTES):
             dst.write(block)
@@ -207,6 +232,7 @@ def download(uri: str, local: str | Path) -> str:
 def copy(src: str, dst: str) -> None:
     """Copy one remote file to another place on the same store (server-side on S3)."""
     a, b = locate(src), locate(dst)
+    _make_parent(b)
     a.fs.copy_file(a.path, b.path)
 
 
