@@ -4,7 +4,8 @@ Starts moto's S3 server as its own process on 127.0.0.1, uploads ../shared/data/
 ``s3a://pets/PetImages``, then runs through the CLI, each as a subprocess:
 
 1. ``catsdogs preprocess`` local folder -> local folder (the reference);
-2. ``catsdogs preprocess --input s3a://pets/PetImages --output s3a://pets/shards``;
+2. ``catsdogs preprocess --input s3a://pets/PetImages --output s3a://pets/shards-...`` for each
+   ``--read-threads`` value, directly and through a proxy that adds a round trip per request;
 3. ``catsdogs train --data s3a://pets/shards --freeze ... --max-steps`` twice, timing the fetch into
    the cache (cold) and the sha256 check of an existing cache (warm).
 
@@ -12,7 +13,7 @@ Checks that the S3 output is byte-identical to the local one (files.csv and ever
 The S3 server shares the 2 cores with Spark, so the S3 timings are an upper bound on catsdogs' own
 overhead, not a measurement of AWS.
 
-Usage: ``flock /tmp/catsdogs-heavy.lock .venv/bin/python -m benchmarks.remote_storage`` (~3 min).
+Usage: ``flock /tmp/catsdogs-heavy.lock .venv/bin/python -m benchmarks.remote_storage`` (~15 min).
 """
 
 from __future__ import annotations
@@ -57,12 +58,71 @@ def run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     return wall, rss.peak_mib, (out + err)[-2000:]
 
 
+def proxy(listen: int, target: int, delay_ms: float) -> None:
+    """Forward 127.0.0.1:listen to 127.0.0.1:target, holding each new request ``delay_ms`` ms.
+
+    A request is delayed once (the first bytes a client sends after the last response began), so
+    this adds one network round trip per request like a remote object store, not a bandwidth cap.
+    """
+    import asyncio
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", target)
+        fresh = [True]  # next client bytes start a new request
+
+        async def upstream() -> None:
+            while data := await client_r.read(1 << 16):
+                if fresh[0]:
+                    fresh[0] = False
+                    await asyncio.sleep(delay_ms / 1000)
+                server_w.write(data)
+                await server_w.drain()
+            server_w.close()
+
+        async def downstream() -> None:
+            while data := await server_r.read(1 << 16):
+                fresh[0] = True
+                client_w.write(data)
+                await client_w.drain()
+            client_w.close()
+
+        try:
+            await asyncio.gather(upstream(), downstream())
+        except (ConnectionError, OSError):
+            client_w.close()
+            server_w.close()
+
+    async def serve() -> None:
+        srv = await asyncio.start_server(handle, "127.0.0.1", listen)
+        async with srv:
+            await srv.serve_forever()
+
+    asyncio.run(serve())
+
+
+def wait_port(port: int) -> None:
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(REAL_DATA))
     parser.add_argument("--read-threads", type=int, nargs="+", default=[1, 16],
                         help="--read-threads values for the S3 preprocess runs")
+    parser.add_argument("--latency-ms", type=float, nargs="+", default=[0, 20],
+                        help="round trip added to every S3 request by a local proxy (0: direct)")
+    parser.add_argument("--proxy", type=int, nargs=3, metavar=("LISTEN", "TARGET", "MS"),
+                        help=argparse.SUPPRESS)  # internal: run the latency proxy
     args = parser.parse_args()
+    if args.proxy:
+        proxy(args.proxy[0], args.proxy[1], float(args.proxy[2]))
+        return
     data = Path(args.data)
     if not data.is_dir():
         raise SystemExit(f"real data not found at {data}")
@@ -74,15 +134,17 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows: list[str] = []
+    proxies: dict[float, tuple[subprocess.Popen[bytes], str]] = {}
+    for ms in args.latency_ms:
+        if ms:
+            listen = free_port()
+            proc = subprocess.Popen([sys.executable, "-m", "benchmarks.remote_storage", "--proxy",
+                                     str(listen), str(port), str(int(ms))])
+            proxies[ms] = (proc, f"http://127.0.0.1:{listen}")
     try:
         with heavy_lock(), tempfile.TemporaryDirectory(prefix="catsdogs-remote-") as tmp_s:
             tmp = Path(tmp_s)
-            for _ in range(100):
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
+            wait_port(port)
             import boto3
             import pyarrow.fs as pafs
 
@@ -104,20 +166,23 @@ def main() -> None:
             local_manifest = json.loads((tmp / "local" / "manifest.json").read_text())
             remote_rows = []
             same_csv = same_shards = True
-            for threads in args.read_threads:
-                out = f"s3a://pets/shards-{threads}"
-                cpu0 = cpu_seconds(server.pid)
-                remote_s, remote_rss, _ = run([*CLI, "preprocess", "--input", "s3a://pets/PetImages",
-                                               "--output", out, "--read-threads", str(threads), *common], env)
-                busy = (cpu_seconds(server.pid) - cpu0) / remote_s
-                manifest = json.loads(storage.read_bytes(f"{out}/manifest.json"))
-                local_csv = (tmp / "local" / "files.csv").read_bytes()
-                same_csv &= storage.read_bytes(f"{out}/files.csv") == local_csv
-                same_shards &= manifest["shards"] == local_manifest["shards"]
-                read_s = manifest["stats"]["task_seconds"]["read"]
-                remote_rows.append(f"| s3a:// -> s3a://, `--read-threads {threads}` | {remote_s:.1f} | "
-                                   f"{n_files / remote_s:,.0f} | {1000 * read_s / n_files:.2f} | "
-                                   f"{remote_rss:,.0f} | {busy:.0%} |")
+            for ms in args.latency_ms:
+                run_env = env if not ms else {**env, "AWS_ENDPOINT_URL": proxies[ms][1]}
+                for threads in args.read_threads:
+                    out = f"s3a://pets/shards-{int(ms)}ms-{threads}"
+                    cpu0 = cpu_seconds(server.pid)
+                    remote_s, remote_rss, _ = run([*CLI, "preprocess", "--input", "s3a://pets/PetImages",
+                                                   "--output", out, "--read-threads", str(threads), *common],
+                                                  run_env)
+                    busy = (cpu_seconds(server.pid) - cpu0) / remote_s
+                    manifest = json.loads(storage.read_bytes(f"{out}/manifest.json"))
+                    local_csv = (tmp / "local" / "files.csv").read_bytes()
+                    same_csv &= storage.read_bytes(f"{out}/files.csv") == local_csv
+                    same_shards &= manifest["shards"] == local_manifest["shards"]
+                    read_s = manifest["stats"]["task_seconds"]["read"]
+                    remote_rows.append(f"| s3a:// -> s3a://, +{ms:g} ms per request, `--read-threads "
+                                       f"{threads}` | {remote_s:.1f} | {n_files / remote_s:,.0f} | "
+                                       f"{1000 * read_s / n_files:.2f} | {remote_rss:,.0f} | {busy:.0%} |")
             storage_uri = out
             train = [*CLI, "train", "--data", storage_uri, "--cache-dir", str(tmp / "cache"),
                      "--model", "seed", "--epochs", "1", "--max-steps", "1", "--batch-size", "64"]
@@ -128,8 +193,9 @@ def main() -> None:
             rows = [f"| local folder -> local folder | {local_s:.1f} | {n_files / local_s:,.0f} | "
                     f"{1000 * local_read_s / n_files:.2f} | {local_rss:,.0f} | - |", *remote_rows]
     finally:
-        server.terminate()
-        server.wait()
+        for proc in [server, *(p for p, _ in proxies.values())]:
+            proc.terminate()
+            proc.wait()
     kept = manifest["stats"]["kept"]
     text = f"""## Remote storage: PetImages from and to S3
 
@@ -149,10 +215,11 @@ process's CPU time over the run's wall time (100% = one core, the most one Pytho
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-- The S3 runs are bound by the S3 server here: one Python process, busy close to a full core
-  (last column) answering the GETs and uploads, so more concurrent reads per task cannot help
-  against it. `--read-threads` (default 16) is for real object stores, where each GET waits tens of
-  ms on the network rather than on a CPU; that effect could not be measured on this machine.
+- "+N ms per request": a local proxy holds each request N ms before passing it on, as a network
+  round trip to a remote object store would (S3 first-byte latency is typically tens of ms). With
+  +0 ms the runs are bound by the S3 server itself, one Python process busy close to a full core
+  (last column), so concurrent reads only add contention there; with a round trip per request,
+  `--read-threads` hides the latency. That is why the default is 16.
 - Output of every S3 run identical to the local run: files.csv {'identical' if same_csv else
   'DIFFERENT'}, every shard's sha256 {'identical' if same_shards else 'DIFFERENT'}
   ({len(manifest['shards'])} shards).
