@@ -235,8 +235,11 @@ def _jsonable(obj: Any) -> Any:
 # Command
 
 
-def resolve_paths(cfg: EvaluateConfig) -> tuple[Path, Path, Path, dict[str, Any]]:
-    """Return ``(run folder, shards folder, output folder, run's train config)`` for ``cfg``."""
+def resolve_paths(cfg: EvaluateConfig) -> tuple[Path, str, Path, Path, dict[str, Any]]:
+    """Return ``(run folder, shards as given, local shards folder, output folder, run's train config)``.
+
+    The shards as given are ``--data`` or the run's own; remote ones are read from a verified local copy.
+    """
     if not cfg.run:
         raise ConfigError("--run is required: the run folder written by 'catsdogs train'")
     run = Path(cfg.run)
@@ -248,13 +251,12 @@ def resolve_paths(cfg: EvaluateConfig) -> tuple[Path, Path, Path, dict[str, Any]
             train_cfg = json.loads(cfg_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             train_cfg = {}
-    data = cfg.data or str(train_cfg.get("data", ""))
-    if not data:
+    source = cfg.data or str(train_cfg.get("data", ""))
+    if not source:
         raise ConfigError(f"run {str(run_dir)!r} does not record its shards folder; give --data")
     out = Path(cfg.out) if cfg.out else run_dir / "eval"
-    # Remote shards (s3a://, hdfs://) are read from a verified local copy.
-    data = local_shards(data, cfg.cache_dir or str(train_cfg.get("cache_dir", "")))
-    return run_dir, Path(data), out, train_cfg
+    data = local_shards(source, cfg.cache_dir or str(train_cfg.get("cache_dir", "")))
+    return run_dir, source, Path(data), out, train_cfg
 
 
 def check_compatible(manifest: Manifest, predictor: Any, data: Path) -> None:
@@ -318,7 +320,7 @@ def main(cfg: EvaluateConfig) -> int:
         raise ConfigError("--run is required: the run folder written by 'catsdogs train'")
     device = setup(cfg.threads, cfg.device)
     predictor = Predictor.from_run(cfg.run, device, cfg.checkpoint)  # CheckpointError if none
-    run_dir, data, out, train_cfg = resolve_paths(cfg)
+    run_dir, source, data, out, train_cfg = resolve_paths(cfg)
     manifest = load_manifest(data, "--data")
     check_compatible(manifest, predictor, data)
     if manifest.split_rows(cfg.split) == 0:
@@ -328,7 +330,6 @@ def main(cfg: EvaluateConfig) -> int:
     classes = list(manifest.classes)
     metrics, report_text = compute_metrics(preds.labels, preds.probs, classes)
     description = _jsonable(predictor.describe())
-    source = cfg.data or str(train_cfg.get("data", ""))
     remote = storage.is_remote(source)  # then ``data`` is its verified local copy
     metrics.update({"split": cfg.split, "data": source if remote else str(data.resolve()),
                     "run": str(run_dir.resolve()), "checkpoint": str(predictor.path.resolve()),

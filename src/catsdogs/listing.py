@@ -111,6 +111,20 @@ def _walk_class(root: Path, class_dir: Path, label: int, candidates: list[Candid
                 ignored.append(Ignored(_printable(rel), reason))
 
 
+def _require_classes(classes: list[str], where: str) -> None:
+    """Raise :class:`InputError` unless there are at least two class folders."""
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        raise InputError(f"{where} needs at least two class subfolders (e.g. Cat/ and Dog/), "
+                         f"found {found} (fix --input)")
+
+
+def _no_images(class_dir: str) -> InputError:
+    """Return the error for a class folder without any image candidate."""
+    return InputError(f"class folder {class_dir!r} has no image files "
+                      f"({', '.join(sorted(schema.IMAGE_EXTENSIONS))}) (fix --input)")
+
+
 def scan_input(input_dir: str | Path) -> Listing:
     """List classes (sorted subfolder names) and image candidates under ``input_dir``.
 
@@ -136,21 +150,13 @@ def scan_input(input_dir: str | Path) -> Listing:
             classes.append(entry.name)
         else:
             ignored.append(Ignored(_printable(entry.name), IGNORED_OUTSIDE))
-    if len(classes) < 2:
-        found = f"only {classes[0]!r}" if classes else "none"
-        raise InputError(
-            f"input folder {str(root)!r} needs at least two class subfolders (e.g. Cat/ and Dog/), "
-            f"found {found} (fix --input)"
-        )
+    _require_classes(classes, f"input folder {str(root)!r}")
     candidates: list[Candidate] = []
     for label, name in enumerate(classes):
         before = len(candidates)
         _walk_class(root, root / name, label, candidates, ignored)
         if len(candidates) == before:
-            raise InputError(
-                f"class folder {str(root / name)!r} has no image files "
-                f"({', '.join(sorted(schema.IMAGE_EXTENSIONS))}) (fix --input)"
-            )
+            raise _no_images(str(root / name))
     return Listing(root=root, classes=classes, candidates=candidates, ignored=ignored)
 
 
@@ -182,10 +188,7 @@ def scan_remote(uri: str) -> Listing:
             by_class.setdefault(parts[0], []).append(rel)
     ignored.extend(Ignored(d, IGNORED_HIDDEN) for d in sorted(hidden_dirs))
     classes = sorted(by_class)
-    if len(classes) < 2:
-        found = f"only {classes[0]!r}" if classes else "none"
-        raise InputError(f"input {uri!r} needs at least two class subfolders (e.g. Cat/ and Dog/), "
-                         f"found {found} (fix --input)")
+    _require_classes(classes, f"input {uri!r}")
     candidates: list[Candidate] = []
     for label, name in enumerate(classes):
         before = len(candidates)
@@ -196,8 +199,7 @@ def scan_remote(uri: str) -> Listing:
             else:
                 ignored.append(Ignored(rel, reason))
         if len(candidates) == before:
-            raise InputError(f"class folder {root}/{name!r} has no image files "
-                             f"({', '.join(sorted(schema.IMAGE_EXTENSIONS))}) (fix --input)")
+            raise _no_images(f"{root}/{name}")
     return Listing(root=root, classes=classes, candidates=candidates, ignored=ignored)
 
 

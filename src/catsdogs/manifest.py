@@ -100,17 +100,22 @@ def load_manifest(root: str | Path, flag: str = "--data") -> Manifest:
             f"{str(root)!r} has no {schema.MANIFEST_NAME}: it is not a complete shards folder; "
             f"run 'catsdogs preprocess --output {root}' or fix {flag}"
         )
+    return parse_manifest(path.read_bytes(), str(path), str(root))
+
+
+def parse_manifest(raw: bytes, where: str, root: str) -> Manifest:
+    """Parse and version-check manifest bytes read from ``where`` (a path or URI) of shards ``root``."""
     try:
-        raw = json.loads(path.read_text())
+        d = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SchemaError(f"{str(path)!r} is not valid JSON ({exc}); re-run catsdogs preprocess") from None
-    version = raw.get("schema_version") if isinstance(raw, dict) else None
+        raise SchemaError(f"{where!r} is not valid JSON ({exc}); re-run catsdogs preprocess") from None
+    version = d.get("schema_version") if isinstance(d, dict) else None
     if version != schema.SCHEMA_VERSION:
         raise SchemaError(
-            f"{str(path)!r} has schema_version {version!r}, this catsdogs reads "
+            f"{where!r} has schema_version {version!r}, this catsdogs reads "
             f"{schema.SCHEMA_VERSION}; re-run 'catsdogs preprocess --overwrite --output {root}'"
         )
     try:
-        return Manifest.from_json(raw)
+        return Manifest.from_json(d)
     except (KeyError, TypeError, ValueError) as exc:
-        raise SchemaError(f"{str(path)!r} is malformed ({exc}); re-run catsdogs preprocess") from None
+        raise SchemaError(f"{where!r} is malformed ({exc}); re-run catsdogs preprocess") from None

@@ -134,9 +134,7 @@ class RemoteOutput:
         reader refuses it until the run is repeated.
         """
         self._check()
-        for path in sorted(self.stage.rglob("*")):
-            if path.is_file():
-                storage.upload(path, storage.join(self.task_root, path.relative_to(self.stage).as_posix()))
+        storage.upload_tree(self.stage, self.task_root)
         new = [rel for rel, _ in storage.list_files(self.task_root)]
         if schema.MANIFEST_NAME not in new:
             raise RuntimeError(f"{self.task_root}: {schema.MANIFEST_NAME} was not staged")

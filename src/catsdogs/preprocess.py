@@ -121,9 +121,7 @@ def _shard_root(output_root: str) -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory(prefix="catsdogs-shard-") as scratch:
         yield scratch
-        for path in sorted(Path(scratch).rglob("*")):
-            if path.is_file():
-                storage.upload(path, storage.join(output_root, path.relative_to(scratch).as_posix()))
+        storage.upload_tree(scratch, output_root)
 
 
 def _read_ahead(settings: TaskSettings, paths: list[str]

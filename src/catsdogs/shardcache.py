@@ -3,14 +3,14 @@
 Training reads every shard once per epoch in random order; doing that over the network would tie
 each epoch's speed to the store. So remote shards are copied once into a cache folder, each file is
 checked against the sha256 the manifest recorded, and the readers memory-map the local copy as for
-any local shards. A second run finds the files in place and only re-hashes them (about 1 s per GB).
+any local shards. A second run finds the files in place and only re-hashes them: 0.17 s for the
+221 MB of 64-px shards of the 18,000 real photos (1.3 GB/s, ``shards.sha256_file`` on this machine).
 The manifest is written to the cache last, so an interrupted copy is never taken for complete.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -18,7 +18,7 @@ from pathlib import Path
 from catsdogs import schema, storage
 from catsdogs.errors import SchemaError
 from catsdogs.fsutil import atomic_write_bytes
-from catsdogs.manifest import Manifest, load_manifest
+from catsdogs.manifest import Manifest, load_manifest, parse_manifest
 from catsdogs.shards import sha256_file
 
 CACHE_ENV = "CATSDOGS_CACHE"
@@ -49,27 +49,12 @@ def _remote_manifest_bytes(uri: str, flag: str) -> bytes:
         raise SchemaError(f"{uri!r} has no {schema.MANIFEST_NAME}: it is not a complete shards folder; "
                           f"run 'catsdogs preprocess --output {uri}' or fix {flag}") from None
     except OSError as exc:
-        raise storage.StorageError(f"{uri}: {str(exc).splitlines()[0]} (fix {flag} or the storage "
-                                   f"settings)") from None
+        raise storage.wrap_error(uri, exc, flag) from None
 
 
 def _parse(uri: str, raw: bytes) -> Manifest:
-    """Parse and version-check a remote manifest."""
-    try:
-        d = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SchemaError(f"{uri}/{schema.MANIFEST_NAME} is not valid JSON ({exc}); re-run catsdogs "
-                          f"preprocess") from None
-    version = d.get("schema_version") if isinstance(d, dict) else None
-    if version != schema.SCHEMA_VERSION:
-        raise SchemaError(f"{uri}/{schema.MANIFEST_NAME} has schema_version {version!r}, this catsdogs "
-                          f"reads {schema.SCHEMA_VERSION}; re-run 'catsdogs preprocess --overwrite "
-                          f"--output {uri}'")
-    try:
-        return Manifest.from_json(d)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SchemaError(f"{uri}/{schema.MANIFEST_NAME} is malformed ({exc}); re-run catsdogs "
-                          f"preprocess") from None
+    """Parse and version-check a remote manifest (the same checks as a local one)."""
+    return parse_manifest(raw, storage.join(uri, schema.MANIFEST_NAME), uri)
 
 
 def read_manifest(data: str, flag: str = "--data") -> Manifest:

@@ -127,7 +127,7 @@ def locate(uri: str, flag: str = "") -> Location:
     raise StorageError(f"{uri!r} is not a remote URI this catsdogs reads (s3a://, s3://, hdfs://){hint}")
 
 
-def _wrap(uri: str, exc: OSError, flag: str) -> StorageError:
+def wrap_error(uri: str, exc: OSError, flag: str) -> StorageError:
     """Turn a pyarrow OSError into a one-line StorageError naming the URI."""
     hint = f" (fix {flag} or the storage settings)" if flag else ""
     return StorageError(f"{uri}: {str(exc).splitlines()[0]}{hint}")
@@ -141,7 +141,7 @@ def file_type(uri: str, flag: str = "") -> str:
     try:
         info = loc.fs.get_file_info(loc.path)
     except OSError as exc:
-        raise _wrap(uri, exc, flag) from None
+        raise wrap_error(uri, exc, flag) from None
     return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(info.type, "missing")
 
 
@@ -155,7 +155,7 @@ def list_files(uri: str, flag: str = "") -> list[tuple[str, int]]:
     except FileNotFoundError:
         return []
     except OSError as exc:
-        raise _wrap(uri, exc, flag) from None
+        raise wrap_error(uri, exc, flag) from None
     base = _norm(loc.path)
     out = []
     for info in infos:
@@ -214,6 +214,17 @@ def upload(local: str | Path, uri: str) -> None:
     if stored != sent:
         raise StorageError(f"{uri}: the store kept {stored} bytes of the {sent} sent; check the storage "
                            f"settings (credentials, endpoint) and the store's S3 compatibility")
+
+
+def upload_tree(local: str | Path, uri: str) -> list[str]:
+    """Upload every file under the local folder ``local`` to the same relative path under ``uri``."""
+    done = []
+    for path in sorted(Path(local).rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(local).as_posix()
+            upload(path, join(uri, rel))
+            done.append(rel)
+    return done
 
 
 def download(uri: str, local: str | Path) -> str:
