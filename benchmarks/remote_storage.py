@@ -216,7 +216,7 @@ process's CPU time over the run's wall time (100% = one core, the most one Pytho
 {chr(10).join(rows)}
 
 - "+N ms per request": a local proxy holds each request N ms before passing it on, as a network
-  round trip to a remote object store would (S3 first-byte latency is typically tens of ms). With
+  round trip to a remote object store would (20 ms is an assumed same-region figure, not measured here). With
   +0 ms the runs are bound by the S3 server itself, one Python process busy close to a full core
   (last column), so concurrent reads only add contention there; with a round trip per request,
   `--read-threads` hides the latency. That is why the default is 16.
