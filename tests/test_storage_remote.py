@@ -272,3 +272,29 @@ def test_hdfs_uris_end_to_end_with_a_local_stand_in_for_libhdfs(monkeypatch: pyt
                progress=False)  # type: ignore[arg-type]
     assert json.loads((namenode / "user/me/shards/manifest.json").read_text())["image"]["size"] == 8
     assert sorted(p.name for p in (namenode / "user" / "me").iterdir()) == ["PetImages", "shards"]
+
+
+def test_stale_remote_temp_prefixes_of_dead_runs_only_are_removed(spark: object, tree: tuple[Path, str]
+                                                                  ) -> None:
+    """Like local temp folders: a killed run's prefix (this host, pid gone) goes; live or foreign stay."""
+    import socket
+    import subprocess
+    import sys
+
+    _, uri = tree
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    names = {"dead": f"st.tmp-{host}-{dead.pid}-aaaa", "live": f"st.tmp-{host}-{live.pid}-bbbb",
+             "other_host": f"st.tmp-elsewhere-{dead.pid}-cccc", "unrelated": "st.tmp-x"}
+    try:
+        for name in names.values():
+            storage.write_bytes(f"s3a://pets/{name}/train/X_part_00000.npy", b"half")
+        preprocess(cfg(uri, "s3a://pets/st"), spark=spark, progress=False)  # type: ignore[arg-type]
+        left = {k for k, name in names.items() if storage.list_files(f"s3a://pets/{name}")}
+        assert left == {"live", "other_host", "unrelated"}
+        assert storage.file_type("s3a://pets/st/manifest.json") == "file"
+    finally:
+        live.kill()
+        live.wait()

@@ -36,23 +36,41 @@ def check_local_output(out: Path, overwrite: bool) -> None:
                                 " refusing to replace it even with --overwrite (choose another --output)")
 
 
-def remove_stale_tmp(out: Path) -> None:
-    """Delete temporary folders of earlier runs on this host that were killed (their pid is gone).
+def _is_stale(name: str, out_name: str) -> bool:
+    """Return True for ``OUTPUT.tmp-<host>-<pid>-<token>`` of a dead process on this host.
 
-    A SIGKILLed run cannot clean up; its ``OUTPUT.tmp-<host>-<pid>-<token>`` may be as big as the
-    output. Folders of live processes (a concurrent run) and of other hosts are left alone.
+    A SIGKILLed run cannot clean up; its temporary folder may be as big as the output. Folders of
+    live processes (a concurrent run) and of other hosts are never stale.
     """
-    host = socket.gethostname()
+    prefix = f"{out_name}.tmp-"
+    if not name.startswith(prefix):
+        return False
+    parts = name[len(prefix):].rsplit("-", 2)
+    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit() \
+            or int(parts[1]) == os.getpid():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
+
+
+def remove_stale_tmp(out: Path) -> None:
+    """Delete temporary folders next to ``out`` left by killed runs on this host (:func:`_is_stale`)."""
     for path in out.parent.glob(f"{out.name}.tmp-*"):
-        parts = path.name[len(out.name) + len(".tmp-"):].rsplit("-", 2)
-        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit() or int(parts[1]) == os.getpid():
-            continue
-        try:
-            os.kill(int(parts[1]), 0)
-        except ProcessLookupError:
+        if _is_stale(path.name, out.name):
             shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:  # alive, owned by another user
-            continue
+
+
+def remove_stale_remote_tmp(out: str) -> None:
+    """Delete temporary prefixes next to remote ``out`` left by killed runs on this host."""
+    parent, _, name = out.rstrip("/").rpartition("/")
+    for entry in storage.list_names(parent):
+        if _is_stale(entry, name):
+            storage.delete_tree(f"{parent}/{entry}")
 
 
 def _tmp_name(name: str) -> str:
@@ -108,6 +126,7 @@ class RemoteOutput:
             raise ConfigError(f"--output {out!r} is a whole bucket; name a prefix inside it "
                               f"(e.g. {self.out}/shards) so --overwrite never empties the bucket")
         self._check()
+        remove_stale_remote_tmp(self.out)
         parent, _, name = self.out.rpartition("/")
         self.task_root = f"{parent}/{_tmp_name(name)}"
         """The temporary prefix the Spark tasks upload shards into."""

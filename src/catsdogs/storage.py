@@ -177,6 +177,18 @@ def _norm(path: str) -> str:
     return (urlparse(path).path if "://" in path else path).strip("/")
 
 
+def list_names(uri: str) -> list[str]:
+    """Return the names directly under ``uri`` (files and folders, one level; cheap on S3)."""
+    import pyarrow.fs as pafs
+
+    loc = locate(uri)
+    try:
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))
+    except FileNotFoundError:
+        return []
+    return sorted(_norm(i.path).rsplit("/", 1)[-1] for i in infos)
+
+
 def read_bytes(uri: str) -> bytes:
     """Read a whole remote file (raises OSError, FileNotFoundError included, like ``open``)."""
     loc = locate(uri)
