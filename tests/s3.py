@@ -55,19 +55,6 @@ def make_bucket(name: str) -> None:
     boto3.client("s3").create_bucket(Bucket=name)
 
 
-def upload_tree(local: Path, uri: str) -> list[str]:
-    """Upload every regular file under ``local`` (symlinks have no S3 equivalent); return rel paths."""
-    from catsdogs import storage
-
-    done = []
-    for path in sorted(local.rglob("*")):
-        if path.is_file() and not path.is_symlink():
-            rel = path.relative_to(local).as_posix()
-            storage.upload(path, storage.join(uri, rel))
-            done.append(rel)
-    return done
-
-
 def download_tree(uri: str, local: Path) -> list[str]:
     """Download every file under ``uri`` into ``local``; return rel paths."""
     from catsdogs import storage

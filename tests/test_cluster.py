@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from catsdogs import cluster as clustermod
+from catsdogs import storage
 from catsdogs.cluster import Cluster, leftover_pids, standalone_cluster
 from tests.fixtures import make_image_tree, make_shards
 from tests.s3 import ENV as S3_ENV
-from tests.s3 import download_tree, make_bucket, s3_server, upload_tree
+from tests.s3 import download_tree, make_bucket, s3_server
 
 pytestmark = pytest.mark.slow
 QUICK = {"spark.driver.extraJavaOptions": clustermod.QUICK_JVM_OPTS}  # short job: start the JVM fast
@@ -90,7 +91,7 @@ def test_cluster_preprocess_matches_local(tmp_path: Path) -> None:
             # forwards the endpoint, credentials go through --spark-conf spark.executorEnv.*.
             with s3_server():
                 make_bucket("pets")
-                upload_tree(src, "s3a://pets/PetImages")
+                storage.upload_tree(src, "s3a://pets/PetImages")
                 creds = {f"spark.executorEnv.{k}": v for k, v in S3_ENV.items() if "KEY" in k}
                 s3_proc = subprocess.run(preprocess_cmd("s3a://pets/PetImages", "s3a://pets/shards",
                                                         c.master_url, {**c.client_conf(quick_start=True),

@@ -19,7 +19,7 @@ from catsdogs.preprocess import preprocess
 from catsdogs.shardcache import cache_folder, local_shards
 from tests.fixtures import make_image_tree, make_shards
 from tests.s3 import ENV as S3_ENV
-from tests.s3 import download_tree, make_bucket, s3_server, upload_tree
+from tests.s3 import download_tree, make_bucket, s3_server
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def tree(s3: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     (root / "Cat" / ".thumbnails").mkdir()
     (root / "Cat" / ".thumbnails" / "t.jpg").write_bytes(b"x")
     uri = "s3a://pets/PetImages"
-    upload_tree(root, uri)
+    storage.upload_tree(root, uri)
     return root, uri
 
 
@@ -114,7 +114,7 @@ def test_s3_to_s3_gives_the_same_shards_as_local(spark: object, tree: tuple[Path
 def test_cache_refetches_a_damaged_copy_and_refuses_damaged_remote(s3: str, tmp_path: Path) -> None:
     src = tmp_path / "shards"
     make_shards(src, counts={"train": 20, "val": 6, "test": 6}, shard_rows=10)
-    upload_tree(src, "s3a://pets/cached")
+    storage.upload_tree(src, "s3a://pets/cached")
     first = Path(local_shards("s3a://pets/cached", tmp_path / "c", quiet=True))
     x0 = first / "train" / "X_part_00000.npy"
     good = x0.read_bytes()
@@ -259,7 +259,7 @@ def test_hdfs_uris_end_to_end_with_a_local_stand_in_for_libhdfs(monkeypatch: pyt
     make_image_tree(src, per_class=8)
     (src / "Dog" / "broken_link.jpg").unlink()
     hdfs = "hdfs://namenode:8020/user/me"
-    upload_tree(src, f"{hdfs}/PetImages")
+    storage.upload_tree(src, f"{hdfs}/PetImages")
     ref = preprocess(cfg(str(src), str(tmp_path / "local")), spark=inline, progress=False)  # type: ignore[arg-type]
     m = preprocess(cfg(f"{hdfs}/PetImages", f"{hdfs}/shards"), spark=inline, progress=False)  # type: ignore[arg-type]
     assert m.stats["kept"] == ref.stats["kept"] and m.skipped == ref.skipped

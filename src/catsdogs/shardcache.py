@@ -3,8 +3,9 @@
 Training reads every shard once per epoch in random order; doing that over the network would tie
 each epoch's speed to the store. So remote shards are copied once into a cache folder, each file is
 checked against the sha256 the manifest recorded, and the readers memory-map the local copy as for
-any local shards. A second run finds the files in place and only re-hashes them: 0.17 s for the
-221 MB of 64-px shards of the 18,000 real photos (1.3 GB/s, ``shards.sha256_file`` on this machine).
+any local shards. A second run finds the files in place and only re-hashes them (the 221 MB of
+64-px shards of the real photos: 6.0 s cold vs 3.8 s warm for a whole one-step ``catsdogs train``,
+docs/benchmarks/remote_storage.md).
 The manifest is written to the cache last, so an interrupted copy is never taken for complete.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from catsdogs import schema, storage
 from catsdogs.errors import SchemaError
 from catsdogs.fsutil import atomic_write_bytes
-from catsdogs.manifest import Manifest, load_manifest, parse_manifest
+from catsdogs.manifest import Manifest, incomplete, load_manifest, parse_manifest
 from catsdogs.shards import sha256_file
 
 CACHE_ENV = "CATSDOGS_CACHE"
@@ -46,8 +47,7 @@ def _remote_manifest_bytes(uri: str, flag: str) -> bytes:
     try:
         return storage.read_bytes(storage.join(uri, schema.MANIFEST_NAME))
     except FileNotFoundError:
-        raise SchemaError(f"{uri!r} has no {schema.MANIFEST_NAME}: it is not a complete shards folder; "
-                          f"run 'catsdogs preprocess --output {uri}' or fix {flag}") from None
+        raise incomplete(uri, flag) from None
     except OSError as exc:
         raise storage.wrap_error(uri, exc, flag) from None
 
@@ -96,6 +96,8 @@ def local_shards(data: str, cache_dir: str | Path = "", flag: str = "--data", qu
                               f"the shards changed while being read, or are damaged; re-run catsdogs "
                               f"preprocess")
     for rel in (schema.FILES_CSV_NAME, schema.CONFIG_NAME):  # small, for a complete local copy
+        if (local / rel).is_file() and not fetched:
+            continue  # the cache was complete and verified: these came with it
         try:
             storage.download(storage.join(uri, rel), local / rel)
         except FileNotFoundError:

@@ -41,7 +41,7 @@ REGION_ENV: tuple[str, ...] = ("AWS_REGION", "AWS_DEFAULT_REGION")
 
 FALLBACK_REGION = "us-east-1"
 """Region used with a custom endpoint when none is set: S3-compatible stores ignore it, and without
-one the AWS SDK would query the EC2 metadata service (seconds of timeouts off EC2)."""
+one the AWS SDK would ask the EC2 metadata service, which does not exist off EC2."""
 
 CHUNK_BYTES = 8 << 20
 """Buffer of one streamed copy between local disk and remote storage (8 MiB)."""
@@ -145,17 +145,24 @@ def file_type(uri: str, flag: str = "") -> str:
     return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(info.type, "missing")
 
 
-def list_files(uri: str, flag: str = "") -> list[tuple[str, int]]:
-    """Return every file under ``uri`` recursively as (path relative to ``uri``, size in bytes), sorted."""
+def _entries(uri: str, recursive: bool, flag: str) -> tuple[Location, list[pafs.FileInfo]]:
+    """List what is under ``uri`` (nothing for a missing folder); errors name the URI and flag."""
     import pyarrow.fs as pafs
 
     loc = locate(uri, flag)
     try:
-        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+        return loc, loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=recursive))
     except FileNotFoundError:
-        return []
+        return loc, []
     except OSError as exc:
         raise wrap_error(uri, exc, flag) from None
+
+
+def list_files(uri: str, flag: str = "") -> list[tuple[str, int]]:
+    """Return every file under ``uri`` recursively as (path relative to ``uri``, size in bytes), sorted."""
+    import pyarrow.fs as pafs
+
+    loc, infos = _entries(uri, True, flag)
     base = _norm(loc.path)
     out = []
     for info in infos:
@@ -177,15 +184,9 @@ def _norm(path: str) -> str:
     return (urlparse(path).path if "://" in path else path).strip("/")
 
 
-def list_names(uri: str) -> list[str]:
+def list_names(uri: str, flag: str = "") -> list[str]:
     """Return the names directly under ``uri`` (files and folders, one level; cheap on S3)."""
-    import pyarrow.fs as pafs
-
-    loc = locate(uri)
-    try:
-        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))
-    except FileNotFoundError:
-        return []
+    _, infos = _entries(uri, False, flag)
     return sorted(_norm(i.path).rsplit("/", 1)[-1] for i in infos)
 
 
@@ -228,15 +229,14 @@ def upload(local: str | Path, uri: str) -> None:
                            f"settings (credentials, endpoint) and the store's S3 compatibility")
 
 
-def upload_tree(local: str | Path, uri: str) -> list[str]:
-    """Upload every file under the local folder ``local`` to the same relative path under ``uri``."""
-    done = []
+def upload_tree(local: str | Path, uri: str) -> None:
+    """Upload every regular file under the local folder ``local`` to the same path under ``uri``.
+
+    Symlinks are skipped: object stores have none (catsdogs' own scratch folders hold none either).
+    """
     for path in sorted(Path(local).rglob("*")):
-        if path.is_file():
-            rel = path.relative_to(local).as_posix()
-            upload(path, join(uri, rel))
-            done.append(rel)
-    return done
+        if path.is_file() and not path.is_symlink():
+            upload(path, join(uri, path.relative_to(local).as_posix()))
 
 
 def download(uri: str, local: str | Path) -> str:
