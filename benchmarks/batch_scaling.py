@@ -41,8 +41,8 @@ def measure(run: Path) -> list[tuple[str, int, int, float]]:
     import onnxruntime as ort
     import torch
 
-    from catsdogs.export import ensure_onnx, run_folder
-    from catsdogs.inference import Predictor
+    from catsdogs.infer.export import ensure_onnx, run_folder
+    from catsdogs.infer.predictor import Predictor
     from catsdogs.runtime import setup
 
     setup(0, "cpu")

@@ -3,7 +3,7 @@
 For each backbone@size it computes pooled features of the train and val splits once with the
 product's feature pass (``transfer.extract_features``; images resized in torch from the given shards
 when the size differs), caches them, then fits the project's logistic head
-(:func:`catsdogs.transfer.fit_head`, C picked by val log-loss) on single backbones and on
+(:func:`catsdogs.train.frozen.fit_head`, C picked by val log-loss) on single backbones and on
 concatenations. Only val is used: the test split is for the final ``catsdogs evaluate`` of the
 chosen preset.
 
@@ -36,16 +36,17 @@ COMBOS = ("effnet_lite0@180", "effnet_lite1@240", "effnet_lite1@260", "effnet_li
 def features(spec: str, data: Path, cache: Path) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """Return ``split -> (features, mirrored features, forward passes/s)`` for train and val, cached.
 
-    Uses the product's own feature pass (:func:`catsdogs.transfer.extract_features`, BatchNorm folded,
+    Uses the product's own feature pass (:func:`catsdogs.train.frozen.extract_features`, BatchNorm folded,
     batch 64), resizing the shards' images to the spec's size in torch; mirrored features for val only
     (flip TTA); training the head on mirrored copies did not help.
     """
     import torch
 
-    from catsdogs.manifest import load_manifest
-    from catsdogs.models import build_model, input_normalization
+    from catsdogs.models.factory import create_model
+    from catsdogs.models.registry import input_normalization
     from catsdogs.runtime import setup
-    from catsdogs.transfer import extract_features
+    from catsdogs.shards.manifest import load_manifest
+    from catsdogs.train.frozen import extract_features
 
     name, size = spec.split("@")[0], int(spec.split("@")[1])
     out: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
@@ -60,7 +61,7 @@ def features(spec: str, data: Path, cache: Path) -> dict[str, tuple[np.ndarray, 
             out[split] = (z["x"], z["xf"], float(z["rate"]))
             continue
         if model is None:
-            model = build_model(name, 2, size, pretrained=True).eval().to(memory_format=torch.channels_last)
+            model = create_model(name, 2, size, pretrained=True).eval().to(memory_format=torch.channels_last)
         flip = split == "val"
         t0 = time.perf_counter()
         x_all, _ = extract_features(model, data, m, split, mean, std, 64, flip=flip, size=size)
@@ -75,8 +76,8 @@ def features(spec: str, data: Path, cache: Path) -> dict[str, tuple[np.ndarray, 
 
 
 def labels(data: Path, split: str) -> np.ndarray:
-    from catsdogs.manifest import load_manifest
-    from catsdogs.shards import open_shard
+    from catsdogs.shards.manifest import load_manifest
+    from catsdogs.shards.reader import open_shard
 
     m = load_manifest(data)
     return np.concatenate([open_shard(data, i, m.size)[1] for i in m.split_shards(split)])
@@ -89,7 +90,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--cache", default="/tmp/catsdogs-frozen-probe", help="feature cache folder")
     ap.add_argument("--fragment", default="frozen_probe")
     args = ap.parse_args(argv)
-    from catsdogs.transfer import fit_head
+    from catsdogs.train.frozen import fit_head
 
     data, cache = Path(args.data), Path(args.cache)
     with heavy_lock():
@@ -124,7 +125,7 @@ def main(argv: list[str]) -> int:
         f"Command: `{cmd}`  ",
         f"Machine: {machine()}.  ",
         f"Shards: {data} ({len(yt)} train / {len(yv)} val rows; images upsampled in torch to each size). "
-        "Head: `catsdogs.transfer.fit_head` (logistic regression, C by val log-loss). The test split is "
+        "Head: `catsdogs.train.frozen.fit_head` (logistic regression, C by val log-loss). The test split is "
         f"not touched here. Features are cached in `{cache}` and computed only when absent (this "
         "table's cache was filled by the same computation in an exploratory script, at the rates shown).",
         "",

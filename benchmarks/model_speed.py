@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks._common import heavy_lock, machine, write_fragment
-from catsdogs.models import build_model, count_parameters
+from catsdogs.models.factory import count_parameters, create_model
 from catsdogs.runtime import setup
 
 # (model, image size, extra kwargs): the configurations documented in docs/models.md.
@@ -68,7 +68,7 @@ def main() -> None:
     with heavy_lock():
         threads = setup(args.threads, "cpu", 0) and torch.get_num_threads()
         for name, size, kw in CONFIGS:
-            model = build_model(name, 2, size, pretrained=False, **kw).to(memory_format=torch.channels_last)
+            model = create_model(name, 2, size, pretrained=False, **kw).to(memory_format=torch.channels_last)
             row = (name, size, kw, count_parameters(model), gflops(model, size),
                    images_per_s(model, size, 64, False), images_per_s(model, size, 1, False, reps=10),
                    images_per_s(model, size, 64, True))

@@ -1,6 +1,6 @@
 """Benchmark: ``catsdogs preprocess`` (Spark, one task per shard) vs a plain multiprocessing.Pool(2).
 
-Both decode the same files with the same :func:`catsdogs.transforms.load_image` (64x64, stretch).
+Both decode the same files with the same :func:`catsdogs.models.transforms.load_image` (64x64, stretch).
 The pool only decodes; Spark also writes the shards, files.csv and the manifest. Peak RSS is the sum
 over the whole process tree (driver + JVM + Python workers), sampled every 0.1 s.
 
@@ -28,7 +28,7 @@ COMMAND = ".venv/bin/python -m benchmarks.preprocess"
 
 
 def _decode(path: str) -> int:
-    from catsdogs.transforms import load_image
+    from catsdogs.models.transforms import load_image
 
     with open(path, "rb") as fh:
         return load_image(fh.read(), SIZE, "stretch").shape[0]
@@ -76,7 +76,7 @@ def bench_spark_inner(data: Path, out: Path, api: str, jobs: int) -> dict[str, A
 
 def _inner(data: str, out: str, api: str, jobs: str) -> None:
     from catsdogs.config import PreprocessConfig
-    from catsdogs.preprocess import preprocess
+    from catsdogs.preprocess.command import preprocess
     from catsdogs.spark import get_spark
 
     t0 = time.perf_counter()
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data.is_dir():
         print(f"data folder {args.data} not found (use --data)", file=sys.stderr)
         return 2
-    from catsdogs.listing import scan_input
+    from catsdogs.preprocess.listing import scan_input
 
     listing = scan_input(args.data)
     paths = [os.path.join(listing.root, c.path) for c in listing.candidates]

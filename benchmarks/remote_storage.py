@@ -148,7 +148,7 @@ def main() -> None:
             import boto3
             import pyarrow.fs as pafs
 
-            from catsdogs import storage
+            from catsdogs.io import storage
 
             boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="pets")
             s3 = storage.locate("s3a://pets").fs

@@ -421,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             run_note = ("untrained seed CNN at 64x64 (`tests.fixtures.make_run(size=64)`)"
                         + (f"; trained runs present but not used: {', '.join(others)}" if others else
                            "; no trained run under runs/ yet"))
-        from catsdogs.checkpoint import load_checkpoint, resolve_checkpoint
+        from catsdogs.checkpoint import load_checkpoint
+        from catsdogs.rundir import resolve_checkpoint
 
         args.model_size = int(load_checkpoint(resolve_checkpoint(run, "best.pt"))["image"]["size"])
         results = [bench_backend(run, b, int(t), jpegs, args) for b in args.backends.split(",")

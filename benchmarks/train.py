@@ -33,12 +33,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks._common import PROJECT_ROOT, REAL_DATA, PeakRSS, Sampler, heavy_lock, machine, write_fragment
 from catsdogs.config import TrainConfig
-from catsdogs.data import split_stream
-from catsdogs.manifest import ShardInfo, load_manifest, save_manifest
-from catsdogs.models import build_model
+from catsdogs.models.factory import create_model
+from catsdogs.models.heads import loss_fn
+from catsdogs.models.transforms import normalize
 from catsdogs.runtime import setup
-from catsdogs.train import loss_fn, make_optimizer
-from catsdogs.transforms import normalize
+from catsdogs.shards.manifest import ShardInfo, load_manifest, save_manifest
+from catsdogs.train.loop import make_optimizer
+from catsdogs.train.stream import split_stream
 
 DEFAULT_DATA = Path("/tmp/catsdogs-bench/shards64")
 BATCH = 64
@@ -86,7 +87,7 @@ def timed_training(batches: Any, steps: int, warmup: int, mean: list[float], std
                    size: int) -> float:
     """Train a fresh seed CNN on ``batches`` for ``warmup + steps`` steps; return timed images/s."""
     torch.manual_seed(0)
-    model = build_model("seed", 2, size).to(memory_format=torch.channels_last)
+    model = create_model("seed", 2, size).to(memory_format=torch.channels_last)
     opt = make_optimizer(TrainConfig(optimizer="adam", lr=1e-3), list(model.parameters()))
     it = iter(batches)
     seen, t0 = 0, 0.0
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         size = m.size
         mm = matmul_gflops()
         print(f"matmul fp32 2048: {mm:.1f} GFLOP/s", flush=True)
-        fwd, both = train_flops(build_model("seed", 2, size).to(memory_format=torch.channels_last), size)
+        fwd, both = train_flops(create_model("seed", 2, size).to(memory_format=torch.channels_last), size)
         print(f"seed CNN: forward {fwd / 1e6:.1f} MFLOP/image, forward+backward {both / 1e6:.1f}", flush=True)
         xs = [np.load(data / s.x) for s in m.split_shards("train")]
         ys = [np.load(data / s.y) for s in m.split_shards("train")]

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from catsdogs import schema
-from catsdogs.manifest import Manifest, save_manifest
-from catsdogs.shards import ShardWriter
+from catsdogs import checkpoint as ckpt
+from catsdogs import rundir, schema
+from catsdogs.shards.manifest import Manifest, save_manifest
+from catsdogs.shards.writer import ShardWriter
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "PetImages"
 """../shared/data/PetImages seen from the project root (the development copy of the data)."""
@@ -165,26 +166,26 @@ def make_run(root: Path, size: int = 32, classes: tuple[str, ...] = ("Cat", "Dog
 
     from catsdogs.checkpoint import save_checkpoint
     from catsdogs.config import TrainConfig, to_dict
-    from catsdogs.models import build_model
+    from catsdogs.models.factory import create_model
 
     torch.manual_seed(seed)
     root.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(data=data, out=str(root), model=model, epochs=epochs, seed=seed)
-    net = build_model(model, num_classes=len(classes), size=size)
+    net = create_model(model, num_classes=len(classes), size=size)
     state = {
-        schema.CKPT_MODEL_STATE: net.state_dict(),
-        schema.CKPT_MODEL_CONFIG: {"name": model, "num_classes": len(classes), "size": size},
-        schema.CKPT_CLASSES: list(classes),
-        schema.CKPT_NORM: {"mean": [120.0] * 3, "std": [60.0] * 3},
-        schema.CKPT_IMAGE: {"size": size, "resize": "stretch"},
-        schema.CKPT_TRAIN_CONFIG: to_dict(cfg),
-        schema.CKPT_EPOCH: epochs,
-        schema.CKPT_METRICS: {"val_loss": 0.6, "val_acc": 0.6},
+        ckpt.CKPT_MODEL_STATE: net.state_dict(),
+        ckpt.CKPT_MODEL_CONFIG: {"name": model, "num_classes": len(classes), "size": size},
+        ckpt.CKPT_CLASSES: list(classes),
+        ckpt.CKPT_NORM: {"mean": [120.0] * 3, "std": [60.0] * 3},
+        ckpt.CKPT_IMAGE: {"size": size, "resize": "stretch"},
+        ckpt.CKPT_TRAIN_CONFIG: to_dict(cfg),
+        ckpt.CKPT_EPOCH: epochs,
+        ckpt.CKPT_METRICS: {"val_loss": 0.6, "val_acc": 0.6},
     }
-    save_checkpoint(root / schema.BEST_CKPT, state)
-    save_checkpoint(root / schema.LAST_CKPT, state)
+    save_checkpoint(root / rundir.BEST_CKPT, state)
+    save_checkpoint(root / rundir.LAST_CKPT, state)
     (root / schema.CONFIG_NAME).write_text(json.dumps(to_dict(cfg), indent=2))
-    with open(root / schema.METRICS_CSV, "w", newline="") as fh:
+    with open(root / rundir.METRICS_CSV, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"])
         for e in range(1, epochs + 1):

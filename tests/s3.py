@@ -23,7 +23,7 @@ def s3_server() -> Iterator[str]:
 
     from moto.server import ThreadedMotoServer
 
-    from catsdogs import storage
+    from catsdogs.io import storage
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -57,7 +57,7 @@ def make_bucket(name: str) -> None:
 
 def download_tree(uri: str, local: Path) -> list[str]:
     """Download every file under ``uri`` into ``local``; return rel paths."""
-    from catsdogs import storage
+    from catsdogs.io import storage
 
     files = [rel for rel, _ in storage.list_files(uri)]
     for rel in files:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from catsdogs.augment import augment_batch, random_hflip, random_translate
+from catsdogs.train.augment import augment_batch, random_hflip, random_translate
 
 
 def batch(n: int = 6, size: int = 12, seed: int = 0) -> torch.Tensor:

@@ -21,9 +21,9 @@ import pytest
 from catsdogs import schema
 from catsdogs.cli import main as cli_main
 from catsdogs.config import ServeConfig
-from catsdogs.inference import Predictor
-from catsdogs.manifest import load_manifest
+from catsdogs.infer.predictor import Predictor
 from catsdogs.serve.app import create_app
+from catsdogs.shards.manifest import load_manifest
 from tests.fixtures import make_image_tree, make_run
 
 with warnings.catch_warnings():

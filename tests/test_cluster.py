@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from catsdogs import cluster as clustermod
-from catsdogs import storage
-from catsdogs.cluster import Cluster, leftover_pids, standalone_cluster
+from catsdogs.io import storage
+from tests import cluster as clustermod
+from tests.cluster import Cluster, leftover_pids, standalone_cluster
 from tests.fixtures import make_image_tree, make_shards
 from tests.s3 import ENV as S3_ENV
 from tests.s3 import download_tree, make_bucket, s3_server
@@ -41,7 +41,7 @@ def train_cmd(data: Path, out: Path, c: Cluster) -> list[str]:
 
 def outputs(root: Path) -> dict[str, object]:
     """Everything that must not depend on where the job ran: files.csv, shard bytes, manifest facts."""
-    from catsdogs.shards import sha256_file
+    from catsdogs.io.checksum import sha256_file
 
     manifest = json.loads((root / "manifest.json").read_text())
     shards = {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*.npy"))}

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from catsdogs import schema
+from catsdogs import checkpoint as ckpt
+from catsdogs import rundir, schema
 from catsdogs.checkpoint import load_checkpoint
 from catsdogs.cli import main as cli_main
 from tests.fixtures import make_image_tree, make_shards
@@ -126,7 +127,7 @@ def test_stale_temp_folders_of_dead_runs_only_are_removed(tmp_path: Path) -> Non
     """A rerun deletes temp folders of killed runs on this host, never a live run's or another host's."""
     import socket
 
-    from catsdogs.outputs import remove_stale_tmp as _remove_stale_tmp
+    from catsdogs.io.outputs import remove_stale_tmp as _remove_stale_tmp
 
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -172,7 +173,7 @@ def reference(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def metrics(run: Path) -> list[dict[str, str]]:
-    with open(run / schema.METRICS_CSV, newline="") as fh:
+    with open(run / rundir.METRICS_CSV, newline="") as fh:
         rows = list(csv.DictReader(fh))
     for r in rows:
         r.pop("seconds")  # wall time is the only column allowed to differ
@@ -181,26 +182,26 @@ def metrics(run: Path) -> list[dict[str, str]]:
 
 def assert_same_run(a: Path, b: Path) -> None:
     """Weights (deployed EMA and raw), optimiser moments, best.pt and metrics are bit-identical."""
-    sa, sb = load_checkpoint(a / schema.LAST_CKPT), load_checkpoint(b / schema.LAST_CKPT)
-    assert (sa["step"], sa[schema.CKPT_EPOCH]) == (sb["step"], sb[schema.CKPT_EPOCH])
-    for key in (schema.CKPT_MODEL_STATE, "raw_model_state"):
+    sa, sb = load_checkpoint(a / rundir.LAST_CKPT), load_checkpoint(b / rundir.LAST_CKPT)
+    assert (sa["step"], sa[ckpt.CKPT_EPOCH]) == (sb["step"], sb[ckpt.CKPT_EPOCH])
+    for key in (ckpt.CKPT_MODEL_STATE, "raw_model_state"):
         for name, t in sa[key].items():
             assert torch.equal(t, sb[key][name]), f"{key}.{name} differs"
     for i, st in sa["optimizer"]["state"].items():
         for k, v in st.items():
             assert torch.equal(v, sb["optimizer"]["state"][i][k]), f"optimizer {i}.{k} differs"
     assert metrics(a) == metrics(b)
-    ba, bb = load_checkpoint(a / schema.BEST_CKPT), load_checkpoint(b / schema.BEST_CKPT)
-    assert ba[schema.CKPT_EPOCH] == bb[schema.CKPT_EPOCH]
-    for name, t in ba[schema.CKPT_MODEL_STATE].items():
-        assert torch.equal(t, bb[schema.CKPT_MODEL_STATE][name]), f"best.pt {name} differs"
+    ba, bb = load_checkpoint(a / rundir.BEST_CKPT), load_checkpoint(b / rundir.BEST_CKPT)
+    assert ba[ckpt.CKPT_EPOCH] == bb[ckpt.CKPT_EPOCH]
+    for name, t in ba[ckpt.CKPT_MODEL_STATE].items():
+        assert torch.equal(t, bb[ckpt.CKPT_MODEL_STATE][name]), f"best.pt {name} differs"
 
 
 def assert_every_checkpoint_loads(run: Path) -> list[Path]:
     """Every visible .pt is complete; return the leftover temporary files (never named *.pt)."""
     for pt in run.glob("*.pt"):
         state = load_checkpoint(pt)  # raises CheckpointError on a partial file
-        assert schema.CKPT_MODEL_STATE in state
+        assert ckpt.CKPT_MODEL_STATE in state
     leftovers = [p for p in run.iterdir() if p.name.endswith(".tmp")]
     assert all(not p.name.endswith(".pt") for p in leftovers)
     return leftovers
@@ -214,7 +215,7 @@ def test_train_killed_at_random_moments_resumes_bit_identical(tiny: Path, refere
     kills = 0
     log = tmp_path / "victim.log"
     for attempt in range(2):
-        last = run / schema.LAST_CKPT
+        last = run / rundir.LAST_CKPT
         # Wait for a checkpoint written by THIS process (a newer last.pt), then kill.
         since = last.stat().st_mtime_ns if last.exists() else -1
         argv = [sys.executable, "-m", "catsdogs.cli", *train_argv(tiny, run, "--resume")]
@@ -237,7 +238,7 @@ def test_train_killed_at_random_moments_resumes_bit_identical(tiny: Path, refere
         else:
             assert rc == 0, log.read_text()[-3000:]
         leftovers = assert_every_checkpoint_loads(run)
-        print(f"kill {attempt}: rc {rc}, step {load_checkpoint(run / schema.LAST_CKPT)['step']}, "
+        print(f"kill {attempt}: rc {rc}, step {load_checkpoint(run / rundir.LAST_CKPT)['step']}, "
               f"leftover temp files {len(leftovers)}")
     assert kills >= 1, "no kill landed before the run finished"
     assert cli_main(train_argv(tiny, run, "--resume")) == 0
@@ -273,8 +274,8 @@ def test_train_killed_while_writing_a_checkpoint_keeps_the_previous_one(tiny: Pa
     leftovers = assert_every_checkpoint_loads(run)
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".last.pt."), leftovers
     assert leftovers[0].stat().st_size > 0  # the half-written bytes really hit the disk
-    assert load_checkpoint(run / schema.LAST_CKPT)["step"] == 5
-    assert not (run / schema.BEST_CKPT).exists()  # no epoch finished: nothing else was published
+    assert load_checkpoint(run / rundir.LAST_CKPT)["step"] == 5
+    assert not (run / rundir.BEST_CKPT).exists()  # no epoch finished: nothing else was published
     assert cli_main(train_argv(tiny, run, "--resume")) == 0
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")], "--resume keeps stale temp files"
     assert_same_run(reference, run)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from catsdogs.data import ShardStream, round_robin_skip, split_stream
 from catsdogs.errors import InputError
-from catsdogs.manifest import load_manifest
+from catsdogs.shards.manifest import load_manifest
+from catsdogs.train.stream import ShardStream, round_robin_skip, split_stream
 from tests.fixtures import make_shards
 
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from catsdogs import distributed
 from catsdogs.config import TrainConfig
 from catsdogs.errors import ConfigError, OutputExistsError
 from catsdogs.runtime import select_device
+from catsdogs.train import launch as distributed
 from tests.fixtures import make_shards
 
 EPOCHS = 2
@@ -50,7 +50,7 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     assert acc_one >= 0.9 and acc_two >= 0.9
     assert abs(acc_one - acc_two) <= 0.1
     # best.pt holds the plain (unwrapped) model: it loads for inference and classifies held-out data.
-    from catsdogs.inference import Predictor
+    from catsdogs.infer.predictor import Predictor
 
     x, y = np.load(data / "test" / "X_part_00000.npy"), np.load(data / "test" / "y_part_00000.npy")
     probs = Predictor.from_run(ddp).predict_arrays(x)
@@ -85,7 +85,7 @@ def test_cuda_without_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")
 def test_bf16_autocast_only_on_cuda(shards: Path, tmp_path: Path) -> None:
-    from catsdogs.train import Trainer
+    from catsdogs.train.loop import Trainer
 
     trainer = Trainer(TrainConfig(data=str(shards), out=str(tmp_path / "r"), device="cpu", amp=True))
     assert trainer.amp is False  # --amp is ignored on CPU
@@ -96,11 +96,11 @@ def test_bf16_autocast_only_on_cuda(shards: Path, tmp_path: Path) -> None:
 
 def test_preflight_errors(shards: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="exceeds the 4 train shards"):
-        distributed._preflight(TrainConfig(data=str(shards), out=str(tmp_path / "r"), distributed=5))
+        distributed.preflight(TrainConfig(data=str(shards), out=str(tmp_path / "r"), distributed=5))
     run = tmp_path / "old"
     run.mkdir()
     (run / "last.pt").write_bytes(b"x")
     with pytest.raises(OutputExistsError, match="--resume"):
-        distributed._preflight(TrainConfig(data=str(shards), out=str(run), distributed=2))
+        distributed.preflight(TrainConfig(data=str(shards), out=str(run), distributed=2))
     with pytest.raises(ConfigError, match="--freeze backbone"):
         distributed.plan_launch(TrainConfig(distributed=2, device="cpu", freeze="backbone"))

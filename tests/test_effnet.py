@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from catsdogs import effnet
-from catsdogs.models import build_model, count_parameters, input_normalization
+from catsdogs.models import effnet
+from catsdogs.models.factory import count_parameters, create_model
+from catsdogs.models.registry import input_normalization
 
 
 @pytest.mark.parametrize("variant", ["lite0", "lite1", "lite2"])
@@ -25,7 +26,7 @@ def test_imagenet_weights_load_strictly_key_for_key(variant: str) -> None:
 
 def test_head_is_replaced_and_backbone_kept() -> None:
     shipped = torch.load(effnet.weights_path("lite0"), map_location="cpu", weights_only=True)
-    model = build_model("effnet_lite0", num_classes=2, size=96)
+    model = create_model("effnet_lite0", num_classes=2, size=96)
     assert model._fc.weight.shape == (1, 1280)
     assert torch.equal(model._conv_stem.weight, shipped["_conv_stem.weight"])
     assert torch.equal(model._blocks[15]._project_conv.weight, shipped["_blocks.15._project_conv.weight"])
@@ -34,7 +35,7 @@ def test_head_is_replaced_and_backbone_kept() -> None:
 @pytest.mark.parametrize(("name", "blocks", "params"), [
     ("effnet_lite0", 16, 3_372_289), ("effnet_lite1", 21, 4_136_961), ("effnet_lite2", 21, 4_812_353)])
 def test_architecture_sizes(name: str, blocks: int, params: int) -> None:
-    model = build_model(name, num_classes=2, size=64, pretrained=False)
+    model = create_model(name, num_classes=2, size=64, pretrained=False)
     assert len(model._blocks) == blocks
     assert count_parameters(model) == params
 
@@ -42,7 +43,7 @@ def test_architecture_sizes(name: str, blocks: int, params: int) -> None:
 @pytest.mark.parametrize("size", [64, 97])
 @pytest.mark.parametrize("classes", [2, 3])
 def test_output_shapes(size: int, classes: int) -> None:
-    model = build_model("effnet_lite0", num_classes=classes, size=size, pretrained=False).eval()
+    model = create_model("effnet_lite0", num_classes=classes, size=size, pretrained=False).eval()
     with torch.no_grad():
         out = model(torch.randn(2, 3, size, size).contiguous(memory_format=torch.channels_last))
         feats = model.features(torch.randn(2, 3, size, size))
@@ -76,7 +77,7 @@ def test_normalization_is_minus_one_to_one_for_effnet() -> None:
 def test_zero_shot_imagenet_cat_vs_dog_classes_beat_chance(real_data: Path) -> None:
     """Summed ImageNet cat (281-285) vs dog (151-268) probabilities must classify real photos."""
     from catsdogs.errors import ImageDecodeError
-    from catsdogs.transforms import load_image, normalize
+    from catsdogs.models.transforms import load_image, normalize
 
     images, labels = [], []
     for label, cls in enumerate(("Cat", "Dog")):
@@ -113,7 +114,7 @@ def test_folded_batchnorm_gives_the_same_features() -> None:
 
 
 def test_lite12_ensemble_concatenates_both_imagenet_backbones() -> None:
-    model = build_model("effnet_lite12", num_classes=2, size=64).eval()
+    model = create_model("effnet_lite12", num_classes=2, size=64).eval()
     assert isinstance(model, effnet.EfficientNetLiteEnsemble) and model.variants == ("lite1", "lite2")
     for member, variant in zip(model.members, model.variants, strict=True):
         shipped = torch.load(effnet.weights_path(variant), map_location="cpu", weights_only=True)
@@ -132,4 +133,4 @@ def test_lite12_ensemble_concatenates_both_imagenet_backbones() -> None:
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
         torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
     # Rebuilt without ImageNet files (from a checkpoint), it has the same parameter names.
-    assert set(build_model("effnet_lite12", 2, 64, pretrained=False).state_dict()) == set(model.state_dict())
+    assert set(create_model("effnet_lite12", 2, 64, pretrained=False).state_dict()) == set(model.state_dict())

@@ -9,16 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catsdogs import cli, plots
-from catsdogs.evaluate import (
-    OUTPUT_FILES,
-    compute_metrics,
-    iter_batches,
-    most_confident_mistakes,
-    read_history,
-    roc_curves,
-)
-from catsdogs.manifest import load_manifest
+from catsdogs import cli
+from catsdogs.evaluate import plots
+from catsdogs.evaluate.command import OUTPUT_FILES
+from catsdogs.evaluate.metrics import compute_metrics, most_confident_mistakes, roc_curves
+from catsdogs.rundir import read_history
+from catsdogs.shards.manifest import load_manifest
+from catsdogs.shards.reader import iter_batches
 from tests.fixtures import make_run, make_shards
 
 # Hand-made binary set: p(Dog) for 4 cats and 4 dogs; threshold 0.5 gives one error per class.

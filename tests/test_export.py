@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from catsdogs.cli import main as cli_main
-from catsdogs.export import ensure_onnx, onnx_is_fresh, read_onnx_metadata
-from catsdogs.inference import Predictor
+from catsdogs.infer.export import ensure_onnx, onnx_is_fresh, read_onnx_metadata
+from catsdogs.infer.predictor import Predictor
 from tests.fixtures import make_run
 
 

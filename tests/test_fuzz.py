@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from catsdogs.errors import ImageDecodeError
-from catsdogs.transforms import RESIZE_POLICIES, load_image
+from catsdogs.models.transforms import RESIZE_POLICIES, load_image
 
 KNOWN_REASONS = {"empty_file", "not_an_image", "corrupt", "decompression_bomb"}
 """Reasons load_image may give; preprocess's skipped list and the API's error JSON use the same tags."""
@@ -232,7 +232,7 @@ def test_declared_bomb_refused_before_pixels_are_allocated(fmt: str) -> None:
         sys.path.insert(0, {os.path.dirname(__file__) + "/.."!r})
         from tests.test_fuzz import encode, make_image, set_declared_size
         from catsdogs.errors import ImageDecodeError
-        from catsdogs.transforms import load_image
+        from catsdogs.models.transforms import load_image
         data = set_declared_size({fmt!r}, encode(make_image("RGB", 8, 8, 0), {fmt!r}), 60000, 60000)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         reasons = set()

@@ -11,13 +11,8 @@ from pathlib import Path
 import pytest
 
 from catsdogs.errors import InputError
-from catsdogs.listing import (
-    Candidate,
-    assign_splits,
-    chunk_sizes,
-    plan_shards,
-    scan_input,
-)
+from catsdogs.preprocess.listing import Candidate, scan_input
+from catsdogs.preprocess.plan import assign_splits, chunk_sizes, plan_shards
 
 
 def _candidates(per_class: dict[int, int]) -> list[Candidate]:

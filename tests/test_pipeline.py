@@ -10,8 +10,8 @@ import pytest
 from catsdogs import cli
 from catsdogs.config import RunConfig
 from catsdogs.errors import ConfigError
-from catsdogs.manifest import load_manifest, save_manifest
 from catsdogs.pipeline import preprocess_config, reuse_reason, train_config
+from catsdogs.shards.manifest import load_manifest, save_manifest
 from tests.fixtures import make_image_tree, make_shards
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from catsdogs.cli import main as cli_main
 from catsdogs.errors import InputError
-from catsdogs.inference import Predictor
-from catsdogs.predict import CSV_COLUMNS, expand_paths, predict_files
+from catsdogs.infer.predict import CSV_COLUMNS, expand_paths, predict_files
+from catsdogs.infer.predictor import Predictor
 
 BAD_REASONS = {
     "Dog/empty.jpg": "empty_file",

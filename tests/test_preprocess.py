@@ -16,10 +16,10 @@ import pytest
 from catsdogs import schema
 from catsdogs.cli import main as cli_main
 from catsdogs.errors import OutputExistsError
-from catsdogs.listing import scan_input
-from catsdogs.manifest import load_manifest
-from catsdogs.outputs import check_local_output
-from catsdogs.preprocess import TaskSettings, process_shard
+from catsdogs.io.outputs import check_local_output
+from catsdogs.preprocess.listing import scan_input
+from catsdogs.preprocess.task import TaskSettings, process_shard
+from catsdogs.shards.manifest import load_manifest
 from tests.fixtures import make_image_tree
 from tests.test_transforms import EXPECTED_REASONS
 
@@ -111,7 +111,7 @@ def test_shards_match_files_csv(first_run: Path) -> None:
 
 def test_a_file_is_decoded_in_the_right_place(first_run: Path,
                                               tree: tuple[Path, dict[str, list[str]]]) -> None:
-    from catsdogs.transforms import load_image
+    from catsdogs.models.transforms import load_image
 
     root, _ = tree
     m = load_manifest(first_run)
@@ -142,7 +142,7 @@ def test_overwrite_is_refused_then_replaces_with_identical_shards(
 def test_dataframe_api_writes_the_same_shards(
         spark: object, first_run: Path, tree: tuple[Path, dict[str, list[str]]], tmp_path: Path) -> None:
     from catsdogs.config import PreprocessConfig
-    from catsdogs.preprocess import preprocess
+    from catsdogs.preprocess.command import preprocess
 
     root, _ = tree
     cfg = PreprocessConfig(input=str(root), output=str(tmp_path / "df"), size=24, shard_rows=16,
@@ -156,7 +156,7 @@ def test_dataframe_api_writes_the_same_shards(
 
 def test_parquet_format_holds_the_same_rows_and_spark_reads_it(
         spark: object, first_run: Path, tree: tuple[Path, dict[str, list[str]]], tmp_path: Path) -> None:
-    from catsdogs.shards import open_shard
+    from catsdogs.shards.reader import open_shard
 
     root, _ = tree
     out = tmp_path / "pq"
@@ -292,7 +292,7 @@ def test_console_shows_progress_and_summary_but_no_spark_logs(tmp_path: Path) ->
 
 
 def test_pixel_sums_are_exact() -> None:
-    from catsdogs.preprocess import pixel_sums
+    from catsdogs.preprocess.task import pixel_sums
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(150)]  # > one chunk

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from catsdogs import plots
-from catsdogs.evaluate import compute_metrics
-from catsdogs.report import MAX_SKIPPED_ROWS, ReportData, render, sum_counts, write_report
+from catsdogs.evaluate import plots
+from catsdogs.evaluate.metrics import compute_metrics
+from catsdogs.evaluate.report import MAX_SKIPPED_ROWS, ReportData, render, sum_counts, write_report
 
 
 def _data(tmp_path: Path, skipped: list[dict[str, str]] | None = None) -> ReportData:

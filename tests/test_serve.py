@@ -18,7 +18,7 @@ import pytest
 
 from catsdogs.cli import main as cli_main
 from catsdogs.config import ServeConfig
-from catsdogs.inference import Predictor
+from catsdogs.infer.predictor import Predictor
 from catsdogs.serve.app import create_app
 from catsdogs.serve.backends import TorchBackend
 from catsdogs.serve.batcher import MicroBatcher

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from catsdogs.shards import ShardWriter, shard_paths
+from catsdogs.shards.writer import ShardWriter, shard_paths
 
 
 def _images(n: int, size: int = 8) -> np.ndarray:
@@ -69,8 +69,8 @@ def test_wrong_shape_or_dtype_is_refused(tmp_path: Path) -> None:
 def test_parquet_round_trip_across_row_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pyarrow.parquet as pq
 
-    from catsdogs import shards as shards_mod
-    from catsdogs.shards import ParquetPixels, open_shard
+    from catsdogs.shards import writer as shards_mod
+    from catsdogs.shards.reader import ParquetPixels, open_shard
 
     monkeypatch.setattr(shards_mod, "PARQUET_ROW_GROUP_ROWS", 3)  # 7 rows -> groups of 3, 3, 1
     imgs = _images(7)
@@ -106,8 +106,8 @@ def test_parquet_round_trip_across_row_groups(tmp_path: Path, monkeypatch: pytes
 
 
 def test_npy_and_parquet_shards_stream_identical_batches(tmp_path: Path) -> None:
-    from catsdogs.data import split_stream
-    from catsdogs.manifest import load_manifest
+    from catsdogs.shards.manifest import load_manifest
+    from catsdogs.train.stream import split_stream
     from tests.fixtures import make_shards
 
     for fmt in ("npy", "parquet"):
@@ -131,7 +131,7 @@ def test_npy_and_parquet_shards_stream_identical_batches(tmp_path: Path) -> None
 
 def test_corrupt_parquet_shard_is_a_schema_error(tmp_path: Path) -> None:
     from catsdogs.errors import InputError, SchemaError
-    from catsdogs.shards import open_shard
+    from catsdogs.shards.reader import open_shard
 
     with ShardWriter(tmp_path, "train", 0, 8, num_classes=2, fmt="parquet") as w:
         w.add(_images(1)[0], 1, "a.jpg")

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from catsdogs import storage
 from catsdogs.config import EvaluateConfig, PreprocessConfig, TrainConfig, build_config
 from catsdogs.errors import ConfigError, OutputExistsError, SchemaError, TooManySkippedError
-from catsdogs.listing import scan_input, scan_remote
-from catsdogs.preprocess import preprocess
-from catsdogs.shardcache import cache_folder, local_shards
+from catsdogs.io import storage
+from catsdogs.preprocess.command import preprocess
+from catsdogs.preprocess.listing import scan_input, scan_remote
+from catsdogs.shards.cache import cache_folder, local_shards
 from tests.fixtures import make_image_tree, make_shards
 from tests.s3 import ENV as S3_ENV
 from tests.s3 import download_tree, make_bucket, s3_server
@@ -64,7 +64,7 @@ def cfg(input_: str, output: str, **kw: object) -> PreprocessConfig:
 
 
 def outputs(root: Path) -> dict[str, object]:
-    from catsdogs.shards import sha256_file
+    from catsdogs.io.checksum import sha256_file
 
     m = json.loads((root / "manifest.json").read_text())
     return {"files_csv": (root / "files.csv").read_text(),
@@ -195,7 +195,7 @@ def test_hdfs_without_libhdfs_says_what_to_install(monkeypatch: pytest.MonkeyPat
 def test_parquet_shards_on_s3_train_and_distributed_preflight_fills_the_cache(
         spark: object, tree: tuple[Path, str], tmp_path: Path) -> None:
     """--format parquet goes through the same upload; --distributed on a local master fetches once."""
-    from catsdogs.distributed import _preflight
+    from catsdogs.train.launch import preflight
 
     _, uri = tree
     m = preprocess(cfg(uri, "s3a://pets/pq", format="parquet"), spark=spark, progress=False)  # type: ignore[arg-type]
@@ -205,7 +205,7 @@ def test_parquet_shards_on_s3_train_and_distributed_preflight_fills_the_cache(
     train = build_config(TrainConfig, {"data": "s3a://pets/pq", "out": str(tmp_path / "run"),
                                        "cache_dir": str(tmp_path / "cache"), "distributed": 2,
                                        "master": "local[2]"})
-    _preflight(train)
+    preflight(train)
     local = cache_folder("s3a://pets/pq", tmp_path / "cache")
     assert (local / "manifest.json").is_file() and all((local / s.x).is_file() for s in m.shards)
     from catsdogs.cli import main as cli_main
@@ -242,16 +242,17 @@ def test_hdfs_uris_end_to_end_with_a_local_stand_in_for_libhdfs(monkeypatch: pyt
 
     import pyarrow.fs as pafs
 
-    import catsdogs.preprocess as pp
+    import catsdogs.preprocess.command as pp
+    from catsdogs.preprocess import job, task
 
     namenode = tmp_path / "namenode"
     namenode.mkdir()
     monkeypatch.setattr(storage, "_hdfs", lambda host, port, user: pafs.SubTreeFileSystem(
         str(namenode), pafs.LocalFileSystem()))
 
-    def run_inline(spark: object, plans: list, settings: pp.TaskSettings, **kw: object) -> list:
-        return [row for p in plans for row in pp._columns_to_rows(  # noqa: SLF001
-            pp.process_shard(settings, p.split, p.index, list(p.paths), list(p.labels)))]
+    def run_inline(spark: object, plans: list, settings: task.TaskSettings, **kw: object) -> list:
+        return [row for p in plans for row in job._columns_to_rows(  # noqa: SLF001
+            task.process_shard(settings, p.split, p.index, list(p.paths), list(p.labels)))]
 
     monkeypatch.setattr(pp, "run_job", run_inline)
     inline = types.SimpleNamespace(version="inline", sparkContext=types.SimpleNamespace(master="inline"))

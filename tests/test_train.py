@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from catsdogs import schema
+from catsdogs import checkpoint as ckpt
+from catsdogs import rundir, schema
 from catsdogs.checkpoint import build_from_checkpoint, load_checkpoint
 from catsdogs.cli import main as cli
 from catsdogs.config import TrainConfig
-from catsdogs.schedule import lr_at
-from catsdogs.train import METRICS_COLUMNS, Trainer
+from catsdogs.rundir import METRICS_COLUMNS
+from catsdogs.train.loop import Trainer
+from catsdogs.train.schedule import lr_at
 from tests.fixtures import make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,15 +46,15 @@ RICH = ("--epochs", "2", "--augment", "--ema", "0.9", "--schedule", "cosine", "-
 
 
 def rows(run: Path) -> list[dict[str, str]]:
-    with open(run / schema.METRICS_CSV, newline="") as fh:
+    with open(run / rundir.METRICS_CSV, newline="") as fh:
         return list(csv.DictReader(fh))
 
 
 def assert_same_run(a: Path, b: Path) -> None:
     """Final weights (deployed, raw, EMA), optimiser state and metrics are bit-identical."""
-    sa, sb = load_checkpoint(a / schema.LAST_CKPT), load_checkpoint(b / schema.LAST_CKPT)
-    assert sa["step"] == sb["step"] and sa[schema.CKPT_EPOCH] == sb[schema.CKPT_EPOCH]
-    for key in (schema.CKPT_MODEL_STATE, "raw_model_state"):
+    sa, sb = load_checkpoint(a / rundir.LAST_CKPT), load_checkpoint(b / rundir.LAST_CKPT)
+    assert sa["step"] == sb["step"] and sa[ckpt.CKPT_EPOCH] == sb[ckpt.CKPT_EPOCH]
+    for key in (ckpt.CKPT_MODEL_STATE, "raw_model_state"):
         for name, t in sa[key].items():
             assert torch.equal(t, sb[key][name]), f"{key}.{name} differs"
     for i, st in sa["optimizer"]["state"].items():
@@ -63,10 +65,10 @@ def assert_same_run(a: Path, b: Path) -> None:
     for x, y in zip(ra, rb, strict=True):
         x.pop("seconds"), y.pop("seconds")
         assert x == y
-    best_a, best_b = load_checkpoint(a / schema.BEST_CKPT), load_checkpoint(b / schema.BEST_CKPT)
-    assert best_a[schema.CKPT_EPOCH] == best_b[schema.CKPT_EPOCH]
-    for name, t in best_a[schema.CKPT_MODEL_STATE].items():
-        assert torch.equal(t, best_b[schema.CKPT_MODEL_STATE][name])
+    best_a, best_b = load_checkpoint(a / rundir.BEST_CKPT), load_checkpoint(b / rundir.BEST_CKPT)
+    assert best_a[ckpt.CKPT_EPOCH] == best_b[ckpt.CKPT_EPOCH]
+    for name, t in best_a[ckpt.CKPT_MODEL_STATE].items():
+        assert torch.equal(t, best_b[ckpt.CKPT_MODEL_STATE][name])
 
 
 def test_train_learns_and_writes_the_run_folder(tiny: Path, tmp_path: Path,
@@ -74,21 +76,21 @@ def test_train_learns_and_writes_the_run_folder(tiny: Path, tmp_path: Path,
     run = tmp_path / "run"
     assert cli(args(tiny, run, "--epochs", "2", "--dropout", "0.2")) == 0
     out = capsys.readouterr().out
-    assert f"best checkpoint: {run / schema.BEST_CKPT}" in out
+    assert f"best checkpoint: {run / rundir.BEST_CKPT}" in out
     r = rows(run)
     assert list(r[0]) == list(METRICS_COLUMNS)
     assert [int(x["epoch"]) for x in r] == [1, 2] and [int(x["step"]) for x in r] == [12, 24]
     assert float(r[-1]["val_acc"]) > 0.9, r  # the fixture task is learnable: bright left vs right
     cfg = json.loads((run / schema.CONFIG_NAME).read_text())
     assert cfg["batch_size"] == 16 and cfg["data"] == str(tiny)
-    best = load_checkpoint(run / schema.BEST_CKPT)
-    mc = best[schema.CKPT_MODEL_CONFIG]
+    best = load_checkpoint(run / rundir.BEST_CKPT)
+    mc = best[ckpt.CKPT_MODEL_CONFIG]
     assert mc.items() >= {"name": "seed", "num_classes": 2, "size": 16, "dropout": 0.2, "width": 64}.items()
-    assert best[schema.CKPT_IMAGE] == {"size": 16, "resize": "stretch"}
-    assert best[schema.CKPT_NORM] == {"mean": [120.0] * 3, "std": [60.0] * 3}
-    assert best[schema.CKPT_CLASSES] == ["Cat", "Dog"]
-    assert set(best[schema.CKPT_METRICS]) >= {"val_loss", "val_acc"}
-    last = torch.load(run / schema.LAST_CKPT, weights_only=True)
+    assert best[ckpt.CKPT_IMAGE] == {"size": 16, "resize": "stretch"}
+    assert best[ckpt.CKPT_NORM] == {"mean": [120.0] * 3, "std": [60.0] * 3}
+    assert best[ckpt.CKPT_CLASSES] == ["Cat", "Dog"]
+    assert set(best[ckpt.CKPT_METRICS]) >= {"val_loss", "val_acc"}
+    last = torch.load(run / rundir.LAST_CKPT, weights_only=True)
     assert {"optimizer", "scheduler", "ema_state", "rng", "step", "batches_done", "best",
             "early_stopping"} <= set(last)
 
@@ -113,7 +115,7 @@ def test_checkpoint_rebuilds_identical_model(tiny: Path, tmp_path: Path) -> None
     trainer = Trainer(cfg)
     trainer.fit()
     trainer.ema.copy_to(trainer.eval_model)
-    model = build_from_checkpoint(load_checkpoint(tmp_path / "run" / schema.BEST_CKPT))
+    model = build_from_checkpoint(load_checkpoint(tmp_path / "run" / rundir.BEST_CKPT))
     x = torch.randn(4, 3, 16, 16)
     # Same memory format on both sides: channels_last picks other conv kernels (last-bit differences).
     trainer.eval_model.eval().to(memory_format=torch.contiguous_format)
@@ -130,8 +132,8 @@ def test_resume_after_max_steps_matches_uninterrupted(tiny: Path, tmp_path: Path
     assert cli(args(tiny, tmp_path / "a", *RICH, *w)) == 0
     b = tmp_path / "b"
     assert cli(args(tiny, b, *RICH, *w, "--max-steps", "7")) == 0
-    state = load_checkpoint(b / schema.LAST_CKPT)
-    assert state["step"] == 7 and state["batches_done"] == 7 and state[schema.CKPT_EPOCH] == 0
+    state = load_checkpoint(b / rundir.LAST_CKPT)
+    assert state["step"] == 7 and state["batches_done"] == 7 and state[ckpt.CKPT_EPOCH] == 0
     assert [x["epoch"] for x in rows(b)] == ["1"]  # the partial epoch's row, replaced on resume
     # Only --out and --resume: every other setting comes from the checkpoint.
     assert cli(["train", "--out", str(b), "--resume"]) == 0
@@ -145,7 +147,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny: Path, tmp_path: Path) 
     b = tmp_path / "b"
     script = textwrap.dedent("""
         import os, signal, sys
-        import catsdogs.train as tr
+        import catsdogs.train.loop as tr
         save = tr.save_checkpoint
         def save_then_die(path, state):
             save(path, state)
@@ -159,7 +161,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny: Path, tmp_path: Path) 
     proc = subprocess.run([sys.executable, "-c", script, *args(tiny, b, *extra)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
-    assert load_checkpoint(b / schema.LAST_CKPT)["step"] == 10
+    assert load_checkpoint(b / rundir.LAST_CKPT)["step"] == 10
     assert [x["epoch"] for x in rows(b)] == ["1"]
     assert cli(args(tiny, b, *extra, "--resume")) == 0
     assert_same_run(tmp_path / "a", b)
@@ -168,9 +170,9 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny: Path, tmp_path: Path) 
 def test_resume_of_finished_run_is_a_no_op(tiny: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert cli(args(tiny, run, "--epochs", "1")) == 0
-    before = (run / schema.LAST_CKPT).read_bytes()
+    before = (run / rundir.LAST_CKPT).read_bytes()
     assert cli(args(tiny, run, "--epochs", "1", "--resume")) == 0
-    assert (run / schema.LAST_CKPT).read_bytes() == before
+    assert (run / rundir.LAST_CKPT).read_bytes() == before
     assert len(rows(run)) == 1
 
 
@@ -180,8 +182,8 @@ def test_multiclass_uses_softmax_head(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert cli(args(data, run, "--epochs", "1", "--optimizer", "sgd", "--lr", "0.01",
                     "--schedule", "onecycle")) == 0
-    state = load_checkpoint(run / schema.BEST_CKPT)
-    assert state[schema.CKPT_MODEL_CONFIG]["num_classes"] == 3
+    state = load_checkpoint(run / rundir.BEST_CKPT)
+    assert state[ckpt.CKPT_MODEL_CONFIG]["num_classes"] == 3
     assert build_from_checkpoint(state)(torch.zeros(2, 3, 16, 16)).shape == (2, 3)
 
 
@@ -192,7 +194,7 @@ def test_early_stopping(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert cli(args(tiny, run, "--epochs", "10", "--patience", "2", "--max-steps", "0")) == 0
     assert len(rows(run)) == 3  # epoch 1 sets the best, epochs 2 and 3 do not improve
     assert "stopped: early stopping" in capsys.readouterr().out
-    assert load_checkpoint(run / schema.LAST_CKPT)["early_stopping"]["bad_epochs"] == 2
+    assert load_checkpoint(run / rundir.LAST_CKPT)["early_stopping"]["bad_epochs"] == 2
 
 
 def test_schedules() -> None:

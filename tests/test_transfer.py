@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from catsdogs import schema
+from catsdogs import rundir, schema
 from catsdogs.config import TrainConfig
 from catsdogs.errors import ConfigError
-from catsdogs.inference import Predictor
-from catsdogs.manifest import load_manifest
-from catsdogs.transfer import fit_head, train_frozen
+from catsdogs.infer.predictor import Predictor
+from catsdogs.shards.manifest import load_manifest
+from catsdogs.train.frozen import fit_head, train_frozen
 from tests.fixtures import make_shards
 
 
@@ -39,10 +39,10 @@ def test_frozen_backbone_run_loads_in_predictor(tmp_path: Path) -> None:
                       batch_size=32, threads=1)
     metrics = train_frozen(cfg)
     assert metrics["val_acc"] >= 0.75  # chance is 0.5: ImageNet features separate bright-left/right
-    for name in (schema.BEST_CKPT, schema.LAST_CKPT, schema.CONFIG_NAME, schema.METRICS_CSV):
+    for name in (rundir.BEST_CKPT, rundir.LAST_CKPT, schema.CONFIG_NAME, rundir.METRICS_CSV):
         assert (out / name).is_file(), name
     assert json.loads((out / schema.CONFIG_NAME).read_text())["freeze"] == "backbone"
-    rows = list(csv.DictReader(open(out / schema.METRICS_CSV)))
+    rows = list(csv.DictReader(open(out / rundir.METRICS_CSV)))
     assert float(rows[0]["val_acc"]) == pytest.approx(metrics["val_acc"])
 
     pred = Predictor.from_run(out)
@@ -67,13 +67,13 @@ def test_extract_features_resizes_to_the_models_size(tmp_path: Path) -> None:
     import torch
     import torch.nn.functional as F
 
-    from catsdogs.models import build_model
-    from catsdogs.shards import open_shard
-    from catsdogs.transfer import extract_features
+    from catsdogs.models.factory import create_model
+    from catsdogs.shards.reader import open_shard
+    from catsdogs.train.frozen import extract_features
 
     data = tmp_path / "shards"
     manifest = make_shards(data, counts={"train": 10, "val": 6}, size=32, shard_rows=4, fmt="parquet")
-    model = build_model("effnet_lite0", 2, 48, pretrained=True).eval()
+    model = create_model("effnet_lite0", 2, 48, pretrained=True).eval()
     mean, std = (127.5,) * 3, (128.0,) * 3
     feats, labels = extract_features(model, data, manifest, "val", mean, std, batch_size=4, flip=True,
                                      size=48, progress=False)

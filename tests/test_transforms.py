@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from catsdogs.errors import ImageDecodeError
-from catsdogs.transforms import load_image
+from catsdogs.models.transforms import load_image
 from tests.fixtures import encode
 
 EXPECTED_REASONS = {

@@ -11,7 +11,7 @@ from PIL import Image
 from catsdogs.cli import main as cli_main
 from catsdogs.config import TrainConfig, TuneConfig, build_config, read_config_file
 from catsdogs.errors import ConfigError
-from catsdogs.tune import BEST_CONFIG, HISTORY_PNG, STUDY_CSV, run_study
+from catsdogs.train.tune import BEST_CONFIG, HISTORY_PNG, STUDY_CSV, run_study
 from tests.fixtures import make_shards
 
 

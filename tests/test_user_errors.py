@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI
 
-from catsdogs import schema
+from catsdogs import rundir, schema
 from catsdogs.cli import main as cli_main
 from catsdogs.config import ServeConfig
 from catsdogs.errors import CatsdogsError
@@ -72,11 +72,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     (interrupted / schema.MANIFEST_NAME).unlink()  # what a killed preprocess would leave, at worst
     no_ckpt = base / "run_without_ckpt"
     shutil.copytree(run, no_ckpt)
-    for name in (schema.BEST_CKPT, schema.LAST_CKPT):
+    for name in (rundir.BEST_CKPT, rundir.LAST_CKPT):
         (no_ckpt / name).unlink()
     bad_ckpt = base / "run_with_garbage_ckpt"
     shutil.copytree(run, bad_ckpt)
-    for name in (schema.BEST_CKPT, schema.LAST_CKPT):
+    for name in (rundir.BEST_CKPT, rundir.LAST_CKPT):
         data = (bad_ckpt / name).read_bytes()
         (bad_ckpt / name).write_bytes(data[: len(data) // 2])  # half-written: not loadable
     (base / "img.jpg").write_bytes((tree / "Cat" / "0.jpg").read_bytes())

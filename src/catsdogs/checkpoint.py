@@ -1,41 +1,59 @@
-"""Checkpoints that rebuild their model alone, written atomically, loaded with ``weights_only``.
+"""Checkpoints that rebuild their model alone: the one builder, atomic saves, ``weights_only`` loads.
 
 A checkpoint is a plain dict of tensors and JSON-like values (no pickled classes), so it loads
-with ``torch.load(weights_only=True)``: opening an untrusted file cannot run code.
+with ``torch.load(weights_only=True)``: opening an untrusted file cannot run code. Every trainer
+(the loop, the frozen-backbone head) builds it with :func:`build_checkpoint`, so all runs carry the
+same self-describing keys; ``last.pt`` adds the resume state under its own keys.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from catsdogs import schema
 from catsdogs.errors import CheckpointError
-from catsdogs.fsutil import atomic_save
+from catsdogs.io.atomic import atomic_save
+from catsdogs.models.factory import create_from_config
+
+CKPT_MODEL_STATE = "model_state"
+CKPT_MODEL_CONFIG = "model_config"
+"""``create_model`` arguments: name, num_classes, size and the architecture settings."""
+CKPT_CLASSES = "classes"
+CKPT_NORM = "normalization"
+"""Input mean and std in 0..255 pixel units."""
+CKPT_IMAGE = "image"
+"""Image size and resize policy the model was trained on; inputs are decoded the same way."""
+CKPT_TRAIN_CONFIG = "train_config"
+CKPT_EPOCH = "epoch"
+CKPT_METRICS = "metrics"
+REQUIRED_KEYS: tuple[str, ...] = (CKPT_MODEL_STATE, CKPT_MODEL_CONFIG, CKPT_CLASSES, CKPT_NORM, CKPT_IMAGE)
+"""Keys without which a checkpoint cannot rebuild and feed its model."""
+
+
+def build_checkpoint(*, model_state: Mapping[str, torch.Tensor], model_config: Mapping[str, Any],
+                     classes: Sequence[str], mean: Sequence[float], std: Sequence[float], size: int,
+                     resize: str, train_config: Mapping[str, Any], epoch: int,
+                     metrics: Mapping[str, float]) -> dict[str, Any]:
+    """Return the checkpoint dict every run writes (``best.pt``; ``last.pt`` adds resume state)."""
+    return {
+        CKPT_MODEL_STATE: dict(model_state),
+        CKPT_MODEL_CONFIG: dict(model_config),
+        CKPT_CLASSES: list(classes),
+        CKPT_NORM: {"mean": list(mean), "std": list(std)},
+        CKPT_IMAGE: {"size": int(size), "resize": resize},
+        CKPT_TRAIN_CONFIG: dict(train_config),
+        CKPT_EPOCH: int(epoch),
+        CKPT_METRICS: dict(metrics),
+    }
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically (temp file + rename)."""
     atomic_save(path, lambda fh: torch.save(state, fh))
-
-
-def resolve_checkpoint(run: str | Path, name: str = schema.BEST_CKPT) -> Path:
-    """Return the checkpoint file for a run folder (or the file itself); explain what is missing."""
-    p = Path(run)
-    if p.is_file():
-        return p
-    if not p.exists():
-        raise CheckpointError(f"run {str(p)!r} does not exist (fix --run)")
-    for candidate in (p / name, p / schema.LAST_CKPT):
-        if candidate.is_file():
-            return candidate
-    raise CheckpointError(
-        f"run folder {str(p)!r} has no {name} or {schema.LAST_CKPT}; train first with "
-        f"'catsdogs train --out {p}' or fix --run"
-    )
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -44,22 +62,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from None
-    missing = [k for k in (schema.CKPT_MODEL_STATE, schema.CKPT_MODEL_CONFIG, schema.CKPT_CLASSES,
-                           schema.CKPT_NORM, schema.CKPT_IMAGE) if k not in state]
+    missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks {', '.join(missing)}; retrain it")
     return state
 
 
-def build_from_checkpoint(state: dict[str, Any]) -> nn.Module:
-    """Rebuild the model described by a checkpoint and load its weights strictly.
-
-    ``pretrained=False`` skips loading ImageNet weights: the checkpoint's own weights replace them.
-    """
-    from catsdogs.models import build_model
-
-    mc = dict(state[schema.CKPT_MODEL_CONFIG])
-    model = build_model(mc.pop("name"), **{**mc, "pretrained": False})
-    model.load_state_dict(state[schema.CKPT_MODEL_STATE], strict=True)
-    model.eval()
-    return model
+def build_from_checkpoint(state: Mapping[str, Any]) -> nn.Module:
+    """Rebuild the model a checkpoint describes, with its weights loaded strictly, in eval mode."""
+    return create_from_config(state[CKPT_MODEL_CONFIG], state[CKPT_MODEL_STATE]).eval()

@@ -14,26 +14,42 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from catsdogs import __version__
 from catsdogs import config as cfgmod
 from catsdogs.errors import CatsdogsError
 
-# command -> (config class, "module:function", section name in a config file, one-line help)
-COMMANDS: dict[str, tuple[type, str, str]] = {
-    "preprocess": (cfgmod.PreprocessConfig, "catsdogs.preprocess:main", "Decode, verify, resize and "
-                   "split an image folder into shards with Spark."),
-    "train": (cfgmod.TrainConfig, "catsdogs.train:main", "Train a model on the shards."),
-    "evaluate": (cfgmod.EvaluateConfig, "catsdogs.evaluate:main", "Metrics, plots and an HTML report "
-                 "for a trained run."),
-    "predict": (cfgmod.PredictConfig, "catsdogs.predict:main", "Classify image files or folders."),
-    "serve": (cfgmod.ServeConfig, "catsdogs.serve.app:main", "Serve the model over HTTP (FastAPI) "
-              "with a web page."),
-    "export": (cfgmod.ExportConfig, "catsdogs.export:main", "Export a trained model to ONNX or "
-               "TorchScript."),
-    "run": (cfgmod.RunConfig, "catsdogs.pipeline:main", "preprocess -> train -> evaluate in one go."),
-    "tune": (cfgmod.TuneConfig, "catsdogs.tune:main", "Optuna hyperparameter search on train/val."),
+
+@dataclass(frozen=True)
+class Command:
+    """One sub-command: its config class, the function that runs it, and its one-line help."""
+
+    config: type
+    """Dataclass in :mod:`catsdogs.config`; its fields are the flags."""
+    target: str
+    """``module:function`` taking the resolved config; imported only when the command runs."""
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "preprocess": Command(cfgmod.PreprocessConfig, "catsdogs.preprocess.command:main",
+                          "Decode, verify, resize and split an image folder into shards with Spark."),
+    "train": Command(cfgmod.TrainConfig, "catsdogs.train.launch:main", "Train a model on the shards."),
+    "evaluate": Command(cfgmod.EvaluateConfig, "catsdogs.evaluate.command:main",
+                        "Metrics, plots and an HTML report for a trained run."),
+    "predict": Command(cfgmod.PredictConfig, "catsdogs.infer.predict:main",
+                       "Classify image files or folders."),
+    "serve": Command(cfgmod.ServeConfig, "catsdogs.serve.app:main",
+                     "Serve the model over HTTP (FastAPI) with a web page."),
+    "export": Command(cfgmod.ExportConfig, "catsdogs.infer.export:main",
+                      "Export a trained model to ONNX or TorchScript."),
+    "run": Command(cfgmod.RunConfig, "catsdogs.pipeline:main", "preprocess -> train -> evaluate in one go."),
+    "tune": Command(cfgmod.TuneConfig, "catsdogs.train.tune:main",
+                    "Optuna hyperparameter search on train/val."),
 }
+"""Every sub-command by name; the section of a config file with the same name configures it."""
 
 
 def _parse_kv(text: str) -> tuple[str, str]:
@@ -69,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="catsdogs", description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (cls, _target, helptext) in COMMANDS.items():
+    for name, command in COMMANDS.items():
+        cls, helptext = command.config, command.help
         # allow_abbrev=False: a misspelt flag (--epoch) must be an error, not silently --epochs.
         p = sub.add_parser(name, help=helptext, description=helptext, allow_abbrev=False)
         p.add_argument("--config", default=None, metavar="FILE",
@@ -80,14 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from catsdogs import __version__
-
     return f"catsdogs {__version__}"
 
 
 def resolve(command: str, args: argparse.Namespace) -> Any:
     """Merge defaults, the config file and explicit flags into the command's config object."""
-    cls = COMMANDS[command][0]
+    cls = COMMANDS[command].config
     given = {k: v for k, v in vars(args).items() if k not in {"command", "config", "debug"}}
     if "spark_conf" in given:
         given["spark_conf"] = dict(given["spark_conf"])
@@ -109,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(args.debug)
     try:
         cfg = resolve(args.command, args)
-        module_name, func_name = COMMANDS[args.command][1].split(":")
+        module_name, func_name = COMMANDS[args.command].target.split(":")
         func = getattr(importlib.import_module(module_name), func_name)
         result = func(cfg)
         return int(result or 0)

@@ -1,134 +1,176 @@
 """Typed configuration for every command.
 
 Each command has one dataclass. The string literal under each field is its documentation: the CLI
-turns it into the flag's ``--help`` text, so flags, config files and docs never drift apart.
-Resolution order: dataclass default < config file (``--config``, TOML or JSON) < explicit flag.
-The resolved config is saved next to every output (``config.json``).
+turns it into the flag's ``--help`` text, so flags, config files and docs never drift apart. Each
+field's rules sit in its :func:`setting` next to it: the choices (imported from the module that
+defines them), bounds, and what a required field is for. Cross-field rules are a class's
+``check`` method. Resolution order: dataclass default < config file (``--config``, TOML or JSON) <
+explicit flag. The resolved config is saved next to every output (``config.json``).
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import inspect
 import json
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlparse
 
+from catsdogs import rundir, schema
 from catsdogs.errors import ConfigError
+from catsdogs.io.atomic import atomic_write_text
+from catsdogs.io.storage import SCHEMES, scheme_of
+from catsdogs.models.registry import model_names
+from catsdogs.models.transforms import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
+from catsdogs.shards.writer import FORMATS
+from catsdogs.train.schedule import SCHEDULES
 
 C = TypeVar("C")
+
+Choices = tuple[Any, ...] | Callable[[], tuple[Any, ...]] | str
+"""A choice list, a function returning one, or ``"module:NAME"`` of one in a module that imports
+torch (resolved only when a value is checked: importing torch costs ~1.7 s at every CLI start)."""
+
+DEVICES = "catsdogs.runtime:DEVICES"
+OPTIMIZERS = "catsdogs.train.loop:OPTIMIZERS"
+FREEZE_MODES = "catsdogs.train.launch:FREEZE_MODES"
+SERVE_BACKENDS = "catsdogs.serve.backends:BACKENDS"
+
+
+def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+            choices: Choices | None = None, gt: float | None = None, ge: float | None = None,
+            lt: float | None = None, le: float | None = None, required: str = "") -> Any:
+    """Declare a config field with its rules: allowed values, bounds, and (if required) what it is for.
+
+    ``required`` is the rest of the error sentence "--FLAG is required: ...", checked by
+    :func:`check_required` where the command needs the value (not at parse time: ``--resume`` takes
+    ``--data`` from the checkpoint, for example).
+    """
+    meta = {k: v for k, v in (("choices", choices), ("gt", gt), ("ge", ge), ("lt", lt), ("le", le),
+                              ("required", required)) if v not in (None, "")}
+    return field(default=default, default_factory=default_factory, metadata=meta)
 
 
 @dataclass
 class PreprocessConfig:
     """Settings of ``catsdogs preprocess``."""
 
-    input: str = ""
+    input: str = setting("", required="no input folder given; set --input to a folder with one subfolder "
+                                       "per class")
     """Folder with one subfolder per class, e.g. PetImages/ with Cat/ and Dog/; a path, file://,
     s3a:// or hdfs:// URI."""
-    output: str = ""
+    output: str = setting("", required="no output folder given (set --output)")
     """Folder to write the shards, files.csv and manifest.json into; a path or URI like --input."""
-    size: int = 64
+    size: int = setting(64, gt=0)
     """Side of the square output image in pixels."""
-    resize: str = "stretch"
+    resize: str = setting("stretch", choices=RESIZE_POLICIES)
     """Aspect policy: stretch (whole photo, squeezed), crop (centre square) or pad (letterbox)."""
-    val_frac: float = 0.1
+    val_frac: float = setting(0.1, ge=0.0, lt=1.0)
     """Fraction of each class put in the validation split."""
-    test_frac: float = 0.1
+    test_frac: float = setting(0.1, ge=0.0, lt=1.0)
     """Fraction of each class put in the test split."""
     seed: int = 1337
     """Seed of the split hash and of the row shuffle: same seed, same splits and shards."""
-    shard_rows: int = 1500
+    shard_rows: int = setting(1500, gt=0)
     """Maximum rows per shard (about 14 shards for 18,000 images)."""
-    format: str = "npy"
+    format: str = setting("npy", choices=FORMATS)
     """Shard format: npy (X_part/y_part pairs) or parquet (pixels, label and split columns)."""
     master: str = "local[*]"
     """Spark master URL: local[*], spark://host:7077, yarn, k8s://..."""
-    read_threads: int = 16
+    read_threads: int = setting(16, gt=0)
     """Concurrent file reads per Spark task for s3a:// or hdfs:// input, which wait on network round
     trips, not the CPU: with 20 ms added per request, 16 threads ran 3.8x faster than 1
     (docs/benchmarks/remote_storage.md). Local input is read by one thread."""
-    max_pixels: int = 89_478_485
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, gt=0)
     """Images with more pixels than this are skipped as decompression bombs (Pillow's default)."""
-    max_skip_frac: float = 0.5
+    max_skip_frac: float = setting(0.5, ge=0.0, lt=1.0)
     """Fail (exit 2) when more than this fraction of candidate images cannot be decoded."""
     overwrite: bool = False
     """Replace an existing output folder (it is swapped in only once the new one is complete)."""
     spark_conf: dict[str, str] = field(default_factory=dict)
     """Extra Spark settings, key=value (config file or repeated --spark-conf)."""
 
+    def check(self) -> None:
+        """The splits must leave images for training."""
+        if self.val_frac + self.test_frac >= 1.0:
+            raise ConfigError(f"--val-frac + --test-frac must leave room for training, got "
+                              f"{self.val_frac} + {self.test_frac}")
+
 
 @dataclass
 class TrainConfig:
     """Settings of ``catsdogs train``."""
 
-    data: str = ""
+    data: str = setting("", required="the shards folder written by catsdogs preprocess")
     """Shards folder written by ``catsdogs preprocess``: a path, or an s3a:// / hdfs:// URI."""
     cache_dir: str = ""
     """Local copy of remote --data, checked against the manifest's sha256 (default:
     $CATSDOGS_CACHE, else ~/.cache/catsdogs). Training streams from local disk, not the network."""
-    out: str = ""
+    out: str = setting("", required="the run folder for checkpoints and metrics")
     """Run folder for checkpoints, metrics.csv and config.json."""
-    model: str = "seed"
-    """Model name: seed, cnn, effnet_lite0, effnet_lite1, effnet_lite2."""
-    epochs: int = 10
+    model: str = setting("seed", choices=model_names)
+    """Model name: seed (the classic small CNN), cnn, effnet_lite0/1/2 or effnet_lite12."""
+    epochs: int = setting(10, gt=0)
     """Number of passes over the training split."""
-    batch_size: int = 64
+    batch_size: int = setting(64, gt=0)
     """Images per optimiser step."""
-    lr: float = 1e-3
+    lr: float = setting(1e-3, gt=0.0)
     """Peak learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: float = setting(0.0, ge=0.0)
     """Decoupled weight decay (AdamW) or L2 (SGD)."""
-    optimizer: str = "adam"
+    optimizer: str = setting("adam", choices=OPTIMIZERS)
     """Optimiser: adam, adamw or sgd (Nesterov momentum 0.9)."""
-    schedule: str = "constant"
+    schedule: str = setting("constant", choices=SCHEDULES)
     """Learning-rate schedule: constant, cosine or onecycle."""
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = setting(0.0, ge=0.0)
     """Linear warm-up length in epochs (cosine/onecycle)."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = setting(0.0, ge=0.0)
     """Label smoothing for the loss (0 disables)."""
     augment: bool = False
     """Random flips and small translations applied to training batches."""
-    ema: float = 0.0
+    ema: float = setting(0.0, ge=0.0, lt=1.0)
     """Decay of an exponential moving average of the weights, evaluated instead of the raw ones."""
     width: int = 64
     """Base channel width of the from-scratch ``cnn`` model."""
     depth: int = 1
     """Residual blocks per stage of the from-scratch ``cnn`` model."""
-    dropout: float = 0.5
+    dropout: float = setting(0.5, ge=0.0, lt=1.0)
     """Dropout before the classifier head."""
-    freeze: str = "none"
+    freeze: str = setting("none", choices=FREEZE_MODES)
     """Transfer learning: none (fine-tune all) or backbone (train the head only)."""
     tta: bool = False
     """Average predictions over horizontal flips when validating."""
     seed: int = 0
     """Seed of weights init, data order and augmentation."""
-    threads: int = 0
+    threads: int = setting(0, ge=0)
     """Torch intra-op threads (0 = all cores)."""
-    workers: int = 0
+    workers: int = setting(0, ge=0)
     """DataLoader worker processes (0 = load in the main process)."""
-    buffer_rows: int = 4096
+    buffer_rows: int = setting(4096, gt=0)
     """Rows in the shuffle buffer: bounds loader memory (plus one shard per worker)."""
-    patience: int = 0
+    patience: int = setting(0, ge=0)
     """Stop when validation loss has not improved for this many epochs (0 = never)."""
-    device: str = "auto"
+    device: str = setting("auto", choices=DEVICES)
     """auto, cpu or cuda."""
     amp: bool = True
     """Mixed precision (bfloat16) on CUDA; ignored on CPU."""
-    checkpoint_every: int = 0
+    checkpoint_every: int = setting(0, ge=0)
     """Also write last.pt every N optimiser steps (0 = only at epoch ends)."""
     resume: bool = False
     """Continue the run in --out from its last.pt (optimizer, schedule, RNG and data order restored)."""
-    distributed: int = 0
+    distributed: int = setting(0, ge=0)
     """Train with N processes through Spark's TorchDistributor (0 = single process)."""
     master: str = "local[*]"
     """Spark master for --distributed: local[*] runs the N processes here, spark://... on executors."""
     spark_conf: dict[str, str] = field(default_factory=dict)
     """Extra Spark settings for --distributed, key=value (config file or repeated --spark-conf)."""
-    max_steps: int = 0
+    max_steps: int = setting(0, ge=0)
     """Stop after this many optimiser steps in total (0 = no limit); for smoke tests."""
 
 
@@ -136,28 +178,28 @@ class TrainConfig:
 class EvaluateConfig:
     """Settings of ``catsdogs evaluate``."""
 
-    run: str = ""
+    run: str = setting("", required="the run folder written by 'catsdogs train'")
     """Run folder written by ``catsdogs train``."""
     data: str = ""
     """Shards folder to evaluate on (default: the run's own --data); a path or s3a:// / hdfs:// URI."""
     cache_dir: str = ""
     """Local copy of remote --data (default: $CATSDOGS_CACHE, else ~/.cache/catsdogs)."""
-    split: str = "test"
+    split: str = setting("test", choices=schema.SPLITS)
     """Split to evaluate: test, val or train."""
     out: str = ""
     """Folder for the report (default: RUN/eval)."""
-    batch_size: int = 64
+    batch_size: int = setting(64, gt=0)
     """Images per forward pass. Activations grow with it: with 256, `make run` of effnet_lite12 at
     260 px peaked at 8 GB RSS; with 64 at 2.5 GB (docs/models.md)."""
     tta: bool = False
     """Average predictions over horizontal flips."""
-    device: str = "auto"
+    device: str = setting("auto", choices=DEVICES)
     """auto, cpu or cuda."""
-    threads: int = 0
+    threads: int = setting(0, ge=0)
     """Torch intra-op threads (0 = all cores)."""
-    checkpoint: str = "best.pt"
+    checkpoint: str = rundir.BEST_CKPT
     """Checkpoint file name inside the run folder."""
-    grid: int = 16
+    grid: int = setting(16, gt=0)
     """Number of most confidently wrong images shown in the grid."""
 
 
@@ -167,19 +209,19 @@ class PredictConfig:
 
     paths: list[str] = field(default_factory=list)
     """Image files, folders (searched recursively) or glob patterns."""
-    run: str = ""
+    run: str = setting("", required="the run folder (or .pt checkpoint) with the trained model")
     """Run folder (or a .pt checkpoint) with the trained model."""
     output: str = ""
     """Write results here: .csv or .json (default: print CSV to stdout)."""
-    batch_size: int = 64
+    batch_size: int = setting(64, gt=0)
     """Images per forward pass."""
     tta: bool = False
     """Average predictions over horizontal flips."""
-    device: str = "auto"
+    device: str = setting("auto", choices=DEVICES)
     """auto, cpu or cuda."""
-    threads: int = 0
+    threads: int = setting(0, ge=0)
     """Torch intra-op threads (0 = all cores)."""
-    max_pixels: int = 89_478_485
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, gt=0)
     """Images with more pixels than this are rejected as decompression bombs."""
 
 
@@ -187,29 +229,29 @@ class PredictConfig:
 class ServeConfig:
     """Settings of ``catsdogs serve``."""
 
-    run: str = ""
+    run: str = setting("", required="the run folder (or .pt checkpoint) with the trained model")
     """Run folder (or a .pt checkpoint) with the trained model."""
     host: str = "127.0.0.1"
     """Address to bind; loopback by default so nothing is exposed by accident."""
-    port: int = 8000
+    port: int = setting(8000, ge=1, le=65535)
     """TCP port."""
-    backend: str = "torch"
+    backend: str = setting("torch", choices=SERVE_BACKENDS)
     """Inference backend: torch or onnx (onnxruntime)."""
-    max_bytes: int = 10 * 1024 * 1024
+    max_bytes: int = setting(10 * 1024 * 1024, gt=0)
     """Largest accepted upload in bytes (larger gets 413)."""
-    max_pixels: int = 40_000_000
+    max_pixels: int = setting(40_000_000, gt=0)
     """Images with more pixels are rejected (400): 40 MP admits usual camera and phone photos while
     capping a hostile PNG's decode memory per request (~0.5 GB; Pillow's 89 MP default allows ~1 GB)."""
-    max_batch: int = 32
+    max_batch: int = setting(32, gt=0)
     """Largest micro-batch of concurrent requests run as one forward pass."""
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = setting(2.0, ge=0.0)
     """How long the batcher waits for more requests once one is queued, in milliseconds."""
-    max_files: int = 64
+    max_files: int = setting(64, gt=0)
     """Most files accepted by one /predict/batch request (more gets 413)."""
-    workers: int = 0
+    workers: int = setting(0, ge=0)
     """Forward passes run in parallel (0 = torch on CPU: one per core, since its batch-1 forward barely
     uses a second core; onnx or CUDA: 1, since they parallelise one image well)."""
-    threads: int = 0
+    threads: int = setting(0, ge=0)
     """Intra-op threads per forward worker (0 = cores / workers)."""
     tta: bool = False
     """Average predictions over horizontal flips."""
@@ -219,9 +261,9 @@ class ServeConfig:
 class ExportConfig:
     """Settings of ``catsdogs export``."""
 
-    run: str = ""
+    run: str = setting("", required="the run folder (or .pt checkpoint) to export")
     """Run folder (or a .pt checkpoint) to export."""
-    format: str = "onnx"
+    format: str = setting("onnx", choices=tuple(rundir.EXPORT_NAMES))
     """onnx or torchscript."""
     output: str = ""
     """Output file (default: RUN/model.onnx or RUN/model.ts)."""
@@ -232,16 +274,16 @@ class RunConfig:
     """Settings of ``catsdogs run`` (preprocess, train, evaluate in one go)."""
 
     data: str = ""
-    """Image folder with one subfolder per class (e.g. PetImages)."""
-    out: str = ""
+    """Image folder with one subfolder per class (e.g. PetImages); without it, what to download."""
+    out: str = setting("", required="the run folder to create (e.g. runs/latest)")
     """Run folder; shards go to OUT/shards unless --shards is given."""
     shards: str = ""
     """Shards folder (default OUT/shards); reused when made from the same input and settings."""
-    model: str = "seed"
+    model: str = setting("seed", choices=model_names)
     """Model name (see ``catsdogs train --help``)."""
-    size: int = 64
+    size: int = setting(64, gt=0)
     """Image side in pixels for preprocessing."""
-    epochs: int = 10
+    epochs: int = setting(10, gt=0)
     """Training epochs."""
     train_config: str = ""
     """Optional TOML/JSON file with further train settings (e.g. written by ``catsdogs tune``)."""
@@ -255,21 +297,21 @@ class RunConfig:
 class TuneConfig:
     """Settings of ``catsdogs tune``."""
 
-    data: str = ""
+    data: str = setting("", required="the shards folder written by catsdogs preprocess")
     """Shards folder written by ``catsdogs preprocess``."""
-    out: str = ""
+    out: str = setting("", required="the folder for best_config.json, study.csv and plots")
     """Folder for best_config.json, study.csv and plots."""
-    model: str = "cnn"
+    model: str = setting("cnn", choices=model_names)
     """Model whose hyperparameters are searched."""
-    minutes: float = 30.0
+    minutes: float = setting(30.0, ge=0.0)
     """Total search budget in minutes."""
-    trials: int = 50
+    trials: int = setting(50, gt=0)
     """Maximum number of trials."""
-    epochs: int = 5
+    epochs: int = setting(5, gt=0)
     """Epochs per trial (pruned early when hopeless)."""
     seed: int = 0
     """Seed of the sampler."""
-    threads: int = 0
+    threads: int = setting(0, ge=0)
     """Torch intra-op threads (0 = all cores)."""
 
 
@@ -341,7 +383,7 @@ REMOTE_FIELDS: dict[str, tuple[str, ...]] = {
     "TrainConfig": ("data",),
     "EvaluateConfig": ("data",),
 }
-"""Settings that also take s3a://, s3:// and hdfs:// URIs (:mod:`catsdogs.storage`): the image folder
+"""Settings that also take s3a://, s3:// and hdfs:// URIs (:mod:`catsdogs.io.storage`): the image folder
 and the shards, the data that outgrows one machine. Runs and models stay on local disk."""
 
 
@@ -350,10 +392,6 @@ def local_path(value: str, flag_name: str, remote_ok: bool = False) -> str:
 
     Any other scheme is refused with a hint: storage that every node mounts works through its path.
     """
-    from urllib.parse import unquote, urlparse
-
-    from catsdogs.storage import SCHEMES, scheme_of
-
     if value.startswith("file:"):
         parsed = urlparse(value)
         if parsed.netloc not in ("", "localhost"):
@@ -392,55 +430,68 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:  # type: ignore[
     return value
 
 
-_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
-    "PreprocessConfig": {"resize": ("stretch", "crop", "pad"), "format": ("npy", "parquet")},
-    "TrainConfig": {
-        "optimizer": ("adam", "adamw", "sgd"),
-        "schedule": ("constant", "cosine", "onecycle"),
-        "freeze": ("none", "backbone"),
-        "device": ("auto", "cpu", "cuda"),
-    },
-    "EvaluateConfig": {"split": ("train", "val", "test"), "device": ("auto", "cpu", "cuda")},
-    "PredictConfig": {"device": ("auto", "cpu", "cuda")},
-    "ServeConfig": {"backend": ("torch", "onnx")},
-    "ExportConfig": {"format": ("onnx", "torchscript")},
-}
+def _choices(spec: Choices) -> tuple[Any, ...]:
+    """Resolve a field's choices (a tuple, a function, or a ``"module:NAME"`` reference)."""
+    if isinstance(spec, str):
+        module, name = spec.split(":")
+        return tuple(getattr(importlib.import_module(module), name))
+    return tuple(spec() if callable(spec) else spec)
+
+
+def _interval(meta: dict[str, Any]) -> str:
+    """Describe a field's bounds for an error message, e.g. ``[0, 1)`` or ``1..65535``."""
+    lo, hi = meta.get("ge", meta.get("gt")), meta.get("le", meta.get("lt"))
+    if lo is not None and hi is not None and "ge" in meta and "le" in meta:
+        return f"in {lo}..{hi}"
+    left = "[" if "ge" in meta else "("
+    right = "]" if "le" in meta else ")"
+    return f"in {left}{lo:g}, {hi:g}{right}"
+
+
+def _bound_error(meta: dict[str, Any], value: float) -> str | None:
+    """Return what is wrong with ``value`` under a field's bounds, or None when it is inside them."""
+    ok = all((("gt" not in meta or value > meta["gt"]), ("ge" not in meta or value >= meta["ge"]),
+              ("lt" not in meta or value < meta["lt"]), ("le" not in meta or value <= meta["le"])))
+    if ok:
+        return None
+    if ("lt" in meta or "le" in meta) and ("gt" in meta or "ge" in meta):
+        return f"must be {_interval(meta)}"
+    if meta.get("gt") == 0:
+        return "must be positive"
+    if "ge" in meta:
+        return f"must be >= {meta['ge']:g}"
+    return f"must be > {meta['gt']:g}"
 
 
 def validate(cfg: Any) -> None:
-    """Check ranges and choices; raise :class:`ConfigError` naming the flag to fix."""
-    for key, choices in _CHOICES.get(type(cfg).__name__, {}).items():
-        value = getattr(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"{flag(key)} must be one of {', '.join(choices)}, got {value!r}")
-    positive = ("size", "shard_rows", "read_threads", "epochs", "batch_size", "buffer_rows", "max_pixels",
-                "max_bytes", "max_batch", "max_files", "trials", "grid")
-    for key in positive:
-        if hasattr(cfg, key) and getattr(cfg, key) <= 0:
-            raise ConfigError(f"{flag(key)} must be positive, got {getattr(cfg, key)!r}")
-    non_negative = ("threads", "workers", "patience", "checkpoint_every", "distributed", "max_steps",
-                    "weight_decay", "warmup_epochs", "label_smoothing", "ema", "minutes")
-    for key in non_negative:
-        if hasattr(cfg, key) and getattr(cfg, key) < 0:
-            raise ConfigError(f"{flag(key)} must be >= 0, got {getattr(cfg, key)!r}")
-    if isinstance(cfg, PreprocessConfig):
-        for key in ("val_frac", "test_frac", "max_skip_frac"):
-            if not 0.0 <= getattr(cfg, key) < 1.0:
-                raise ConfigError(f"{flag(key)} must be in [0, 1), got {getattr(cfg, key)!r}")
-        if cfg.val_frac + cfg.test_frac >= 1.0:
-            raise ConfigError(
-                f"--val-frac + --test-frac must leave room for training, got "
-                f"{cfg.val_frac} + {cfg.test_frac}"
-            )
-    if isinstance(cfg, TrainConfig):
-        if cfg.lr <= 0:
-            raise ConfigError(f"--lr must be positive, got {cfg.lr!r}")
-        if not 0.0 <= cfg.ema < 1.0:
-            raise ConfigError(f"--ema must be in [0, 1), got {cfg.ema!r}")
-        if not 0.0 <= cfg.dropout < 1.0:
-            raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout!r}")
-    if isinstance(cfg, ServeConfig) and not 0 < cfg.port < 65536:
-        raise ConfigError(f"--port must be in 1..65535, got {cfg.port!r}")
+    """Check every field's declared choices and bounds, then the class's own ``check``."""
+    for f in dataclasses.fields(cfg):
+        meta, value = f.metadata, getattr(cfg, f.name)
+        if "choices" in meta:
+            choices = _choices(meta["choices"])
+            if value not in choices:
+                raise ConfigError(f"unknown {flag(f.name)} {value!r}: {flag(f.name)} must be one of "
+                                  f"{', '.join(map(str, choices))}")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            problem = _bound_error(dict(meta), value)
+            if problem:
+                raise ConfigError(f"{flag(f.name)} {problem}, got {value!r}")
+    check = getattr(cfg, "check", None)
+    if callable(check):
+        check()
+
+
+def require(cfg: Any, *names: str) -> None:
+    """Raise :class:`ConfigError` "--FLAG is required: ..." for the first of ``names`` left empty."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for name in names:
+        if not getattr(cfg, name):
+            raise ConfigError(f"{flag(name)} is required: {fields[name].metadata.get('required', name)}")
+
+
+def check_required(cfg: Any) -> None:
+    """Apply :func:`require` to every field declared ``required`` in ``cfg``'s class."""
+    require(cfg, *(f.name for f in dataclasses.fields(cfg) if f.metadata.get("required")))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -450,6 +501,4 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as JSON next to an output, atomically."""
-    from catsdogs.fsutil import atomic_write_text
-
     atomic_write_text(path, json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")

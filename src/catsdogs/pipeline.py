@@ -21,21 +21,20 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from catsdogs import schema
 from catsdogs.config import (
     EvaluateConfig,
     PreprocessConfig,
     RunConfig,
     TrainConfig,
     build_config,
+    check_required,
     read_config_file,
     save_config,
 )
 from catsdogs.errors import ConfigError, InputError, OutputExistsError, SchemaError
-from catsdogs.manifest import load_manifest
-
-RUN_CONFIG_NAME = "run_config.json"
-"""Where the resolved RunConfig is saved (config.json of OUT belongs to train)."""
+from catsdogs.preprocess.listing import scan_input
+from catsdogs.rundir import BEST_CKPT, LAST_CKPT, RunDir
+from catsdogs.shards.manifest import load_manifest
 
 CONTENT_KEYS: tuple[str, ...] = ("size", "resize", "val_frac", "test_frac", "seed", "shard_rows", "format",
                                  "max_pixels")
@@ -83,8 +82,6 @@ def reuse_reason(shards: Path, wanted: PreprocessConfig) -> str | None:
     missing = [f for s in manifest.shards for f in s.files() if not (shards / f).is_file()]
     if missing:
         return f"shard file {missing[0]!r} is missing"
-    from catsdogs.listing import scan_input
-
     # Same settings but a changed image folder (files added or removed) needs new shards too.
     listing = scan_input(wanted.input)
     candidates = manifest.stats.get("candidates")
@@ -124,19 +121,22 @@ def train_config(cfg: RunConfig, shards: Path, out: Path) -> TrainConfig:
 def main(cfg: RunConfig) -> int:
     """Run preprocess (or reuse its shards), train into OUT and evaluate into OUT/eval."""
     data = check_data(cfg.data)  # first: a missing download gets its help before any import
-    from catsdogs import evaluate, preprocess, train
+    check_required(cfg)
+    # Lazy: the stages import torch and pyspark (~3 s), which a wrong --data should not wait for.
+    from catsdogs.evaluate import command as evaluate
+    from catsdogs.preprocess import command as preprocess
+    from catsdogs.train import launch as train
 
-    if not cfg.out:
-        raise ConfigError("--out is required: the run folder to create (e.g. runs/latest)")
     out = Path(cfg.out).expanduser().resolve()
     shards = Path(cfg.shards).expanduser().resolve() if cfg.shards else out / "shards"
     pre_cfg = preprocess_config(cfg, data, shards)
     tr_cfg = train_config(cfg, shards, out)  # before any work: a bad file fails fast
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / RUN_CONFIG_NAME)
+    run = RunDir(out)
+    save_config(cfg, run.run_config)
 
     reason = reuse_reason(shards, pre_cfg)
-    resume = (out / schema.LAST_CKPT).is_file()
+    resume = run.last.is_file()
     if reason is not None and resume and shards.exists():
         # The model in OUT was trained on the old shards: continuing it on new ones would mix data.
         raise OutputExistsError(f"run folder {str(out)!r} holds a model trained on shards that must be "
@@ -150,7 +150,7 @@ def main(cfg: RunConfig) -> int:
             return code
 
     if resume:
-        print(f"[2/3] train: resuming the run in {out} from {schema.LAST_CKPT} "
+        print(f"[2/3] train: resuming the run in {out} from {LAST_CKPT} "
               f"(up to {tr_cfg.epochs} epochs)", flush=True)
     else:
         print(f"[2/3] train: {tr_cfg.model} for {tr_cfg.epochs} epochs into {out}", flush=True)
@@ -158,14 +158,14 @@ def main(cfg: RunConfig) -> int:
     if code:
         return code
 
-    eval_out = out / "eval"
+    eval_out = run.eval_dir
     print(f"[3/3] evaluate: test split into {eval_out}", flush=True)
     ev_cfg = build_config(EvaluateConfig, {"run": str(out), "data": str(shards), "out": str(eval_out),
                                            "device": tr_cfg.device, "threads": tr_cfg.threads,
-                                           "tta": tr_cfg.tta, "checkpoint": schema.BEST_CKPT})
+                                           "tta": tr_cfg.tta, "checkpoint": BEST_CKPT})
     code = evaluate.main(ev_cfg)
     if code:
         return code
-    print(f"done: open {eval_out / 'report.html'}\n"
+    print(f"done: open {run.report}\n"
           f"      serve the model with 'catsdogs serve --run {out}'", flush=True)
     return 0

@@ -18,6 +18,9 @@ from catsdogs.errors import ConfigError
 # glibc mallopt parameters (malloc.h). Training allocates and frees the same multi-MB activation
 # buffers every step; above the default 128 KiB mmap threshold each one is a fresh mmap + page faults
 # + munmap, which measured as much system time as compute. Keeping them in the heap removes that.
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+"""Values of ``--device``: auto takes a CUDA GPU when there is one."""
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_BYTES = 512 * 1024 * 1024  # largest block kept in the heap instead of mmap
@@ -43,10 +46,14 @@ def tune_malloc() -> bool:
         return False
 
 
+def cores() -> int:
+    """Return the number of CPU cores this process may use (its affinity mask, else the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def set_threads(threads: int) -> int:
     """Set torch intra-op threads (0 = every core available to this process); return the count."""
-    n = threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    n = max(1, int(threads or n or 1))
+    n = max(1, int(threads or cores()))
     torch.set_num_threads(n)
     return n
 

@@ -36,16 +36,3 @@ IGNORED_NAMES: frozenset[str] = frozenset({"thumbs.db", "desktop.ini", ".ds_stor
 """OS clutter that is ignored (and counted) without trying to decode it."""
 
 FILES_CSV_COLUMNS: tuple[str, ...] = ("path", "split", "shard", "row", "label")
-
-# Checkpoint keys: a checkpoint carries everything needed to rebuild and run its model.
-CKPT_MODEL_STATE = "model_state"
-CKPT_MODEL_CONFIG = "model_config"
-CKPT_CLASSES = "classes"
-CKPT_NORM = "normalization"
-CKPT_IMAGE = "image"
-CKPT_TRAIN_CONFIG = "train_config"
-CKPT_EPOCH = "epoch"
-CKPT_METRICS = "metrics"
-BEST_CKPT = "best.pt"
-LAST_CKPT = "last.pt"
-METRICS_CSV = "metrics.csv"

@@ -101,7 +101,7 @@ def build_conf(master: str, app_name: str, extra: Mapping[str, str] | None = Non
         })
     # Executors on a cluster do not inherit the driver's shell: pass on where S3 is (not secrets,
     # which executors take from their own AWS chain, or from --spark-conf spark.executorEnv.*).
-    from catsdogs.storage import ENDPOINT_ENV, REGION_ENV
+    from catsdogs.io.storage import ENDPOINT_ENV, REGION_ENV
 
     for name in ENDPOINT_ENV + REGION_ENV:
         if os.environ.get(name):
@@ -154,8 +154,3 @@ def get_spark(master: str = "local[*]", app_name: str = "catsdogs",
         sc = SparkContext.getOrCreate(conf)
     sc.setLogLevel("ERROR")
     return SparkSession(sc)
-
-
-def stop_spark(spark: SparkSession) -> None:
-    """Stop a session started by :func:`get_spark` (the JVM stays up for a later session)."""
-    spark.stop()

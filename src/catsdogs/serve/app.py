@@ -40,17 +40,15 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from catsdogs import __version__
-from catsdogs.config import ServeConfig
+from catsdogs.config import ServeConfig, check_required
 from catsdogs.errors import ConfigError, ImageDecodeError
-from catsdogs.export import run_folder as export_run_folder
-from catsdogs.serve.backends import Backend, cores, load_backend, on_cuda, plan_workers
+from catsdogs.rundir import RunDir
+from catsdogs.runtime import cores
+from catsdogs.serve.backends import Backend, load_backend, on_cuda, plan_workers
 from catsdogs.serve.batcher import MicroBatcher
 from catsdogs.serve.uploads import ApiError, Part, parse_multipart, read_body
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-EVAL_DIR = "eval"
-REPORT_NAME = "report.html"
-EVAL_METRICS = "metrics.json"
 # Decode threads: Pillow releases the GIL while decoding, so a few threads use the cores; more than
 # 4 only adds contention with the forward pass on small machines.
 _MAX_DECODE_THREADS = 4
@@ -146,14 +144,14 @@ def server_timing(timing: dict[str, float], start: float) -> str:
     return ", ".join(f"{k};dur={1000 * v:.3f}" for k, v in items.items())
 
 
-def run_folder(cfg: ServeConfig) -> Path:
+def run_folder(cfg: ServeConfig) -> RunDir:
     """The run folder of --run (the folder itself, or the folder holding a .pt file)."""
-    return export_run_folder(cfg.run)
+    return RunDir.from_arg(cfg.run)
 
 
 def eval_metrics(cfg: ServeConfig) -> dict[str, Any] | None:
     """Read RUN/eval/metrics.json written by ``catsdogs evaluate`` (None if absent or unreadable)."""
-    path = run_folder(cfg) / EVAL_DIR / EVAL_METRICS
+    path = run_folder(cfg).eval_metrics
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
@@ -245,7 +243,7 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
         """Model facts: classes, input size, checkpoint metrics and RUN/eval/metrics.json if present."""
         serving: Serving = request.app.state.serving
         desc = serving.backend.describe()
-        report = run_folder(cfg) / EVAL_DIR / REPORT_NAME
+        report = run_folder(cfg).report
         return {**desc, "tta": cfg.tta, "eval_metrics": eval_metrics(cfg), "report": report.is_file(),
                 "batching": {"max_batch": cfg.max_batch, "batch_wait_ms": cfg.batch_wait_ms},
                 "limits": {"max_bytes": cfg.max_bytes, "max_pixels": cfg.max_pixels,
@@ -260,7 +258,7 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
     @app.get("/report", include_in_schema=True, response_model=None)
     async def report() -> FileResponse | JSONResponse:
         """The run's HTML evaluation report (RUN/eval/report.html), or 404 if not evaluated yet."""
-        path = run_folder(cfg) / EVAL_DIR / REPORT_NAME
+        path = run_folder(cfg).report
         if not path.is_file():
             return _error(404, "no_report", f"{path} does not exist yet; run 'catsdogs evaluate --run "
                                             f"{cfg.run}' to write it")
@@ -321,8 +319,7 @@ def main(cfg: ServeConfig) -> int:
     """Run ``catsdogs serve``: bind the port, load the model, serve until interrupted."""
     import uvicorn
 
-    if not cfg.run:
-        raise ConfigError("--run is required: the run folder (or .pt checkpoint) to serve")
+    check_required(cfg)
     sock = bind_socket(cfg.host, cfg.port)
     try:
         backend = load_backend(cfg)  # a bad --run fails here with one line, before serving

@@ -1,12 +1,11 @@
 """Inference backends for the server: the PyTorch model itself, or an onnxruntime session.
 
-Both decode exactly like training (:meth:`catsdogs.inference.Predictor.decode`) and return class
+Both decode exactly like training (:meth:`catsdogs.infer.predictor.Predictor.decode`) and return class
 probabilities for a uint8 NHWC batch, so the app and the batcher do not care which one runs.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -14,8 +13,13 @@ import numpy as np
 import torch
 
 from catsdogs.config import ServeConfig
-from catsdogs.inference import Predictor
-from catsdogs.transforms import DEFAULT_MAX_PIXELS
+from catsdogs.infer.export import INPUT_NAME, ensure_onnx
+from catsdogs.infer.predictor import Predictor
+from catsdogs.models.transforms import DEFAULT_MAX_PIXELS
+from catsdogs.runtime import cores, select_device, setup
+
+BACKENDS: tuple[str, ...] = ("torch", "onnx")
+"""Values of ``serve --backend``: the checkpoint's PyTorch model, or its ONNX export in onnxruntime."""
 
 
 class Backend(Protocol):
@@ -58,9 +62,7 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, predictor: Predictor, onnx_path: str | Path, threads: int = 0) -> None:
-        import onnxruntime as ort
-
-        from catsdogs.export import INPUT_NAME
+        import onnxruntime as ort  # lazy: ~0.4 s at import, and the torch backend never needs it
 
         self.predictor = predictor
         self.classes = predictor.classes
@@ -91,11 +93,6 @@ class OnnxBackend:
         return {**self.predictor.describe(), "backend": self.name, "onnx": str(self.path)}
 
 
-def cores() -> int:
-    """Return the number of CPU cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def on_cuda(backend: Backend) -> bool:
     """Return True when the backend runs its model on a CUDA GPU."""
     predictor = getattr(backend, "predictor", None)
@@ -117,15 +114,11 @@ def plan_workers(cfg: ServeConfig, on_cuda: bool) -> tuple[int, int]:
 
 def load_backend(cfg: ServeConfig) -> Backend:
     """Load the run's model for ``--backend``; for onnx, export RUN/model.onnx first if missing or stale."""
-    from catsdogs import runtime
-
-    device = runtime.select_device("auto") if cfg.backend == "torch" else torch.device("cpu")
+    device = select_device("auto") if cfg.backend == "torch" else torch.device("cpu")
     _workers, threads = plan_workers(cfg, device.type == "cuda")
-    runtime.setup(threads, device.type)
+    setup(threads, device.type)
     if cfg.backend == "onnx":
-        from catsdogs.export import ensure_onnx, run_folder
-
         predictor = Predictor.from_run(cfg.run, "cpu")
-        path, _made = ensure_onnx(predictor, run_folder(cfg.run))
+        path, _made = ensure_onnx(predictor, cfg.run)
         return OnnxBackend(predictor, path, threads)
     return TorchBackend(Predictor.from_run(cfg.run, device))

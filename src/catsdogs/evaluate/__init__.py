@@ -1,0 +1,1 @@
+"""Stage 3, ``catsdogs evaluate``: metrics, plots and the self-contained HTML report."""

@@ -1,0 +1,210 @@
+"""``catsdogs evaluate``: metrics, plots and a self-contained HTML report for a trained run.
+
+Shards (npy or Parquet, :func:`catsdogs.shards.reader.iter_batches`) are streamed one batch at a time, so
+memory stays bounded by ``--batch-size`` whatever the split size; only the ``(n, C)`` probabilities
+are kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from catsdogs import schema
+from catsdogs.checkpoint import CKPT_TRAIN_CONFIG
+from catsdogs.config import EvaluateConfig, check_required, save_config, to_dict
+from catsdogs.errors import ConfigError, InputError
+from catsdogs.evaluate import plots
+from catsdogs.evaluate.metrics import compute_metrics, jsonable, most_confident_mistakes, roc_curves
+from catsdogs.evaluate.report import ReportData, write_report
+from catsdogs.infer.predictor import Predictor
+from catsdogs.io import storage
+from catsdogs.io.atomic import atomic_write_text
+from catsdogs.rundir import EVAL_METRICS_NAME, REPORT_NAME, RunDir, read_history
+from catsdogs.runtime import setup
+from catsdogs.shards.cache import local_shards
+from catsdogs.shards.manifest import Manifest, load_manifest
+from catsdogs.shards.reader import iter_batches, load_rows
+
+OUTPUT_FILES: tuple[str, ...] = (
+    EVAL_METRICS_NAME, "classification_report.txt", "predictions.csv", "confusion_matrix.png",
+    "roc_curve.png", "loss_curve.png", "accuracy_curve.png", "misclassified.png", REPORT_NAME,
+    schema.CONFIG_NAME,
+)
+"""Everything evaluate writes into its output folder."""
+
+MISTAKES_CAPTION = "Most confidently wrong images"
+
+
+@dataclass
+class Predictions:
+    """Model outputs for one split, with where each row came from (to show images later)."""
+
+    probs: np.ndarray
+    """``(n, C)`` float32 class probabilities."""
+    labels: np.ndarray
+    """``(n,)`` int64 true labels."""
+    shard: np.ndarray
+    """``(n,)`` position of the row's shard in the split's shard list."""
+    row: np.ndarray
+    """``(n,)`` row index inside that shard."""
+
+
+def predict_split(predictor: Any, root: Path, manifest: Manifest, split: str, batch_size: int,
+                  tta: bool = False, progress: bool = True) -> Predictions:
+    """Run ``predictor`` over every row of ``split``; return probabilities, labels and locations."""
+    n_batches = sum(math.ceil(s.rows / batch_size) for s in manifest.split_shards(split))
+    probs, labels, shard, row = [], [], [], []
+    with tqdm(total=n_batches, desc=f"evaluate {split}", unit="batch", disable=not progress) as bar:
+        for pos, start, x, y in iter_batches(root, manifest, split, batch_size):
+            probs.append(predictor.predict_arrays(x, tta=tta))
+            labels.append(y)
+            shard.append(np.full(len(y), pos, dtype=np.int32))
+            row.append(np.arange(start, start + len(y), dtype=np.int64))
+            bar.update(1)
+    c = len(manifest.classes)
+    return Predictions(
+        probs=np.concatenate(probs) if probs else np.zeros((0, c), dtype=np.float32),
+        labels=np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
+        shard=np.concatenate(shard) if shard else np.zeros(0, dtype=np.int32),
+        row=np.concatenate(row) if row else np.zeros(0, dtype=np.int64),
+    )
+
+
+def resolve_paths(cfg: EvaluateConfig) -> tuple[Path, str, Path, Path, dict[str, Any]]:
+    """Return ``(run folder, shards as given, local shards folder, output folder, run's train config)``.
+
+    The shards as given are ``--data`` or the run's own; remote ones are read from a verified local copy.
+    """
+    run = RunDir.from_arg(cfg.run)
+    train_cfg = run.read_config()
+    source = cfg.data or str(train_cfg.get("data", ""))
+    if not source:
+        raise ConfigError(f"run {str(run.root)!r} does not record its shards folder; give --data")
+    out = Path(cfg.out) if cfg.out else run.eval_dir
+    data = local_shards(source, cfg.cache_dir or str(train_cfg.get("cache_dir", "")))
+    return run.root, source, Path(data), out, train_cfg
+
+
+def check_compatible(manifest: Manifest, predictor: Any, data: Path) -> None:
+    """Refuse shards whose classes or image size differ from what the model was trained on."""
+    if list(manifest.classes) != list(predictor.classes):
+        raise ConfigError(f"shards {str(data)!r} have classes {manifest.classes}, the model was trained "
+                          f"on {predictor.classes}; fix --data")
+    if int(manifest.size) != int(predictor.size):
+        raise ConfigError(f"shards {str(data)!r} hold {manifest.size}px images, the model expects "
+                          f"{predictor.size}px; evaluate on shards made with --size {predictor.size} "
+                          f"(fix --data)")
+
+
+def write_plots(out: Path, preds: Predictions, metrics: dict[str, Any], classes: list[str],
+                history: dict[str, list[float]], mistakes: np.ndarray, images: np.ndarray,
+                split: str) -> dict[str, Path]:
+    """Write every PNG; return caption -> path in report order."""
+    n = metrics["n"]
+    pred = preds.probs.argmax(axis=1)
+    figs = {
+        "Confusion matrix (counts and row %)": (
+            "confusion_matrix.png",
+            plots.confusion_matrix_figure(np.asarray(metrics["confusion_matrix"]), classes,
+                                          f"Confusion matrix \u2014 {split} (n = {n:,})")),
+        "ROC curve": ("roc_curve.png", plots.roc_figure(
+            roc_curves(preds.labels, preds.probs, classes),
+            f"ROC \u2014 {split}" + (f" (macro AUC = {metrics['roc_auc']:.4f})"
+                                     if len(classes) > 2 and metrics["roc_auc"] is not None else ""))),
+        "Loss per epoch": ("loss_curve.png", plots.history_figure(
+            history["epoch"], history.get("train_loss", []), history.get("val_loss", []),
+            "Loss", "Loss per epoch")),
+        "Accuracy per epoch": ("accuracy_curve.png", plots.history_figure(
+            history["epoch"], history.get("train_acc", []), history.get("val_acc", []),
+            "Accuracy", "Accuracy per epoch")),
+        MISTAKES_CAPTION: ("misclassified.png", plots.mistakes_figure(
+            images, [classes[i] for i in preds.labels[mistakes]], [classes[i] for i in pred[mistakes]],
+            [float(preds.probs[i, pred[i]]) for i in mistakes], metrics["errors"], n)),
+    }
+    return {caption: plots.save_figure(fig, out / name) for caption, (name, fig) in figs.items()}
+
+
+def write_predictions(path: Path, preds: Predictions, classes: list[str]) -> None:
+    """Write one CSV line per evaluated row: shard position, row, true and predicted label, probs."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["shard", "row", "label", "pred", *[f"p_{c}" for c in classes]])
+    pred = preds.probs.argmax(axis=1)
+    for i in range(len(preds.labels)):
+        w.writerow([int(preds.shard[i]), int(preds.row[i]), classes[preds.labels[i]], classes[pred[i]],
+                    *[f"{p:.6f}" for p in preds.probs[i]]])
+    atomic_write_text(path, buf.getvalue())
+
+
+def main(cfg: EvaluateConfig) -> int:
+    """Evaluate a run on one split of its shards and write metrics, plots and report.html."""
+    check_required(cfg)
+    device = setup(cfg.threads, cfg.device)
+    predictor = Predictor.from_run(cfg.run, device, cfg.checkpoint)  # CheckpointError if none
+    run_dir, source, data, out, train_cfg = resolve_paths(cfg)
+    manifest = load_manifest(data, "--data")
+    check_compatible(manifest, predictor, data)
+    if manifest.split_rows(cfg.split) == 0:
+        raise InputError(f"split {cfg.split!r} of {str(data)!r} has no images; choose another --split")
+
+    preds = predict_split(predictor, data, manifest, cfg.split, cfg.batch_size, cfg.tta)
+    classes = list(manifest.classes)
+    metrics, report_text = compute_metrics(preds.labels, preds.probs, classes)
+    description = jsonable(predictor.describe())
+    remote = storage.is_remote(source)  # then ``data`` is its verified local copy
+    metrics.update({"split": cfg.split, "data": source if remote else str(data.resolve()),
+                    "run": str(run_dir.resolve()), "checkpoint": str(predictor.path.resolve()),
+                    "tta": cfg.tta, "model": description})
+    if remote:
+        metrics["data_cache"] = str(data)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = dataclasses.replace(cfg, data=source if remote else str(data), out=str(out))
+    save_config(resolved, out / schema.CONFIG_NAME)
+    atomic_write_text(out / EVAL_METRICS_NAME, json.dumps(jsonable(metrics), indent=2) + "\n")
+    atomic_write_text(out / "classification_report.txt", report_text)
+    write_predictions(out / "predictions.csv", preds, classes)
+
+    mistakes = most_confident_mistakes(preds.labels, preds.probs, cfg.grid)
+    images = load_rows(data, manifest, cfg.split, preds.shard[mistakes], preds.row[mistakes])
+    history = read_history(RunDir(run_dir).metrics)
+    pngs = write_plots(out, preds, metrics, classes, history, mistakes, images, cfg.split)
+    page = write_report(out / REPORT_NAME, ReportData(
+        title=f"catsdogs evaluation: {run_dir.resolve().name}",
+        metrics=jsonable(metrics), classification_report=report_text, images=pngs,
+        wide={MISTAKES_CAPTION},
+        train_config=train_cfg or dict(predictor.checkpoint.get(CKPT_TRAIN_CONFIG, {})),
+        preprocess_config=dict(manifest.config), eval_config=to_dict(resolved),
+        counts=manifest.counts, classes=classes, skipped=list(manifest.skipped),
+        ignored=dict(manifest.ignored), stats=dict(manifest.stats),
+        created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    ))
+    print(summary(metrics, page))
+    return 0
+
+
+def summary(metrics: dict[str, Any], page: Path) -> str:
+    """Return the short human summary printed at the end of evaluate."""
+    auc = metrics["roc_auc"]
+    lines = [
+        f"evaluated {metrics['n']:,} {metrics['split']} images of {metrics['data']} with "
+        f"{metrics['model'].get('name')} (epoch {metrics['model'].get('epoch')})",
+        f"  accuracy {metrics['accuracy']:.4f}  ROC AUC {'n/a' if auc is None else f'{auc:.4f}'}  "
+        f"log loss {metrics['log_loss']:.4f}  errors {metrics['errors']:,}",
+    ]
+    for name in metrics["classes"]:
+        m = metrics["per_class"][name]
+        lines.append(f"  {name:<12} precision {m['precision']:.4f}  recall {m['recall']:.4f}  "
+                     f"f1 {m['f1-score']:.4f}  support {int(m['support']):,}")
+    lines.append(f"report: {page.resolve()}")
+    return "\n".join(lines)

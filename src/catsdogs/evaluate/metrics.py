@@ -1,0 +1,100 @@
+"""Evaluation metrics from true labels and class probabilities: accuracy, ROC, log loss, report."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import (
+    auc,
+    classification_report,
+    confusion_matrix,
+    log_loss,
+    roc_auc_score,
+    roc_curve,
+)
+
+
+def roc_curves(labels: np.ndarray, probs: np.ndarray, classes: list[str]
+               ) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """Return ``label -> (fpr, tpr, auc)``: the positive class for binary, one-vs-rest per class else.
+
+    Classes absent from ``labels`` (or present alone) have no defined ROC and are left out.
+    """
+    ks = [1] if len(classes) == 2 else list(range(len(classes)))
+    curves = {}
+    for k in ks:
+        positive = labels == k
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = roc_curve(positive, probs[:, k])
+        name = f"{classes[k]} (positive)" if len(classes) == 2 else f"{classes[k]} vs rest"
+        curves[name] = (fpr, tpr, float(auc(fpr, tpr)))
+    return curves
+
+
+def roc_auc(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> float | None:
+    """Binary: AUC of the positive class (index 1); N > 2: macro one-vs-rest AUC; None if undefined."""
+    if len(np.unique(labels)) < 2:
+        return None
+    try:
+        if num_classes == 2:
+            return float(roc_auc_score(labels == 1, probs[:, 1]))
+        return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro",
+                                   labels=list(range(num_classes))))
+    except ValueError:  # e.g. a class missing from labels for one-vs-rest
+        return None
+
+
+def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> tuple[dict[str, Any], str]:
+    """Return ``(metrics dict, classification report text)`` for true labels and probabilities."""
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    idx = list(range(len(classes)))
+    pred = probs.argmax(axis=1)
+    kw: dict[str, Any] = {"labels": idx, "target_names": list(classes), "zero_division": 0}
+    per_class = classification_report(labels, pred, output_dict=True, **kw)
+    per_class.pop("accuracy", None)
+    text = classification_report(labels, pred, digits=4, **kw)
+    cm = confusion_matrix(labels, pred, labels=idx)
+    # Renormalise: float32 probabilities may sum to 1 +- 1e-7, which log_loss warns about.
+    p = np.clip(probs, 1e-15, 1.0)
+    metrics = {
+        "n": int(len(labels)),
+        "classes": list(classes),
+        "accuracy": float((pred == labels).mean()) if len(labels) else float("nan"),
+        "errors": int((pred != labels).sum()),
+        "roc_auc": roc_auc(labels, probs, len(classes)),
+        "roc_auc_kind": "positive class" if len(classes) == 2 else "macro one-vs-rest",
+        "log_loss": float(log_loss(labels, p / p.sum(axis=1, keepdims=True), labels=idx)),
+        "per_class": jsonable(per_class),
+        "confusion_matrix": cm.astype(int).tolist(),
+        "confusion_matrix_axes": "rows = true class, columns = predicted class (order of classes)",
+    }
+    return metrics, text
+
+
+def most_confident_mistakes(labels: np.ndarray, probs: np.ndarray, k: int) -> np.ndarray:
+    """Return indices of up to ``k`` wrong predictions, highest predicted-class probability first."""
+    pred = probs.argmax(axis=1)
+    wrong = np.flatnonzero(pred != labels)
+    conf = probs[wrong, pred[wrong]]
+    return wrong[np.argsort(-conf, kind="stable")[:k]]
+
+
+def jsonable(obj: Any) -> Any:
+    """Convert numpy scalars/arrays and NaN inside nested containers to JSON-ready values."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return obj
+    return str(obj)

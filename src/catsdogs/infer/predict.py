@@ -1,0 +1,221 @@
+"""``catsdogs predict``: classify image files, folders and glob patterns with a trained run.
+
+Files are decoded in a small thread pool (Pillow releases the GIL while decoding) a few batches
+ahead of the model, so decoding and the forward pass overlap. An undecodable file becomes a row
+with an ``error`` reason instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+from tqdm import tqdm
+
+from catsdogs import schema
+from catsdogs.config import PredictConfig, check_required
+from catsdogs.errors import ConfigError, ImageDecodeError, InputError
+from catsdogs.infer.predictor import Predictor
+from catsdogs.io.atomic import atomic_open
+from catsdogs.runtime import cores, setup
+
+CSV_COLUMNS: tuple[str, ...] = ("path", "label", "probability", "error")
+OUTPUT_FORMATS: tuple[str, ...] = (".csv", ".json")
+_GLOB_CHARS = frozenset("*?[")
+# Decode threads: 2-4 keep a 2-core box busy while the model runs; more only adds contention.
+_MAX_DECODE_WORKERS = 4
+# Batches decoded ahead of the model: bounds memory to ~(depth + 1) * batch_size images.
+_PREFETCH_BATCHES = 2
+
+
+@dataclass
+class PredictionRow:
+    """One output row: the predicted label and its probability, or the reason it failed."""
+
+    path: str
+    label: str = ""
+    probability: float | None = None
+    error: str = ""
+    probabilities: dict[str, float] | None = None
+
+
+def is_candidate(path: Path) -> bool:
+    """Return True for a file a folder walk should classify (same rules as preprocess)."""
+    name = path.name
+    return (not name.startswith(".") and name.lower() not in schema.IGNORED_NAMES
+            and path.suffix.lower() in schema.IMAGE_EXTENSIONS)
+
+
+def walk_folder(folder: Path) -> Iterator[Path]:
+    """Yield candidate image files under ``folder`` recursively, sorted, skipping hidden folders."""
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if is_candidate(path):
+                yield path
+
+
+def expand_paths(patterns: Sequence[str]) -> list[Path]:
+    """Expand files, folders and glob patterns (quoted or not) into a de-duplicated file list.
+
+    An explicitly named file is always kept (a non-image becomes an error row); a missing path or a
+    pattern matching nothing raises :class:`InputError`.
+    """
+    if not patterns:
+        raise InputError("no input given; pass image files, folders or glob patterns as PATHS")
+    found: list[Path] = []
+    for text in patterns:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            found.extend(walk_folder(path))
+        elif path.is_file() or path.is_symlink():
+            found.append(path)
+        elif _GLOB_CHARS & set(text):
+            matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
+            if not matches:
+                raise InputError(f"pattern {text!r} matches no files (fix PATHS)")
+            for match in map(Path, matches):
+                if match.is_dir():
+                    found.extend(walk_folder(match))
+                elif is_candidate(match):
+                    found.append(match)
+        else:
+            raise InputError(f"path {text!r} does not exist (fix PATHS)")
+    unique = list(dict.fromkeys(found))
+    if not unique:
+        raise InputError(f"no image files found in {', '.join(map(repr, patterns))} "
+                         f"(extensions: {', '.join(sorted(schema.IMAGE_EXTENSIONS))})")
+    return unique
+
+
+def _decode(predictor: Predictor, path: Path, max_pixels: int) -> np.ndarray | str:
+    """Read and decode one file; return the image array or the failure reason."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        # Same reasons as preprocess's skipped list, so both stages name a bad file alike.
+        return "broken_link" if path.is_symlink() and not path.exists() else "unreadable"
+    try:
+        return predictor.decode(data, max_pixels)
+    except ImageDecodeError as exc:
+        return exc.reason
+
+
+def _batched(items: Sequence[Path], n: int) -> Iterator[Sequence[Path]]:
+    for start in range(0, len(items), n):
+        yield items[start:start + n]
+
+
+def predict_files(predictor: Predictor, files: Sequence[Path], batch_size: int = 64, tta: bool = False,
+                  max_pixels: int = 89_478_485, workers: int = 2, progress: bool = True
+                  ) -> list[PredictionRow]:
+    """Classify ``files`` in batches, decoding ahead in ``workers`` threads; one row per file."""
+    rows: list[PredictionRow] = []
+    classes = predictor.classes
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool, \
+            tqdm(total=len(files), unit="img", file=sys.stderr, disable=not progress,
+                 desc="predict") as bar:
+        chunks = _batched(files, batch_size)
+        pending: deque[tuple[Sequence[Path], list[Future[np.ndarray | str]]]] = deque()
+
+        def submit_next() -> None:
+            chunk = next(chunks, None)
+            if chunk is not None:
+                pending.append((chunk, [pool.submit(_decode, predictor, p, max_pixels) for p in chunk]))
+
+        for _ in range(_PREFETCH_BATCHES + 1):
+            submit_next()
+        while pending:
+            chunk, futures = pending.popleft()
+            submit_next()
+            decoded = [f.result() for f in futures]
+            good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+            probs = predictor.predict_arrays(np.stack([decoded[i] for i in good]), tta=tta) if good else None
+            chunk_rows = [PredictionRow(path=str(p), error="" if isinstance(d, np.ndarray) else d)
+                          for p, d in zip(chunk, decoded, strict=True)]
+            for k, i in enumerate(good):
+                assert probs is not None
+                best = int(np.argmax(probs[k]))
+                chunk_rows[i].label = classes[best]
+                chunk_rows[i].probability = float(probs[k, best])
+                chunk_rows[i].probabilities = {c: float(p) for c, p in zip(classes, probs[k], strict=True)}
+            rows.extend(chunk_rows)
+            bar.update(len(chunk))
+    return rows
+
+
+def write_csv(rows: Iterable[PredictionRow], fh: IO[str]) -> None:
+    """Write rows as CSV with the columns path,label,probability,error."""
+    w = csv.writer(fh, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in rows:
+        w.writerow([r.path, r.label, "" if r.probability is None else f"{r.probability:.6f}", r.error])
+
+
+def write_json(rows: Iterable[PredictionRow], fh: IO[str]) -> None:
+    """Write rows as a JSON list (with per-class probabilities for decoded images)."""
+    json.dump([asdict(r) for r in rows], fh, indent=1)
+    fh.write("\n")
+
+
+def write_rows(rows: Sequence[PredictionRow], output: str) -> None:
+    """Write rows to ``output`` (format from its extension, atomically) or CSV to stdout."""
+    if not output:
+        buf = io.StringIO()
+        write_csv(rows, buf)
+        sys.stdout.write(buf.getvalue())
+        sys.stdout.flush()
+        return
+    writer = write_json if Path(output).suffix.lower() == ".json" else write_csv
+    with atomic_open(output, "w") as fh:
+        writer(rows, fh)
+
+
+def check_output(output: str) -> None:
+    """Reject an --output whose extension is neither .csv nor .json before any work is done."""
+    if output and Path(output).suffix.lower() not in OUTPUT_FORMATS:
+        raise ConfigError(f"--output {output!r} must end in .csv or .json")
+    if output and Path(output).is_dir():
+        raise ConfigError(f"--output {output!r} is a folder; give a .csv or .json file name")
+
+
+def summary(rows: Sequence[PredictionRow], seconds: float) -> str:
+    """Return the one-line summary: counts of images, errors and labels, and throughput."""
+    errors = sum(1 for r in rows if r.error)
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r.label:
+            counts[r.label] = counts.get(r.label, 0) + 1
+    labels = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    rate = len(rows) / seconds if seconds > 0 else float("inf")
+    return (f"{len(rows)} images, {errors} errors" + (f" ({labels})" if labels else "")
+            + f" in {seconds:.1f} s ({rate:.0f} images/s)")
+
+
+def main(cfg: PredictConfig) -> int:
+    """Run ``catsdogs predict``: expand inputs, classify them, write rows, print a summary."""
+    check_output(cfg.output)
+    files = expand_paths(cfg.paths)
+    check_required(cfg)
+    device = setup(cfg.threads, cfg.device)
+    predictor = Predictor.from_run(cfg.run, device)
+    workers = min(_MAX_DECODE_WORKERS, cores())
+    start = time.perf_counter()
+    rows = predict_files(predictor, files, batch_size=cfg.batch_size, tta=cfg.tta,
+                         max_pixels=cfg.max_pixels, workers=workers)
+    write_rows(rows, cfg.output)
+    print(summary(rows, time.perf_counter() - start), file=sys.stderr)
+    return 0

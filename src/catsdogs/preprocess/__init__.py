@@ -1,0 +1,1 @@
+"""Stage 1, ``catsdogs preprocess``: list, plan the split, decode in Spark tasks, write shards."""

@@ -1,0 +1,178 @@
+"""Frozen-backbone training (``catsdogs train --freeze backbone``): features once, then a logistic head.
+
+The pretrained backbone never changes, so its pooled features are computed ONCE per image (one
+streaming pass over the shards, batched), and only the linear head is trained on them: a logistic
+regression that takes seconds instead of epochs of backbone forward passes. The result is written
+as an ordinary checkpoint of the full model (backbone + head), so evaluate/predict/serve load it
+like any trained run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+from torch import nn
+from tqdm import tqdm
+
+from catsdogs.checkpoint import build_checkpoint, save_checkpoint
+from catsdogs.config import TrainConfig, require, save_config, to_dict
+from catsdogs.errors import ConfigError, InputError
+from catsdogs.models.effnet import fold_for_inference
+from catsdogs.models.factory import create_model
+from catsdogs.models.heads import num_logits
+from catsdogs.models.registry import input_normalization, pretrained_names
+from catsdogs.models.transforms import hflip, normalize
+from catsdogs.rundir import MetricsLog, RunDir
+from catsdogs.runtime import setup
+from catsdogs.shards.cache import local_shards
+from catsdogs.shards.manifest import Manifest, load_manifest
+from catsdogs.shards.reader import iter_batches
+
+log = logging.getLogger(__name__)
+
+C_GRID: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+"""Inverse L2 strengths tried for the logistic head on standardised features; best val log-loss wins."""
+
+
+@torch.inference_mode()
+def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, split: str,
+                     mean: tuple[float, ...], std: tuple[float, ...], batch_size: int = 64,
+                     flip: bool = False, device: torch.device | str = "cpu", progress: bool = True,
+                     size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Return pooled backbone features ``(n, d)`` float32 and labels ``(n,)`` of one split.
+
+    Shards are opened lazily (npy memory map or Parquet row groups) and read ``batch_size`` rows at
+    a time, so memory stays at one batch.
+    With ``flip`` the mirrored images are appended as extra rows (``2n`` rows; free augmentation).
+    With ``size`` the batches are resized in torch (bilinear, antialiased) to that side first; the
+    model must be built for it (used to compare backbones at several sizes from one shards folder).
+    """
+    model.eval()
+    model = fold_for_inference(model)  # inference-only copy: BN folded into the convs
+    feats: list[np.ndarray] = []
+    flipped: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    bar = tqdm(total=manifest.split_rows(split), desc=f"features {split}", unit="img",
+               disable=not progress)
+    for _pos, _start, rows, y in iter_batches(root, manifest, split, batch_size):
+        x = normalize(torch.from_numpy(rows), mean, std).to(device)
+        if size is not None and size != x.shape[-1]:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+            x = x.contiguous(memory_format=torch.channels_last)
+        feats.append(model.features(x).float().cpu().numpy())
+        if flip:
+            flipped.append(model.features(hflip(x)).float().cpu().numpy())
+        labels.append(y)
+        bar.update(len(rows))
+    bar.close()
+    d = int(model._fc.in_features)  # type: ignore[union-attr]
+    f = np.concatenate(feats) if feats else np.zeros((0, d), np.float32)
+    y = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
+    if flip and flipped:
+        f = np.concatenate([f, np.concatenate(flipped)])
+        y = np.concatenate([y, y])
+    return f.astype(np.float32), y.astype(np.int64)
+
+
+def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+             num_classes: int, seed: int = 0, c_grid: tuple[float, ...] = C_GRID
+             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Fit a logistic-regression head; return the Linear weight, bias and val metrics.
+
+    Features are standardised for the solver, then the scaling is folded back into the weights,
+    so the head applies directly to raw features: ``logits = x @ W.T + b`` (1 logit for 2 classes).
+    """
+    mu = train_x.mean(0)
+    sd = train_x.std(0) + 1e-6
+    tx, vx = (train_x - mu) / sd, (val_x - mu) / sd
+    best: tuple[float, float, Any] | None = None
+    for c in c_grid:
+        clf = LogisticRegression(C=c, max_iter=2000, random_state=seed)
+        clf.fit(tx, train_y)
+        if len(val_y):
+            loss = float(log_loss(val_y, clf.predict_proba(vx), labels=list(range(num_classes))))
+        else:
+            loss = 0.0
+        log.info("head C=%g val_loss=%.4f", c, loss)
+        if best is None or loss < best[0]:
+            best = (loss, c, clf)
+    assert best is not None
+    loss, c, clf = best
+    coef = clf.coef_ / sd  # fold the standardisation: w' = w / sd, b' = b - w' . mu
+    bias = clf.intercept_ - coef @ mu
+    metrics = {"val_loss": loss, "C": float(c),
+               "train_acc": float((clf.predict(tx) == train_y).mean()),
+               "val_acc": float((clf.predict(vx) == val_y).mean()) if len(val_y) else float("nan")}
+    return torch.tensor(coef, dtype=torch.float32), torch.tensor(bias, dtype=torch.float32), metrics
+
+
+def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
+    """Train only the head of a pretrained ``cfg.model`` on frozen features; write the run folder.
+
+    Writes ``best.pt`` and ``last.pt`` (full model, normal checkpoint format), ``config.json`` and
+    ``metrics.csv`` into ``cfg.out``; returns the validation metrics.
+    """
+    if cfg.model not in pretrained_names():
+        raise ConfigError(f"--freeze backbone needs a pretrained --model ({', '.join(pretrained_names())}), "
+                          f"got {cfg.model!r}; use --freeze none to train it from scratch")
+    require(cfg, "out", "data")
+    t0 = time.perf_counter()
+    device = setup(cfg.threads, cfg.device, cfg.seed)
+    data = local_shards(cfg.data, cfg.cache_dir)  # remote shards: a verified local copy
+    manifest = load_manifest(data)
+    if manifest.split_rows("train") == 0:
+        raise InputError(f"shards {cfg.data!r} have no train rows (fix --data)")
+    size = size or manifest.size
+    num_classes = len(manifest.classes)
+    model = create_model(cfg.model, num_classes, size, dropout=cfg.dropout, width=cfg.width,
+                        pretrained=True)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    mean, std = input_normalization(cfg.model, tuple(manifest.mean), tuple(manifest.std))
+    feats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for split in ("train", "val"):
+        ts = time.perf_counter()
+        feats[split] = extract_features(model, data, manifest, split, mean, std, cfg.batch_size,
+                                        flip=cfg.augment and split == "train", device=device)
+        log.info("features %s: %d rows in %.1f s", split, len(feats[split][1]), time.perf_counter() - ts)
+    feature_s = time.perf_counter() - t0
+    w, b, metrics = fit_head(*feats["train"], *feats["val"], num_classes=num_classes, seed=cfg.seed)
+    head: nn.Linear = model._fc  # type: ignore[assignment]
+    if head.out_features != num_logits(num_classes) or w.shape != head.weight.shape:
+        raise RuntimeError(f"head shape {tuple(head.weight.shape)} does not match fitted {tuple(w.shape)}")
+    with torch.no_grad():
+        head.weight.copy_(w)
+        head.bias.copy_(b)
+    seconds = time.perf_counter() - t0
+    metrics.update({"feature_seconds": feature_s, "seconds": seconds})
+    write_run(cfg, model.cpu().to(memory_format=torch.contiguous_format), manifest, size, mean, std,
+              metrics)
+    log.info("frozen-backbone head: val_acc=%.4f val_loss=%.4f in %.1f s", metrics["val_acc"],
+             metrics["val_loss"], seconds)
+    return metrics
+
+
+def write_run(cfg: TrainConfig, model: nn.Module, manifest: Manifest, size: int,
+              mean: tuple[float, ...], std: tuple[float, ...], metrics: dict[str, float]) -> None:
+    """Write best.pt/last.pt, config.json and metrics.csv in the layout ``catsdogs train`` uses."""
+    run = RunDir(Path(cfg.out))
+    run.root.mkdir(parents=True, exist_ok=True)
+    model_config = {"name": cfg.model, "num_classes": len(manifest.classes), "size": size,
+                    "dropout": cfg.dropout, "width": cfg.width}
+    state = build_checkpoint(model_state=model.state_dict(), model_config=model_config,
+                             classes=manifest.classes, mean=mean, std=std, size=size,
+                             resize=manifest.resize, train_config=to_dict(cfg), epoch=1, metrics=metrics)
+    save_checkpoint(run.best, state)
+    save_checkpoint(run.last, state)
+    save_config(cfg, run.config)
+    log = MetricsLog(run.metrics)
+    log.start(keep_epochs=None)
+    log.append({"epoch": 1, "step": 1, "train_acc": metrics["train_acc"], "val_loss": metrics["val_loss"],
+                "val_acc": metrics["val_acc"], "seconds": round(metrics["seconds"], 2)})
