@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from catsdogs.io.storage import ENDPOINT_ENV, REGION_ENV
+
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
@@ -101,8 +103,6 @@ def build_conf(master: str, app_name: str, extra: Mapping[str, str] | None = Non
         })
     # Executors on a cluster do not inherit the driver's shell: pass on where S3 is (not secrets,
     # which executors take from their own AWS chain, or from --spark-conf spark.executorEnv.*).
-    from catsdogs.io.storage import ENDPOINT_ENV, REGION_ENV
-
     for name in ENDPOINT_ENV + REGION_ENV:
         if os.environ.get(name):
             conf[f"spark.executorEnv.{name}"] = os.environ[name]
@@ -121,6 +121,7 @@ def get_spark(master: str = "local[*]", app_name: str = "catsdogs",
     so workers import the same catsdogs and libraries (on a cluster the same path must exist on
     every node, e.g. a shared venv).
     """
+    # Lazy: pyspark costs ~1 s at import; catsdogs.spark is imported by commands that may not start Spark.
     from pyspark import SparkConf, SparkContext
     from pyspark.java_gateway import launch_gateway
     from pyspark.sql import SparkSession

@@ -11,6 +11,7 @@ trained with it.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 from dataclasses import dataclass
@@ -220,8 +221,6 @@ def fold_batchnorm(model: EfficientNetLite) -> EfficientNetLite:
 
     Only for frozen use (feature extraction): the copy has no BN layers to train or to save.
     """
-    import copy
-
     m = copy.deepcopy(model).eval()
     pairs: list[tuple[nn.Conv2d, str, nn.Module]] = [(m._conv_stem, "_bn0", m), (m._conv_head, "_bn1", m)]
     for b in m._blocks:
@@ -273,8 +272,6 @@ def fold_for_inference(model: nn.Module) -> nn.Module:
     if isinstance(model, EfficientNetLite):
         return fold_batchnorm(model)
     if isinstance(model, EfficientNetLiteEnsemble):
-        import copy
-
         m = copy.deepcopy(model).eval()
         m.members = nn.ModuleList([fold_batchnorm(b) for b in m.members])  # type: ignore[arg-type]
         return m

@@ -136,7 +136,7 @@ def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ..
 
     The result is channels_last in memory, which is the fast layout for CPU convolutions.
     """
-    import torch
+    import torch  # lazy: Spark executors and the config import this module, torch costs ~1.7 s
 
     x = batch.permute(0, 3, 1, 2).float()
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)

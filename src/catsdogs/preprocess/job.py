@@ -13,6 +13,8 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
+from tqdm import tqdm
+
 from catsdogs.preprocess.plan import ShardPlan
 from catsdogs.preprocess.task import RESULT_DDL, TaskSettings, make_task, rdd_task
 
@@ -31,8 +33,6 @@ class _Progress:
     """
 
     def __init__(self, sc: SparkContext, group: str, total: int, tasks: int) -> None:
-        from tqdm import tqdm
-
         self._sc = sc
         self._group = group
         self._per_task = total / max(tasks, 1)

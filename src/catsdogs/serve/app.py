@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
@@ -317,8 +318,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def main(cfg: ServeConfig) -> int:
     """Run ``catsdogs serve``: bind the port, load the model, serve until interrupted."""
-    import uvicorn
-
     check_required(cfg)
     sock = bind_socket(cfg.host, cfg.port)
     try:
