@@ -21,7 +21,7 @@ from catsdogs.errors import SchemaError
 from catsdogs.io import storage
 from catsdogs.io.atomic import atomic_write_bytes
 from catsdogs.io.checksum import sha256_file
-from catsdogs.shards.manifest import Manifest, decode_manifest, incomplete, load_manifest
+from catsdogs.shards.manifest import Manifest, decode_manifest, load_manifest, no_manifest_error
 
 CACHE_ENV = "CATSDOGS_CACHE"
 """Environment variable naming the cache folder when ``--cache-dir`` is not given."""
@@ -48,7 +48,7 @@ def _remote_manifest_bytes(uri: str, flag: str) -> bytes:
     try:
         return storage.read_bytes(storage.join(uri, schema.MANIFEST_NAME))
     except FileNotFoundError:
-        raise incomplete(uri, flag) from None
+        raise no_manifest_error(uri, flag) from None
     except OSError as exc:
         raise storage.wrap_error(uri, exc, flag) from None
 

@@ -96,11 +96,11 @@ def load_manifest(root: str | Path, flag: str = "--data") -> Manifest:
     if not root.exists():
         raise SchemaError(f"shards folder {str(root)!r} does not exist (fix {flag})")
     if not path.is_file():
-        raise incomplete(str(root), flag)
+        raise no_manifest_error(str(root), flag)
     return decode_manifest(path.read_bytes(), str(path), str(root))
 
 
-def incomplete(root: str, flag: str) -> SchemaError:
+def no_manifest_error(root: str, flag: str) -> SchemaError:
     """Return the error for shards without a manifest (an interrupted or foreign folder)."""
     return SchemaError(f"{root!r} has no {schema.MANIFEST_NAME}: it is not a complete shards folder; "
                        f"run 'catsdogs preprocess --output {root}' or fix {flag}")
