@@ -103,7 +103,7 @@ class Explainer:
 
     def _explain_batch(self, images: np.ndarray, targets: np.ndarray | None) -> list[Explanation]:
         p = self.predictor
-        x = normalize(torch.as_tensor(np.ascontiguousarray(images)), p.mean, p.std).to(p.device)
+        x = normalize(torch.as_tensor(np.array(images, dtype=np.uint8)), p.mean, p.std).to(p.device)
         with self._lock, torch.enable_grad():
             self._acts = []
             logits = self.model(x).float()
