@@ -28,7 +28,7 @@ from tests.fixtures import encode, jpeg_bytes, synthetic_image
 
 # Smallest input each model family accepts quickly (seed needs >= 10 px, EfficientNet >= 32 px).
 _SIZES = {"seed": 32, "cnn": 32}
-_EFFNET_SIZE = 64
+_EFFNET_SIZE = 32
 
 
 def _predictor(model: torch.nn.Module, size: int, classes: tuple[str, ...] = ("Cat", "Dog"),
