@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from catsdogs.config import ServeConfig
@@ -110,3 +111,39 @@ def test_page_classifies_an_uploaded_photo(live_server: str, tmp_path: Path) -> 
         finally:
             browser.close()
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_page_shows_the_heatmap_of_what_drove_the_answer(live_server: str, tmp_path: Path) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (make browser) to run the browser test")
+    from playwright.sync_api import sync_playwright
+
+    photo = tmp_path / "wide.jpg"
+    photo.write_bytes(jpeg_bytes(np.concatenate([synthetic_image(1, 120, seed=6)] * 2, axis=1)))  # 240 x 120
+    api = httpx.post(f"{live_server}/predict?explain=true",
+                     files={"file": (photo.name, photo.read_bytes(), "image/jpeg")}).json()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(live_server + "/")
+            assert page.is_checked("#explain-toggle")  # explanations are on by default
+            page.set_input_files("#file-input", str(photo))
+            page.wait_for_selector("#explanation-box:not([hidden])", timeout=15_000)
+            page.wait_for_function("document.getElementById('explanation').naturalWidth > 0")
+            size = page.evaluate("[document.getElementById('explanation').naturalWidth,"
+                                 " document.getElementById('explanation').naturalHeight]")
+            assert size == [api["explanation"]["width"], api["explanation"]["height"]] == [240, 120]
+            assert api["label"] in page.inner_text("#explanation-label")
+            page.screenshot(path=str(tmp_path / "page-heatmap.png"), full_page=True)
+
+            # Unticked: the page asks for no explanation and shows none.
+            page.uncheck("#explain-toggle")
+            again = tmp_path / "again.jpg"  # another file: choosing the same one fires no change event
+            again.write_bytes(photo.read_bytes())
+            page.set_input_files("#file-input", str(again))
+            page.wait_for_selector("#explanation-box", state="hidden", timeout=15_000)
+            assert page.is_visible("#answer")
+        finally:
+            browser.close()
+    assert (tmp_path / "page-heatmap.png").stat().st_size > 10_000

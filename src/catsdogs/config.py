@@ -223,6 +223,10 @@ class PredictConfig:
     """Torch intra-op threads (0 = all cores)."""
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, gt=0)
     """Images with more pixels than this are rejected as decompression bombs."""
+    explain: str = ""
+    """Folder to write, per image, a Grad-CAM heatmap of what drove the answer: <stem>.png (the photo with
+    the heatmap overlaid) and <stem>.npy (float32, the photo's height x width, values 0..1); files
+    sharing a stem get -1, -2, ... (see explanations.csv there). Empty: no explanations."""
 
 
 @dataclass

@@ -27,6 +27,7 @@ from catsdogs.errors import ConfigError, InputError
 from catsdogs.evaluate import plots
 from catsdogs.evaluate.metrics import compute_metrics, jsonable, most_confident_mistakes, roc_curves
 from catsdogs.evaluate.report import ReportData, write_report
+from catsdogs.infer.explain import Explainer, overlay
 from catsdogs.infer.predictor import Predictor
 from catsdogs.io import storage
 from catsdogs.io.atomic import atomic_write_text
@@ -109,8 +110,8 @@ def check_compatible(manifest: Manifest, predictor: Any, data: Path) -> None:
 
 def write_plots(out: Path, preds: Predictions, metrics: dict[str, Any], classes: list[str],
                 history: dict[str, list[float]], mistakes: np.ndarray, images: np.ndarray,
-                split: str) -> dict[str, Path]:
-    """Write every PNG; return caption -> path in report order."""
+                split: str, overlays: np.ndarray | None = None) -> dict[str, Path]:
+    """Write every PNG; return caption -> path in report order (``overlays``: heatmaps of the mistakes)."""
     n = metrics["n"]
     pred = preds.probs.argmax(axis=1)
     figs = {
@@ -130,9 +131,17 @@ def write_plots(out: Path, preds: Predictions, metrics: dict[str, Any], classes:
             "Accuracy", "Accuracy per epoch")),
         MISTAKES_CAPTION: ("misclassified.png", plots.mistakes_figure(
             images, [classes[i] for i in preds.labels[mistakes]], [classes[i] for i in pred[mistakes]],
-            [float(preds.probs[i, pred[i]]) for i in mistakes], metrics["errors"], n)),
+            [float(preds.probs[i, pred[i]]) for i in mistakes], metrics["errors"], n, overlays)),
     }
     return {caption: plots.save_figure(fig, out / name) for caption, (name, fig) in figs.items()}
+
+
+def explain_mistakes(predictor: Predictor, images: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Overlay on each mistake (a shard-size image) the Grad-CAM heatmap of the class it was taken for."""
+    if len(images) == 0:
+        return images
+    found = Explainer(predictor).explain_arrays(images, pred)
+    return np.stack([overlay(img, ex.heatmap) for img, ex in zip(images, found, strict=True)])
 
 
 def write_predictions(path: Path, preds: Predictions, classes: list[str]) -> None:
@@ -178,7 +187,8 @@ def main(cfg: EvaluateConfig) -> int:
     mistakes = most_confident_mistakes(preds.labels, preds.probs, cfg.grid)
     images = load_rows(data, manifest, cfg.split, preds.shard[mistakes], preds.row[mistakes])
     history = read_history(RunDir(run_dir).metrics)
-    pngs = write_plots(out, preds, metrics, classes, history, mistakes, images, cfg.split)
+    overlays = explain_mistakes(predictor, images, preds.probs[mistakes].argmax(axis=1))
+    pngs = write_plots(out, preds, metrics, classes, history, mistakes, images, cfg.split, overlays)
     page = write_report(out / REPORT_NAME, ReportData(
         title=f"catsdogs evaluation: {run_dir.resolve().name}",
         metrics=jsonable(metrics), classification_report=report_text, images=pngs,

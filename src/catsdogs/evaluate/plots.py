@@ -123,10 +123,13 @@ def history_figure(epochs: Sequence[float], train: Sequence[float], val: Sequenc
 
 
 def mistakes_figure(images: np.ndarray, true: Sequence[str], pred: Sequence[str],
-                    prob: Sequence[float], total_errors: int, n: int) -> Figure:
+                    prob: Sequence[float], total_errors: int, n: int,
+                    overlays: np.ndarray | None = None) -> Figure:
     """Show the most confidently wrong images with true label, predicted label and its probability.
 
-    ``total_errors`` and ``n`` only go into the title; zero images gives a figure saying so.
+    With ``overlays`` (same shape as ``images``: each photo with the heatmap of what drove the wrong
+    answer) every cell shows the photo and its overlay side by side. ``total_errors`` and ``n`` only
+    go into the title; zero images gives a figure saying so.
     """
     title = "Most confidently wrong predictions"
     if len(images) == 0:
@@ -134,14 +137,20 @@ def mistakes_figure(images: np.ndarray, true: Sequence[str], pred: Sequence[str]
     k = len(images)
     cols = min(4, k)
     rows = int(np.ceil(k / cols))
-    fig = Figure(figsize=(2.6 * cols, 2.9 * rows + 0.5), layout="tight")
+    cell_width = 2.6 if overlays is None else 4.6  # inches: a photo, or a photo and its overlay
+    fig = Figure(figsize=(cell_width * cols, 2.9 * rows + 0.5), layout="tight")
     for i in range(k):
         ax = fig.add_subplot(rows, cols, i + 1)
-        ax.imshow(images[i], interpolation="nearest")
+        shown = images[i] if overlays is None else np.concatenate(
+            [images[i], np.full((images.shape[1], max(2, images.shape[2] // 40), 3), 255, np.uint8),
+             overlays[i]], axis=1)  # a thin white gap between photo and overlay
+        ax.imshow(shown, interpolation="nearest")
         ax.set_title(f"true: {true[i]}\npred: {pred[i]} ({prob[i] * 100:.1f}%)", fontsize=10,
                      color="#b00020")
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{title} ({k} of {total_errors:,} errors, n = {n:,})", fontsize=12,
+    note = ("" if overlays is None
+            else "\nleft: photo, right: Grad-CAM of the predicted class (red = most evidence)")
+    fig.suptitle(f"{title} ({k} of {total_errors:,} errors, n = {n:,}){note}", fontsize=12,
                  fontweight="bold")
     return fig

@@ -25,8 +25,9 @@ import numpy as np
 from tqdm import tqdm
 
 from catsdogs import schema
-from catsdogs.config import PredictConfig, check_required
+from catsdogs.config import PredictConfig, check_required, save_config
 from catsdogs.errors import ConfigError, ImageDecodeError, InputError
+from catsdogs.infer.explain import explain_files
 from catsdogs.infer.predictor import Predictor
 from catsdogs.io.atomic import atomic_open
 from catsdogs.runtime import cores, setup
@@ -208,6 +209,7 @@ def summary(rows: Sequence[PredictionRow], seconds: float) -> str:
 def main(cfg: PredictConfig) -> int:
     """Run ``catsdogs predict``: expand inputs, classify them, write rows, print a summary."""
     check_output(cfg.output)
+    check_explain(cfg.explain)
     files = expand_paths(cfg.paths)
     check_required(cfg)
     device = setup(cfg.threads, cfg.device)
@@ -218,4 +220,25 @@ def main(cfg: PredictConfig) -> int:
                          max_pixels=cfg.max_pixels, workers=workers)
     write_rows(rows, cfg.output)
     print(summary(rows, time.perf_counter() - start), file=sys.stderr)
+    if cfg.explain:
+        write_explanations(predictor, files, rows, cfg)
     return 0
+
+
+def check_explain(folder: str) -> None:
+    """Reject an --explain that names an existing file before any work is done."""
+    if folder and Path(folder).exists() and not Path(folder).is_dir():
+        raise ConfigError(f"--explain {folder!r} is a file; give a folder for the heatmaps")
+
+
+def write_explanations(predictor: Predictor, files: Sequence[Path], rows: Sequence[PredictionRow],
+                       cfg: PredictConfig) -> None:
+    """Write the --explain folder: a heatmap of the top class of every decoded file, and the config."""
+    classes = predictor.classes
+    # The top class, also where a row's label says something else (a rejected image is explained too).
+    targets = [None if r.probabilities is None
+               else classes.index(max(r.probabilities, key=r.probabilities.__getitem__)) for r in rows]
+    out = Path(cfg.explain)
+    written = explain_files(predictor, files, targets, out, cfg.max_pixels)
+    save_config(cfg, out / schema.CONFIG_NAME)
+    print(f"explanations of {len(written)} images in {out}", file=sys.stderr)

@@ -34,6 +34,10 @@ class SeedCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
+    def cam_layers(self) -> list[nn.Module]:
+        """Modules whose outputs are the last conv feature maps, for class-activation heatmaps."""
+        return [self.features]
+
 
 def conv_bn(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:
     """3x3 conv (no bias: BN follows) + BatchNorm + ReLU."""
@@ -87,6 +91,10 @@ class ResNetCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(self.pool(self.features(x)).flatten(1)))
+
+    def cam_layers(self) -> list[nn.Module]:
+        """Modules whose outputs are the last conv feature maps, for class-activation heatmaps."""
+        return [self.features]
 
 
 def seed_cnn(num_classes: int, size: int, dropout: float = 0.5, **_: Any) -> nn.Module:

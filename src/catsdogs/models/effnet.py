@@ -187,6 +187,9 @@ class EfficientNetLite(nn.Module):
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = Conv2dStaticSamePadding(specs[-1][1], HEAD_CHANNELS, 1, image_size=cur)
         self._bn1 = _bn(HEAD_CHANNELS)
+        # The head's ReLU6 as a module (no parameters, so state dicts are unchanged): its output is
+        # the last conv feature map, the hook point of class-activation heatmaps (cam_layers).
+        self._head_act = nn.ReLU6(inplace=True)
         self._avg_pooling = nn.AdaptiveAvgPool2d(1)
         self._dropout = nn.Dropout(default_dropout if dropout is None else dropout)
         self._fc = nn.Linear(HEAD_CHANNELS, out_features)
@@ -196,11 +199,15 @@ class EfficientNetLite(nn.Module):
         x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)), inplace=True)
+        x = self._head_act(self._bn1(self._conv_head(x)))
         return self._avg_pooling(x).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self._dropout(self.features(x)))
+
+    def cam_layers(self) -> list[nn.Module]:
+        """Modules whose outputs are the last conv feature maps, for class-activation heatmaps."""
+        return [self._head_act]
 
 
 def _fold(conv: nn.Conv2d, bn: nn.Module) -> None:
@@ -265,6 +272,10 @@ class EfficientNetLiteEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self._dropout(self.features(x)))
+
+    def cam_layers(self) -> list[nn.Module]:
+        """Each member's last conv feature map (one per backbone), for class-activation heatmaps."""
+        return [layer for m in self.members for layer in m.cam_layers()]  # type: ignore[operator]
 
 
 def fold_for_inference(model: nn.Module) -> nn.Module:

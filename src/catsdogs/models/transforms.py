@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -105,20 +106,43 @@ def load_image(
     Applies JPEG draft (DCT-domain) downscaling when shrinking, EXIF orientation, and mode
     conversion. Raises :class:`ImageDecodeError` with a short reason for anything undecodable.
     """
+    # Draft decoding lets libjpeg downscale by 1/2, 1/4 or 1/8 while decoding: far less work. Ask
+    # for at least 2x the target so the final resize still antialiases; for 'crop' the shorter side
+    # must still cover `size`.
+    arr = _decode(data, max_pixels, size * 2, lambda img: resize_image(img, size, policy))
+    if arr.shape != (size, size, 3):
+        raise ImageDecodeError("corrupt", f"unexpected decoded shape {arr.shape}")
+    return arr
+
+
+def load_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None) -> np.ndarray:
+    """Decode image bytes to a uint8 ``(height, width, 3)`` RGB array as the photo is seen (EXIF-upright).
+
+    With ``max_side`` the result is shrunk (aspect kept) so neither side exceeds it; otherwise it is
+    the original size. Raises :class:`ImageDecodeError` like :func:`load_image`.
+    """
+
+    def shrink(img: Image.Image) -> Image.Image:
+        if max_side is not None and max(img.size) > max_side:
+            img = ImageOps.contain(img, (max_side, max_side), _RESAMPLE)
+        return img
+
+    return _decode(data, max_pixels, max_side, shrink)
+
+
+def _decode(data: bytes, max_pixels: int, draft: int | None,
+            finish: Callable[[Image.Image], Image.Image]) -> np.ndarray:
+    """Open, decode (JPEG draft to ``draft`` px when given), upright and RGB-convert, then ``finish``."""
     img = _open(data, max_pixels)
     try:
-        if img.format == "JPEG":
-            # Draft decoding lets libjpeg downscale by 1/2, 1/4 or 1/8 while decoding: far less work.
-            # Ask for at least 2x the target so the final resize still antialiases; for 'crop' the
-            # shorter side must still cover `size`.
-            img.draft("RGB", (size * 2, size * 2))
+        if img.format == "JPEG" and draft is not None:
+            img.draft("RGB", (draft, draft))
         img.load()
         if hasattr(img, "n_frames") and getattr(img, "n_frames", 1) > 1:
             img.seek(0)
         ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy when upright
-        img = _to_rgb(img)
-        img = resize_image(img, size, policy)
-        arr = np.asarray(img, dtype=np.uint8)
+        img = finish(_to_rgb(img))
+        return np.asarray(img, dtype=np.uint8)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -126,9 +150,6 @@ def load_image(
     except (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError) as exc:
         # Truncated data ("image file is truncated"), broken chunks, bad EXIF, ...
         raise ImageDecodeError("corrupt", str(exc) or type(exc).__name__) from None
-    if arr.shape != (size, size, 3):
-        raise ImageDecodeError("corrupt", f"unexpected decoded shape {arr.shape}")
-    return arr
 
 
 def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -12,11 +12,14 @@ the OpenAPI docs at ``/docs``. Every refusal is JSON ``{"error": code, "detail":
 
 Decoding runs in a thread pool, never on the event loop; forward passes go through the
 :class:`~catsdogs.serve.batcher.MicroBatcher`, so concurrent requests share one pass.
+``POST /predict?explain=true`` also returns a Grad-CAM overlay (:mod:`catsdogs.infer.explain`), made by
+its own forward + backward pass in a one-thread pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import json
 import socket
@@ -43,6 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from catsdogs import __version__
 from catsdogs.config import ServeConfig, check_required
 from catsdogs.errors import ConfigError, ImageDecodeError
+from catsdogs.infer.explain import Explainer, explain_upload
 from catsdogs.rundir import RunDir
 from catsdogs.runtime import cores
 from catsdogs.serve.backends import Backend, load_backend, on_cuda, plan_workers
@@ -53,6 +57,9 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Decode threads: Pillow releases the GIL while decoding, so a few threads use the cores; more than
 # 4 only adds contention with the forward pass on small machines.
 _MAX_DECODE_THREADS = 4
+EXPLAIN_SIDE = 640
+"""Longest side of the overlay returned by ``/predict?explain=true``, in pixels: the page shows it at most
+~600 px wide, and a full-size overlay of a 12 MP photo would be a ~20 MB base64 string."""
 
 
 class ErrorBody(BaseModel):
@@ -62,6 +69,17 @@ class ErrorBody(BaseModel):
     detail: str
 
 
+class ExplanationOut(BaseModel):
+    """A Grad-CAM heatmap of what drove the answer, overlaid on the photo."""
+
+    label: str
+    """The class explained (the most probable one)."""
+    overlay_png: str
+    """The photo with the heatmap overlaid: a base64 PNG, longest side at most 640 px."""
+    width: int
+    height: int
+
+
 class PredictionOut(BaseModel):
     """The prediction for one image."""
 
@@ -69,6 +87,7 @@ class PredictionOut(BaseModel):
     probability: float
     probabilities: dict[str, float]
     model: dict[str, Any]
+    explanation: ExplanationOut | None = None
 
 
 class BatchItemOut(BaseModel):
@@ -108,6 +127,24 @@ class Serving:
     batcher: MicroBatcher
     decode_pool: ThreadPoolExecutor
     model_info: dict[str, Any]
+    explainer: Explainer | None = None
+    """Grad-CAM on the backend's PyTorch model; None when the backend has none."""
+    explain_pool: ThreadPoolExecutor | None = None
+    """One thread: explanations run one at a time, off the event loop and outside the batcher."""
+
+    async def explain(self, part: Part, probs: dict[str, float]) -> dict[str, Any]:
+        """Return the ``explanation`` field for an already classified part (its most probable class)."""
+        if self.explainer is None or self.explain_pool is None:
+            raise ApiError(501, "explain_unavailable", f"backend {self.backend.name} has no PyTorch model "
+                                                       f"to explain; drop explain=true")
+        label = max(probs, key=probs.__getitem__)
+        target = self.backend.classes.index(label)
+        loop = asyncio.get_running_loop()
+        png, width, height = await loop.run_in_executor(
+            self.explain_pool, explain_upload, self.explainer, part.data, target, self.cfg.max_pixels,
+            EXPLAIN_SIDE)
+        return {"label": label, "overlay_png": base64.b64encode(png).decode("ascii"),
+                "width": width, "height": height}
 
     async def decode(self, data: bytes) -> np.ndarray:
         """Decode upload bytes in the thread pool; a bad image becomes a 400 ApiError."""
@@ -182,14 +219,18 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
                                   thread_name_prefix="decode")
         desc = backend.describe()
         info = {k: desc.get(k) for k in ("name", "backend", "size", "epoch")}
+        torch_model = getattr(backend, "predictor", None)
+        explainer = Explainer(torch_model) if torch_model is not None else None
+        explain_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explain")
         await batcher.start()
         app.state.serving = Serving(cfg=cfg, backend=backend, batcher=batcher, decode_pool=pool,
-                                    model_info=info)
+                                    model_info=info, explainer=explainer, explain_pool=explain_pool)
         try:
             yield
         finally:
             await batcher.stop()
             pool.shutdown(wait=False, cancel_futures=True)
+            explain_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="catsdogs", version=__version__, lifespan=lifespan,
                   description="Classify photos with a trained catsdogs run. Upload an image as multipart "
@@ -202,8 +243,8 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
 
     @app.post("/predict", response_model=PredictionOut, responses=_ERRORS,
               openapi_extra=_multipart_body("file", many=False))
-    async def predict(request: Request) -> JSONResponse:
-        """Classify one image sent as multipart field ``file``."""
+    async def predict(request: Request, explain: bool = False) -> JSONResponse:
+        """Classify one image sent as multipart field ``file``; ``explain=true`` adds a heatmap overlay."""
         start = time.perf_counter()
         serving: Serving = request.app.state.serving
         parts = [p for p in await read_parts(request) if p.name == "file"]
@@ -212,6 +253,10 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
         timing: dict[str, float] = {}
         out = await serving.classify(parts[0], timing)
         out["model"] = serving.model_info
+        if explain:
+            t0 = time.perf_counter()
+            out["explanation"] = await serving.explain(parts[0], out["probabilities"])
+            timing["explain"] = time.perf_counter() - t0
         return JSONResponse(out, headers={"Server-Timing": server_timing(timing, start)})
 
     @app.post("/predict/batch", response_model=list[BatchItemOut], responses=_ERRORS,

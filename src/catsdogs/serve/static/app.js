@@ -1,4 +1,5 @@
-// catsdogs web page: pick or drop a photo, POST it to /predict, show the label and probabilities.
+// catsdogs web page: pick or drop a photo, POST it to /predict, show the label, probabilities and
+// (unless unticked) the heatmap of what drove the answer.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -13,6 +14,7 @@ function pct(p) {
 
 function showError(code, detail) {
   $("answer").hidden = true;
+  showExplanation(null);
   const box = $("error");
   box.hidden = false;
   box.innerHTML = "";
@@ -50,6 +52,19 @@ function showResult(result) {
     li.append(label, bar, value);
     list.append(li);
   }
+  showExplanation(result.explanation);
+}
+
+function showExplanation(explanation) {
+  const box = $("explanation-box");
+  if (!explanation) {
+    box.hidden = true;
+    $("explanation").removeAttribute("src");
+    return;
+  }
+  $("explanation").src = "data:image/png;base64," + explanation.overlay_png;
+  $("explanation-label").textContent = "(" + explanation.label + ")";
+  box.hidden = false;
 }
 
 async function classify(file) {
@@ -67,7 +82,8 @@ async function classify(file) {
   const form = new FormData();
   form.append("file", file, file.name);
   try {
-    const response = await fetch("/predict", { method: "POST", body: form });
+    const url = $("explain-toggle").checked ? "/predict?explain=true" : "/predict";
+    const response = await fetch(url, { method: "POST", body: form });
     let body = null;
     try { body = await response.json(); } catch (_) { body = null; }
     if (!response.ok || !body || body.error) {
