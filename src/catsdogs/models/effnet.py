@@ -198,8 +198,12 @@ class EfficientNetLite(nn.Module):
         x = F.relu6(self._bn1(self._conv_head(x)), inplace=True)
         return self._avg_pooling(x).flatten(1)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Apply dropout and the head (``forward`` is ``classify`` of ``features``)."""
+        return self._fc(self._dropout(features))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fc(self._dropout(self.features(x)))
+        return self.classify(self.features(x))
 
 
 def _fold(conv: nn.Conv2d, bn: nn.Module) -> None:
@@ -264,8 +268,12 @@ class EfficientNetLiteEnsemble(nn.Module):
         """Return the concatenated pooled features ``(n, 1280 * members)``."""
         return torch.cat([m.features(x) for m in self.members], dim=1)  # type: ignore[operator]
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Apply dropout and the head (``forward`` is ``classify`` of ``features``)."""
+        return self._fc(self._dropout(features))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fc(self._dropout(self.features(x)))
+        return self.classify(self.features(x))
 
 
 def fold_for_inference(model: nn.Module) -> nn.Module:
