@@ -145,3 +145,30 @@ def mistakes_figure(images: np.ndarray, true: Sequence[str], pred: Sequence[str]
     fig.suptitle(f"{title} ({k} of {total_errors:,} errors, n = {n:,})", fontsize=12,
                  fontweight="bold")
     return fig
+
+
+def reliability_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]],
+                       title: str = "Reliability diagram") -> Figure:
+    """Plot accuracy against confidence per bin for each ``name -> (conf, acc, counts, ece)``.
+
+    The diagonal is perfect calibration; points below it are over-confident. Marker area follows the
+    bin's share of images, so nearly empty bins do not look as important as full ones.
+    """
+    fig = Figure(figsize=(6.4, 4.8), layout="tight")
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
+    total = max(1, max((int(c.sum()) for _, _, c, _ in curves.values()), default=1))
+    for (name, (conf, acc, counts, ece)), color in zip(curves.items(), (_VAL_COLOR, _TRAIN_COLOR),
+                                                       strict=False):
+        ok = counts > 0
+        ax.plot(conf[ok], acc[ok], color=color, linewidth=1.5, alpha=0.8)
+        ax.scatter(conf[ok], acc[ok], s=20 + 400 * counts[ok] / total, color=color, alpha=0.7,
+                   label=f"{name} (ECE {ece * 100:.2f}%)")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("Confidence (probability of the predicted class)")
+    ax.set_ylabel("Accuracy")
+    ax.set_title(title, fontsize=12, fontweight="bold")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
+    return fig

@@ -60,6 +60,8 @@ class Answers:
     """``(n,)`` float32 OOD score (higher = less like training; NaN without a detector)."""
     known: np.ndarray
     """``(n,)`` bool: False where the image is answered "unknown"."""
+    raw: np.ndarray | None = None
+    """``(n, C)`` probabilities before temperature scaling (only when asked for, by evaluate)."""
 
     def __len__(self) -> int:
         return len(self.probs)
@@ -140,11 +142,12 @@ class Predictor:
 
     @torch.inference_mode()
     def answer(self, images: np.ndarray | torch.Tensor, tta: bool | None = None,
-               temperature: float | None = None) -> Answers:
+               temperature: float | None = None, with_raw: bool = False) -> Answers:
         """Answer a uint8 NHWC batch of already-resized images under the predictor's settings.
 
-        ``tta`` overrides the flip setting, ``temperature`` the fitted one (1.0: raw probabilities).
-        The OOD score is that of the unflipped image; flat (blank, one-colour) images are unknown.
+        ``tta`` overrides the flip setting, ``temperature`` the fitted one (1.0: raw probabilities);
+        ``with_raw`` also returns the probabilities before temperature scaling. The OOD score is that
+        of the unflipped image; flat (blank, one-colour) images are unknown.
         """
         tta = self.settings.tta if tta is None else tta
         t = (self.temperature if self.settings.calibrate else 1.0) if temperature is None else temperature
@@ -152,12 +155,16 @@ class Predictor:
         n = arr.shape[0]
         if n == 0:
             c = len(self.classes)
-            return Answers(np.zeros((0, c), np.float32), np.zeros(0, np.float32), np.zeros(0, bool))
+            empty = np.zeros((0, c), np.float32)
+            return Answers(empty, np.zeros(0, np.float32), np.zeros(0, bool), empty if with_raw else None)
         x = normalize(torch.as_tensor(arr), self.mean, self.std).to(self.device)
         logits, feats = self._forward(x)
         probs = probabilities(logits.float() / t)
+        raw = probabilities(logits.float()) if with_raw else None
         if tta:
-            probs = (probs + probabilities(self.model(hflip(x)).float() / t)) / 2
+            flipped = self.model(hflip(x)).float()
+            probs = (probs + probabilities(flipped / t)) / 2
+            raw = (raw + probabilities(flipped)) / 2 if raw is not None else None
         scores = np.full(n, np.nan, dtype=np.float32)
         known = np.ones(n, dtype=bool)
         if self.detector is not None and (feats is not None or self.detector.method == "energy"):
@@ -167,7 +174,8 @@ class Predictor:
                 known = self.detector.known(scores)
         if self.settings.reject:
             known &= ~flat_images(arr)
-        return Answers(probs.cpu().numpy().astype(np.float32), scores, known)
+        return Answers(probs.cpu().numpy().astype(np.float32), scores, known,
+                       None if raw is None else raw.cpu().numpy().astype(np.float32))
 
     def predict_arrays(self, images: np.ndarray | torch.Tensor, tta: bool | None = None) -> np.ndarray:
         """Return probabilities ``(n, C)`` for a uint8 NHWC batch of already-resized images."""
