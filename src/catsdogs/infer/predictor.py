@@ -152,6 +152,8 @@ class Predictor:
         tta = self.settings.tta if tta is None else tta
         t = (self.temperature if self.settings.calibrate else 1.0) if temperature is None else temperature
         arr = np.asarray(images)
+        if not arr.flags.writeable:
+            arr = arr.copy()  # torch wants writable memory (a decoded PIL image is read-only)
         n = arr.shape[0]
         if n == 0:
             c = len(self.classes)
