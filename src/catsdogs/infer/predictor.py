@@ -99,6 +99,9 @@ class Predictor:
     settings: Settings = field(default_factory=Settings)
     detector: Detector | None = None
     temperature: float = 1.0
+    note: str = ""
+    """Printed once on stderr at the first answer (not at load: a user error found after loading
+    stays the only line), e.g. that the run has no detector."""
 
     @classmethod
     def from_run(cls, run: str | Path, device: torch.device | str = "cpu", name: str = BEST_CKPT,
@@ -113,9 +116,10 @@ class Predictor:
         state = load_checkpoint(path)
         settings = resolve_settings(state, tta, reject, calibrate)
         detector = Detector.from_state(state[ckpt.CKPT_OOD]) if ckpt.CKPT_OOD in state else None
+        note = ""
         if detector is None and reject is not False:
-            print(f"catsdogs: {path} has no out-of-distribution detector (trained before it existed); "
-                  f"every image gets a class, none is 'unknown'", file=sys.stderr)
+            note = (f"catsdogs: {path} has no out-of-distribution detector (trained before it existed); "
+                    f"every image gets a class, none is 'unknown'")
         settings.reject = settings.reject and detector is not None
         device = torch.device(device)
         model = build_from_checkpoint(state)
@@ -130,7 +134,7 @@ class Predictor:
         return cls(model=model, classes=list(state[ckpt.CKPT_CLASSES]), size=int(image["size"]),
                    resize=str(image.get("resize", "stretch")), mean=tuple(norm["mean"]),
                    std=tuple(norm["std"]), device=device, checkpoint=meta, path=path, settings=settings,
-                   detector=detector, temperature=float(state.get(ckpt.CKPT_TEMPERATURE, 1.0)))
+                   detector=detector, temperature=float(state.get(ckpt.CKPT_TEMPERATURE, 1.0)), note=note)
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return logits and (when the model exposes them) the features feeding its final layer."""
@@ -149,6 +153,9 @@ class Predictor:
         ``with_raw`` also returns the probabilities before temperature scaling. The OOD score is that
         of the unflipped image; flat (blank, one-colour) images are unknown.
         """
+        if self.note:
+            note, self.note = self.note, ""
+            print(note, file=sys.stderr)
         tta = self.settings.tta if tta is None else tta
         t = (self.temperature if self.settings.calibrate else 1.0) if temperature is None else temperature
         arr = np.asarray(images)
