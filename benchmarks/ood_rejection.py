@@ -76,6 +76,33 @@ def ood_outputs(pred: Predictor, images: list[tuple[str, np.ndarray]]) -> dict[s
     return {"f": f, "z": z, "flat": flat_images(arrays), "arrays": arrays}
 
 
+def trained_answers(pred: Predictor, data: Path, batch: int, ood: dict[str, dict[str, np.ndarray]],
+                    names: dict[str, list[tuple[str, np.ndarray]]]) -> list[str]:
+    """The run as trained: its stored detector, flat-image rule and temperature via Predictor.answer."""
+    lines = ["", "### The run as trained (Predictor.answer: stored detector, flat-image rule, temperature)",
+             ""]
+    manifest = load_manifest(data)
+    known, probs_t, probs_raw, labels = [], [], [], []
+    for _p, _s, rows, y in iter_batches(data, manifest, "test", batch):
+        a = pred.answer(rows, with_raw=True)
+        known.append(a.known)
+        probs_t.append(a.probs)
+        assert a.raw is not None
+        probs_raw.append(a.raw)
+        labels.append(np.asarray(y))
+    kn, pt, pr, yt = map(np.concatenate, (known, probs_t, probs_raw, labels))
+    lines.append(f"- test: {kn.mean():.2%} accepted ({kn.sum()} of {len(kn)}), accuracy among accepted "
+                 f"{(pt.argmax(1)[kn] == yt[kn]).mean():.2%} (all: {(pt.argmax(1) == yt).mean():.2%})")
+    lines.append(f"- test ECE: {expected_calibration_error(yt, pr):.4f} before, "
+                 f"{expected_calibration_error(yt, pt):.4f} after temperature {pred.temperature:.3f}")
+    for k in ood:
+        a = pred.answer(ood[k]["arrays"])
+        missed = [n for (n, _), ok in zip(names[k], a.known, strict=True) if ok]
+        lines.append(f"- OOD {k}: {(~a.known).mean():.1%} rejected ({(~a.known).sum()} of {len(a.known)}); "
+                     f"accepted: {', '.join(missed) or 'none'}")
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", required=True)
@@ -117,29 +144,10 @@ def main() -> int:
         lines.append(f"| {method} | {ok_val.mean():.2%} | {ok_test.mean():.2%} | {acc:.2%} | "
                      f"{rej['generated']:.1%} | {rej.get('photos', float('nan')):.1%} | {auroc:.4f} |")
     # The run as trained: its stored detector and temperature, through Predictor.answer.
-    lines += ["", "### The run as trained (Predictor.answer: stored detector, flat-image rule, temperature)",
-              ""]
-    assert pred.detector is not None, "the run has no detector: retrain it"
-    manifest = load_manifest(data)
-    known, probs_t, probs_raw, labels = [], [], [], []
-    for _p, _s, rows, y in iter_batches(data, manifest, "test", args.batch_size):
-        a = pred.answer(rows, with_raw=True)
-        known.append(a.known)
-        probs_t.append(a.probs)
-        assert a.raw is not None
-        probs_raw.append(a.raw)
-        labels.append(np.asarray(y))
-    kn, pt, pr, yt = map(np.concatenate, (known, probs_t, probs_raw, labels))
-    lines.append(f"- test: {kn.mean():.2%} accepted ({kn.sum()} of {len(kn)}), accuracy among accepted "
-                 f"{(pt.argmax(1)[kn] == yt[kn]).mean():.2%} (all: {(pt.argmax(1) == yt).mean():.2%})")
-    lines.append(f"- test ECE: {expected_calibration_error(yt, pr):.4f} before, "
-                 f"{expected_calibration_error(yt, pt):.4f} after temperature {pred.temperature:.3f}")
-    names = {"generated": gen, "photos": photos}
-    for k in ood:
-        a = pred.answer(ood[k]["arrays"])
-        missed = [n for (n, _), ok in zip(names[k], a.known, strict=True) if ok]
-        lines.append(f"- OOD {k}: {(~a.known).mean():.1%} rejected ({(~a.known).sum()} of {len(a.known)}); "
-                     f"accepted: {', '.join(missed) or 'none'}")
+    if pred.detector is not None:
+        lines += trained_answers(pred, data, args.batch_size, ood, {"generated": gen, "photos": photos})
+    else:
+        lines += ["", "(the run has no stored detector: trained before it existed)"]
     # Flip TTA on val.
     pv = probabilities(torch.from_numpy(val["z"])).numpy()
     pf = (pv + probabilities(torch.from_numpy(val["zf"])).numpy()) / 2
