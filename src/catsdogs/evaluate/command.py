@@ -169,7 +169,7 @@ def write_plots(out: Path, preds: Predictions, metrics: dict[str, Any], classes:
             {"before (T = 1)": (*reliability_bins(preds.labels, raw), metrics["ece_uncalibrated"]),
              f"after (T = {metrics['temperature']:.3g})": (*reliability_bins(preds.labels, preds.probs),
                                                           metrics["ece"])},
-            f"Reliability \u2014 {split} (n = {n:,})")),
+            f"Reliability \u2014 {split} (n = {n:,})", num_classes=len(classes))),
         "Loss per epoch": ("loss_curve.png", plots.history_figure(
             history["epoch"], history.get("train_loss", []), history.get("val_loss", []),
             "Loss", "Loss per epoch")),
