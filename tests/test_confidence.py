@@ -155,7 +155,7 @@ def _pets(n: int, seed: int = 500) -> list[np.ndarray]:
 
 def test_training_records_detector_temperature_and_inference_settings(trained: Path) -> None:
     state = load_checkpoint(trained / "best.pt")
-    assert state[ckpt.CKPT_OOD]["method"] == "mahalanobis"
+    assert state[ckpt.CKPT_OOD]["method"] == "knn"
     assert state[ckpt.CKPT_OOD]["accept_rate"] == 0.99
     assert math.isfinite(state[ckpt.CKPT_OOD]["threshold"])
     assert state[ckpt.CKPT_TEMPERATURE] > 0
@@ -233,7 +233,7 @@ def test_serve_answers_unknown_with_probabilities(trained: Path) -> None:
                                                      ("files", ("b.png", pet, "image/png"))]).json()
         assert [b["label"] == UNKNOWN for b in batch] == [True, False]
         model = client.get("/model").json()
-        assert model["inference"]["reject"] is True and model["inference"]["detector"] == "mahalanobis"
+        assert model["inference"]["reject"] is True and model["inference"]["detector"] == "knn"
     with TestClient(create_app(ServeConfig(run=str(trained), reject=False))) as client:
         r = client.post("/predict", files={"file": ("blank.png", blank, "image/png")})
         assert r.json()["label"] in ("Cat", "Dog")
