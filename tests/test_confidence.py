@@ -279,7 +279,8 @@ def test_evaluate_reports_ece_reliability_and_rejection(trained: Path, tmp_path:
     png = out / "reliability.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (out / "report.html").read_text()
-    assert "Reliability diagram" in html and "ECE before" in html and "Accuracy among accepted" in html
+    assert "Reliability diagram" in html and "ECE, calibrated (before: " in html
+    assert "Accuracy among accepted" in html
     header = (out / "predictions.csv").read_text().splitlines()[0]
     assert header.endswith("ood_score,unknown")
 

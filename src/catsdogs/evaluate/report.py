@@ -122,7 +122,7 @@ def _cards(m: Mapping[str, Any]) -> str:
     ]
     if "ece" in m:
         items += [
-            ("ECE before \u2192 after calibration", f"{_pct(m['ece_uncalibrated'])} \u2192 {_pct(m['ece'])}"),
+            (f"ECE, calibrated (before: {_pct(m['ece_uncalibrated'])})", _pct(m["ece"])),
             ("Answered \u201cunknown\u201d" + ("" if m.get("reject") else " (rejection off)"),
              _pct(m["unknown_share"])),
             ("Accuracy among accepted", _pct(m["accuracy_accepted"])),
