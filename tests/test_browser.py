@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -22,8 +23,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def live_server(run_dir: Path) -> Iterator[str]:
+@contextlib.contextmanager
+def _live(run: Path) -> Iterator[str]:
     """Run the real app under uvicorn in a thread, on a free loopback port bound up front."""
     import uvicorn
 
@@ -32,7 +33,7 @@ def live_server(run_dir: Path) -> Iterator[str]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets NODELAY
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = create_app(ServeConfig(run=str(run_dir), port=port))
+    app = create_app(ServeConfig(run=str(run), port=port))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -47,6 +48,24 @@ def live_server(run_dir: Path) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@pytest.fixture
+def live_server(run_dir: Path) -> Iterator[str]:
+    """The app serving an untrained run written in the pre-detector checkpoint format."""
+    with _live(run_dir) as url:
+        yield url
+
+
+@pytest.fixture
+def live_trained_server(tmp_path: Path, shards: Path) -> Iterator[str]:
+    """The app serving a briefly trained seed model, which carries an out-of-distribution detector."""
+    from catsdogs.cli import main as cli_main
+
+    assert cli_main(["train", "--data", str(shards), "--out", str(tmp_path / "trained"), "--epochs", "2",
+                     "--threads", "1"]) == 0
+    with _live(tmp_path / "trained") as url:
+        yield url
 
 
 def test_page_classifies_an_uploaded_photo(live_server: str, tmp_path: Path) -> None:
@@ -147,3 +166,44 @@ def test_page_shows_the_heatmap_of_what_drove_the_answer(live_server: str, tmp_p
         finally:
             browser.close()
     assert (tmp_path / "page-heatmap.png").stat().st_size > 10_000
+
+
+def test_page_says_the_photo_looks_like_neither_class(live_trained_server: str, tmp_path: Path) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (make browser) to run the browser test")
+    from playwright.sync_api import sync_playwright
+
+    from tests.ood_set import generated_images, png_bytes
+
+    page_of_text = tmp_path / "notes.png"
+    page_of_text.write_bytes(png_bytes(generated_images(1, 160, seed=3)[6][1]))
+    pet = tmp_path / "pet.png"
+    pet.write_bytes(png_bytes(synthetic_image(0, 32, seed=901)))
+    api = httpx.post(f"{live_trained_server}/predict",
+                     files={"file": (page_of_text.name, page_of_text.read_bytes(), "image/png")}).json()
+    assert api["label"] == "unknown"
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            page.goto(live_trained_server + "/")
+            page.wait_for_selector("#model-info:not(:text('Loading model'))")
+            page.set_input_files("#file-input", str(page_of_text))
+            page.wait_for_selector("#unknown-note:not([hidden])", timeout=15_000)
+            assert page.inner_text("#label") == "Neither"
+            note = page.inner_text("#unknown-note")
+            assert "looks like neither a Cat nor a Dog" in note
+            assert page.inner_text("#probability") == ""
+            assert page.inner_text("#bars-title") == "If it had to choose"
+            assert page.locator("#bars li").count() == 2  # the class probabilities are still shown
+            page.screenshot(path=str(tmp_path / "page-unknown.png"), full_page=True)
+
+            # A photo like the training ones gets its class again, and the note goes away.
+            page.set_input_files("#file-input", str(pet))
+            page.wait_for_selector("#unknown-note[hidden]", state="attached", timeout=15_000)
+            assert page.inner_text("#label") in ("Cat", "Dog")
+            page.screenshot(path=str(tmp_path / "page-known.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "page-unknown.png").stat().st_size > 10_000

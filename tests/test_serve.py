@@ -18,7 +18,7 @@ import pytest
 
 from catsdogs.cli import main as cli_main
 from catsdogs.config import ServeConfig
-from catsdogs.infer.predictor import Predictor
+from catsdogs.infer.predictor import Answers, Predictor
 from catsdogs.serve.app import create_app
 from catsdogs.serve.backends import TorchBackend
 from catsdogs.serve.batcher import MicroBatcher
@@ -201,6 +201,10 @@ class SlowFake:
         threading.Event().wait(0.05)  # a slow forward pass, so requests pile up behind it
         p = images.reshape(len(images), -1).mean(axis=1) / 255.0
         return np.stack([1 - p, p], axis=1).astype(np.float32)
+
+    def answer(self, images: np.ndarray) -> Answers:
+        probs = self.predict_arrays(images)
+        return Answers(probs, np.full(len(probs), np.nan, np.float32), np.ones(len(probs), bool))
 
     def describe(self) -> dict[str, Any]:
         return {"name": "fake", "classes": self.classes, "size": self.size, "backend": self.name}

@@ -30,6 +30,14 @@ CKPT_IMAGE = "image"
 CKPT_TRAIN_CONFIG = "train_config"
 CKPT_EPOCH = "epoch"
 CKPT_METRICS = "metrics"
+CKPT_OOD = "ood"
+"""The out-of-distribution detector (:class:`catsdogs.models.ood.Detector` state: method, tensors,
+threshold, accept rate); fitted on train, thresholded on val. Absent in runs trained before it."""
+CKPT_TEMPERATURE = "temperature"
+"""Temperature scaling fitted on validation logits (float; 1.0 = unchanged)."""
+CKPT_INFERENCE = "inference"
+"""The run's inference settings, used by evaluate, predict and serve unless a flag overrides them:
+``{"tta": bool, "reject": bool, "calibrate": bool}``."""
 REQUIRED_KEYS: tuple[str, ...] = (CKPT_MODEL_STATE, CKPT_MODEL_CONFIG, CKPT_CLASSES, CKPT_NORM, CKPT_IMAGE)
 """Keys without which a checkpoint cannot rebuild and feed its model."""
 
@@ -37,9 +45,14 @@ REQUIRED_KEYS: tuple[str, ...] = (CKPT_MODEL_STATE, CKPT_MODEL_CONFIG, CKPT_CLAS
 def build_checkpoint(*, model_state: Mapping[str, torch.Tensor], model_config: Mapping[str, Any],
                      classes: Sequence[str], mean: Sequence[float], std: Sequence[float], size: int,
                      resize: str, train_config: Mapping[str, Any], epoch: int,
-                     metrics: Mapping[str, float]) -> dict[str, Any]:
-    """Return the checkpoint dict every run writes (``best.pt``; ``last.pt`` adds resume state)."""
-    return {
+                     metrics: Mapping[str, float], ood: Mapping[str, Any] | None = None,
+                     temperature: float | None = None, inference: Mapping[str, bool] | None = None
+                     ) -> dict[str, Any]:
+    """Return the checkpoint dict every run writes (``best.pt``; ``last.pt`` adds resume state).
+
+    ``ood``, ``temperature`` and ``inference`` are added once fitted (see :func:`confidence_entries`).
+    """
+    state = {
         CKPT_MODEL_STATE: dict(model_state),
         CKPT_MODEL_CONFIG: dict(model_config),
         CKPT_CLASSES: list(classes),
@@ -49,6 +62,21 @@ def build_checkpoint(*, model_state: Mapping[str, torch.Tensor], model_config: M
         CKPT_EPOCH: int(epoch),
         CKPT_METRICS: dict(metrics),
     }
+    state.update(confidence_entries(ood, temperature, inference))
+    return state
+
+
+def confidence_entries(ood: Mapping[str, Any] | None, temperature: float | None,
+                       inference: Mapping[str, bool] | None) -> dict[str, Any]:
+    """Return the detector, temperature and inference-settings keys (only those given)."""
+    entries: dict[str, Any] = {}
+    if ood is not None:
+        entries[CKPT_OOD] = dict(ood)
+    if temperature is not None:
+        entries[CKPT_TEMPERATURE] = float(temperature)
+    if inference is not None:
+        entries[CKPT_INFERENCE] = {k: bool(v) for k, v in inference.items()}
+    return entries
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

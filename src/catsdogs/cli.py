@@ -73,7 +73,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
                                 help=helptext)
         elif typ.startswith("dict"):
             parser.add_argument(name, action="append", type=_parse_kv, metavar="KEY=VALUE", **kw)
-        elif typ == "bool":
+        elif typ in ("bool", "bool | None"):  # None: unset, the run's recorded setting applies
             parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
         else:
             conv = {"int": int, "float": float}.get(typ, str)

@@ -162,7 +162,7 @@ def main(cfg: RunConfig) -> int:
     print(f"[3/3] evaluate: test split into {eval_out}", flush=True)
     ev_cfg = build_config(EvaluateConfig, {"run": str(out), "data": str(shards), "out": str(eval_out),
                                            "device": tr_cfg.device, "threads": tr_cfg.threads,
-                                           "tta": tr_cfg.tta, "checkpoint": BEST_CKPT})
+                                           "checkpoint": BEST_CKPT})  # TTA etc.: the run's recorded
     code = evaluate.main(ev_cfg)
     if code:
         return code

@@ -25,7 +25,14 @@ from catsdogs.checkpoint import CKPT_TRAIN_CONFIG
 from catsdogs.config import EvaluateConfig, check_required, save_config, to_dict
 from catsdogs.errors import ConfigError, InputError
 from catsdogs.evaluate import plots
-from catsdogs.evaluate.metrics import compute_metrics, jsonable, most_confident_mistakes, roc_curves
+from catsdogs.evaluate.metrics import (
+    compute_metrics,
+    expected_calibration_error,
+    jsonable,
+    most_confident_mistakes,
+    reliability_bins,
+    roc_curves,
+)
 from catsdogs.evaluate.report import ReportData, write_report
 from catsdogs.infer.explain import Explainer, overlay
 from catsdogs.infer.predictor import Predictor
@@ -39,7 +46,8 @@ from catsdogs.shards.reader import iter_batches, load_rows
 
 OUTPUT_FILES: tuple[str, ...] = (
     EVAL_METRICS_NAME, "classification_report.txt", "predictions.csv", "confusion_matrix.png",
-    "roc_curve.png", "loss_curve.png", "accuracy_curve.png", "misclassified.png", REPORT_NAME,
+    "roc_curve.png", "reliability.png", "loss_curve.png", "accuracy_curve.png", "misclassified.png",
+    REPORT_NAME,
     schema.CONFIG_NAME,
 )
 """Everything evaluate writes into its output folder."""
@@ -59,16 +67,29 @@ class Predictions:
     """``(n,)`` position of the row's shard in the split's shard list."""
     row: np.ndarray
     """``(n,)`` row index inside that shard."""
+    raw: np.ndarray | None = None
+    """``(n, C)`` probabilities before temperature scaling (None: same as ``probs``)."""
+    scores: np.ndarray | None = None
+    """``(n,)`` OOD scores (NaN without a detector)."""
+    known: np.ndarray | None = None
+    """``(n,)`` False where the image is answered "unknown" (None: all known)."""
 
 
 def predict_split(predictor: Any, root: Path, manifest: Manifest, split: str, batch_size: int,
-                  tta: bool = False, progress: bool = True) -> Predictions:
-    """Run ``predictor`` over every row of ``split``; return probabilities, labels and locations."""
+                  tta: bool | None = None, progress: bool = True) -> Predictions:
+    """Run ``predictor`` over every row of ``split``; return its answers, labels and locations.
+
+    ``tta`` None follows the predictor's (the run's) setting.
+    """
     n_batches = sum(math.ceil(s.rows / batch_size) for s in manifest.split_shards(split))
-    probs, labels, shard, row = [], [], [], []
+    probs, raw, scores, known, labels, shard, row = [], [], [], [], [], [], []
     with tqdm(total=n_batches, desc=f"evaluate {split}", unit="batch", disable=not progress) as bar:
         for pos, start, x, y in iter_batches(root, manifest, split, batch_size):
-            probs.append(predictor.predict_arrays(x, tta=tta))
+            a = predictor.answer(x, tta=tta, with_raw=True)
+            probs.append(a.probs)
+            raw.append(a.raw)
+            scores.append(a.scores)
+            known.append(a.known)
             labels.append(y)
             shard.append(np.full(len(y), pos, dtype=np.int32))
             row.append(np.arange(start, start + len(y), dtype=np.int64))
@@ -79,7 +100,28 @@ def predict_split(predictor: Any, root: Path, manifest: Manifest, split: str, ba
         labels=np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
         shard=np.concatenate(shard) if shard else np.zeros(0, dtype=np.int32),
         row=np.concatenate(row) if row else np.zeros(0, dtype=np.int64),
+        raw=np.concatenate(raw) if raw else np.zeros((0, c), dtype=np.float32),
+        scores=np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32),
+        known=np.concatenate(known) if known else np.zeros(0, dtype=bool),
     )
+
+
+def confidence_metrics(preds: Predictions, predictor: Any) -> dict[str, Any]:
+    """ECE before/after temperature scaling, the share answered "unknown", accuracy among the rest."""
+    raw = preds.raw if preds.raw is not None else preds.probs
+    known = preds.known if preds.known is not None else np.ones(len(preds.labels), dtype=bool)
+    correct = preds.probs.argmax(axis=1) == preds.labels
+    n_known = int(known.sum())
+    return {
+        "ece_uncalibrated": expected_calibration_error(preds.labels, raw),
+        "ece": expected_calibration_error(preds.labels, preds.probs),
+        "temperature": predictor.temperature if predictor.settings.calibrate else 1.0,
+        "reject": predictor.settings.reject,
+        "ood_method": predictor.detector.method if predictor.detector is not None else None,
+        "unknown_share": 1.0 - n_known / max(1, len(known)),
+        "accepted": n_known,
+        "accuracy_accepted": float(correct[known].mean()) if n_known else float("nan"),
+    }
 
 
 def resolve_paths(cfg: EvaluateConfig) -> tuple[Path, str, Path, Path, dict[str, Any]]:
@@ -114,6 +156,7 @@ def write_plots(out: Path, preds: Predictions, metrics: dict[str, Any], classes:
     """Write every PNG; return caption -> path in report order (``overlays``: heatmaps of the mistakes)."""
     n = metrics["n"]
     pred = preds.probs.argmax(axis=1)
+    raw = preds.raw if preds.raw is not None else preds.probs
     figs = {
         "Confusion matrix (counts and row %)": (
             "confusion_matrix.png",
@@ -123,6 +166,11 @@ def write_plots(out: Path, preds: Predictions, metrics: dict[str, Any], classes:
             roc_curves(preds.labels, preds.probs, classes),
             f"ROC \u2014 {split}" + (f" (macro AUC = {metrics['roc_auc']:.4f})"
                                      if len(classes) > 2 and metrics["roc_auc"] is not None else ""))),
+        "Reliability diagram (calibration)": ("reliability.png", plots.reliability_figure(
+            {"before (T = 1)": (*reliability_bins(preds.labels, raw), metrics["ece_uncalibrated"]),
+             f"after (T = {metrics['temperature']:.3g})": (*reliability_bins(preds.labels, preds.probs),
+                                                          metrics["ece"])},
+            f"Reliability \u2014 {split} (n = {n:,})", num_classes=len(classes))),
         "Loss per epoch": ("loss_curve.png", plots.history_figure(
             history["epoch"], history.get("train_loss", []), history.get("val_loss", []),
             "Loss", "Loss per epoch")),
@@ -148,11 +196,15 @@ def write_predictions(path: Path, preds: Predictions, classes: list[str]) -> Non
     """Write one CSV line per evaluated row: shard position, row, true and predicted label, probs."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["shard", "row", "label", "pred", *[f"p_{c}" for c in classes]])
+    w.writerow(["shard", "row", "label", "pred", *[f"p_{c}" for c in classes], "ood_score", "unknown"])
     pred = preds.probs.argmax(axis=1)
-    for i in range(len(preds.labels)):
+    n = len(preds.labels)
+    scores = preds.scores if preds.scores is not None else np.full(n, np.nan)
+    known = preds.known if preds.known is not None else np.ones(n, dtype=bool)
+    for i in range(n):
         w.writerow([int(preds.shard[i]), int(preds.row[i]), classes[preds.labels[i]], classes[pred[i]],
-                    *[f"{p:.6f}" for p in preds.probs[i]]])
+                    *[f"{p:.6f}" for p in preds.probs[i]], "" if np.isnan(scores[i]) else f"{scores[i]:.6g}",
+                    int(not known[i])])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -160,21 +212,23 @@ def main(cfg: EvaluateConfig) -> int:
     """Evaluate a run on one split of its shards and write metrics, plots and report.html."""
     check_required(cfg)
     device = setup(cfg.threads, cfg.device)
-    predictor = Predictor.from_run(cfg.run, device, cfg.checkpoint)  # CheckpointError if none
+    predictor = Predictor.from_run(cfg.run, device, cfg.checkpoint, tta=cfg.tta, reject=cfg.reject,
+                                   calibrate=cfg.calibrate)  # CheckpointError if none
     run_dir, source, data, out, train_cfg = resolve_paths(cfg)
     manifest = load_manifest(data, "--data")
     check_compatible(manifest, predictor, data)
     if manifest.split_rows(cfg.split) == 0:
         raise InputError(f"split {cfg.split!r} of {str(data)!r} has no images; choose another --split")
 
-    preds = predict_split(predictor, data, manifest, cfg.split, cfg.batch_size, cfg.tta)
+    preds = predict_split(predictor, data, manifest, cfg.split, cfg.batch_size)
     classes = list(manifest.classes)
     metrics, report_text = compute_metrics(preds.labels, preds.probs, classes)
+    metrics.update(confidence_metrics(preds, predictor))
     description = jsonable(predictor.describe())
     remote = storage.is_remote(source)  # then ``data`` is its verified local copy
     metrics.update({"split": cfg.split, "data": source if remote else str(data.resolve()),
                     "run": str(run_dir.resolve()), "checkpoint": str(predictor.path.resolve()),
-                    "tta": cfg.tta, "model": description})
+                    "tta": predictor.settings.tta, "model": description})
     if remote:
         metrics["data_cache"] = str(data)
     out.mkdir(parents=True, exist_ok=True)
@@ -212,6 +266,9 @@ def summary(metrics: dict[str, Any], page: Path) -> str:
         f"  accuracy {metrics['accuracy']:.4f}  ROC AUC {'n/a' if auc is None else f'{auc:.4f}'}  "
         f"log loss {metrics['log_loss']:.4f}  errors {metrics['errors']:,}",
     ]
+    lines.append(f"  ECE {metrics['ece_uncalibrated']:.4f} -> {metrics['ece']:.4f} after temperature "
+                 f"{metrics['temperature']:.3g}  unknown {metrics['unknown_share'] * 100:.2f}% "
+                 f"(accuracy among the {metrics['accepted']:,} accepted {metrics['accuracy_accepted']:.4f})")
     for name in metrics["classes"]:
         m = metrics["per_class"][name]
         lines.append(f"  {name:<12} precision {m['precision']:.4f}  recall {m['recall']:.4f}  "

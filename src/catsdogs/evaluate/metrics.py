@@ -98,3 +98,32 @@ def jsonable(obj: Any) -> Any:
     if obj is None or isinstance(obj, str | int | float | bool):
         return obj
     return str(obj)
+
+
+ECE_BINS = 15
+"""Equal-width confidence bins for ECE and the reliability diagram (Guo et al. 2017 use 15)."""
+
+
+def reliability_bins(labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per confidence bin: mean confidence, accuracy and count of the top-class predictions.
+
+    Bins are ``(k/bins, (k+1)/bins]``; empty bins have NaN confidence and accuracy.
+    """
+    conf = probs.max(axis=1) if len(probs) else np.zeros(0)
+    correct = (probs.argmax(axis=1) == labels) if len(probs) else np.zeros(0, dtype=bool)
+    idx = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
+    counts = np.bincount(idx, minlength=bins).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(idx, weights=conf, minlength=bins) / counts
+        acc = np.bincount(idx, weights=correct.astype(np.float64), minlength=bins) / counts
+    return mean_conf, acc, counts
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE: the count-weighted mean gap between confidence and accuracy over confidence bins."""
+    if len(labels) == 0:
+        return float("nan")
+    conf, acc, counts = reliability_bins(labels, probs, bins)
+    ok = counts > 0
+    return float(np.sum(counts[ok] * np.abs(acc[ok] - conf[ok])) / counts.sum())

@@ -154,3 +154,38 @@ def mistakes_figure(images: np.ndarray, true: Sequence[str], pred: Sequence[str]
     fig.suptitle(f"{title} ({k} of {total_errors:,} errors, n = {n:,}){note}", fontsize=12,
                  fontweight="bold")
     return fig
+
+
+def reliability_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]],
+                       title: str = "Reliability diagram", num_classes: int = 2) -> Figure:
+    """Plot accuracy against confidence per bin for each ``name -> (conf, acc, counts, ece)``.
+
+    Top: the diagonal is perfect calibration; points below it are over-confident. Bottom: images per
+    bin (log scale), since most images usually sit in the last bin and nearly empty bins are noisy.
+    The x axis starts at ``1 / num_classes``, the lowest possible top-class probability.
+    """
+    fig = Figure(figsize=(6.4, 5.6), layout="tight")
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    lo = 1.0 / max(num_classes, 1)
+    top.plot([lo, 1], [lo, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
+    colors = (_VAL_COLOR, _TRAIN_COLOR)
+    for k, ((name, (conf, acc, counts, ece)), color) in enumerate(zip(curves.items(), colors, strict=False)):
+        ok = counts > 0
+        top.plot(conf[ok], acc[ok], marker="o", color=color, linewidth=1.5, alpha=0.85,
+                 label=f"{name}: ECE {ece * 100:.2f}%")
+        bins = max(len(counts), 1)  # equal-width bins over [0, 1], as metrics.reliability_bins
+        width = 1.0 / bins / (len(curves) + 1)
+        centres = (np.arange(len(counts)) + 0.5) / bins
+        bottom.bar(centres[ok] + (k - (len(curves) - 1) / 2) * width, counts[ok], width=width,
+                   color=color, alpha=0.8)
+    top.set_xlim(lo - 0.01, 1.01)
+    top.set_ylabel("Accuracy")
+    top.set_title(title, fontsize=12, fontweight="bold")
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left", fontsize=9)
+    bottom.set_yscale("log")
+    bottom.set_ylim(bottom=0.5)  # a bin of one image still shows
+    bottom.set_ylabel("Images")
+    bottom.set_xlabel("Confidence (probability of the predicted class)")
+    bottom.grid(alpha=0.3)
+    return fig

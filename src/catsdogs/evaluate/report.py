@@ -120,9 +120,21 @@ def _cards(m: Mapping[str, Any]) -> str:
         ("Images", f"{m['n']:,}"),
         ("Errors", f"{m.get('errors', 0):,}"),
     ]
+    if "ece" in m:
+        items += [
+            (f"ECE, calibrated (before: {_pct(m['ece_uncalibrated'])})", _pct(m["ece"])),
+            ("Answered \u201cunknown\u201d" + ("" if m.get("reject") else " (rejection off)"),
+             _pct(m["unknown_share"])),
+            ("Accuracy among accepted", _pct(m["accuracy_accepted"])),
+        ]
     return '<div class="cards">' + "".join(
         f'<div class="card"><div class="v">{_e(v)}</div><div class="k">{_e(k)}</div></div>'
         for k, v in items) + "</div>"
+
+
+def _pct(value: Any) -> str:
+    """A share as a percentage with two decimals, or n/a."""
+    return "n/a" if value is None or value != value else f"{float(value) * 100:.2f}%"
 
 
 def _counts_table(counts: Mapping[str, Mapping[str, int]], classes: Sequence[str]) -> str:

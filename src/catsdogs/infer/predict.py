@@ -32,7 +32,10 @@ from catsdogs.infer.predictor import Predictor
 from catsdogs.io.atomic import atomic_open
 from catsdogs.runtime import cores, setup
 
-CSV_COLUMNS: tuple[str, ...] = ("path", "label", "probability", "error")
+CSV_COLUMNS: tuple[str, ...] = ("path", "label", "probability", "error", "ood_score")
+"""``label`` is ``unknown`` for an image the run's detector rejects (``probability`` is still that of
+the most likely class); ``ood_score`` is the detector's score (higher = less like the training photos,
+empty without a detector)."""
 OUTPUT_FORMATS: tuple[str, ...] = (".csv", ".json")
 _GLOB_CHARS = frozenset("*?[")
 # Decode threads: 2-4 keep a 2-core box busy while the model runs; more only adds contention.
@@ -43,13 +46,14 @@ _PREFETCH_BATCHES = 2
 
 @dataclass
 class PredictionRow:
-    """One output row: the predicted label and its probability, or the reason it failed."""
+    """One output row: the predicted label (or ``unknown``) and its probability, or why it failed."""
 
     path: str
     label: str = ""
     probability: float | None = None
     error: str = ""
     probabilities: dict[str, float] | None = None
+    ood_score: float | None = None
 
 
 def is_candidate(path: Path) -> bool:
@@ -120,10 +124,13 @@ def _batched(items: Sequence[Path], n: int) -> Iterator[Sequence[Path]]:
         yield items[start:start + n]
 
 
-def predict_files(predictor: Predictor, files: Sequence[Path], batch_size: int = 64, tta: bool = False,
+def predict_files(predictor: Predictor, files: Sequence[Path], batch_size: int = 64, tta: bool | None = None,
                   max_pixels: int = 89_478_485, workers: int = 2, progress: bool = True
                   ) -> list[PredictionRow]:
-    """Classify ``files`` in batches, decoding ahead in ``workers`` threads; one row per file."""
+    """Classify ``files`` in batches, decoding ahead in ``workers`` threads; one row per file.
+
+    ``tta`` None follows the predictor's (the run's) setting.
+    """
     rows: list[PredictionRow] = []
     classes = predictor.classes
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool, \
@@ -144,26 +151,28 @@ def predict_files(predictor: Predictor, files: Sequence[Path], batch_size: int =
             submit_next()
             decoded = [f.result() for f in futures]
             good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-            probs = predictor.predict_arrays(np.stack([decoded[i] for i in good]), tta=tta) if good else None
+            answers = predictor.answer(np.stack([decoded[i] for i in good]), tta=tta) if good else None
             chunk_rows = [PredictionRow(path=str(p), error="" if isinstance(d, np.ndarray) else d)
                           for p, d in zip(chunk, decoded, strict=True)]
             for k, i in enumerate(good):
-                assert probs is not None
-                best = int(np.argmax(probs[k]))
-                chunk_rows[i].label = classes[best]
-                chunk_rows[i].probability = float(probs[k, best])
-                chunk_rows[i].probabilities = {c: float(p) for c, p in zip(classes, probs[k], strict=True)}
+                assert answers is not None
+                a = answers[k]
+                chunk_rows[i].label = a.label(classes)
+                chunk_rows[i].probability = float(a.probs.max())
+                chunk_rows[i].probabilities = {c: float(p) for c, p in zip(classes, a.probs, strict=True)}
+                chunk_rows[i].ood_score = None if np.isnan(a.score) else a.score
             rows.extend(chunk_rows)
             bar.update(len(chunk))
     return rows
 
 
 def write_csv(rows: Iterable[PredictionRow], fh: IO[str]) -> None:
-    """Write rows as CSV with the columns path,label,probability,error."""
+    """Write rows as CSV with the columns of :data:`CSV_COLUMNS`."""
     w = csv.writer(fh, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for r in rows:
-        w.writerow([r.path, r.label, "" if r.probability is None else f"{r.probability:.6f}", r.error])
+        w.writerow([r.path, r.label, "" if r.probability is None else f"{r.probability:.6f}", r.error,
+                    "" if r.ood_score is None else f"{r.ood_score:.6g}"])
 
 
 def write_json(rows: Iterable[PredictionRow], fh: IO[str]) -> None:
@@ -213,10 +222,10 @@ def main(cfg: PredictConfig) -> int:
     files = expand_paths(cfg.paths)
     check_required(cfg)
     device = setup(cfg.threads, cfg.device)
-    predictor = Predictor.from_run(cfg.run, device)
+    predictor = Predictor.from_run(cfg.run, device, tta=cfg.tta, reject=cfg.reject, calibrate=cfg.calibrate)
     workers = min(_MAX_DECODE_WORKERS, cores())
     start = time.perf_counter()
-    rows = predict_files(predictor, files, batch_size=cfg.batch_size, tta=cfg.tta,
+    rows = predict_files(predictor, files, batch_size=cfg.batch_size,
                          max_pixels=cfg.max_pixels, workers=workers)
     write_rows(rows, cfg.output)
     print(summary(rows, time.perf_counter() - start), file=sys.stderr)

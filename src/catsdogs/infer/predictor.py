@@ -1,25 +1,86 @@
 """A loaded model that turns images into class probabilities; shared by evaluate, predict and serve.
 
 It applies exactly the transforms used for training (:mod:`catsdogs.models.transforms`) with the resize
-policy, size and normalisation recorded in the checkpoint, so every entry point agrees.
+policy, size and normalisation recorded in the checkpoint, so every entry point agrees. It also applies
+the run's recorded inference settings (:data:`catsdogs.checkpoint.CKPT_INFERENCE`: flip TTA, the
+out-of-distribution detector, the temperature) unless the caller overrides them, so evaluate, predict
+and serve give one answer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from catsdogs import checkpoint as ckpt
 from catsdogs.checkpoint import build_from_checkpoint, load_checkpoint
 from catsdogs.models.effnet import fold_for_inference
 from catsdogs.models.heads import probabilities
+from catsdogs.models.ood import MIN_SIDE, Detector, flat_images
 from catsdogs.models.transforms import DEFAULT_MAX_PIXELS, hflip, load_image, normalize
 from catsdogs.rundir import BEST_CKPT, resolve_checkpoint
+
+UNKNOWN = "unknown"
+"""The label of an image the detector rejects: it looks like none of the trained classes."""
+
+
+@dataclass
+class Settings:
+    """Inference settings: flip TTA, "unknown" for rejected images, temperature scaling."""
+
+    tta: bool = False
+    reject: bool = False
+    calibrate: bool = False
+
+
+def resolve_settings(state: dict[str, Any], tta: bool | None = None, reject: bool | None = None,
+                     calibrate: bool | None = None) -> Settings:
+    """The run's recorded settings (none recorded: all off, as before) with explicit values overriding."""
+    recorded = state.get(ckpt.CKPT_INFERENCE, {})
+    return Settings(tta=bool(recorded.get("tta", False)) if tta is None else tta,
+                    reject=bool(recorded.get("reject", False)) if reject is None else reject,
+                    calibrate=bool(recorded.get("calibrate", False)) if calibrate is None else calibrate)
+
+
+@dataclass
+class Answers:
+    """What the predictor says about a batch: probabilities, OOD scores and which images are known."""
+
+    probs: np.ndarray
+    """``(n, C)`` float32 class probabilities (temperature-scaled when calibrating)."""
+    scores: np.ndarray
+    """``(n,)`` float32 OOD score (higher = less like training; NaN without a detector)."""
+    known: np.ndarray
+    """``(n,)`` bool: False where the image is answered "unknown"."""
+    raw: np.ndarray | None = None
+    """``(n, C)`` probabilities before temperature scaling (only when asked for, by evaluate)."""
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+    def __getitem__(self, k: int) -> Answer:
+        return Answer(self.probs[k], float(self.scores[k]), bool(self.known[k]))
+
+
+@dataclass
+class Answer:
+    """One image's answer (a row of :class:`Answers`)."""
+
+    probs: np.ndarray
+    score: float
+    known: bool
+
+    def label(self, classes: list[str]) -> str:
+        """The predicted class, or ``unknown`` when rejected."""
+        return classes[int(np.argmax(self.probs))] if self.known else UNKNOWN
 
 
 @dataclass
@@ -35,13 +96,31 @@ class Predictor:
     device: torch.device
     checkpoint: dict[str, Any]
     path: Path
+    settings: Settings = field(default_factory=Settings)
+    detector: Detector | None = None
+    temperature: float = 1.0
+    note: str = ""
+    """Printed once on stderr at the first answer (not at load: a user error found after loading
+    stays the only line), e.g. that the run has no detector."""
 
     @classmethod
-    def from_run(cls, run: str | Path, device: torch.device | str = "cpu",
-                 name: str = BEST_CKPT) -> Predictor:
-        """Load the checkpoint of a run folder (or a .pt file) and rebuild its model."""
+    def from_run(cls, run: str | Path, device: torch.device | str = "cpu", name: str = BEST_CKPT,
+                 tta: bool | None = None, reject: bool | None = None,
+                 calibrate: bool | None = None) -> Predictor:
+        """Load the checkpoint of a run folder (or a .pt file) and rebuild its model.
+
+        ``tta``, ``reject`` and ``calibrate`` override the run's recorded inference settings (None: the
+        run's). A run without a detector (trained before it existed) answers as before, with a note.
+        """
         path = resolve_checkpoint(run, name)
         state = load_checkpoint(path)
+        settings = resolve_settings(state, tta, reject, calibrate)
+        detector = Detector.from_state(state[ckpt.CKPT_OOD]) if ckpt.CKPT_OOD in state else None
+        note = ""
+        if detector is None and reject is not False:
+            note = (f"catsdogs: {path} has no out-of-distribution detector (trained before it existed); "
+                    f"every image gets a class, none is 'unknown'")
+        settings.reject = settings.reject and detector is not None
         device = torch.device(device)
         model = build_from_checkpoint(state)
         # Inference only: BatchNorm folded into the convolutions (same outputs, one op less per conv).
@@ -51,25 +130,76 @@ class Predictor:
         # Keep only small metadata: the weights now live in the model.
         meta = {k: v for k, v in state.items() if k not in (ckpt.CKPT_MODEL_STATE, "optimizer",
                                                               "scheduler", "ema_state", "rng")}
+        meta.pop(ckpt.CKPT_OOD, None)  # held by the detector
         return cls(model=model, classes=list(state[ckpt.CKPT_CLASSES]), size=int(image["size"]),
                    resize=str(image.get("resize", "stretch")), mean=tuple(norm["mean"]),
-                   std=tuple(norm["std"]), device=device, checkpoint=meta, path=path)
+                   std=tuple(norm["std"]), device=device, checkpoint=meta, path=path, settings=settings,
+                   detector=detector, temperature=float(state.get(ckpt.CKPT_TEMPERATURE, 1.0)), note=note)
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return logits and (when the model exposes them) the features feeding its final layer."""
+        model: Any = self.model
+        if hasattr(model, "features") and hasattr(model, "classify"):
+            feats = model.features(x)
+            return model.classify(feats), feats
+        return model(x), None
 
     @torch.inference_mode()
-    def predict_arrays(self, images: np.ndarray | torch.Tensor, tta: bool = False) -> np.ndarray:
-        """Return probabilities ``(n, C)`` for a uint8 NHWC batch of already-resized images."""
-        x = torch.as_tensor(images)
-        if x.shape[0] == 0:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        x = normalize(x, self.mean, self.std).to(self.device)
-        probs = probabilities(self.model(x))
+    def answer(self, images: np.ndarray | torch.Tensor, tta: bool | None = None,
+               temperature: float | None = None, with_raw: bool = False) -> Answers:
+        """Answer a uint8 NHWC batch of already-resized images under the predictor's settings.
+
+        ``tta`` overrides the flip setting, ``temperature`` the fitted one (1.0: raw probabilities);
+        ``with_raw`` also returns the probabilities before temperature scaling. The OOD score is that
+        of the unflipped image; flat (blank, one-colour) images are unknown.
+        """
+        if self.note:
+            note, self.note = self.note, ""
+            print(note, file=sys.stderr)
+        tta = self.settings.tta if tta is None else tta
+        t = (self.temperature if self.settings.calibrate else 1.0) if temperature is None else temperature
+        arr = np.asarray(images)
+        if not arr.flags.writeable:
+            arr = arr.copy()  # torch wants writable memory (a decoded PIL image is read-only)
+        n = arr.shape[0]
+        if n == 0:
+            c = len(self.classes)
+            empty = np.zeros((0, c), np.float32)
+            return Answers(empty, np.zeros(0, np.float32), np.zeros(0, bool), empty if with_raw else None)
+        x = normalize(torch.as_tensor(arr), self.mean, self.std).to(self.device)
+        logits, feats = self._forward(x)
+        probs = probabilities(logits.float() / t)
+        raw = probabilities(logits.float()) if with_raw else None
         if tta:
-            probs = (probs + probabilities(self.model(hflip(x)))) / 2
-        return probs.cpu().numpy().astype(np.float32)
+            flipped = self.model(hflip(x)).float()
+            probs = (probs + probabilities(flipped / t)) / 2
+            raw = (raw + probabilities(flipped)) / 2 if raw is not None else None
+        scores = np.full(n, np.nan, dtype=np.float32)
+        known = np.ones(n, dtype=bool)
+        if self.detector is not None and (feats is not None or self.detector.method == "energy"):
+            f = feats if feats is not None else logits
+            scores = self.detector.score(f, logits).cpu().numpy().astype(np.float32)
+            if self.settings.reject:
+                known = self.detector.known(scores)
+        if self.settings.reject:
+            known &= ~flat_images(arr)
+        return Answers(probs.cpu().numpy().astype(np.float32), scores, known,
+                       None if raw is None else raw.cpu().numpy().astype(np.float32))
+
+    def predict_arrays(self, images: np.ndarray | torch.Tensor, tta: bool | None = None) -> np.ndarray:
+        """Return probabilities ``(n, C)`` for a uint8 NHWC batch of already-resized images."""
+        return self.answer(images, tta=tta).probs
 
     def decode(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-        """Decode and resize image bytes the way training data was; raises ImageDecodeError."""
-        return load_image(data, self.size, self.resize, max_pixels)
+        """Decode and resize image bytes the way training data was; raises ImageDecodeError.
+
+        With rejection on, an image under MIN_SIDE pixels a side is decoded as its mean colour: it holds
+        no recognisable subject, and the flat-image rule then answers it "unknown".
+        """
+        arr = load_image(data, self.size, self.resize, max_pixels)
+        if self.settings.reject and min(_image_size(data)) < MIN_SIDE:
+            return np.broadcast_to(arr.mean(axis=(0, 1)).astype(np.uint8), arr.shape).copy()
+        return arr
 
     def describe(self) -> dict[str, Any]:
         """Return JSON-ready model facts (name, classes, size, epoch, metrics) for APIs and reports."""
@@ -82,4 +212,13 @@ class Predictor:
             "checkpoint": str(self.path),
             "epoch": self.checkpoint.get(ckpt.CKPT_EPOCH),
             "metrics": self.checkpoint.get(ckpt.CKPT_METRICS, {}),
+            "inference": {"tta": self.settings.tta, "reject": self.settings.reject,
+                          "calibrate": self.settings.calibrate, "temperature": self.temperature,
+                          "detector": self.detector.method if self.detector is not None else None},
         }
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    """Width and height from the image header (the pixels were already decoded once)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size

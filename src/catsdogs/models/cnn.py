@@ -10,13 +10,23 @@ from torch import nn
 from catsdogs.errors import ConfigError
 from catsdogs.models.heads import num_logits
 
+_OLD_BODY_PREFIX = "features."
+"""Checkpoints written before the models had a ``features(x)`` method named their conv stack ``features``;
+it is ``body`` now, and old keys are renamed on load so those runs still load strictly."""
+
+
+def _rename_old_keys(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Load-state-dict pre-hook: ``features.*`` (old checkpoints) -> ``body.*``."""
+    for key in [k for k in state if k.startswith(prefix + _OLD_BODY_PREFIX)]:
+        state[prefix + "body." + key[len(prefix + _OLD_BODY_PREFIX):]] = state.pop(key)
+
 
 class SeedCNN(nn.Module):
     """The classic small CNN: 2 x (conv 3x3 + ReLU + max-pool 2), dropout, FC 128, output."""
 
     def __init__(self, num_classes: int = 2, size: int = 64, dropout: float = 0.5) -> None:
         super().__init__()
-        self.features = nn.Sequential(
+        self.body = nn.Sequential(
             nn.Conv2d(3, 32, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         )
@@ -30,13 +40,22 @@ class SeedCNN(nn.Module):
             nn.Linear(64 * side * side, 128), nn.ReLU(inplace=True),
             nn.Linear(128, num_logits(num_classes)),
         )
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the ``(n, 128)`` input of the final linear layer (after FC 128 + ReLU)."""
+        return self.classifier[:-1](self.body(x))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Apply the final linear layer (``forward`` is ``classify`` of ``features``)."""
+        return self.classifier[-1](features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        return self.classify(self.features(x))
 
     def cam_layers(self) -> list[nn.Module]:
         """Modules whose outputs are the last conv feature maps, for class-activation heatmaps."""
-        return [self.features]
+        return [self.body]
 
 
 def conv_bn(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:
@@ -84,17 +103,26 @@ class ResNetCNN(nn.Module):
             layers += [conv_bn(ch, out), nn.MaxPool2d(2)]
             layers += [Residual(out) for _ in range(depth)]
             ch = out
-        self.features = nn.Sequential(*layers)
+        self.body = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(ch, num_logits(num_classes))
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the pooled ``(n, 4 * width)`` input of the final linear layer."""
+        return self.pool(self.body(x)).flatten(1)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Apply dropout and the final linear layer (``forward`` is ``classify`` of ``features``)."""
+        return self.fc(self.dropout(features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(self.pool(self.features(x)).flatten(1)))
+        return self.classify(self.features(x))
 
     def cam_layers(self) -> list[nn.Module]:
         """Modules whose outputs are the last conv feature maps, for class-activation heatmaps."""
-        return [self.features]
+        return [self.body]
 
 
 def seed_cnn(num_classes: int, size: int, dropout: float = 0.5, **_: Any) -> nn.Module:

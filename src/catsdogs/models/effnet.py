@@ -202,8 +202,12 @@ class EfficientNetLite(nn.Module):
         x = self._head_act(self._bn1(self._conv_head(x)))
         return self._avg_pooling(x).flatten(1)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Apply dropout and the head (``forward`` is ``classify`` of ``features``)."""
+        return self._fc(self._dropout(features))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fc(self._dropout(self.features(x)))
+        return self.classify(self.features(x))
 
     def cam_layers(self) -> list[nn.Module]:
         """Modules whose outputs are the last conv feature maps, for class-activation heatmaps."""
@@ -270,8 +274,12 @@ class EfficientNetLiteEnsemble(nn.Module):
         """Return the concatenated pooled features ``(n, 1280 * members)``."""
         return torch.cat([m.features(x) for m in self.members], dim=1)  # type: ignore[operator]
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Apply dropout and the head (``forward`` is ``classify`` of ``features``)."""
+        return self._fc(self._dropout(features))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fc(self._dropout(self.features(x)))
+        return self.classify(self.features(x))
 
     def cam_layers(self) -> list[nn.Module]:
         """Each member's last conv feature map (one per backbone), for class-activation heatmaps."""

@@ -29,7 +29,6 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ from catsdogs import __version__
 from catsdogs.config import ServeConfig, check_required
 from catsdogs.errors import ConfigError, ImageDecodeError
 from catsdogs.infer.explain import Explainer, explain_upload
+from catsdogs.infer.predictor import Answer
 from catsdogs.rundir import RunDir
 from catsdogs.runtime import cores
 from catsdogs.serve.backends import Backend, load_backend, on_cuda, plan_workers
@@ -84,8 +84,12 @@ class PredictionOut(BaseModel):
     """The prediction for one image."""
 
     label: str
+    """A class name, or ``unknown`` when the run's detector finds the photo unlike every class."""
     probability: float
+    """Probability of the most likely class (also for ``unknown``)."""
     probabilities: dict[str, float]
+    ood_score: float | None = None
+    """Out-of-distribution score (higher = less like the training photos); null without a detector."""
     model: dict[str, Any]
     explanation: ExplanationOut | None = None
 
@@ -97,6 +101,7 @@ class BatchItemOut(BaseModel):
     label: str | None = None
     probability: float | None = None
     probabilities: dict[str, float] | None = None
+    ood_score: float | None = None
     error: str | None = None
     detail: str | None = None
 
@@ -155,12 +160,12 @@ class Serving:
         except ImageDecodeError as exc:
             raise ApiError(400, exc.reason, exc.detail or exc.reason) from None
 
-    def result(self, probs: np.ndarray) -> dict[str, Any]:
-        """Turn one probability row into the response fields."""
-        best = int(np.argmax(probs))
+    def result(self, answer: Answer) -> dict[str, Any]:
+        """Turn one image's answer into the response fields (label ``unknown`` when rejected)."""
         classes = self.backend.classes
-        return {"label": classes[best], "probability": float(probs[best]),
-                "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)}}
+        return {"label": answer.label(classes), "probability": float(np.max(answer.probs)),
+                "probabilities": {c: float(p) for c, p in zip(classes, answer.probs, strict=True)},
+                "ood_score": None if np.isnan(answer.score) else answer.score}
 
     async def classify(self, part: Part, timing: dict[str, float] | None = None) -> dict[str, Any]:
         """Check, decode and classify one uploaded part; add the seconds spent to ``timing``."""
@@ -169,11 +174,11 @@ class Serving:
             t0 = time.perf_counter()
             image = await self.decode(part.data)
             t1 = time.perf_counter()
-            probs = await self.batcher.submit(image, ticket)
+            answer = await self.batcher.submit(image, ticket)
             if timing is not None:
                 timing["decode"] = timing.get("decode", 0.0) + t1 - t0
                 timing["infer"] = timing.get("infer", 0.0) + time.perf_counter() - t1
-            return self.result(probs)
+            return self.result(answer)
 
 
 def server_timing(timing: dict[str, float], start: float) -> str:
@@ -213,8 +218,7 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
         # Warm up once so the first request does not pay lazy initialisation.
         backend.predict_arrays(np.zeros((1, backend.size, backend.size, 3), dtype=np.uint8))
         workers, _threads = plan_workers(cfg, on_cuda(backend))
-        batcher = MicroBatcher(partial(backend.predict_arrays, tta=cfg.tta), cfg.max_batch,
-                               cfg.batch_wait_ms, workers)
+        batcher = MicroBatcher(backend.answer, cfg.max_batch, cfg.batch_wait_ms, workers)
         pool = ThreadPoolExecutor(max_workers=min(_MAX_DECODE_THREADS, cores() + 1),
                                   thread_name_prefix="decode")
         desc = backend.describe()
@@ -290,7 +294,8 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
         serving: Serving = request.app.state.serving
         desc = serving.backend.describe()
         report = run_folder(cfg).report
-        return {**desc, "tta": cfg.tta, "eval_metrics": eval_metrics(cfg), "report": report.is_file(),
+        return {**desc, "tta": desc.get("inference", {}).get("tta"), "eval_metrics": eval_metrics(cfg),
+                "report": report.is_file(),
                 "batching": {"max_batch": cfg.max_batch, "batch_wait_ms": cfg.batch_wait_ms},
                 "limits": {"max_bytes": cfg.max_bytes, "max_pixels": cfg.max_pixels,
                            "max_files": cfg.max_files}}

@@ -6,6 +6,7 @@ probabilities for a uint8 NHWC batch, so the app and the batcher do not care whi
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -14,7 +15,8 @@ import torch
 
 from catsdogs.config import ServeConfig
 from catsdogs.infer.export import INPUT_NAME, ensure_onnx
-from catsdogs.infer.predictor import Predictor
+from catsdogs.infer.predictor import Answers, Predictor
+from catsdogs.models.calibration import temper_probabilities
 from catsdogs.models.transforms import DEFAULT_MAX_PIXELS
 from catsdogs.runtime import cores, select_device, setup
 
@@ -31,7 +33,9 @@ class Backend(Protocol):
 
     def decode(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray: ...
 
-    def predict_arrays(self, images: np.ndarray, tta: bool = False) -> np.ndarray: ...
+    def predict_arrays(self, images: np.ndarray, tta: bool | None = None) -> np.ndarray: ...
+
+    def answer(self, images: np.ndarray) -> Answers: ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -49,8 +53,12 @@ class TorchBackend:
     def decode(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         return self.predictor.decode(data, max_pixels)
 
-    def predict_arrays(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
+    def predict_arrays(self, images: np.ndarray, tta: bool | None = None) -> np.ndarray:
         return self.predictor.predict_arrays(images, tta=tta)
+
+    def answer(self, images: np.ndarray) -> Answers:
+        """Probabilities, OOD scores and known flags under the run's (or overridden) settings."""
+        return self.predictor.answer(images)
 
     def describe(self) -> dict[str, Any]:
         return {**self.predictor.describe(), "backend": self.name}
@@ -75,19 +83,34 @@ class OnnxBackend:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         self._input = INPUT_NAME
+        if predictor.settings.reject:
+            # The export outputs probabilities only; the detector needs the model's features.
+            print("catsdogs serve: the onnx backend has no out-of-distribution detector (the export "
+                  "outputs probabilities only); no image is 'unknown'; use --backend torch for it",
+                  file=sys.stderr)
+            predictor.settings.reject = False
 
     def decode(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         return self.predictor.decode(data, max_pixels)
 
-    def predict_arrays(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
+    def predict_arrays(self, images: np.ndarray, tta: bool | None = None) -> np.ndarray:
+        settings = self.predictor.settings
+        tta = settings.tta if tta is None else tta
+        t = self.predictor.temperature if settings.calibrate else 1.0
         x = np.ascontiguousarray(images, dtype=np.uint8)
         if x.shape[0] == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        probs = self.session.run(None, {self._input: x})[0]
+        probs = temper_probabilities(np.asarray(self.session.run(None, {self._input: x})[0]), t)
         if tta:
             flipped = np.ascontiguousarray(x[:, :, ::-1, :])  # NHWC: mirror the W axis
-            probs = (probs + self.session.run(None, {self._input: flipped})[0]) / 2
+            probs = (probs + temper_probabilities(self.session.run(None, {self._input: flipped})[0], t)) / 2
         return np.asarray(probs, dtype=np.float32)
+
+    def answer(self, images: np.ndarray) -> Answers:
+        """Probabilities under the run's TTA and temperature; no detector (every image is known)."""
+        probs = self.predict_arrays(images)
+        n = len(probs)
+        return Answers(probs, np.full(n, np.nan, dtype=np.float32), np.ones(n, dtype=bool))
 
     def describe(self) -> dict[str, Any]:
         return {**self.predictor.describe(), "backend": self.name, "onnx": str(self.path)}
@@ -117,8 +140,9 @@ def load_backend(cfg: ServeConfig) -> Backend:
     device = select_device("auto") if cfg.backend == "torch" else torch.device("cpu")
     _workers, threads = plan_workers(cfg, device.type == "cuda")
     setup(threads, device.type)
+    overrides = {"tta": cfg.tta, "reject": cfg.reject, "calibrate": cfg.calibrate}
     if cfg.backend == "onnx":
-        predictor = Predictor.from_run(cfg.run, "cpu")
+        predictor = Predictor.from_run(cfg.run, "cpu", **overrides)
         path, _made = ensure_onnx(predictor, cfg.run)
         return OnnxBackend(predictor, path, threads)
-    return TorchBackend(Predictor.from_run(cfg.run, device))
+    return TorchBackend(Predictor.from_run(cfg.run, device, **overrides))

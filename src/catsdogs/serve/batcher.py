@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-BatchFn = Callable[[np.ndarray], np.ndarray]
+BatchFn = Callable[[np.ndarray], Any]
+"""A batched forward pass: ``(n, H, W, 3)`` uint8 in, anything indexable by row out (row k -> image k)."""
 
 
 @dataclass

@@ -35,6 +35,7 @@ from catsdogs.runtime import setup
 from catsdogs.shards.cache import local_shards
 from catsdogs.shards.manifest import Manifest, load_manifest
 from catsdogs.shards.reader import iter_batches
+from catsdogs.train.confidence import fit_confidence
 
 log = logging.getLogger(__name__)
 
@@ -150,18 +151,26 @@ def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
     with torch.no_grad():
         head.weight.copy_(w)
         head.bias.copy_(b)
+    # Detector, threshold and temperature from the features already in memory: no second pass.
+    val_logits = feats["val"][0] @ w.numpy().T + b.numpy()
+    entries, conf_metrics = fit_confidence(cfg, num_classes, *feats["train"], feats["val"][0], val_logits,
+                                           feats["val"][1])
     seconds = time.perf_counter() - t0
-    metrics.update({"feature_seconds": feature_s, "seconds": seconds})
+    metrics.update({"feature_seconds": feature_s, "seconds": seconds, **conf_metrics})
     write_run(cfg, model.cpu().to(memory_format=torch.contiguous_format), manifest, size, mean, std,
-              metrics)
+              metrics, entries)
     log.info("frozen-backbone head: val_acc=%.4f val_loss=%.4f in %.1f s", metrics["val_acc"],
              metrics["val_loss"], seconds)
     return metrics
 
 
 def write_run(cfg: TrainConfig, model: nn.Module, manifest: Manifest, size: int,
-              mean: tuple[float, ...], std: tuple[float, ...], metrics: dict[str, float]) -> None:
-    """Write best.pt/last.pt, config.json and metrics.csv in the layout ``catsdogs train`` uses."""
+              mean: tuple[float, ...], std: tuple[float, ...], metrics: dict[str, float],
+              confidence: dict[str, Any] | None = None) -> None:
+    """Write best.pt/last.pt, config.json and metrics.csv in the layout ``catsdogs train`` uses.
+
+    ``confidence`` holds the detector, temperature and inference-settings checkpoint entries.
+    """
     run = RunDir(Path(cfg.out))
     run.root.mkdir(parents=True, exist_ok=True)
     model_config = {"name": cfg.model, "num_classes": len(manifest.classes), "size": size,
@@ -169,6 +178,7 @@ def write_run(cfg: TrainConfig, model: nn.Module, manifest: Manifest, size: int,
     state = build_checkpoint(model_state=model.state_dict(), model_config=model_config,
                              classes=manifest.classes, mean=mean, std=std, size=size,
                              resize=manifest.resize, train_config=to_dict(cfg), epoch=1, metrics=metrics)
+    state.update(confidence or {})
     save_checkpoint(run.best, state)
     save_checkpoint(run.last, state)
     save_config(cfg, run.config)

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from catsdogs import checkpoint as ckpt
-from catsdogs.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
+from catsdogs.checkpoint import build_checkpoint, build_from_checkpoint, load_checkpoint, save_checkpoint
 from catsdogs.config import TrainConfig, flag, require, save_config, to_dict
 from catsdogs.errors import CheckpointError, ConfigError, OutputExistsError
 from catsdogs.models.factory import create_model
@@ -51,6 +51,7 @@ from catsdogs.runtime import setup
 from catsdogs.shards.cache import local_shards
 from catsdogs.shards.manifest import Manifest, load_manifest
 from catsdogs.train.augment import augment_batch
+from catsdogs.train.confidence import TRAIN_FEATURE_ROWS, feature_pass, fit_confidence
 from catsdogs.train.ddp import all_reduce_sum, check_replicas
 from catsdogs.train.ema import EMA
 from catsdogs.train.schedule import lr_at
@@ -447,6 +448,8 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> Progre
     progress = trainer.fit()
     if world_size > 1:
         check_replicas(trainer.model)  # every rank must end with rank 0's weights
+    if rank == 0 and trainer.run.best.is_file():
+        add_confidence(trainer)
     if rank == 0:
         best = trainer.run.best
         why = f" (stopped: {trainer.stop_reason})" if trainer.stop_reason else ""
@@ -456,3 +459,24 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> Progre
         else:
             print(f"best checkpoint: {best} (from a partial epoch; no full epoch finished yet){why}")
     return progress
+
+
+def add_confidence(trainer: Trainer) -> None:
+    """Fit the detector (train features) and temperature (val) with the best weights; add them to best.pt.
+
+    One bounded feature pass (:data:`~catsdogs.train.confidence.TRAIN_FEATURE_ROWS` train rows) plus
+    one over val, so every run, however trained, answers "unknown" and carries calibrated probabilities.
+    """
+    path = trainer.run.best
+    state = load_checkpoint(path)
+    model = build_from_checkpoint(state).to(trainer.device).to(memory_format=torch.channels_last)
+    cfg, m = trainer.cfg, trainer.manifest
+    args = (model, trainer.data, m)
+    kw: dict[str, Any] = {"mean": trainer.mean, "std": trainer.std, "batch_size": cfg.batch_size,
+                          "device": trainer.device}
+    train_f, _train_z, train_y = feature_pass(*args, "train", max_rows=TRAIN_FEATURE_ROWS, **kw)
+    val_f, val_z, val_y = feature_pass(*args, "val", **kw)
+    entries, metrics = fit_confidence(cfg, trainer.num_classes, train_f, train_y, val_f, val_z, val_y)
+    state.update(entries)
+    state[ckpt.CKPT_METRICS] = {**state.get(ckpt.CKPT_METRICS, {}), **metrics}
+    save_checkpoint(path, state)

@@ -24,19 +24,36 @@ function showError(code, detail) {
   $("status").textContent = "Could not classify this file.";
 }
 
+// The server answers label "unknown" when the photo looks like none of the trained classes.
+const UNKNOWN = "unknown";
+
+function neitherText(classes) {
+  if (classes.length === 2) return "neither a " + classes[0] + " nor a " + classes[1];
+  return "none of: " + classes.join(", ");
+}
+
 function showResult(result) {
   $("error").hidden = true;
   $("answer").hidden = false;
   $("status").textContent = "";
-  $("label").textContent = result.label;
-  $("probability").textContent = pct(result.probability);
-  $("prob-bar").style.width = pct(result.probability);
+  const entries = Object.entries(result.probabilities).sort((a, b) => b[1] - a[1]);
+  const unknown = result.label === UNKNOWN;
+  $("answer").classList.toggle("is-unknown", unknown);
+  $("label").textContent = unknown ? "Neither" : result.label;
+  $("probability").textContent = unknown ? "" : pct(result.probability);
+  $("prob-bar").style.width = unknown ? "0%" : pct(result.probability);
+  const note = $("unknown-note");
+  note.hidden = !unknown;
+  note.textContent = unknown
+    ? "This photo looks like " + neitherText(entries.map((e) => e[0]).sort()) +
+      ". It is unlike the photos the model was trained on, so it does not pick a class."
+    : "";
+  $("bars-title").textContent = unknown ? "If it had to choose" : "All classes";
   const list = $("bars");
   list.innerHTML = "";
-  const entries = Object.entries(result.probabilities).sort((a, b) => b[1] - a[1]);
   for (const [name, p] of entries) {
     const li = document.createElement("li");
-    if (name === result.label) li.className = "best";
+    if (name === (unknown ? entries[0][0] : result.label)) li.className = "best";
     const label = document.createElement("span");
     label.className = "name";
     label.textContent = name;

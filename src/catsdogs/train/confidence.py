@@ -1,0 +1,82 @@
+"""Fit what makes a run's answers trustworthy once training is done.
+
+That is the out-of-distribution detector (on TRAIN features), its threshold and the temperature (on
+VAL), and the run's inference settings.
+
+Both trainers end here: the frozen-backbone head passes the features it already computed; the loop
+makes one bounded feature pass with the best weights (:func:`feature_pass`). The result is the
+checkpoint entries of :func:`catsdogs.checkpoint.confidence_entries`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from catsdogs.checkpoint import confidence_entries
+from catsdogs.config import TrainConfig
+from catsdogs.models.calibration import fit_temperature
+from catsdogs.models.ood import calibrate_threshold, fit_detector
+from catsdogs.models.transforms import normalize
+from catsdogs.shards.manifest import Manifest
+from catsdogs.shards.reader import iter_batches
+
+log = logging.getLogger(__name__)
+
+TRAIN_FEATURE_ROWS = 20_000
+"""Most training rows the loop's feature pass reads for the detector (the first shards, in order):
+enough for a d x d covariance at d <= 1280, and it bounds the pass to ~1 epoch of forward passes."""
+
+
+@torch.inference_mode()
+def feature_pass(model: nn.Module, root: str | Path, manifest: Manifest, split: str, mean: tuple[float, ...],
+                 std: tuple[float, ...], batch_size: int, device: torch.device,
+                 max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return features ``(n, d)``, logits ``(n, k)`` and labels ``(n,)`` of a split (``max_rows`` at most)."""
+    model.eval()
+    net: Any = model
+    total = manifest.split_rows(split) if max_rows is None else min(max_rows, manifest.split_rows(split))
+    feats, logits, labels = [], [], []
+    seen = 0
+    with tqdm(total=total, desc=f"confidence {split}", unit="img", file=sys.stderr) as bar:
+        for _pos, _start, rows, y in iter_batches(root, manifest, split, batch_size):
+            if seen >= total:
+                break
+            take = min(len(y), total - seen)
+            x = normalize(torch.from_numpy(rows[:take]), mean, std).to(device)
+            f = net.features(x)
+            feats.append(f.float().cpu().numpy())
+            logits.append(net.classify(f).float().cpu().numpy())
+            labels.append(np.asarray(y[:take]))
+            seen += take
+            bar.update(take)
+    if not feats:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(feats), np.concatenate(logits), np.concatenate(labels).astype(np.int64)
+
+
+def fit_confidence(cfg: TrainConfig, num_classes: int, train_feats: np.ndarray, train_labels: np.ndarray,
+                   val_feats: np.ndarray, val_logits: np.ndarray, val_labels: np.ndarray
+                   ) -> tuple[dict[str, Any], dict[str, float]]:
+    """Fit detector (train), threshold and temperature (val); return checkpoint entries and metrics."""
+    detector = fit_detector(cfg.ood_method, train_feats, train_labels, num_classes, cfg.seed)
+    vf = torch.from_numpy(np.ascontiguousarray(val_feats, dtype=np.float32))
+    vl = torch.from_numpy(np.ascontiguousarray(val_logits, dtype=np.float32))
+    val_scores = detector.score(vf, vl).numpy() if len(val_labels) else np.zeros(0)
+    calibrate_threshold(detector, val_scores, cfg.accept_rate)
+    temperature = fit_temperature(val_logits, val_labels)
+    accepted = float(detector.known(val_scores).mean()) if len(val_scores) else float("nan")
+    metrics = {"temperature": temperature, "ood_threshold": detector.threshold,
+               "val_accepted": accepted}
+    log.info("confidence: %s detector, threshold %.4g accepts %.4f of val; temperature %.3f",
+             cfg.ood_method, detector.threshold, accepted, temperature)
+    entries = confidence_entries(detector.to_state(), temperature,
+                                 {"tta": cfg.tta, "reject": cfg.reject, "calibrate": True})
+    return entries, metrics
