@@ -44,8 +44,11 @@ from catsdogs.config import ServeConfig, check_required
 from catsdogs.errors import ConfigError, ImageDecodeError
 from catsdogs.rundir import RunDir
 from catsdogs.runtime import cores
+from catsdogs.serve.auth import check_exposure, load_api_key
 from catsdogs.serve.backends import Backend, load_backend, on_cuda, plan_workers
 from catsdogs.serve.batcher import MicroBatcher
+from catsdogs.serve.connections import uvicorn_config
+from catsdogs.serve.security import install_security
 from catsdogs.serve.uploads import ApiError, Part, parse_multipart, read_body
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -194,9 +197,10 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
                   description="Classify photos with a trained catsdogs run. Upload an image as multipart "
                               "form field `file` (or several as `files` for /predict/batch).")
     _add_error_handlers(app)
+    install_security(app, cfg)
 
     async def read_parts(request: Request) -> list[Part]:
-        body = await read_body(request, cfg.max_bytes)
+        body = await read_body(request, cfg.max_bytes, cfg.body_timeout_s)
         return parse_multipart(body, request.headers.get("content-type", ""))
 
     @app.post("/predict", response_model=PredictionOut, responses=_ERRORS,
@@ -236,7 +240,7 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
     async def healthz(request: Request) -> dict[str, Any]:
         """Liveness and readiness: the model is loaded and the batcher runs."""
         serving: Serving = request.app.state.serving
-        return {"status": "ok", "backend": serving.backend.name, "version": __version__}
+        return {"status": "ok", "backend": serving.backend.name}
 
     @app.get("/model")
     async def model(request: Request) -> dict[str, Any]:
@@ -260,8 +264,8 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
         """The run's HTML evaluation report (RUN/eval/report.html), or 404 if not evaluated yet."""
         path = run_folder(cfg).report
         if not path.is_file():
-            return _error(404, "no_report", f"{path} does not exist yet; run 'catsdogs evaluate --run "
-                                            f"{cfg.run}' to write it")
+            return _error(404, "no_report", "this run has no evaluation report yet; run 'catsdogs evaluate' "
+                                            "on it to write one")
         return FileResponse(path, media_type="text/html")
 
     @app.get("/", include_in_schema=False)
@@ -320,12 +324,12 @@ def main(cfg: ServeConfig) -> int:
     import uvicorn
 
     check_required(cfg)
+    check_exposure(cfg, load_api_key(cfg))  # an open API on a public address stops here, before binding
     sock = bind_socket(cfg.host, cfg.port)
     try:
         backend = load_backend(cfg)  # a bad --run fails here with one line, before serving
         app = create_app(cfg, backend)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                               timeout_graceful_shutdown=5))
+        server = uvicorn.Server(uvicorn_config(app, cfg))
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         print(f"catsdogs serve: http://{host}:{cfg.port}/ (model {backend.describe().get('name')}, "
               f"backend {backend.name}, API docs at /docs)", file=sys.stderr, flush=True)
