@@ -259,7 +259,9 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
         batcher = request.app.state.serving.batcher
         return {**batcher.stats.as_dict(), "workers": batcher.workers, "threads": torch.get_num_threads()}
 
-    @app.get("/report", include_in_schema=True, response_model=None)
+    @app.get("/report", include_in_schema=True, response_model=None,
+             responses={200: {"content": {"text/html": {}}, "description": "The HTML report"},
+                        404: {"model": ErrorBody, "description": "No report yet (no_report)"}})
     async def report() -> FileResponse | JSONResponse:
         """The run's HTML evaluation report (RUN/eval/report.html), or 404 if not evaluated yet."""
         path = run_folder(cfg).report
@@ -290,7 +292,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         names = {404: "not_found", 405: "method_not_allowed"}
-        return _error(exc.status_code, names.get(exc.status_code, "http_error"), str(exc.detail))
+        response = _error(exc.status_code, names.get(exc.status_code, "http_error"), str(exc.detail))
+        response.headers.update(exc.headers or {})  # e.g. Allow on 405, as RFC 9110 requires
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
