@@ -147,7 +147,7 @@ def predict_files(predictor: Predictor, files: Sequence[Path], batch_size: int =
             chunk_rows = [PredictionRow(path=str(p), error="" if isinstance(d, np.ndarray) else d)
                           for p, d in zip(chunk, decoded, strict=True)]
             for k, i in enumerate(good):
-                assert probs is not None
+                assert probs is not None  # nosec B101 # type narrowing of an invariant, not input checking
                 best = int(np.argmax(probs[k]))
                 chunk_rows[i].label = classes[best]
                 chunk_rows[i].probability = float(probs[k, best])
