@@ -381,3 +381,28 @@ def test_schemathesis_against_the_live_schema(run: Path, key_file: Path, tmp_pat
     counts = re.search(r"(\d+) generated, (\d+) passed", out)
     assert counts and counts[1] == counts[2] and int(counts[1]) >= 100, out[-2000:]
     print(f"schemathesis: {counts[1]} cases generated, all passed")  # the figure in docs/reliability.md
+
+
+# ------------------------------------------------------------------------------------ trusted inputs
+
+
+class _RunsCode:
+    """A pickle that would create a file when unpickled by a full (unsafe) unpickler."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_runs_code_is_refused_without_running_it(tmp_path: Path) -> None:
+    from catsdogs.checkpoint import load_checkpoint
+    from catsdogs.errors import CheckpointError
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "best.pt"
+    torch.save({"model_state": _RunsCode(marker)}, evil)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(evil)
+    assert not marker.exists()
