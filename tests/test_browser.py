@@ -140,6 +140,7 @@ def test_page_asks_for_the_key_once_and_runs_under_its_csp(run_dir: Path, tmp_pa
             page.fill("#key-input", "wrong-key-0123456789abcdef")
             page.click("#key-form button")
             page.wait_for_selector("#key-error:not([hidden])")  # refused: asked again
+            page.screenshot(path=str(tmp_path / "page-key-refused.png"), full_page=True)
             page.fill("#key-input", key)
             page.click("#key-form button")
             page.wait_for_selector("#model-info:has-text('Model seed')")
