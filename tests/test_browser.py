@@ -126,6 +126,8 @@ def test_page_asks_for_the_key_once_and_runs_under_its_csp(run_dir: Path, tmp_pa
     key_file.write_text(key)
     photo = tmp_path / "kitten.jpg"
     photo.write_bytes(jpeg_bytes(synthetic_image(0, 96, seed=5)))
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "report.html").write_text("<html><body>the keyed report</body></html>")
     violations: list[str] = []
     cfg = ServeConfig(run=str(run_dir), api_key_file=str(key_file))
     with live_server(cfg) as url, sync_playwright() as p:
@@ -151,6 +153,11 @@ def test_page_asks_for_the_key_once_and_runs_under_its_csp(run_dir: Path, tmp_pa
             assert page.inner_text("#label") in ("Cat", "Dog")
             assert page.evaluate("document.getElementById('preview').naturalWidth") == 96  # blob: preview
             page.screenshot(path=str(tmp_path / "page-keyed.png"), full_page=True)
+            # A plain link would send no key: with one, the report link downloads the report.
+            page.wait_for_selector("#report-link:has-text('Evaluation report')")
+            with page.expect_download() as download:
+                page.click("#report-link")
+            assert "the keyed report" in Path(download.value.path()).read_text()
             page.reload()  # the key is kept for the tab: no second prompt
             page.wait_for_selector("#model-info:has-text('Model seed')")
             assert page.is_hidden("#key-form")
