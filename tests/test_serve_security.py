@@ -368,7 +368,7 @@ def test_schemathesis_against_the_live_schema(run: Path, key_file: Path, tmp_pat
                "--max-examples", str(SCHEMATHESIS_EXAMPLES), "--seed", "18", "--workers", "1",
                "--phases", "examples,coverage,fuzzing", "--request-timeout", "10",
                "--report", "ndjson", "--report-ndjson-path", str(report)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,  # its cache
                               env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
