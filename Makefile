@@ -36,6 +36,7 @@ run: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/bandit -q -r src
 
 test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q

@@ -197,7 +197,9 @@ def component_costs(run: Path, backend: str, threads: int, jpegs: list[bytes], n
 
 def start_server(run: Path, backend: str, port: int, extra: list[str]) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "catsdogs.cli", "serve", "--run", str(run), "--host", "127.0.0.1",
-           "--port", str(port), "--backend", backend, *extra]
+           "--port", str(port), "--backend", backend,
+           "--rate-limit", "0", "--max-uploads", "0",  # one load generator = one client: measure, not limit
+           *extra]
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return wait_healthy(proc, port, lambda: proc.stderr.read().decode()[-2000:])  # type: ignore[union-attr]
 

@@ -217,7 +217,7 @@ class RssSampler(Sampler):
 
 def start_server(run: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "catsdogs.cli", "serve", "--run", str(run), "--host", "127.0.0.1",
-           "--port", str(port)]
+           "--port", str(port), "--rate-limit", "0", "--max-uploads", "0"]  # one client: soak, don't limit
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=fh, stderr=subprocess.STDOUT)
     return wait_healthy(proc, port, lambda: log.read_text()[-2000:])

@@ -207,3 +207,58 @@ def test_page_says_the_photo_looks_like_neither_class(live_trained_server: str, 
         finally:
             browser.close()
     assert (tmp_path / "page-unknown.png").stat().st_size > 10_000
+
+
+def test_page_asks_for_the_key_once_and_runs_under_its_csp(run_dir: Path, tmp_path: Path) -> None:
+    """With an API key and the Content-Security-Policy on: the page asks for the key, keeps it for the
+    tab, classifies a photo, and the browser reports no CSP violation."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (make browser) to run the browser test")
+    from playwright.sync_api import sync_playwright
+
+    from tests.live import live_server
+
+    key = "browser-test-key-0123456789"
+    key_file = tmp_path / "api.key"
+    key_file.write_text(key)
+    photo = tmp_path / "kitten.jpg"
+    photo.write_bytes(jpeg_bytes(synthetic_image(0, 96, seed=5)))
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "report.html").write_text("<html><body>the keyed report</body></html>")
+    violations: list[str] = []
+    cfg = ServeConfig(run=str(run_dir), api_key_file=str(key_file))
+    with live_server(cfg) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text
+                    else None)
+            page.goto(url + "/")
+            assert "content-security-policy" in page.evaluate("fetch('/').then(r => [...r.headers.keys()])")
+            page.wait_for_selector("#key-form:not([hidden])")
+            page.fill("#key-input", "wrong-key-0123456789abcdef")
+            page.click("#key-form button")
+            page.wait_for_selector("#key-error:not([hidden])")  # refused: asked again
+            page.screenshot(path=str(tmp_path / "page-key-refused.png"), full_page=True)
+            page.fill("#key-input", key)
+            page.click("#key-form button")
+            page.wait_for_selector("#model-info:has-text('Model seed')")
+            assert page.is_hidden("#key-form")
+            assert page.evaluate("sessionStorage.getItem('catsdogs-api-key')") == key
+            page.set_input_files("#file-input", str(photo))
+            page.wait_for_selector("#answer:not([hidden])", timeout=15_000)
+            assert page.inner_text("#label") in ("Cat", "Dog")
+            assert page.evaluate("document.getElementById('preview').naturalWidth") == 96  # blob: preview
+            page.screenshot(path=str(tmp_path / "page-keyed.png"), full_page=True)
+            # A plain link would send no key: with one, the report link downloads the report.
+            page.wait_for_selector("#report-link:has-text('Evaluation report')")
+            with page.expect_download() as download:
+                page.click("#report-link")
+            assert "the keyed report" in Path(download.value.path()).read_text()
+            page.reload()  # the key is kept for the tab: no second prompt
+            page.wait_for_selector("#model-info:has-text('Model seed')")
+            assert page.is_hidden("#key-form")
+        finally:
+            browser.close()
+    assert not violations, violations
+    assert (tmp_path / "page-keyed.png").stat().st_size > 10_000

@@ -282,6 +282,42 @@ class ServeConfig:
     """Answer "unknown" for images the run's detector rejects (default: the run's recorded setting)."""
     calibrate: bool | None = None
     """Apply the run's fitted temperature to the probabilities (default: the run's recorded setting)."""
+    api_key_file: str = ""
+    """File holding the API key (one line, e.g. from `python -c "import secrets;
+    print(secrets.token_urlsafe(32))"`); else $CATSDOGS_API_KEY. With a key, every endpoint but /healthz,
+    the page and the API docs needs `Authorization: Bearer KEY`. No --api-key flag: it would show in ps."""
+    insecure: bool = False
+    """Allow a non-loopback --host without an API key: anyone who reaches the port can use the API."""
+    rate_limit: int = setting(100, ge=0)
+    """Requests per second per client (more get 429; /healthz is exempt; 0 = no limit). 100/s is an
+    eighth of the 822 req/s measured at 16 clients on 2 cores (docs/benchmarks/serve.md): one client
+    cannot take all the cores."""
+    max_uploads: int = setting(32, ge=0)
+    """Concurrent uploads (POST requests in progress) per client; more get 429 (0 = no limit). 32 lets
+    one client fill one default --max-batch micro-batch and caps its buffered uploads at 32 x --max-bytes."""
+    cors_origin: str = ""
+    """Comma-separated origins (https://app.example.com) whose pages may call the API from a browser;
+    empty = no CORS headers, so only this server's own page can."""
+    forwarded_allow_ips: str = "127.0.0.1"
+    """Comma-separated addresses of reverse proxies trusted to name the client in X-Forwarded-For
+    (rate limits are per client); '*' trusts everyone, which lets any client pick its own identity."""
+    header_timeout_s: float = setting(10.0, gt=0.0)
+    """Seconds a client has to send a request's headers (then 408 and the connection is closed), so
+    a client trickling header bytes cannot hold a connection for ever."""
+    body_timeout_s: float = setting(60.0, gt=0.0)
+    """Seconds a client has to send an upload's body (then 408): 10 MiB at 1.4 Mbit/s."""
+    keep_alive_s: int = setting(5, gt=0)
+    """Seconds an idle keep-alive connection stays open (uvicorn's default)."""
+    max_header_bytes: int = setting(16 * 1024, gt=0)
+    """Largest request line plus headers in bytes (more gets 431); 16 KiB as h11 and Node."""
+
+    def check(self) -> None:
+        """CORS origins are full origins (scheme://host[:port]), never a wildcard."""
+        for origin in filter(None, (o.strip() for o in self.cors_origin.split(","))):
+            parsed = urlparse(origin)
+            if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path not in ("", "/"):
+                raise ConfigError(f"--cors-origin {origin!r} is not an origin; name each one as "
+                                  f"https://host[:port], separated by commas")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
+import subprocess  # nosec B404 # only for subprocess.PIPE, no command is run
 import sys
 import tempfile
 import threading

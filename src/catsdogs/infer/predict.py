@@ -155,7 +155,7 @@ def predict_files(predictor: Predictor, files: Sequence[Path], batch_size: int =
             chunk_rows = [PredictionRow(path=str(p), error="" if isinstance(d, np.ndarray) else d)
                           for p, d in zip(chunk, decoded, strict=True)]
             for k, i in enumerate(good):
-                assert answers is not None
+                assert answers is not None  # nosec B101 # type narrowing of an invariant, not input checking
                 a = answers[k]
                 chunk_rows[i].label = a.label(classes)
                 chunk_rows[i].probability = float(a.probs.max())

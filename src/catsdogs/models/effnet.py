@@ -218,7 +218,7 @@ def _fold(conv: nn.Conv2d, bn: nn.Module) -> None:
     """Fold an eval-mode BatchNorm into the preceding conv: ``w' = w * g/s``, ``b' = beta - mean * g/s``."""
     if not isinstance(bn, nn.BatchNorm2d):
         return
-    assert bn.running_mean is not None and bn.running_var is not None
+    assert bn.running_mean is not None and bn.running_var is not None  # nosec B101 # type narrowing: BatchNorm tracks running stats
     scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
     bias = bn.bias.detach() - bn.running_mean * scale
     if conv.bias is not None:

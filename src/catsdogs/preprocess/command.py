@@ -51,7 +51,7 @@ def _resolve_output(cfg: PreprocessConfig, input_root: Path | str) -> str:
     if "://" in cfg.output:
         raise ConfigError(f"--output {cfg.output!r}: use a path, file://, s3a:// or hdfs:// URI")
     out_path = Path(cfg.output).expanduser().resolve()
-    assert isinstance(input_root, Path)
+    assert isinstance(input_root, Path)  # nosec B101 # type narrowing: local input is a Path
     if out_path == input_root or out_path.is_relative_to(input_root):
         raise ConfigError(f"--output {str(out_path)!r} is inside --input {str(input_root)!r}; it would be "
                           "read as a class folder next time (choose another --output)")

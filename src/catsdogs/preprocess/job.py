@@ -56,7 +56,7 @@ class _Progress:
         while not self._stop.wait(0.25):
             try:
                 n = round(self._completed_tasks() * self._per_task)
-            except Exception:  # noqa: BLE001 - the tracker may vanish while Spark stops
+            except Exception:  # noqa: BLE001 # nosec B112 # progress polling only; the tracker may vanish while Spark stops
                 continue
             if n > self.bar.n:
                 self.bar.update(min(n, self.bar.total) - self.bar.n)

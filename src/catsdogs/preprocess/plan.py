@@ -70,7 +70,7 @@ def plan_shards(splits: dict[str, list[Candidate]], shard_rows: int, seed: int) 
     for split in schema.SPLITS:
         rows = sorted(splits.get(split, []), key=lambda c: c.path)
         # A string seed is hashed by random.Random deterministically (sha512), unlike hash().
-        random.Random(f"{seed}:shuffle:{split}").shuffle(rows)
+        random.Random(f"{seed}:shuffle:{split}").shuffle(rows)  # nosec B311 # a reproducible shuffle, not a secret
         start = 0
         for index, size in enumerate(chunk_sizes(len(rows), shard_rows)):
             chunk = rows[start:start + size]

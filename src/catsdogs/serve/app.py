@@ -49,8 +49,11 @@ from catsdogs.infer.explain import Explainer, explain_upload
 from catsdogs.infer.predictor import Answer
 from catsdogs.rundir import RunDir
 from catsdogs.runtime import cores
+from catsdogs.serve.auth import check_exposure, load_api_key
 from catsdogs.serve.backends import Backend, load_backend, on_cuda, plan_workers
 from catsdogs.serve.batcher import MicroBatcher
+from catsdogs.serve.connections import uvicorn_config
+from catsdogs.serve.security import install_security
 from catsdogs.serve.uploads import ApiError, Part, parse_multipart, read_body
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -119,6 +122,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (400, "Not a usable image (empty_file, not_an_image, corrupt, decompression_bomb, missing_file)"),
         (413, "Body larger than --max-bytes, or too many files"),
         (415, "Body is not multipart/form-data, or the part is not an image type"),
+        # FastAPI would document its own 422 body; every refusal here is {"error", "detail"}.
+        (422, "A query parameter is invalid (invalid_request), e.g. explain=maybe"),
     )
 }
 
@@ -240,9 +245,10 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
                   description="Classify photos with a trained catsdogs run. Upload an image as multipart "
                               "form field `file` (or several as `files` for /predict/batch).")
     _add_error_handlers(app)
+    install_security(app, cfg)
 
     async def read_parts(request: Request) -> list[Part]:
-        body = await read_body(request, cfg.max_bytes)
+        body = await read_body(request, cfg.max_bytes, cfg.body_timeout_s)
         return parse_multipart(body, request.headers.get("content-type", ""))
 
     @app.post("/predict", response_model=PredictionOut, responses=_ERRORS,
@@ -286,7 +292,7 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
     async def healthz(request: Request) -> dict[str, Any]:
         """Liveness and readiness: the model is loaded and the batcher runs."""
         serving: Serving = request.app.state.serving
-        return {"status": "ok", "backend": serving.backend.name, "version": __version__}
+        return {"status": "ok", "backend": serving.backend.name}
 
     @app.get("/model")
     async def model(request: Request) -> dict[str, Any]:
@@ -306,13 +312,15 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
         batcher = request.app.state.serving.batcher
         return {**batcher.stats.as_dict(), "workers": batcher.workers, "threads": torch.get_num_threads()}
 
-    @app.get("/report", include_in_schema=True, response_model=None)
+    @app.get("/report", include_in_schema=True, response_model=None,
+             responses={200: {"content": {"text/html": {}}, "description": "The HTML report"},
+                        404: {"model": ErrorBody, "description": "No report yet (no_report)"}})
     async def report() -> FileResponse | JSONResponse:
         """The run's HTML evaluation report (RUN/eval/report.html), or 404 if not evaluated yet."""
         path = run_folder(cfg).report
         if not path.is_file():
-            return _error(404, "no_report", f"{path} does not exist yet; run 'catsdogs evaluate --run "
-                                            f"{cfg.run}' to write it")
+            return _error(404, "no_report", "this run has no evaluation report yet; run 'catsdogs evaluate' "
+                                            "on it to write one")
         return FileResponse(path, media_type="text/html")
 
     @app.get("/", include_in_schema=False)
@@ -337,7 +345,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         names = {404: "not_found", 405: "method_not_allowed"}
-        return _error(exc.status_code, names.get(exc.status_code, "http_error"), str(exc.detail))
+        response = _error(exc.status_code, names.get(exc.status_code, "http_error"), str(exc.detail))
+        response.headers.update(exc.headers or {})  # e.g. Allow on 405, as RFC 9110 requires
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -369,12 +379,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def main(cfg: ServeConfig) -> int:
     """Run ``catsdogs serve``: bind the port, load the model, serve until interrupted."""
     check_required(cfg)
+    check_exposure(cfg, load_api_key(cfg))  # an open API on a public address stops here, before binding
     sock = bind_socket(cfg.host, cfg.port)
     try:
         backend = load_backend(cfg)  # a bad --run fails here with one line, before serving
         app = create_app(cfg, backend)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                               timeout_graceful_shutdown=5))
+        server = uvicorn.Server(uvicorn_config(app, cfg))
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         print(f"catsdogs serve: http://{host}:{cfg.port}/ (model {backend.describe().get('name')}, "
               f"backend {backend.name}, API docs at /docs)", file=sys.stderr, flush=True)

@@ -61,7 +61,7 @@ class TorchBackend:
         return self.predictor.answer(images)
 
     def describe(self) -> dict[str, Any]:
-        return {**self.predictor.describe(), "backend": self.name}
+        return public_facts(self.predictor, self.name)
 
 
 class OnnxBackend:
@@ -113,7 +113,15 @@ class OnnxBackend:
         return Answers(probs, np.full(n, np.nan, dtype=np.float32), np.ones(n, dtype=bool))
 
     def describe(self) -> dict[str, Any]:
-        return {**self.predictor.describe(), "backend": self.name, "onnx": str(self.path)}
+        return {**public_facts(self.predictor, self.name), "onnx": self.path.name}
+
+
+def public_facts(predictor: Predictor, backend: str) -> dict[str, Any]:
+    """The predictor's facts as clients may see them: the run and checkpoint by name, not by path."""
+    facts = predictor.describe()
+    facts["checkpoint"] = predictor.path.name
+    facts["run"] = predictor.path.parent.name
+    return {**facts, "backend": backend}
 
 
 def on_cuda(backend: Backend) -> bool:

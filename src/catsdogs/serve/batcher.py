@@ -129,7 +129,7 @@ class MicroBatcher:
 
     async def _gather(self) -> list[tuple[np.ndarray, asyncio.Future[np.ndarray]]]:
         """Wait for a first item, then collect more while allowed (see the module doc)."""
-        assert self._queue is not None and self._free is not None
+        assert self._queue is not None and self._free is not None  # nosec B101 # type narrowing: set in start()
         loop = asyncio.get_running_loop()
         batch = [await self._queue.get()]
         # This worker plus the other idle ones share what is queued or announced.
@@ -159,7 +159,7 @@ class MicroBatcher:
         return probs, time.perf_counter() - start
 
     async def _run(self) -> None:
-        assert self._free is not None
+        assert self._free is not None  # nosec B101 # type narrowing: set in start()
         loop = asyncio.get_running_loop()
         while True:
             await self._free.acquire()
@@ -177,7 +177,7 @@ class MicroBatcher:
 
     async def _forward(self, batch: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]]) -> None:
         """Run one batch in a worker thread and resolve its futures; frees the worker slot."""
-        assert self._free is not None
+        assert self._free is not None  # nosec B101 # type narrowing: set in start()
         loop = asyncio.get_running_loop()
         try:
             images = np.stack([img for img, _ in batch])

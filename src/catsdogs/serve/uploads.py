@@ -7,6 +7,7 @@ client that lies about the length or streams chunks cannot make the server hold 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
@@ -52,8 +53,12 @@ def too_large(limit: int) -> ApiError:
     return ApiError(413, "payload_too_large", f"request body exceeds max_bytes={limit} bytes")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """Read the request body, refusing (413) more than ``limit`` bytes declared or received."""
+async def read_body(request: Request, limit: int, deadline_s: float | None = None) -> bytes:
+    """Read the request body, refusing more than ``limit`` bytes declared or received (413).
+
+    A body that has not fully arrived ``deadline_s`` seconds after reading began is refused too (408),
+    so a client trickling bytes cannot hold a worker for ever.
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -64,11 +69,16 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise too_large(limit)
     chunks: list[bytes] = []
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:  # lying Content-Length or chunked upload: stop reading now
-            raise too_large(limit)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(deadline_s):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:  # lying Content-Length or chunked upload: stop reading now
+                    raise too_large(limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, "request_timeout", f"the body did not arrive within --body-timeout-s="
+                                               f"{deadline_s:g} s ({received} bytes received)") from None
     return b"".join(chunks)
 
 

@@ -105,7 +105,7 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
         log.info("head C=%g val_loss=%.4f", c, loss)
         if best is None or loss < best[0]:
             best = (loss, c, clf)
-    assert best is not None
+    assert best is not None  # nosec B101 # type narrowing: at least one epoch ran
     loss, c, clf = best
     coef = clf.coef_ / sd  # fold the standardisation: w' = w / sd, b' = b - w' . mu
     bias = clf.intercept_ - coef @ mu

@@ -8,6 +8,51 @@ const dropzone = $("dropzone");
 const preview = $("preview");
 let previewUrl = null;
 
+// The API key (when the server has one): asked once, kept in this tab's session storage.
+const KEY_NAME = "catsdogs-api-key";
+const keyForm = $("key-form");
+
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY_NAME);
+  return key ? { Authorization: "Bearer " + key } : {};
+}
+
+// fetch with the key; a 401 forgets a refused key and shows the key form.
+async function apiFetch(url, options = {}) {
+  const response = await fetch(url, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+  if (response.status === 401) {
+    const refused = sessionStorage.getItem(KEY_NAME) !== null;
+    sessionStorage.removeItem(KEY_NAME);
+    $("key-error").hidden = !refused;
+    keyForm.hidden = false;
+    $("key-input").focus();
+  }
+  return response;
+}
+
+keyForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  sessionStorage.setItem(KEY_NAME, $("key-input").value.trim());
+  $("key-input").value = "";
+  keyForm.hidden = true;
+  loadModel();
+});
+
+// With a key the report cannot be a plain link (a link sends no Authorization header): fetch it
+// with the key and save it as a file.
+async function downloadReport(e) {
+  if (!sessionStorage.getItem(KEY_NAME)) return;  // no key: the plain link works
+  e.preventDefault();
+  const response = await apiFetch("/report");
+  if (!response.ok) return;
+  const url = URL.createObjectURL(await response.blob());
+  const a = document.createElement("a");
+  a.href = url;
+  a.download = "report.html";
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
 function pct(p) {
   return (100 * p).toFixed(1) + "%";
 }
@@ -100,7 +145,7 @@ async function classify(file) {
   form.append("file", file, file.name);
   try {
     const url = $("explain-toggle").checked ? "/predict?explain=true" : "/predict";
-    const response = await fetch(url, { method: "POST", body: form });
+    const response = await apiFetch(url, { method: "POST", body: form });
     let body = null;
     try { body = await response.json(); } catch (_) { body = null; }
     if (!response.ok || !body || body.error) {
@@ -134,7 +179,11 @@ dropzone.addEventListener("keydown", (e) => {
 
 async function loadModel() {
   try {
-    const response = await fetch("/model");
+    const response = await apiFetch("/model");
+    if (response.status === 401) {
+      $("model-info").textContent = "Waiting for the API key…";
+      return;
+    }
     const m = await response.json();
     const parts = [
       "Model " + (m.name || "?"),
@@ -151,6 +200,7 @@ async function loadModel() {
     if (m.report) {
       link.textContent = "Evaluation report";
       link.removeAttribute("aria-disabled");
+      link.onclick = downloadReport;
     } else {
       link.textContent = "No report yet (run catsdogs evaluate)";
       link.removeAttribute("href");
