@@ -30,6 +30,7 @@ from catsdogs.errors import ConfigError, ImageDecodeError, InputError
 from catsdogs.infer.predictor import Predictor
 from catsdogs.io.atomic import atomic_open
 from catsdogs.runtime import cores, setup
+from catsdogs.track.registry import local_run
 
 CSV_COLUMNS: tuple[str, ...] = ("path", "label", "probability", "error")
 OUTPUT_FORMATS: tuple[str, ...] = (".csv", ".json")
@@ -210,8 +211,9 @@ def main(cfg: PredictConfig) -> int:
     check_output(cfg.output)
     files = expand_paths(cfg.paths)
     check_required(cfg)
+    run = local_run(cfg.run, cfg.tracking_uri)  # models:/ or runs:/ -> a downloaded run folder
     device = setup(cfg.threads, cfg.device)
-    predictor = Predictor.from_run(cfg.run, device)
+    predictor = Predictor.from_run(run, device)
     workers = min(_MAX_DECODE_WORKERS, cores())
     start = time.perf_counter()
     rows = predict_files(predictor, files, batch_size=cfg.batch_size, tta=cfg.tta,

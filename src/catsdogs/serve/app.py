@@ -17,6 +17,7 @@ Decoding runs in a thread pool, never on the event loop; forward passes go throu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import socket
@@ -47,6 +48,7 @@ from catsdogs.runtime import cores
 from catsdogs.serve.backends import Backend, load_backend, on_cuda, plan_workers
 from catsdogs.serve.batcher import MicroBatcher
 from catsdogs.serve.uploads import ApiError, Part, parse_multipart, read_body
+from catsdogs.track.registry import local_run
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Decode threads: Pillow releases the GIL while decoding, so a few threads use the cores; more than
@@ -320,6 +322,8 @@ def main(cfg: ServeConfig) -> int:
     import uvicorn
 
     check_required(cfg)
+    # models:/ or runs:/ -> a downloaded run folder, once: the report and metrics routes read it too.
+    cfg = dataclasses.replace(cfg, run=local_run(cfg.run, cfg.tracking_uri))
     sock = bind_socket(cfg.host, cfg.port)
     try:
         backend = load_backend(cfg)  # a bad --run fails here with one line, before serving

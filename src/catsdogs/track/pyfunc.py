@@ -62,7 +62,10 @@ class CatsdogsModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         self.predictor = Predictor.from_run(Path(context.artifacts[CHECKPOINT_ARTIFACT]), "cpu")
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    # pd.DataFrame is the one hint MLflow passes through untouched (no schema inferred from it): the
+    # signature saved with the model states the contract.
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+                ) -> pd.DataFrame:
         return classify(self.predictor, images_of(model_input))
 
 

@@ -69,12 +69,14 @@ def local_run(run: str, given_uri: str = "", cache_dir: str | Path = "") -> str:
             folder.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
             try:
-                mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=uri)
-                if not (tmp / MODEL_FILES).is_dir():
+                # models:/ lands in tmp itself, runs:/ID/model in tmp/model: use the path MLflow returns.
+                got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp),
+                                                               tracking_uri=uri))
+                if not (got / MODEL_FILES).is_dir():
                     raise ConfigError(f"--run {run!r} is not a catsdogs model (no {MODEL_FILES}/ folder); "
                                       f"fix --run")
                 shutil.rmtree(folder, ignore_errors=True)
-                tmp.rename(folder)  # complete downloads only: a killed one stays a hidden temp folder
+                got.rename(folder)  # complete downloads only: a killed one stays a hidden temp folder
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     except ConfigError:
