@@ -73,6 +73,8 @@ class _Connection:
         self.client = client
         self.uri = uri
         self.experiment_id = experiment_id
+        self.seconds = 0.0
+        """Wall time spent in MLflow calls (the tracking overhead, reported when a run ends)."""
 
 
 class TrackedRun:
@@ -101,13 +103,16 @@ class TrackedRun:
         """Run ``fn`` against MLflow; on any failure warn once, stop tracking and return None."""
         if not self.active:
             return None
+        assert self._conn is not None
+        t0 = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - no tracking problem may reach training
             warn(_lost(self.uri, what, exc, self.run_id))
-            assert self._conn is not None
             self._conn.client = None
             return None
+        finally:
+            self._conn.seconds += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ logging
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -189,7 +194,10 @@ class TrackedRun:
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with ``status`` (FINISHED, FAILED or KILLED)."""
-        self._call("ending the run", lambda: self._client.set_terminated(self.run_id, status))
+        if self._call("ending the run", lambda: self._client.set_terminated(self.run_id, status) or True):
+            assert self._conn is not None
+            print(f"catsdogs: MLflow run {self.run_id} {status.lower()} at {self.uri} (tracking took "
+                  f"{self._conn.seconds:.1f} s so far)", file=sys.stderr, flush=True)
         self.run_id = ""
 
 
@@ -226,7 +234,10 @@ def open_run(given_uri: str, experiment: str, run_name: str, *, params: Mapping[
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     try:
+        t0 = time.perf_counter()
         started = _start(uri, experiment, run_name, tags or {}, parent, resume_run_id)
+        assert started._conn is not None
+        started._conn.seconds += time.perf_counter() - t0  # includes importing mlflow
     except Exception as exc:  # noqa: BLE001 - a server that is down must not stop the command
         warn(_lost(uri, "starting a run", exc, ""))
         if parent is not None and parent._conn is not None:
