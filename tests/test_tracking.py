@@ -181,6 +181,21 @@ def test_pyfunc_by_uri_and_scoring_server_classify_image_bytes(tracked: dict[str
             assert served[i][f"p_{name}"] == pytest.approx(float(want[path.name][k]), abs=1e-6)
 
 
+def test_frozen_head_logs_its_one_epoch_and_model(live: MlflowServer, tmp_path: Path) -> None:
+    shards = tmp_path / "shards32"  # EfficientNet-Lite needs >= 32 px
+    make_shards(shards, counts={"train": 60, "val": 20, "test": 20}, size=32, shard_rows=25)
+    out = tmp_path / "frozen"
+    assert cli(["train", "--data", str(shards), "--out", str(out), "--model", "effnet_lite0", "--freeze",
+                "backbone", "--batch-size", "32", "--threads", "1", "--tracking-uri", live.uri]) == 0
+    client = MlflowClient(live.uri)
+    run = client.get_run(json.loads((out / rundir.MLFLOW_LINK_NAME).read_text())["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["freeze"] == "backbone"
+    history = client.get_metric_history(run.info.run_id, "val_acc")
+    assert [m.step for m in history] == [1]
+    assert run.data.metrics["C"] > 0 and run.data.metrics["best_val_acc"] == history[0].value
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+
+
 def test_tune_logs_the_study_with_each_trial_nested(live: MlflowServer, shards: Path, tmp_path: Path) -> None:
     assert cli(["tune", "--data", str(shards), "--out", str(tmp_path / "study"), "--model", "seed",
                 "--trials", "2", "--epochs", "2", "--threads", "1", "--tracking-uri", live.uri,

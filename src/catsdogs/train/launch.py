@@ -181,7 +181,11 @@ def main(cfg: TrainConfig) -> int:
         with ending(tracked):
             metrics = train_frozen(cfg)
             log_epoch(tracked, {"epoch": 1, **metrics})
-            finish_training_run(tracked, cfg, metrics)
+            # The loop's final names (one column across runs), plus the head's own facts.
+            finish_training_run(tracked, cfg, {"best_val_loss": metrics["val_loss"],
+                                               "best_val_acc": metrics["val_acc"], "best_epoch": 1,
+                                               "epochs": 1, "C": metrics["C"],
+                                               "feature_seconds": metrics["feature_seconds"]})
         print(f"best checkpoint: {RunDir(Path(cfg.out)).best} (val_acc {metrics['val_acc']:.4f})")
         return 0
     if cfg.distributed:
