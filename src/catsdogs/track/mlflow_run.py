@@ -6,8 +6,8 @@ the first failure (a server that is down at the start, or lost mid-run) prints O
 tracking off for the rest of the run, which carries on; its run folder is complete either way.
 
 MLflow's HTTP client retries a failed request 7 times with exponential backoff and waits up to 120 s
-per request by default, which would stall training for minutes per epoch against a dead server; this
-module lowers those defaults (:data:`HTTP_RETRIES`, :data:`HTTP_TIMEOUT_S`) unless the user set them.
+per request by default, which would stall training for minutes per epoch against a dead server; the
+defaults are lowered (:func:`catsdogs.track.registry.client_defaults`) unless the user set them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from catsdogs.io.atomic import atomic_write_text
-from catsdogs.track.registry import MODEL_ARTIFACT_PATH, tracking_uri
+from catsdogs.track.registry import MODEL_ARTIFACT_PATH, client_defaults, tracking_uri
 
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "catsdogs"
@@ -32,21 +32,10 @@ DEFAULT_EXPERIMENT = "catsdogs"
 PARENT_TAG = "mlflow.parentRunId"
 """MLflow's tag that nests a run under another (the UI folds tune's trials under the study)."""
 RUN_NAME_TAG = "mlflow.runName"
-HTTP_RETRIES = 2
-"""Retries per MLflow request (MLflow's default 7, with backoff 2 s, 4 s, 8 s ... ~2 min per call)."""
-HTTP_TIMEOUT_S = 15
-"""Seconds one MLflow request may take (MLflow's default 120); a model upload of ~50 MB on a local
-network takes about a second."""
 BATCH_PARAMS = 100
 """Most params per ``log_batch`` request (an MLflow server limit)."""
 PARAM_MAX_CHARS = 6000
 """Longest param value an MLflow server stores."""
-_ENV_DEFAULTS: dict[str, str] = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(HTTP_RETRIES),
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": str(HTTP_TIMEOUT_S),
-    # Download/upload progress bars would interleave with the training bar on stderr.
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-}
 
 
 def experiment_name(given: str = "") -> str:
@@ -231,8 +220,7 @@ def open_run(given_uri: str, experiment: str, run_name: str, *, params: Mapping[
     uri = parent.uri if parent is not None else tracking_uri(given_uri)
     if not uri:
         return TrackedRun()
-    for key, value in _ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    client_defaults()
     try:
         t0 = time.perf_counter()
         started = _start(uri, experiment, run_name, tags or {}, parent, resume_run_id)

@@ -31,6 +31,25 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 """MLflow's own variable naming the tracking server; ``--tracking-uri`` overrides it."""
 
 
+HTTP_RETRIES = 2
+"""Retries per MLflow request (MLflow's default 7, with backoff 2 s, 4 s, 8 s ... ~2 min per call)."""
+HTTP_TIMEOUT_S = 15
+"""Seconds one MLflow request may take (MLflow's default 120); a model upload of ~50 MB on a local
+network takes about a second."""
+CLIENT_ENV_DEFAULTS: dict[str, str] = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(HTTP_RETRIES),
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": str(HTTP_TIMEOUT_S),
+    # Download/upload progress bars would interleave with the training bar on stderr.
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def client_defaults() -> None:
+    """Apply :data:`CLIENT_ENV_DEFAULTS` where the user has not set those variables (before any call)."""
+    for key, value in CLIENT_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def mlflow_scheme(value: str) -> str:
     """Return ``models`` or ``runs`` for an MLflow model URI, else ''."""
     m = _URI.match(value or "")
@@ -61,6 +80,7 @@ def local_run(run: str, given_uri: str = "", cache_dir: str | Path = "") -> str:
     except ImportError:
         raise ConfigError(f"--run {run!r} needs mlflow-skinny (pip install mlflow-skinny); it is not "
                           f"installed") from None
+    client_defaults()
     try:
         client = MlflowClient(uri, registry_uri=uri)
         source, key = _resolve(client, run, scheme, uri)
