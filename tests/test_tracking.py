@@ -77,8 +77,8 @@ def tracked(server: MlflowServer, shards: Path, tmp_path_factory: pytest.TempPat
     uri = server.uri
     assert cli(train_args(shards, out, "--tracking-uri", uri, "--experiment", "tests",
                           "--register", "tiny-seed")) == 0
-    assert cli(["evaluate", "--run", str(out), "--threads", "1", "--tracking-uri", uri,
-                "--experiment", "tests"]) == 0
+    # No --experiment: the evaluation joins its training run's experiment.
+    assert cli(["evaluate", "--run", str(out), "--threads", "1", "--tracking-uri", uri]) == 0
     link = json.loads((out / rundir.MLFLOW_LINK_NAME).read_text())
     return {"uri": uri, "out": str(out), "run_id": link["run_id"]}
 
@@ -120,6 +120,7 @@ def test_evaluation_is_its_own_run_linked_both_ways_with_report_and_plots(tracke
     evaluation = client.get_run(eval_id)
     assert evaluation.data.tags["catsdogs.training_run_id"] == tracked["run_id"]
     assert evaluation.data.tags["mlflow.parentRunId"] == tracked["run_id"]
+    assert evaluation.info.experiment_id == training.info.experiment_id
     saved = json.loads((Path(tracked["out"]) / rundir.EVAL_DIR / rundir.EVAL_METRICS_NAME).read_text())
     assert evaluation.data.metrics["accuracy"] == pytest.approx(saved["accuracy"])
     assert training.data.metrics["test_accuracy"] == pytest.approx(saved["accuracy"])

@@ -36,7 +36,7 @@ from catsdogs.shards.cache import local_shards
 from catsdogs.shards.manifest import Manifest, load_manifest
 from catsdogs.shards.reader import iter_batches, load_rows
 from catsdogs.track.lineage import TAG_PREFIX, data_tags, git_tags
-from catsdogs.track.mlflow_run import PARENT_TAG, ending, open_run, read_link
+from catsdogs.track.mlflow_run import PARENT_TAG, ending, experiment_name_given, open_run, read_link
 from catsdogs.track.registry import tracking_uri
 
 OUTPUT_FILES: tuple[str, ...] = (
@@ -225,8 +225,11 @@ def log_evaluation(cfg: EvaluateConfig, run: RunDir, out: Path, metrics: dict[st
             f"{TAG_PREFIX}split": cfg.split, f"{TAG_PREFIX}run_folder": str(run.root.resolve())}
     if train_id:
         tags.update({f"{TAG_PREFIX}training_run_id": train_id, PARENT_TAG: train_id})
+    # Unless told otherwise, the evaluation joins its training run's experiment (the UI nests it there).
+    joined = train_id and not experiment_name_given(cfg.experiment)
+    same_experiment = link.get("experiment_id", "") if joined else ""
     tracked = open_run(cfg.tracking_uri, cfg.experiment, f"{run.root.resolve().name}-eval-{cfg.split}",
-                       params=to_dict(cfg), tags=tags)
+                       params=to_dict(cfg), tags=tags, experiment_id=same_experiment)
     with ending(tracked):
         scalars = scalar_metrics(metrics)
         tracked.log_metrics(scalars)

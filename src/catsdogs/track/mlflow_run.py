@@ -43,6 +43,11 @@ def experiment_name(given: str = "") -> str:
     return given or os.environ.get(EXPERIMENT_ENV, "") or DEFAULT_EXPERIMENT
 
 
+def experiment_name_given(given: str = "") -> bool:
+    """True when ``--experiment`` or ``$MLFLOW_EXPERIMENT_NAME`` names an experiment."""
+    return bool(given or os.environ.get(EXPERIMENT_ENV, ""))
+
+
 def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Return a config dict as MLflow params: nested dicts as ``a.b`` keys, values as strings."""
     out: dict[str, str] = {}
@@ -210,10 +215,11 @@ def _short(exc: BaseException) -> str:
 
 def open_run(given_uri: str, experiment: str, run_name: str, *, params: Mapping[str, Any] | None = None,
              tags: Mapping[str, Any] | None = None, parent: TrackedRun | None = None,
-             resume_run_id: str = "") -> TrackedRun:
+             resume_run_id: str = "", experiment_id: str = "") -> TrackedRun:
     """Start (or with ``resume_run_id`` reopen) an MLflow run; a no-op run when tracking is off or fails.
 
     A ``parent`` nests the run under it (tune's trials under the study); it shares the parent's client.
+    ``experiment_id`` (an existing experiment) takes the place of ``experiment``'s name.
     """
     if parent is not None and not parent.active:
         return TrackedRun()
@@ -223,7 +229,7 @@ def open_run(given_uri: str, experiment: str, run_name: str, *, params: Mapping[
     client_defaults()
     try:
         t0 = time.perf_counter()
-        started = _start(uri, experiment, run_name, tags or {}, parent, resume_run_id)
+        started = _start(uri, experiment, run_name, tags or {}, parent, resume_run_id, experiment_id)
         assert started._conn is not None
         started._conn.seconds += time.perf_counter() - t0  # includes importing mlflow
     except Exception as exc:  # noqa: BLE001 - a server that is down must not stop the command
@@ -239,7 +245,7 @@ def open_run(given_uri: str, experiment: str, run_name: str, *, params: Mapping[
 
 
 def _start(uri: str, experiment: str, run_name: str, tags: Mapping[str, Any], parent: TrackedRun | None,
-           resume_run_id: str) -> TrackedRun:
+           resume_run_id: str, experiment_id: str) -> TrackedRun:
     """Create (or reopen) the run on the server; raises on any MLflow failure."""
     if parent is not None and parent._conn is not None:
         conn = parent._conn
@@ -249,7 +255,7 @@ def _start(uri: str, experiment: str, run_name: str, tags: Mapping[str, Any], pa
         except ImportError:
             raise RuntimeError("mlflow-skinny is not installed (pip install mlflow-skinny)") from None
         client = MlflowClient(uri, registry_uri=uri)
-        conn = _Connection(client, uri, _experiment_id(client, experiment_name(experiment)))
+        conn = _Connection(client, uri, experiment_id or _experiment_id(client, experiment_name(experiment)))
     client = conn.client
     if resume_run_id:
         run_id = client.get_run(resume_run_id).info.run_id
