@@ -204,7 +204,8 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     for name, scores in metrics.get("per_class", {}).items():
         for key in ("precision", "recall", "f1-score"):
             if isinstance(scores.get(key), int | float):
-                out[f"{key.replace('-score', '')}_{name}"] = scores[key]
+                # "macro avg" -> macro_avg: metric names without spaces are easier to search and chart.
+                out[f"{key.replace('-score', '')}_{name.replace(' ', '_')}"] = scores[key]
     return out
 
 
