@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -219,7 +220,7 @@ def test_tracking_off_logs_nothing_and_imports_no_mlflow(shards: Path, tmp_path:
     code = ("import sys; from catsdogs.cli import main; "
             f"rc = main({train_args(shards, tmp_path / 'run', '--epochs', '1')!r}); "
             "print('MLFLOW' if 'mlflow' in sys.modules else 'NONE', rc)")
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
                          timeout=300)
     assert out.stdout.strip().splitlines()[-1] == "NONE 0", out.stderr[-2000:]
