@@ -216,6 +216,30 @@ def test_tune_logs_the_study_with_each_trial_nested(live: MlflowServer, shards: 
     assert "study.csv" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
 
 
+def test_resume_continues_the_same_mlflow_run(live: MlflowServer, shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    base = ["train", "--data", str(shards), "--out", str(out), "--batch-size", "16", "--threads", "1",
+            "--buffer-rows", "32", "--tracking-uri", live.uri]
+    assert cli([*base, "--epochs", "2"]) == 0
+    first = json.loads((out / rundir.MLFLOW_LINK_NAME).read_text())["run_id"]
+    assert cli([*base, "--epochs", "3", "--resume"]) == 0
+    assert json.loads((out / rundir.MLFLOW_LINK_NAME).read_text())["run_id"] == first
+    client = MlflowClient(live.uri)
+    assert [m.step for m in client.get_metric_history(first, "val_loss")] == [1, 2, 3]
+    run = client.get_run(first)
+    assert run.info.status == "FINISHED" and run.data.params["epochs"] == "2"  # params are write-once
+
+
+def test_uri_helpers() -> None:
+    from catsdogs.track.mlflow_run import flatten_params
+    from catsdogs.track.registry import mlflow_scheme
+
+    assert [mlflow_scheme(v) for v in ("models:/m/1", "models:/m@prod", "runs:/abc/model", "/runs/x",
+                                       "s3a://b/k", "")] == ["models", "models", "runs", "", "", ""]
+    assert flatten_params({"a": 1, "b": {"c": "x", "d": {}}, "e": [1]}) == {"a": "1", "b.c": "x", "b.d": "{}",
+                                                                         "e": "[1]"}
+
+
 def test_tracking_off_logs_nothing_and_imports_no_mlflow(shards: Path, tmp_path: Path) -> None:
     code = ("import sys; from catsdogs.cli import main; "
             f"rc = main({train_args(shards, tmp_path / 'run', '--epochs', '1')!r}); "
