@@ -87,6 +87,11 @@ TRAINING = ("catsdogs.train.loop", "catsdogs.train.launch", "catsdogs.train.stre
     ("catsdogs.shards.reader", ("catsdogs.train.", "catsdogs.config", "catsdogs.preprocess.")),
     ("catsdogs.preprocess.task",
      ("catsdogs.train.", "catsdogs.infer.", "catsdogs.serve.", "catsdogs.config")),
+    # Tracking is stage-neutral: the stages call it, it knows none of them (its model uses the predictor).
+    ("catsdogs.track.mlflow_run", ("catsdogs.train.", "catsdogs.evaluate.", "catsdogs.preprocess.",
+                                   "catsdogs.serve.", "catsdogs.config", "catsdogs.cli")),
+    ("catsdogs.track.registry", ("catsdogs.train.", "catsdogs.evaluate.", "catsdogs.infer.",
+                                 "catsdogs.serve.", "catsdogs.config", "catsdogs.cli")),
 ])
 def test_layering(source: str, forbidden: tuple[str, ...]) -> None:
     """Serve never reaches Spark, models know no CLI, the loader knows nothing of the loop."""
@@ -95,7 +100,8 @@ def test_layering(source: str, forbidden: tuple[str, ...]) -> None:
     assert not bad, f"{source} reaches {bad}"
 
 
-RUN_FOLDER_NAMES = ("best.pt", "last.pt", "metrics.csv", "report.html", "run_config.json", "model.onnx")
+RUN_FOLDER_NAMES = ("best.pt", "last.pt", "metrics.csv", "report.html", "run_config.json", "model.onnx",
+                    "mlflow.json")
 
 
 def test_run_folder_names_are_spelled_in_rundir_only() -> None:
@@ -108,8 +114,9 @@ def test_run_folder_names_are_spelled_in_rundir_only() -> None:
     assert {m for mods in spelled.values() for m in mods} == {"catsdogs.rundir"}, spelled
 
 
-def test_cli_start_imports_neither_torch_nor_spark() -> None:
-    """``catsdogs --help`` and every flag check must not pay for torch (~1.7 s) or pyspark."""
-    code = "import sys, catsdogs.cli; print(sorted(m for m in ('torch', 'pyspark') if m in sys.modules))"
+def test_cli_start_imports_neither_torch_nor_spark_nor_mlflow() -> None:
+    """``catsdogs --help`` and every flag check must not pay for torch (~1.7 s), pyspark or mlflow."""
+    code = ("import sys, catsdogs.cli; "
+            "print(sorted(m for m in ('torch', 'pyspark', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -62,7 +62,9 @@ def _parse_kv(text: str) -> tuple[str, str]:
 def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per dataclass field; defaults are suppressed so we know what was given."""
     docs = cfgmod.field_docs(cls)
-    for f in dataclasses.fields(cls):
+    # The command's own flags first, shared ones (TrackingConfig's) after them in --help.
+    own = set(cls.__dict__.get("__annotations__", {}))
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         typ = f.type if isinstance(f.type, str) else str(f.type)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         helptext = f"{docs.get(f.name, '')} (default: {default!r})"

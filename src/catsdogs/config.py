@@ -29,6 +29,7 @@ from catsdogs.io.storage import SCHEMES, scheme_of
 from catsdogs.models.registry import model_names
 from catsdogs.models.transforms import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
 from catsdogs.shards.writer import FORMATS
+from catsdogs.track.registry import mlflow_scheme
 from catsdogs.train.schedule import SCHEDULES
 
 C = TypeVar("C")
@@ -56,6 +57,17 @@ def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = datacl
     meta = {k: v for k, v in (("choices", choices), ("gt", gt), ("ge", ge), ("lt", lt), ("le", le),
                               ("required", required)) if v not in (None, "")}
     return field(default=default, default_factory=default_factory, metadata=meta)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow settings shared by the commands that log to or load from a tracking server."""
+
+    tracking_uri: str = ""
+    """MLflow tracking server (http://HOST:PORT) or store URI to log runs to and load models:/ from;
+    default: $MLFLOW_TRACKING_URI; neither set = tracking off (nothing imported, nothing sent)."""
+    experiment: str = ""
+    """MLflow experiment the runs go into (default: $MLFLOW_EXPERIMENT_NAME, else catsdogs)."""
 
 
 @dataclass
@@ -105,7 +117,7 @@ class PreprocessConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(TrackingConfig):
     """Settings of ``catsdogs train``."""
 
     data: str = setting("", required="the shards folder written by catsdogs preprocess")
@@ -183,10 +195,13 @@ class TrainConfig:
     """Extra Spark settings for --distributed, key=value (config file or repeated --spark-conf)."""
     max_steps: int = setting(0, ge=0)
     """Stop after this many optimiser steps in total (0 = no limit); for smoke tests."""
+    register: str = ""
+    """With tracking on: register the trained model in the MLflow model registry under this name (a new
+    version each run); load it back with --run models:/NAME/VERSION."""
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(TrackingConfig):
     """Settings of ``catsdogs evaluate``."""
 
     run: str = setting("", required="the run folder written by 'catsdogs train'")
@@ -219,13 +234,14 @@ class EvaluateConfig:
 
 
 @dataclass
-class PredictConfig:
+class PredictConfig(TrackingConfig):
     """Settings of ``catsdogs predict``."""
 
     paths: list[str] = field(default_factory=list)
     """Image files, folders (searched recursively) or glob patterns."""
     run: str = setting("", required="the run folder (or .pt checkpoint) with the trained model")
-    """Run folder (or a .pt checkpoint) with the trained model."""
+    """Run folder (or a .pt checkpoint) with the trained model, or an MLflow model: models:/NAME/VERSION,
+    models:/NAME@ALIAS or runs:/RUN_ID/model (downloaded once into the cache folder)."""
     output: str = ""
     """Write results here: .csv or .json (default: print CSV to stdout)."""
     batch_size: int = setting(64, gt=0)
@@ -249,11 +265,12 @@ class PredictConfig:
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(TrackingConfig):
     """Settings of ``catsdogs serve``."""
 
     run: str = setting("", required="the run folder (or .pt checkpoint) with the trained model")
-    """Run folder (or a .pt checkpoint) with the trained model."""
+    """Run folder (or a .pt checkpoint) with the trained model, or an MLflow model: models:/NAME/VERSION,
+    models:/NAME@ALIAS or runs:/RUN_ID/model (downloaded once into the cache folder)."""
     host: str = "127.0.0.1"
     """Address to bind; loopback by default so nothing is exposed by accident."""
     port: int = setting(8000, ge=1, le=65535)
@@ -333,7 +350,7 @@ class ExportConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(TrackingConfig):
     """Settings of ``catsdogs run`` (preprocess, train, evaluate in one go)."""
 
     data: str = ""
@@ -354,10 +371,12 @@ class RunConfig:
     """Spark master URL for preprocessing."""
     seed: int = 0
     """Training seed."""
+    register: str = ""
+    """With tracking on: register the trained model in the MLflow model registry under this name."""
 
 
 @dataclass
-class TuneConfig:
+class TuneConfig(TrackingConfig):
     """Settings of ``catsdogs tune``."""
 
     data: str = setting("", required="the shards folder written by catsdogs preprocess")
@@ -380,18 +399,19 @@ class TuneConfig:
 
 def field_docs(cls: type) -> dict[str, str]:
     """Return each field's docstring (the string literal placed under it) for CLI help."""
-    tree = ast.parse(inspect.getsource(cls))
     docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = nxt.value.value.strip()
+    # Base classes first (shared fields such as TrackingConfig's), so a subclass could re-document one.
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(inspect.getsource(klass)).body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = nxt.value.value.strip()
     return docs
 
 
@@ -433,7 +453,8 @@ def build_config(cls: type[C], *layers: dict[str, Any]) -> C:
         value = getattr(cfg, key, None)
         if isinstance(value, str) and value:
             remote_ok = key in REMOTE_FIELDS.get(cls.__name__, ())
-            setattr(cfg, key, local_path(value, flag(key), remote_ok))
+            mlflow_ok = key in MLFLOW_FIELDS.get(cls.__name__, ())
+            setattr(cfg, key, local_path(value, flag(key), remote_ok, mlflow_ok))
     validate(cfg)
     return cfg
 
@@ -450,11 +471,27 @@ REMOTE_FIELDS: dict[str, tuple[str, ...]] = {
 and the shards, the data that outgrows one machine. Runs and models stay on local disk."""
 
 
-def local_path(value: str, flag_name: str, remote_ok: bool = False) -> str:
-    """Turn a ``file://`` URI into a path; keep s3a:// and hdfs:// URIs where ``remote_ok``.
+MLFLOW_FIELDS: dict[str, tuple[str, ...]] = {
+    "PredictConfig": ("run",),
+    "ServeConfig": ("run",),
+}
+"""Settings that also take MLflow model URIs (models:/NAME/VERSION, runs:/ID/model): the commands that
+only read a model. Evaluate and export write into the run folder, which a registry model does not have."""
+
+
+def local_path(value: str, flag_name: str, remote_ok: bool = False, mlflow_ok: bool = False) -> str:
+    """Turn a ``file://`` URI into a path; keep remote URIs where ``remote_ok``, MLflow's where ``mlflow_ok``.
+
+    s3a:// and hdfs:// are the remote ones; MLflow's are models:/ and runs:/ model URIs.
 
     Any other scheme is refused with a hint: storage that every node mounts works through its path.
     """
+    scheme = mlflow_scheme(value)
+    if scheme:
+        if mlflow_ok:
+            return value
+        raise ConfigError(f"{flag_name} {value!r}: only --run of predict and serve loads {scheme}:/ "
+                          f"models from MLflow; download it first or pass a run folder")
     if value.startswith("file:"):
         parsed = urlparse(value)
         if parsed.netloc not in ("", "localhost"):

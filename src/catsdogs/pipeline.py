@@ -110,7 +110,8 @@ def train_config(cfg: RunConfig, shards: Path, out: Path) -> TrainConfig:
     run_flags = {k: getattr(cfg, k) for k in ("model", "epochs", "seed")
                  if not cfg.train_config or getattr(cfg, k) != getattr(defaults, k)}
     layers.append(run_flags)
-    layers.append({"data": str(shards), "out": str(out)})
+    layers.append({"data": str(shards), "out": str(out), "tracking_uri": cfg.tracking_uri,
+                   "experiment": cfg.experiment, "register": cfg.register})
     try:
         return build_config(TrainConfig, *layers)
     except ConfigError as exc:
@@ -162,7 +163,8 @@ def main(cfg: RunConfig) -> int:
     print(f"[3/3] evaluate: test split into {eval_out}", flush=True)
     ev_cfg = build_config(EvaluateConfig, {"run": str(out), "data": str(shards), "out": str(eval_out),
                                            "device": tr_cfg.device, "threads": tr_cfg.threads,
-                                           "checkpoint": BEST_CKPT})  # TTA etc.: the run's recorded
+                                           "checkpoint": BEST_CKPT,  # TTA, reject, temperature: the run's own
+                                           "tracking_uri": cfg.tracking_uri, "experiment": cfg.experiment})
     code = evaluate.main(ev_cfg)
     if code:
         return code

@@ -8,6 +8,7 @@ The one module that spells the run folder's layout; every stage asks it for path
     RUN/metrics.csv            one row per epoch             (train; read by evaluate)
     RUN/model.onnx, model.ts   exports                       (export, serve --backend onnx)
     RUN/eval/                  metrics.json, report.html ... (evaluate; shown by serve)
+    RUN/mlflow.json            the MLflow run it was logged to (train with tracking; read by evaluate)
 
 Light on purpose (csv and json only, no torch): the config takes its defaults from here.
 """
@@ -38,6 +39,8 @@ EVAL_DIR = "eval"
 """Default output folder of ``catsdogs evaluate`` inside the run."""
 EVAL_METRICS_NAME = "metrics.json"
 REPORT_NAME = "report.html"
+MLFLOW_LINK_NAME = "mlflow.json"
+"""Tracking server, experiment and run id of the MLflow run a training run logged to."""
 EXPORT_NAMES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.ts"}
 """Default file of each ``catsdogs export --format``; the keys are the format choices."""
 
@@ -92,6 +95,10 @@ class RunDir:
     @property
     def eval_metrics(self) -> Path:
         return self.eval_dir / EVAL_METRICS_NAME
+
+    @property
+    def mlflow_link(self) -> Path:
+        return self.root / MLFLOW_LINK_NAME
 
     def export(self, fmt: str) -> Path:
         """Return the default export file of ``fmt`` (onnx or torchscript)."""

@@ -38,11 +38,14 @@ from catsdogs.infer.explain import Explainer, overlay
 from catsdogs.infer.predictor import Predictor
 from catsdogs.io import storage
 from catsdogs.io.atomic import atomic_write_text
-from catsdogs.rundir import EVAL_METRICS_NAME, REPORT_NAME, RunDir, read_history
+from catsdogs.rundir import EVAL_DIR, EVAL_METRICS_NAME, REPORT_NAME, RunDir, read_history
 from catsdogs.runtime import setup
 from catsdogs.shards.cache import local_shards
 from catsdogs.shards.manifest import Manifest, load_manifest
 from catsdogs.shards.reader import iter_batches, load_rows
+from catsdogs.track.lineage import TAG_PREFIX, data_tags, git_tags
+from catsdogs.track.mlflow_run import PARENT_TAG, ending, experiment_name_given, open_run, read_link
+from catsdogs.track.registry import tracking_uri
 
 OUTPUT_FILES: tuple[str, ...] = (
     EVAL_METRICS_NAME, "classification_report.txt", "predictions.csv", "confusion_matrix.png",
@@ -254,7 +257,53 @@ def main(cfg: EvaluateConfig) -> int:
         created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     ))
     print(summary(metrics, page))
+    log_evaluation(resolved, RunDir(run_dir), out, metrics, source, data, manifest)
     return 0
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of metrics.json worth charting: accuracy, AUC, log loss, errors, per-class scores."""
+    out = {k: metrics[k] for k in ("accuracy", "roc_auc", "log_loss", "errors", "n")
+           if isinstance(metrics.get(k), int | float)}
+    for name, scores in metrics.get("per_class", {}).items():
+        for key in ("precision", "recall", "f1-score"):
+            if isinstance(scores.get(key), int | float):
+                # "macro avg" -> macro_avg: metric names without spaces are easier to search and chart.
+                out[f"{key.replace('-score', '')}_{name.replace(' ', '_')}"] = scores[key]
+    return out
+
+
+def log_evaluation(cfg: EvaluateConfig, run: RunDir, out: Path, metrics: dict[str, Any], source: str,
+                   data: Path, manifest: Manifest) -> None:
+    """With tracking on: log this evaluation as an MLflow run nested under the run's training run.
+
+    Params are the resolved config, metrics the scalar results, artifacts everything in ``out`` (PNGs,
+    report.html, metrics.json, ...). The two runs are linked both ways by tags, and the training run
+    also gets the results as ``test_*`` metrics (``<split>_*``) and the report under ``eval/``, so
+    one table compares trained models and each links its report.
+    """
+    if not tracking_uri(cfg.tracking_uri):
+        return
+    link = read_link(run.mlflow_link)
+    train_id = link.get("run_id", "") if link.get("tracking_uri") == tracking_uri(cfg.tracking_uri) else ""
+    tags = {**data_tags(source, data, manifest), **git_tags(), f"{TAG_PREFIX}command": "evaluate",
+            f"{TAG_PREFIX}split": cfg.split, f"{TAG_PREFIX}run_folder": str(run.root.resolve())}
+    if train_id:
+        tags.update({f"{TAG_PREFIX}training_run_id": train_id, PARENT_TAG: train_id})
+    # Unless told otherwise, the evaluation joins its training run's experiment (the UI nests it there).
+    joined = train_id and not experiment_name_given(cfg.experiment)
+    same_experiment = link.get("experiment_id", "") if joined else ""
+    tracked = open_run(cfg.tracking_uri, cfg.experiment, f"{run.root.resolve().name}-eval-{cfg.split}",
+                       params=to_dict(cfg), tags=tags, experiment_id=same_experiment)
+    with ending(tracked):
+        scalars = scalar_metrics(metrics)
+        tracked.log_metrics(scalars)
+        tracked.log_artifacts(out)
+        if train_id and tracked.active:
+            training = tracked.other(train_id)
+            training.set_tags({f"{TAG_PREFIX}evaluation_run_id": tracked.run_id})
+            training.log_metrics({f"{cfg.split}_{k}": v for k, v in scalars.items()})
+            training.log_artifacts(out, EVAL_DIR)
 
 
 def summary(metrics: dict[str, Any], page: Path) -> str:

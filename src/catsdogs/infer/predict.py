@@ -31,6 +31,7 @@ from catsdogs.infer.explain import explain_files
 from catsdogs.infer.predictor import Predictor
 from catsdogs.io.atomic import atomic_open
 from catsdogs.runtime import cores, setup
+from catsdogs.track.registry import local_run
 
 CSV_COLUMNS: tuple[str, ...] = ("path", "label", "probability", "error", "ood_score")
 """``label`` is ``unknown`` for an image the run's detector rejects (``probability`` is still that of
@@ -221,8 +222,9 @@ def main(cfg: PredictConfig) -> int:
     check_explain(cfg.explain)
     files = expand_paths(cfg.paths)
     check_required(cfg)
+    run = local_run(cfg.run, cfg.tracking_uri)  # models:/ or runs:/ -> a downloaded run folder
     device = setup(cfg.threads, cfg.device)
-    predictor = Predictor.from_run(cfg.run, device, tta=cfg.tta, reject=cfg.reject, calibrate=cfg.calibrate)
+    predictor = Predictor.from_run(run, device, tta=cfg.tta, reject=cfg.reject, calibrate=cfg.calibrate)
     workers = min(_MAX_DECODE_WORKERS, cores())
     start = time.perf_counter()
     rows = predict_files(predictor, files, batch_size=cfg.batch_size,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import errno
 import json
 import socket
@@ -55,6 +56,7 @@ from catsdogs.serve.batcher import MicroBatcher
 from catsdogs.serve.connections import uvicorn_config
 from catsdogs.serve.security import install_security
 from catsdogs.serve.uploads import ApiError, Part, parse_multipart, read_body
+from catsdogs.track.registry import local_run
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Decode threads: Pillow releases the GIL while decoding, so a few threads use the cores; more than
@@ -380,6 +382,8 @@ def main(cfg: ServeConfig) -> int:
     """Run ``catsdogs serve``: bind the port, load the model, serve until interrupted."""
     check_required(cfg)
     check_exposure(cfg, load_api_key(cfg))  # an open API on a public address stops here, before binding
+    # models:/ or runs:/ -> a downloaded run folder, once: the report and metrics routes read it too.
+    cfg = dataclasses.replace(cfg, run=local_run(cfg.run, cfg.tracking_uri))
     sock = bind_socket(cfg.host, cfg.port)
     try:
         backend = load_backend(cfg)  # a bad --run fails here with one line, before serving

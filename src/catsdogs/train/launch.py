@@ -35,9 +35,11 @@ from catsdogs.runtime import select_device
 from catsdogs.shards.cache import fetch_manifest, local_shards
 from catsdogs.shards.manifest import load_manifest
 from catsdogs.spark import get_spark, is_local
+from catsdogs.track.mlflow_run import ending
 from catsdogs.train.ddp import backend_for
 from catsdogs.train.frozen import train_frozen
 from catsdogs.train.loop import train_worker
+from catsdogs.train.tracking import finish_training_run, log_epoch, open_training_run
 
 FREEZE_MODES: tuple[str, ...] = ("none", "backbone")
 """Values of ``--freeze``: fine-tune everything, or fit only the head on frozen backbone features."""
@@ -175,7 +177,15 @@ def train_distributed(cfg: TrainConfig) -> list[dict[str, str]]:
 def main(cfg: TrainConfig) -> int:
     """Entry point of ``catsdogs train``: frozen head, N DDP processes, or the loop in this process."""
     if cfg.freeze == "backbone":
-        metrics = train_frozen(cfg)
+        tracked = open_training_run(cfg)
+        with ending(tracked):
+            metrics = train_frozen(cfg)
+            log_epoch(tracked, {"epoch": 1, **metrics})
+            # The loop's final names (one column across runs), plus the head's own facts.
+            finish_training_run(tracked, cfg, {"best_val_loss": metrics["val_loss"],
+                                               "best_val_acc": metrics["val_acc"], "best_epoch": 1,
+                                               "epochs": 1, "C": metrics["C"],
+                                               "feature_seconds": metrics["feature_seconds"]})
         print(f"best checkpoint: {RunDir(Path(cfg.out)).best} (val_acc {metrics['val_acc']:.4f})")
         return 0
     if cfg.distributed:

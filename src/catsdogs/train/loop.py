@@ -50,18 +50,20 @@ from catsdogs.rundir import MetricsLog, RunDir
 from catsdogs.runtime import setup
 from catsdogs.shards.cache import local_shards
 from catsdogs.shards.manifest import Manifest, load_manifest
+from catsdogs.track.mlflow_run import TrackedRun, ending
 from catsdogs.train.augment import augment_batch
 from catsdogs.train.confidence import TRAIN_FEATURE_ROWS, feature_pass, fit_confidence
 from catsdogs.train.ddp import all_reduce_sum, check_replicas
 from catsdogs.train.ema import EMA
 from catsdogs.train.schedule import lr_at
 from catsdogs.train.stream import split_stream
+from catsdogs.train.tracking import finish_training_run, log_epoch, open_training_run
 
 AUGMENT_MAX_SHIFT = 4
 """Largest random translation in pixels (6% of a 64 px image), reflect-padded."""
 AUGMENT_SEED_OFFSET = 7919
 """Added to --seed for the augmentation generator so it is independent of weight init."""
-PER_INVOCATION = frozenset({"resume", "max_steps", "out"})
+PER_INVOCATION = frozenset({"resume", "max_steps", "out", "tracking_uri", "experiment", "register"})
 """Settings that belong to one command invocation and are never taken over from the checkpoint."""
 RESUME_CHANGEABLE = frozenset({"master", "spark_conf", "epochs", "checkpoint_every", "workers", "threads",
                                "device", "patience", "amp"})
@@ -445,11 +447,20 @@ class Trainer:
 def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> Progress:
     """Run the training loop as one of ``world_size`` processes (DDP wraps this); only rank 0 writes."""
     trainer = Trainer(cfg, rank, world_size)
-    progress = trainer.fit()
-    if world_size > 1:
-        check_replicas(trainer.model)  # every rank must end with rank 0's weights
-    if rank == 0 and trainer.run.best.is_file():
-        add_confidence(trainer)
+    # Rank 0 alone talks to MLflow; a refused --out (Trainer above) never opens an MLflow run.
+    tracked = open_training_run(cfg, trainer.manifest, trainer.data) if rank == 0 else TrackedRun()
+    trainer.on_epoch = lambda row: log_epoch(tracked, row)
+    start_epoch = trainer.p.epoch
+    with ending(tracked):
+        progress = trainer.fit()
+        if world_size > 1:
+            check_replicas(trainer.model)  # every rank must end with rank 0's weights
+        if rank == 0 and trainer.run.best.is_file():
+            add_confidence(trainer)  # before the model is logged: the logged best.pt carries the detector
+        finish_training_run(tracked, cfg, {"best_val_loss": progress.best_val_loss,
+                                           "best_val_acc": progress.best_val_acc,
+                                           "best_epoch": progress.best_epoch, "epochs": progress.epoch},
+                            log_model=progress.epoch > start_epoch or start_epoch == 0)
     if rank == 0:
         best = trainer.run.best
         why = f" (stopped: {trainer.stop_reason})" if trainer.stop_reason else ""

@@ -23,7 +23,11 @@ from catsdogs.errors import ConfigError
 from catsdogs.io.atomic import atomic_write_text
 from catsdogs.models.registry import pretrained_names
 from catsdogs.shards.manifest import load_manifest
+from catsdogs.track.lineage import TAG_PREFIX, data_tags, git_tags
+from catsdogs.track.mlflow_run import ending, open_run
+from catsdogs.track.registry import tracking_uri
 from catsdogs.train.loop import Trainer
+from catsdogs.train.tracking import log_epoch
 
 log = logging.getLogger(__name__)
 # optuna (~0.2 s) and matplotlib (~1.3 s) are imported inside the functions that use them: the tests
@@ -35,7 +39,8 @@ HISTORY_PNG = "optimization_history.png"
 IMPORTANCE_PNG = "param_importances.png"
 # Settings fixed for every trial: the tricks that measured as always helping, see docs/models.md.
 FIXED: dict[str, Any] = {"augment": True, "tta": True}
-PER_TRIAL_EXCLUDED = frozenset({"out", "resume", "max_steps", "checkpoint_every", "distributed"})
+PER_TRIAL_EXCLUDED = frozenset({"out", "resume", "max_steps", "checkpoint_every", "distributed",
+                                "tracking_uri", "experiment", "register"})
 """TrainConfig fields that belong to one invocation and are left out of best_config.json."""
 
 
@@ -72,7 +77,7 @@ def suggest(trial: Any, model: str) -> dict[str, Any]:
 def trial_config(cfg: TuneConfig, params: dict[str, Any], out: Path) -> TrainConfig:
     """Build the TrainConfig of one trial (validated like a command-line config)."""
     base = {"data": cfg.data, "out": str(out), "model": cfg.model, "epochs": cfg.epochs, "seed": cfg.seed,
-            "threads": cfg.threads}
+            "threads": cfg.threads, "tracking_uri": cfg.tracking_uri, "experiment": cfg.experiment}
     return build_config(TrainConfig, base, FIXED, params)
 
 
@@ -101,6 +106,9 @@ def run_study(cfg: TuneConfig) -> Any:
     trials_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / schema.CONFIG_NAME)
     state: dict[str, Any] = {"best_value": -math.inf, "best_number": None}
+    # The study is one MLflow run, each trial a run nested under it (no-ops when tracking is off).
+    study_run = open_run(cfg.tracking_uri, cfg.experiment, f"tune-{out.resolve().name}", params=to_dict(cfg),
+                         tags={**tracking_tags(cfg, manifest), f"{TAG_PREFIX}command": "tune"})
 
     def objective(trial: optuna.Trial) -> float:
         folder = trials_dir / f"{trial.number:04d}"
@@ -110,9 +118,12 @@ def run_study(cfg: TuneConfig) -> Any:
         trial.set_user_attr("config", best_config_dict(train_cfg))
         trainer = Trainer(train_cfg)
         best_acc = 0.0
+        trial_run = open_run("", "", f"trial-{trial.number:04d}", params=to_dict(train_cfg),
+                             tags={f"{TAG_PREFIX}trial": trial.number}, parent=study_run)
 
         def report(row: dict[str, float | int]) -> None:
             nonlocal best_acc
+            log_epoch(trial_run, row)
             best_acc = max(best_acc, float(row["val_acc"]))
             trial.report(float(row["val_acc"]), int(row["epoch"]))
             if trial.should_prune():
@@ -120,7 +131,16 @@ def run_study(cfg: TuneConfig) -> Any:
 
         trainer.on_epoch = report
         try:
-            trainer.fit()
+            with ending(trial_run):
+                try:
+                    trainer.fit()
+                except optuna.TrialPruned:
+                    trial_run.set_tags({f"{TAG_PREFIX}trial_state": "pruned"})
+                    trial_run.log_metrics({"best_val_acc": best_acc})
+                    trial_run.finish("KILLED")  # MLflow's status for a run stopped before its end
+                    raise
+                trial_run.set_tags({f"{TAG_PREFIX}trial_state": "complete"})
+                trial_run.log_metrics({"best_val_acc": best_acc})
         except optuna.TrialPruned:
             _prune_files(folder)
             raise
@@ -141,9 +161,22 @@ def run_study(cfg: TuneConfig) -> Any:
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )
     # timeout stops starting new trials after --minutes; a running trial finishes its epochs.
-    study.optimize(objective, n_trials=cfg.trials, timeout=cfg.minutes * 60.0, catch=())
-    write_outputs(study, out)
+    with ending(study_run):
+        study.optimize(objective, n_trials=cfg.trials, timeout=cfg.minutes * 60.0, catch=())
+        write_outputs(study, out)
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        study_run.log_metrics({"trials": len(study.trials), "complete_trials": len(complete),
+                               **({"best_val_acc": study.best_value} if complete else {})})
+        for name in (STUDY_CSV, BEST_CONFIG, HISTORY_PNG, IMPORTANCE_PNG):
+            study_run.log_artifact(out / name)
     return study
+
+
+def tracking_tags(cfg: TuneConfig, manifest: Any) -> dict[str, str]:
+    """The study run's lineage tags (computed only when tracking is on: it hashes files.csv)."""
+    if not tracking_uri(cfg.tracking_uri):
+        return {}
+    return {**data_tags(cfg.data, cfg.data, manifest), **git_tags()}
 
 
 def write_outputs(study: Any, out: Path) -> None:
