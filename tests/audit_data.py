@@ -32,9 +32,11 @@ def photo(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     for _ in range(4):
         x0, y0 = rng.integers(0, size - 8, 2)
         w, h = rng.integers(6, size // 2, 2)
-        draw.ellipse((int(x0), int(y0), int(x0 + w), int(y0 + h)), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        draw.ellipse((int(x0), int(y0), int(x0 + w), int(y0 + h)), fill=colour)
     yy, xx = np.mgrid[0:size, 0:size]
-    wave = np.sin(2 * np.pi * (yy if label == 0 else xx) / rng.uniform(size / 8, size / 5) + rng.uniform(0, 6.3))
+    period, phase = rng.uniform(size / 8, size / 5), rng.uniform(0, 6.3)
+    wave = np.sin(2 * np.pi * (yy if label == 0 else xx) / period + phase)
     out = 0.6 * np.asarray(img, dtype=np.float32) + 0.4 * (127 + 127 * wave)[..., None]
     return np.clip(out, 0, 255).astype(np.uint8)
 
@@ -105,7 +107,8 @@ def make_faulty_shards(root: Path, counts: dict[str, int] | None = None, size: i
                 r = w.add(img, label)
                 files.append((path, split, 0, r, label))
         infos.append(w.info)
-        per_split[split] = {c: sum(1 for _, lab, _ in items if lab == k) for k, c in enumerate(("Cat", "Dog"))}
+        per_split[split] = {c: sum(1 for _, lab, _ in items if lab == k)
+                            for k, c in enumerate(("Cat", "Dog"))}
         faults.paths[split] = [p for _, _, p in items]
     save_manifest(Manifest(classes=["Cat", "Dog"], size=size, resize="stretch", mean=[120.0] * 3,
                            std=[60.0] * 3, shards=infos, counts=per_split), root)

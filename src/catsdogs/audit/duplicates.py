@@ -41,20 +41,29 @@ def exact_pairs(hashes: np.ndarray) -> set[tuple[int, int]]:
     return pairs
 
 
+def _unit(descriptor: np.ndarray) -> np.ndarray:
+    """Centre each descriptor on its own mean (a uniformly brighter copy still matches), unit norm."""
+    return unit_rows(descriptor - descriptor.mean(1, keepdims=True))
+
+
 def near_pairs(descriptor: np.ndarray, threshold: float, neighbours: int, chunk_rows: int,
                progress: bool = True) -> dict[tuple[int, int], float]:
     """Return ``{(a, b): similarity}``, ``a < b``, of descriptor cosine similarity >= ``threshold``.
 
-    Each descriptor is centred on its own mean first (so a uniformly brighter copy still matches).
+    ``descriptor`` is ``(n, v, d)``: variant 0 describes the whole image, the others its central crops.
+    Every variant of every image is compared with the whole of every other image, so a cropped copy
+    matches its original's crop; a pair's similarity is its best over the variants.
     """
-    z = unit_rows(descriptor - descriptor.mean(1, keepdims=True))
-    idx, sim = topk(z, z, neighbours + 1, chunk_rows, same=np.arange(len(z)), desc="near duplicates",
-                    progress=progress)
+    base = _unit(descriptor[:, 0])
     found: dict[tuple[int, int], float] = {}
-    for i, c in zip(*np.nonzero(sim >= threshold), strict=True):
-        j = int(idx[i, c])
-        key = (min(int(i), j), max(int(i), j))
-        found[key] = max(found.get(key, -1.0), float(sim[i, c]))
+    for v in range(descriptor.shape[1]):
+        query = base if v == 0 else _unit(descriptor[:, v])
+        idx, sim = topk(query, base, neighbours + 1, chunk_rows, same=np.arange(len(base)),
+                        desc=f"near duplicates {v + 1}/{descriptor.shape[1]}", progress=progress)
+        for i, c in zip(*np.nonzero(sim >= threshold), strict=True):
+            j = int(idx[i, c])
+            key = (min(int(i), j), max(int(i), j))
+            found[key] = max(found.get(key, -1.0), float(sim[i, c]))
     return found
 
 
