@@ -331,6 +331,10 @@ class AuditConfig:
     run: str = ""
     """Run folder (or .pt checkpoint) of a trained EfficientNet-Lite model whose backbone gives the
     features (default: EfficientNet-Lite0 ImageNet weights at the shards' size)."""
+    size: int = setting(0, ge=0)
+    """Side the backbone sees, resized in torch from the shards (0 = the shards' size, or the run's
+    size with --run). Upsampling 64 px shards to 180 costs ~8x the feature time and separates the
+    classes better (docs/audit.md)."""
     batch_size: int = setting(64, gt=0)
     """Images per forward pass of the feature extractor."""
     threads: int = setting(0, ge=0)

@@ -89,18 +89,19 @@ def read_paths(root: Path, manifest: Manifest) -> dict[tuple[str, int, int], str
     return out
 
 
-def load_backbone(run: str, manifest: Manifest) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...],
-                                                          int, str]:
+def load_backbone(run: str, manifest: Manifest, size: int = 0
+                  ) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...], int, str]:
     """Return the feature model, its input mean/std, input size and a name for the report.
 
     Without ``run``: EfficientNet-Lite0 with ImageNet weights at the shards' size. With ``run``: the
     trained run's model (any model with a ``features`` method, i.e. the EfficientNet-Lite family) at
-    the size it was trained at.
+    the size it was trained at. A non-zero ``size`` overrides either.
     """
     if not run:
-        model = create_model(DEFAULT_BACKBONE, len(manifest.classes), manifest.size, pretrained=True)
+        side = size or manifest.size
+        model = create_model(DEFAULT_BACKBONE, len(manifest.classes), side, pretrained=True)
         mean, std = input_normalization(DEFAULT_BACKBONE, tuple(manifest.mean), tuple(manifest.std))
-        return model, mean, std, manifest.size, f"{DEFAULT_BACKBONE} (ImageNet)"
+        return model, mean, std, side, f"{DEFAULT_BACKBONE} (ImageNet) at {side} px"
     path = resolve_checkpoint(run)
     state = load_checkpoint(path)
     model = build_from_checkpoint(state)
@@ -112,8 +113,8 @@ def load_backbone(run: str, manifest: Manifest) -> tuple[nn.Module, tuple[float,
         raise ConfigError(f"--run {run!r} was trained on classes {state[ckpt.CKPT_CLASSES]}, the shards "
                           f"hold {manifest.classes} (fix --run or --data)")
     norm = state[ckpt.CKPT_NORM]
-    return (model, tuple(norm["mean"]), tuple(norm["std"]), int(state[ckpt.CKPT_IMAGE]["size"]),
-            f"{name} ({path})")
+    side = size or int(state[ckpt.CKPT_IMAGE]["size"])
+    return model, tuple(norm["mean"]), tuple(norm["std"]), side, f"{name} ({path}) at {side} px"
 
 
 def tiny_images(x: np.ndarray) -> np.ndarray:
@@ -155,9 +156,9 @@ def _pixel_pass(root: Path, manifest: Manifest, split: str, batch_size: int, pro
 
 
 def compute(root: Path, manifest: Manifest, run: str = "", batch_size: int = 64,
-            progress: bool = True) -> AuditData:
+            progress: bool = True, size: int = 0) -> AuditData:
     """Compute the audit rows of every split: features once per image, pixel hash and std."""
-    model, mean, std, size, backbone = load_backbone(run, manifest)
+    model, mean, std, size, backbone = load_backbone(run, manifest, size)
     model = model.to(memory_format=torch.channels_last)
     paths = read_paths(root, manifest)
     if not paths:
