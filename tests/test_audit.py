@@ -23,6 +23,7 @@ from catsdogs.config import AuditConfig
 from catsdogs.preprocess.listing import Candidate, Listing, apply_exclusions, read_exclusions
 from catsdogs.shards.manifest import Manifest, save_manifest
 from tests.audit_data import Faults, make_faulty_shards
+from tests.fixtures import make_run
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +190,16 @@ def test_manifest_without_exclusions_has_no_excluded_key(tmp_path: Path) -> None
     d = m.to_json()
     assert "excluded" not in d
     assert Manifest.from_json(d).excluded == {}
+
+
+def test_run_backbone_is_used_and_a_featureless_model_is_refused(faulty: tuple[Path, Faults], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    root, _ = faulty
+    lite = make_run(tmp_path / "lite", size=48, model="effnet_lite0")
+    cfg = AuditConfig(data=str(root), output=str(tmp_path / "o"), run=str(lite), folds=3)
+    result = audit(cfg, progress=False)
+    assert "at 48 px" in result.data.backbone and result.data.features.shape == (246, 1280)
+    seed = make_run(tmp_path / "seed", size=64, model="seed")
+    rc = cli_main(["audit", "--data", str(root), "--output", str(tmp_path / "o2"), "--run", str(seed)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--run" in err[0] and "features" in err[0], err

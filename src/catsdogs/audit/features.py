@@ -106,7 +106,9 @@ def load_backbone(run: str, manifest: Manifest, size: int = 0
     state = load_checkpoint(path)
     model = build_from_checkpoint(state)
     name = str(state[ckpt.CKPT_MODEL_CONFIG].get("name"))
-    if not callable(getattr(model, "features", None)):
+    # The shared feature pass (train.frozen.extract_features) needs ``features`` and the ``_fc`` head's
+    # width: the EfficientNet-Lite family has both, the from-scratch CNNs do not.
+    if not callable(getattr(model, "features", None)) or not hasattr(model, "_fc"):
         raise ConfigError(f"--run {run!r} holds a {name!r} model, which has no pooled features; "
                           "use a run of an effnet_lite model or leave --run out")
     if list(state[ckpt.CKPT_CLASSES]) != list(manifest.classes):
