@@ -2,8 +2,8 @@
 
 Features are computed once per image (:mod:`~catsdogs.audit.features`); every check works on them:
 :mod:`~catsdogs.audit.labels` (K-fold heads + confident learning), :mod:`~catsdogs.audit.duplicates`
-(pixel hashes + chunked cosine search), :mod:`~catsdogs.audit.outliers` (class-conditional
-Mahalanobis distance) and :mod:`~catsdogs.audit.unusual` (original sizes, blank pixels). Findings go
+(pixel hashes + chunked search on tiny-image descriptors), :mod:`~catsdogs.audit.outliers` (k-NN
+distance to the train features) and :mod:`~catsdogs.audit.unusual` (original sizes, blank pixels). Findings go
 to ``issues.csv`` and ``audit.html`` (:mod:`~catsdogs.audit.report`), with the resolved config.
 """
 
@@ -141,8 +141,9 @@ def audit(cfg: AuditConfig, progress: bool = True) -> AuditResult:
                                        cfg.chunk_rows, progress)
     issues += _pair_issues(data, pairs)
     z = outliers.outlier_scores(data.features, data.split, cfg.outlier_k, cfg.chunk_rows, progress)
-    issues += [_issue(data, int(i), OUTLIER, z[i], f"far from both classes' features (robust z {z[i]:.1f} > "
-                      f"--outlier-z {cfg.outlier_z:g})") for i in np.nonzero(z > cfg.outlier_z)[0]]
+    issues += [_issue(data, int(i), OUTLIER, z[i], f"far from every train image's features (robust z "
+                      f"{z[i]:.1f} > --outlier-z {cfg.outlier_z:g})")
+               for i in np.nonzero(z > cfg.outlier_z)[0]]
     more, notes = _unusual_issues(data, cfg, root, progress)
     issues += more
     return AuditResult(data=data, issues=issues, probs=probs, outlier_z=z, pairs=pairs,

@@ -34,10 +34,10 @@ KINDS: tuple[str, ...] = (LABEL_ERROR, LEAKAGE, EXACT_DUPLICATE, NEAR_DUPLICATE,
 
 SCORE_MEANING: dict[str, str] = {
     LABEL_ERROR: "1 - out-of-sample probability of the given label",
-    LEAKAGE: "cosine similarity of the features (1.0: identical pixels)",
+    LEAKAGE: "cosine similarity of the 8x8 tiny-image descriptors (1.0: identical pixels)",
     EXACT_DUPLICATE: "1.0 (identical pixels at the shards' size)",
-    NEAR_DUPLICATE: "cosine similarity of the features",
-    OUTLIER: "robust z-score of the distance to the nearest class's feature statistics",
+    NEAR_DUPLICATE: "cosine similarity of the 8x8 tiny-image descriptors",
+    OUTLIER: "robust z-score of the feature distance to the k-th nearest train image",
     NEAR_BLANK: "1 - pixel std / --blank-std (1: one flat colour)",
     UNDERSIZED: "--min-side / shorter side of the original",
     EXTREME_ASPECT: "long side / short side of the original",
