@@ -135,7 +135,8 @@ def audit(cfg: AuditConfig, progress: bool = True) -> AuditResult:
     if (counts < 2).any():
         raise InputError(f"shards {str(root)!r} need at least 2 images of every class for the K-fold heads, "
                          f"found {dict(zip(data.classes, counts.tolist(), strict=True))} (fix --data)")
-    probs = labels.out_of_fold_probs(data.features, data.label, num_classes, cfg.folds, cfg.head_c, cfg.seed)
+    probs = labels.out_of_fold_probs(data.features, data.label, num_classes, cfg.folds, cfg.head_c, cfg.seed,
+                                     progress)
     issues = _label_issues(data, cfg, probs)
     pairs = duplicates.find_duplicates(data.tiny, data.pixel_hash, cfg.dup_threshold, cfg.dup_neighbours,
                                        cfg.chunk_rows, progress)

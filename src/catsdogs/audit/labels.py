@@ -16,6 +16,7 @@ from cleanlab.filter import find_label_issues
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +25,15 @@ MAX_ITER = 2000
 
 
 def out_of_fold_probs(features: np.ndarray, labels: np.ndarray, num_classes: int, folds: int,
-                      c: float, seed: int = 0) -> np.ndarray:
+                      c: float, seed: int = 0, progress: bool = False) -> np.ndarray:
     """Return ``(n, num_classes)`` probabilities, each from a head fitted on the other folds."""
     probs = np.zeros((len(labels), num_classes), dtype=np.float64)
     smallest = int(np.bincount(labels, minlength=num_classes).min())
     k = max(2, min(folds, smallest))
     if k < folds:
         log.warning("only %d images in the smallest class: %d folds instead of %d", smallest, k, folds)
-    for fit_idx, held_idx in StratifiedKFold(k, shuffle=True, random_state=seed).split(features, labels):
+    splits = StratifiedKFold(k, shuffle=True, random_state=seed).split(features, labels)
+    for fit_idx, held_idx in tqdm(splits, total=k, desc="K-fold heads", unit="fold", disable=not progress):
         scaler = StandardScaler().fit(features[fit_idx])
         clf = LogisticRegression(C=c, max_iter=MAX_ITER, random_state=seed)
         clf.fit(scaler.transform(features[fit_idx]), labels[fit_idx])
