@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from catsdogs import schema
+from catsdogs.audit.issues import COLUMNS as AUDIT_COLUMNS
 from catsdogs.cli import main as cli_main
 from catsdogs.errors import OutputExistsError
 from catsdogs.io.outputs import check_local_output
@@ -301,3 +302,23 @@ def test_pixel_sums_are_exact() -> None:
     assert total.tolist() == flat.sum(axis=0).tolist()
     assert squares.tolist() == (flat * flat).sum(axis=0).tolist()
     assert [v.tolist() for v in pixel_sums([])] == [[0, 0, 0], [0, 0, 0]]
+
+
+def test_exclude_drops_files_and_records_them_apart_from_skips(spark: object, tmp_path: Path) -> None:
+    """--exclude takes an audit issues.csv; a stale path is counted, not silently ignored."""
+    inp = tmp_path / "PetImages"
+    make_image_tree(inp, per_class=8, odd=False)
+    issues_csv = tmp_path / "issues.csv"
+    issues_csv.write_text(",".join(AUDIT_COLUMNS) + "\nCat/3.jpg,train,Cat,label_error,0.9,Dog,\n"
+                          "Dog/5.jpg,test,Dog,leakage,0.99,,Dog/1.jpg\nDog/gone.jpg,val,Dog,outlier,7,,\n")
+    out = tmp_path / "shards"
+    assert cli_main(["preprocess", "--input", str(inp), "--output", str(out), "--size", "16",
+                     "--exclude", str(issues_csv)]) == 0
+    m = load_manifest(out)
+    with open(out / schema.FILES_CSV_NAME, newline="") as fh:
+        kept = {r["path"] for r in csv.DictReader(fh)}
+    assert "Cat/3.jpg" not in kept and "Dog/5.jpg" not in kept and len(kept) == 14
+    assert m.excluded["paths"] == ["Cat/3.jpg", "Dog/5.jpg"] and m.excluded["unmatched"] == 1
+    assert m.skipped == [] and m.stats["excluded"] == 2
+    raw = json.loads((out / schema.MANIFEST_NAME).read_text())
+    assert raw["excluded"]["count"] == 2

@@ -48,6 +48,8 @@ COMMANDS: dict[str, Command] = {
     "run": Command(cfgmod.RunConfig, "catsdogs.pipeline:main", "preprocess -> train -> evaluate in one go."),
     "tune": Command(cfgmod.TuneConfig, "catsdogs.train.tune:main",
                     "Optuna hyperparameter search on train/val."),
+    "audit": Command(cfgmod.AuditConfig, "catsdogs.audit.command:main",
+                     "Find label errors, duplicates, train/test leakage and non-pets in the shards."),
 }
 """Every sub-command by name; the section of a config file with the same name configures it."""
 

@@ -108,6 +108,10 @@ class PreprocessConfig:
     """Replace an existing output folder (it is swapped in only once the new one is complete)."""
     spark_conf: dict[str, str] = field(default_factory=dict)
     """Extra Spark settings, key=value (config file or repeated --spark-conf)."""
+    exclude: str = ""
+    """File of input paths to leave out: one path per line, or a CSV with a ``path`` column such as
+    ``catsdogs audit``'s issues.csv (paths relative to --input). Recorded in the manifest's
+    ``excluded`` list, apart from the skipped files."""
 
     def check(self) -> None:
         """The splits must leave images for training."""
@@ -397,6 +401,60 @@ class TuneConfig(TrackingConfig):
     """Torch intra-op threads (0 = all cores)."""
 
 
+@dataclass
+class AuditConfig:
+    """Settings of ``catsdogs audit``."""
+
+    data: str = setting("", required="the shards folder written by catsdogs preprocess")
+    """Shards folder written by ``catsdogs preprocess`` (every split is audited together)."""
+    output: str = setting("", required="the folder for issues.csv and audit.html")
+    """Folder for issues.csv, audit.html and config.json (each file replaced atomically; issues.csv
+    is written last)."""
+    run: str = ""
+    """Run folder (or .pt checkpoint) of a trained EfficientNet-Lite model whose backbone gives the
+    features (default: EfficientNet-Lite0 ImageNet weights at the shards' size)."""
+    size: int = setting(0, ge=0)
+    """Side the backbone sees, resized in torch from the shards (0 = the shards' size, or the run's
+    size with --run). Upsampling 64 px shards to 180 costs ~8x the feature time and separates the
+    classes better (docs/audit.md)."""
+    batch_size: int = setting(64, gt=0)
+    """Images per forward pass of the feature extractor."""
+    threads: int = setting(0, ge=0)
+    """Torch intra-op threads (0 = all cores)."""
+    folds: int = setting(5, ge=2)
+    """K of the K-fold logistic heads that give every image an out-of-sample predicted probability."""
+    head_c: float = setting(0.1, gt=0.0)
+    """Inverse L2 strength of the K-fold logistic heads on standardised features."""
+    dup_threshold: float = setting(0.94, gt=0.0, le=1.0)
+    """Cosine similarity of two images' tiny descriptors (8 x 8 RGB, mean-centred) at or above which they
+    are near duplicates. On 30 copies injected into the 18,000 dev images, 0.94 found every re-encode
+    and downscale and 7 of 10 crops with 26 other pairs reported (0.92: all 30, 77 others, most of
+    them look-alikes, not copies); docs/audit.md."""
+    dup_neighbours: int = setting(5, gt=0)
+    """Most near duplicates reported per image (the nearest ones), so a cluster of k copies costs
+    O(k) pairs per member, not O(k^2) output."""
+    chunk_rows: int = setting(1024, gt=0)
+    """Rows per block of the chunked similarity product: memory is chunk_rows x images x 4 bytes
+    (75 MB for 18,000 images)."""
+    outlier_k: int = setting(10, gt=0)
+    """Outlier score: feature distance to the k-th nearest train image."""
+    outlier_z: float = setting(6.0, gt=0.0)
+    """Robust z-score (median + z x 1.4826 MAD over all images) of the k-NN distance above which an
+    image is reported as an outlier (probably neither class)."""
+    blank_std: float = setting(8.0, ge=0.0)
+    """Images whose pixel standard deviation (0..255 units, shard pixels) is below this are
+    near-blank."""
+    min_side: int = setting(32, ge=0)
+    """Original images with a side shorter than this (pixels) are undersized; needs the input folder
+    named in the shards' config to be readable."""
+    max_aspect: float = setting(3.0, ge=1.0)
+    """Original images whose long side exceeds this multiple of the short side are flagged."""
+    gallery: int = setting(60, gt=0)
+    """Images shown per issue kind in audit.html (all of them are in issues.csv)."""
+    seed: int = 0
+    """Seed of the fold assignment."""
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """Return each field's docstring (the string literal placed under it) for CLI help."""
     docs: dict[str, str] = {}
@@ -459,7 +517,7 @@ def build_config(cls: type[C], *layers: dict[str, Any]) -> C:
     return cfg
 
 
-PATH_FIELDS = ("input", "output", "data", "out", "run", "shards", "train_config", "cache_dir")
+PATH_FIELDS = ("input", "output", "data", "out", "run", "shards", "train_config", "cache_dir", "exclude")
 """Settings holding a folder or file; they accept plain paths and ``file://`` URIs."""
 
 REMOTE_FIELDS: dict[str, tuple[str, ...]] = {

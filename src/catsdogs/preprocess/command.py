@@ -28,7 +28,7 @@ from catsdogs.io import storage
 from catsdogs.io.atomic import atomic_write_text
 from catsdogs.io.outputs import open_output
 from catsdogs.preprocess.job import run_job
-from catsdogs.preprocess.listing import Listing, scan_input, scan_remote
+from catsdogs.preprocess.listing import Listing, apply_exclusions, read_exclusions, scan_input, scan_remote
 from catsdogs.preprocess.plan import assign_splits, plan_shards
 from catsdogs.preprocess.task import KIND_SHARD, TaskSettings
 from catsdogs.shards.manifest import Manifest, ShardInfo, save_manifest
@@ -153,9 +153,14 @@ def _summary(m: Manifest, out: str, skipped: list[dict[str, str]]) -> str:
     reasons = Counter(s["reason"] for s in skipped)
     skip_txt = f"{len(skipped):,}" + (f" ({', '.join(f'{r} {c}' for r, c in sorted(reasons.items()))})"
                                       if reasons else "")
+    excl = ""
+    if m.excluded:
+        unmatched = m.excluded["unmatched"]
+        excl = (f" Excluded {m.excluded['count']:,} files listed in {m.excluded['file']!r}"
+                + (f" ({unmatched:,} listed paths matched no input file)" if unmatched else "") + ".")
     return (f"Preprocessed {st['kept']:,} of {st['candidates']:,} images into {out!r} "
             f"({len(m.shards)} shards, {m.size}x{m.size} {m.resize}): {'; '.join(parts)}. "
-            f"Skipped {skip_txt}; ignored {st['ignored']:,} non-image files. "
+            f"Skipped {skip_txt}; ignored {st['ignored']:,} non-image files.{excl} "
             f"Wall time {st['wall_time_s']:.1f} s ({st['images_per_s']:,.0f} images/s; "
             f"Spark start {st['spark_start_s']:.1f} s). Mean {m.mean}, std {m.std} (pixel units).")
 
@@ -170,6 +175,10 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
     check_required(cfg)
     t0 = time.perf_counter()
     listing = scan_remote(cfg.input) if storage.is_remote(cfg.input) else scan_input(cfg.input)
+    excluded: dict[str, Any] = {}
+    if cfg.exclude:
+        listing, excluded = apply_exclusions(listing, read_exclusions(cfg.exclude))
+        excluded["file"] = cfg.exclude
     target = open_output(_resolve_output(cfg, listing.root), cfg.overwrite)
     plans = plan_shards(assign_splits(listing.candidates, len(listing.classes), cfg.val_frac,
                                       cfg.test_frac, cfg.seed), cfg.shard_rows, cfg.seed)
@@ -191,10 +200,12 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
         outcome = _assemble(rows, listing, cfg)
         _check_outcome(outcome, listing, cfg)
         m = outcome.manifest
+        m.excluded = excluded
         wall = time.perf_counter() - t0
         n = len(listing.candidates)
         m.stats = {
             "candidates": n, "kept": len(outcome.files), "skipped": len(outcome.skipped),
+            "excluded": int(excluded.get("count", 0)),
             "ignored": len(listing.ignored), "shards": len(m.shards), "spark_version": spark.version,
             "master": spark.sparkContext.master, "wall_time_s": round(wall, 3),
             "images_per_s": round(n / wall, 1) if wall else 0.0,

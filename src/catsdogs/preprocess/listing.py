@@ -6,6 +6,7 @@ Local folders are walked with ``os.walk``; s3a:// and hdfs:// inputs are listed 
 
 from __future__ import annotations
 
+import csv
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ IGNORED_OS_FILE = "os_file"
 IGNORED_EXTENSION = "not_image_extension"
 IGNORED_OUTSIDE = "outside_class_folder"
 IGNORED_BAD_NAME = "name_not_utf8"
+
+UNMATCHED_EXAMPLES = 20
+"""Paths of ``--exclude`` that match no input file, quoted in the manifest (the rest are counted)."""
 
 
 @dataclass(frozen=True)
@@ -186,3 +190,46 @@ def scan_remote(uri: str) -> Listing:
         if len(candidates) == before:
             raise _no_images(f"{root}/{name}")
     return Listing(root=root, classes=classes, candidates=candidates, ignored=ignored)
+
+
+EXCLUDE_PATH_COLUMN = "path"
+"""Column of an exclusion CSV (such as ``catsdogs audit``'s issues.csv) that names the files."""
+
+
+def read_exclusions(path: str) -> list[str]:
+    """Read ``--exclude``: a CSV with a ``path`` column, else one path per line (``#`` comments allowed).
+
+    Returns the paths in file order without duplicates. A missing or unreadable file is an InputError.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--exclude {path!r} cannot be read ({exc.__class__.__name__}); give a file of "
+                         "paths or an audit issues.csv") from None
+    lines = text.splitlines()
+    header = next(csv.reader(lines[:1]), []) if lines else []
+    if EXCLUDE_PATH_COLUMN in header:
+        paths = [rec[EXCLUDE_PATH_COLUMN] for rec in csv.DictReader(lines) if rec.get(EXCLUDE_PATH_COLUMN)]
+    else:
+        paths = [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+    return list(dict.fromkeys(p.strip() for p in paths))
+
+
+def apply_exclusions(listing: Listing, paths: list[str]) -> tuple[Listing, dict[str, object]]:
+    """Drop candidates named in ``paths`` (relative to the input, or absolute paths inside it).
+
+    Returns the reduced listing and the manifest's ``excluded`` section: the dropped paths, and how many
+    listed paths matched no candidate (a stale list is reported, not silently ignored).
+    """
+    root = str(listing.root).rstrip("/")
+    wanted = set()
+    for p in paths:
+        rel = p[len(root) + 1:] if p.startswith(f"{root}/") else p
+        wanted.add(rel.removeprefix("./"))
+    kept = [c for c in listing.candidates if c.path not in wanted]
+    dropped = sorted(c.path for c in listing.candidates if c.path in wanted)
+    unmatched = sorted(wanted - set(dropped))
+    section: dict[str, object] = {"count": len(dropped), "paths": dropped, "unmatched": len(unmatched),
+                                  "unmatched_examples": unmatched[:UNMATCHED_EXAMPLES]}
+    reduced = Listing(root=listing.root, classes=listing.classes, candidates=kept, ignored=listing.ignored)
+    return reduced, section

@@ -52,6 +52,10 @@ class Manifest:
     stats: dict[str, Any] = field(default_factory=dict)
     """Run facts: candidates, kept, skipped and ignored counts, spark version, wall time."""
     format: str = "npy"
+    excluded: dict[str, Any] = field(default_factory=dict)
+    """Files left out on purpose (``preprocess --exclude``): count, sorted paths, and how many listed paths
+    matched no input file. Apart from ``skipped`` (files that could not be decoded). Written only when
+    non-empty, so manifests without exclusions stay readable by catsdogs versions before this field."""
     schema_version: int = schema.SCHEMA_VERSION
     dtype: str = schema.PIXEL_DTYPE
     layout: str = schema.LAYOUT
@@ -67,6 +71,8 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         """Return the manifest as a JSON-ready dict (normalisation grouped for readability)."""
         d = asdict(self)
+        if not d["excluded"]:
+            del d["excluded"]
         d["normalization"] = {"mean": d.pop("mean"), "std": d.pop("std"), "units": "pixel 0..255"}
         d["image"] = {"size": d.pop("size"), "resize": d.pop("resize"), "channels": 3}
         return d

@@ -1,0 +1,213 @@
+"""Everything the audit knows about each image, computed in one pass per split.
+
+Every image of every split gets one row: its path (from ``files.csv``), split, label, location in the
+shards, pooled backbone features (computed ONCE, by :func:`catsdogs.train.frozen.extract_features`),
+a hash of its pixels and their standard deviation. Every check in :mod:`catsdogs.audit` works on these
+arrays; only the gallery goes back to the shards, for the few images it shows.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from catsdogs import checkpoint as ckpt
+from catsdogs import schema
+from catsdogs.checkpoint import build_from_checkpoint, load_checkpoint
+from catsdogs.errors import ConfigError, InputError
+from catsdogs.models.factory import create_model
+from catsdogs.models.registry import input_normalization
+from catsdogs.rundir import resolve_checkpoint
+from catsdogs.shards.manifest import Manifest
+from catsdogs.shards.reader import iter_batches, load_rows
+from catsdogs.train.frozen import extract_features
+
+log = logging.getLogger(__name__)
+
+TINY_SIDE = 8
+"""Side of the tiny-image duplicate descriptor (area-averaged pixels, 8 x 8 x 3 = 192 values): coarse
+enough that re-encoding and resizing barely move it (docs/audit.md)."""
+
+CROP_VARIANTS: tuple[float, ...] = (1.0, 0.9, 0.8)
+"""Central crops (fraction of the side) whose tiny descriptors are also kept: a copy cropped to 90 %
+matches the original's 0.9 crop far better than the original itself (0.88 -> 0.99 on generated images)."""
+
+DEFAULT_BACKBONE = "effnet_lite0"
+"""Backbone of the audit without ``--run``: EfficientNet-Lite0 ImageNet weights, the fastest
+pretrained model here (one feature pass over 18,000 64 px images takes about a minute on 2 cores)."""
+
+
+@dataclass
+class AuditData:
+    """One row per image of every split, in split then shard then row order."""
+
+    classes: list[str]
+    path: np.ndarray
+    """``(n,)`` str: the file's path relative to the input folder, as in ``files.csv``."""
+    split: np.ndarray
+    """``(n,)`` str: train, val or test."""
+    label: np.ndarray
+    """``(n,)`` int64 given label."""
+    shard: np.ndarray
+    """``(n,)`` int: position of the image's shard among its split's shards."""
+    row: np.ndarray
+    """``(n,)`` int: row inside that shard."""
+    features: np.ndarray
+    """``(n, d)`` float32 pooled backbone features."""
+    pixel_hash: np.ndarray
+    """``(n,)`` str: sha1 of the stored pixels (equal hashes = identical images at the shards' size)."""
+    pixel_std: np.ndarray
+    """``(n,)`` float: standard deviation of the stored pixels (0..255 units)."""
+    tiny: np.ndarray
+    """``(n, len(CROP_VARIANTS), 192)`` float32: the image (and its central crops) area-averaged to
+    8 x 8 RGB, the near-duplicate descriptor."""
+    backbone: str = DEFAULT_BACKBONE
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+def read_paths(root: Path, manifest: Manifest) -> dict[tuple[str, int, int], str]:
+    """Return ``(split, shard index, row) -> path`` from ``files.csv`` (empty when the file is absent)."""
+    path = root / schema.FILES_CSV_NAME
+    if not path.is_file():
+        return {}
+    out: dict[tuple[str, int, int], str] = {}
+    with open(path, newline="") as fh:
+        for rec in csv.DictReader(fh):
+            out[(rec["split"], int(rec["shard"]), int(rec["row"]))] = rec["path"]
+    return out
+
+
+def load_backbone(run: str, manifest: Manifest, size: int = 0
+                  ) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...], int, str]:
+    """Return the feature model, its input mean/std, input size and a name for the report.
+
+    Without ``run``: EfficientNet-Lite0 with ImageNet weights at the shards' size. With ``run``: the
+    trained run's model (any model with a ``features`` method, i.e. the EfficientNet-Lite family) at
+    the size it was trained at. A non-zero ``size`` overrides either.
+    """
+    if not run:
+        side = size or manifest.size
+        model = create_model(DEFAULT_BACKBONE, len(manifest.classes), side, pretrained=True)
+        mean, std = input_normalization(DEFAULT_BACKBONE, tuple(manifest.mean), tuple(manifest.std))
+        return model, mean, std, side, f"{DEFAULT_BACKBONE} (ImageNet) at {side} px"
+    path = resolve_checkpoint(run)
+    state = load_checkpoint(path)
+    model = build_from_checkpoint(state)
+    name = str(state[ckpt.CKPT_MODEL_CONFIG].get("name"))
+    # The shared feature pass (train.frozen.extract_features) needs ``features`` and the ``_fc`` head's
+    # width: the EfficientNet-Lite family has both, the from-scratch CNNs do not.
+    if not callable(getattr(model, "features", None)) or not hasattr(model, "_fc"):
+        raise ConfigError(f"--run {run!r} holds a {name!r} model, which has no pooled features; "
+                          "use a run of an effnet_lite model or leave --run out")
+    if list(state[ckpt.CKPT_CLASSES]) != list(manifest.classes):
+        raise ConfigError(f"--run {run!r} was trained on classes {state[ckpt.CKPT_CLASSES]}, the shards "
+                          f"hold {manifest.classes} (fix --run or --data)")
+    norm = state[ckpt.CKPT_NORM]
+    side = size or int(state[ckpt.CKPT_IMAGE]["size"])
+    return model, tuple(norm["mean"]), tuple(norm["std"]), side, f"{name} ({path}) at {side} px"
+
+
+def tiny_images(x: np.ndarray) -> np.ndarray:
+    """Return tiny descriptors ``(n, len(CROP_VARIANTS), TINY_SIDE**2 * 3)`` float32 of uint8 NHWC images.
+
+    Each variant is a central crop (:data:`CROP_VARIANTS`) area-averaged to ``TINY_SIDE`` square.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float()
+    side = t.shape[-1]
+    out = []
+    for keep in CROP_VARIANTS:
+        a = (side - max(TINY_SIDE, round(side * keep))) // 2
+        crop = t[:, :, a:side - a, a:side - a]
+        out.append(F.adaptive_avg_pool2d(crop, TINY_SIDE).permute(0, 2, 3, 1).reshape(len(x), -1))
+    return torch.stack(out, 1).numpy()
+
+
+def _pixel_pass(root: Path, manifest: Manifest, split: str, batch_size: int, progress: bool
+                ) -> tuple[list[str], list[float], list[np.ndarray], list[int], list[int], list[int]]:
+    """Return per-image pixel hash, pixel std, tiny descriptor, label, shard position, row of a split."""
+    tiny: list[np.ndarray] = []
+    hashes: list[str] = []
+    stds: list[float] = []
+    labels: list[int] = []
+    shards: list[int] = []
+    rows: list[int] = []
+    bar = tqdm(total=manifest.split_rows(split), desc=f"pixels {split}", unit="img", disable=not progress)
+    for pos, start, x, y in iter_batches(root, manifest, split, batch_size):
+        for i in range(len(y)):
+            hashes.append(hashlib.sha1(x[i].tobytes()).hexdigest())
+        stds.extend(x.reshape(len(x), -1).std(axis=1).tolist())
+        tiny.append(tiny_images(x))
+        labels.extend(y.tolist())
+        shards.extend([pos] * len(y))
+        rows.extend(range(start, start + len(y)))
+        bar.update(len(y))
+    bar.close()
+    return hashes, stds, tiny, labels, shards, rows
+
+
+def compute(root: Path, manifest: Manifest, run: str = "", batch_size: int = 64,
+            progress: bool = True, size: int = 0) -> AuditData:
+    """Compute the audit rows of every split: features once per image, pixel hash and std."""
+    model, mean, std, size, backbone = load_backbone(run, manifest, size)
+    model = model.to(memory_format=torch.channels_last)
+    paths = read_paths(root, manifest)
+    if not paths:
+        log.warning("%s has no %s: images are named split/shard/row", root, schema.FILES_CSV_NAME)
+    cols: dict[str, list] = {k: [] for k in ("path", "split", "label", "shard", "row", "hash", "std",
+                                                 "tiny")}
+    feats: list[np.ndarray] = []
+    for split in schema.SPLITS:
+        if manifest.split_rows(split) == 0:
+            continue
+        t0 = time.perf_counter()
+        f, y = extract_features(model, root, manifest, split, mean, std, batch_size, progress=progress,
+                                size=size)
+        log.info("features %s: %d images in %.1f s", split, len(y), time.perf_counter() - t0)
+        hashes, stds, tiny, labels, shards, rows = _pixel_pass(root, manifest, split, batch_size, progress)
+        if labels != y.tolist():
+            raise InputError(f"shards of split {split!r} changed while being read (fix --data)")
+        index = [info.index for info in manifest.split_shards(split)]
+        for pos, row in zip(shards, rows, strict=True):
+            key = (split, index[pos], row)
+            cols["path"].append(paths.get(key, f"{split}/{index[pos]}/{row}"))
+        cols["split"] += [split] * len(y)
+        cols["label"] += labels
+        cols["shard"] += shards
+        cols["row"] += rows
+        cols["hash"] += hashes
+        cols["std"] += stds
+        cols["tiny"] += tiny
+        feats.append(f)
+    if not feats:
+        raise InputError(f"shards {str(root)!r} hold no images (fix --data)")
+    return AuditData(classes=list(manifest.classes), path=np.array(cols["path"], dtype=object),
+                     split=np.array(cols["split"], dtype=object),
+                     label=np.array(cols["label"], dtype=np.int64),
+                     shard=np.array(cols["shard"], dtype=np.int64), row=np.array(cols["row"], dtype=np.int64),
+                     features=np.concatenate(feats).astype(np.float32),
+                     pixel_hash=np.array(cols["hash"], dtype=object),
+                     pixel_std=np.array(cols["std"], dtype=np.float64),
+                     tiny=np.concatenate(cols["tiny"]).astype(np.float32), backbone=backbone)
+
+
+def images(root: Path, manifest: Manifest, data: AuditData, idx: np.ndarray) -> np.ndarray:
+    """Return the stored pixels ``(len(idx), size, size, 3)`` uint8 of the images at ``idx``."""
+    out = np.zeros((len(idx), manifest.size, manifest.size, 3), dtype=np.uint8)
+    for split in schema.SPLITS:
+        sel = np.nonzero(data.split[idx] == split)[0]
+        if len(sel):
+            rows = idx[sel]
+            out[sel] = load_rows(root, manifest, split, data.shard[rows], data.row[rows])
+    return out
