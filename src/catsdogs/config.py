@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 from catsdogs import rundir, schema
+from catsdogs.download.source import MAX_UNPACKED_BYTES
 from catsdogs.errors import ConfigError
 from catsdogs.io.atomic import atomic_write_text
 from catsdogs.io.storage import SCHEMES, scheme_of
@@ -55,6 +56,26 @@ def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = datacl
     meta = {k: v for k, v in (("choices", choices), ("gt", gt), ("ge", ge), ("lt", lt), ("le", le),
                               ("required", required)) if v not in (None, "")}
     return field(default=default, default_factory=default_factory, metadata=meta)
+
+
+@dataclass
+class DownloadConfig:
+    """Settings of ``catsdogs download``."""
+
+    output: str = "data"
+    """Folder to download into; the images appear in OUTPUT/PetImages once complete."""
+    url: str = ""
+    """URL of the zip archive (default: $CATSDOGS_DATA_URL, else Microsoft's official
+    kagglecatsanddogs_5340.zip); needs --sha256."""
+    sha256: str = ""
+    """Expected sha256 of the archive at --url (default: $CATSDOGS_DATA_SHA256, else the official one's)."""
+    archive_bytes: int = setting(0, ge=0)
+    """Expected size in bytes of the archive at --url, checked before its sha256 (0: $CATSDOGS_DATA_SIZE,
+    else unchecked; the official archive's size is known)."""
+    keep_archive: bool = False
+    """Keep the verified zip next to the images instead of deleting it after unpacking."""
+    max_unpacked_bytes: int = setting(MAX_UNPACKED_BYTES, gt=0)
+    """Refuse an archive whose members add up to more bytes than this (a zip bomb)."""
 
 
 @dataclass
