@@ -232,3 +232,31 @@ def make_pet_archive(path: Path, per_class: int = 6, size: int = 32,
         for name, data in members.items():
             zf.writestr(name, data)
     return {"good": sorted(good), "bad": sorted(bad), "ignored": sorted(ignored)}
+
+
+def make_flat_tree(root: Path, per_class: int = 10, size: int = 40) -> dict[str, list[str]]:
+    """Write Kaggle's competition layout (``cat.0.jpg``, ``dog.0.jpg`` in one folder) with odd files.
+
+    Returns ``good`` (decodable), ``bad`` (undecodable) and ``ignored`` (not images) names; each
+    image's class is its name up to the first dot.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    good: list[str] = []
+    for label, cls in enumerate(("cat", "dog")):
+        for i in range(per_class):
+            image = synthetic_image(label, size, seed=label * 1000 + i)
+            (root / f"{cls}.{i}.jpg").write_bytes(jpeg_bytes(image))
+            good.append(f"{cls}.{i}.jpg")
+    base = Image.fromarray(synthetic_image(0, size, seed=99))
+    odd = {"cat.png_named.jpg": encode(base, "PNG"), "cat.gray.jpg": encode(base.convert("L"), "JPEG"),
+           "dog.cmyk.jpg": encode(Image.fromarray(synthetic_image(1, size, seed=98)).convert("CMYK"), "JPEG"),
+           "dog.UPPER.JPEG": encode(Image.fromarray(synthetic_image(1, size, seed=97)), "JPEG")}
+    full = jpeg_bytes(synthetic_image(1, size, seed=7))
+    broken = {"dog.empty.jpg": b"", "cat.truncated.jpg": full[: len(full) // 3],
+              "dog.page.jpg": b"<html>404</html>"}
+    for name, data in {**odd, **broken}.items():
+        (root / name).write_bytes(data)
+    ignored = ["Thumbs.db", ".DS_Store", "notes.txt"]
+    for name in ignored:
+        (root / name).write_bytes(b"clutter")
+    return {"good": sorted(good + list(odd)), "bad": sorted(broken), "ignored": sorted(ignored)}

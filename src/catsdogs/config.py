@@ -29,6 +29,7 @@ from catsdogs.io.atomic import atomic_write_text
 from catsdogs.io.storage import SCHEMES, scheme_of
 from catsdogs.models.registry import model_names
 from catsdogs.models.transforms import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
+from catsdogs.preprocess.listing import LABELS_FROM
 from catsdogs.shards.writer import FORMATS
 from catsdogs.train.schedule import SCHEDULES
 
@@ -84,8 +85,12 @@ class PreprocessConfig:
 
     input: str = setting("", required="no input folder given; set --input to a folder with one subfolder "
                                        "per class")
-    """Folder with one subfolder per class, e.g. PetImages/ with Cat/ and Dog/; a path, file://,
-    s3a:// or hdfs:// URI."""
+    """Folder with one subfolder per class, e.g. PetImages/ with Cat/ and Dog/, or a flat folder of
+    <class>.<n>.jpg files like Kaggle's train/; a path, file://, s3a:// or hdfs:// URI."""
+    labels_from: str = setting("auto", choices=LABELS_FROM)
+    """Where each image's class comes from: folder (the class subfolder), name (the file name up to
+    its first dot: cat.0.jpg is a cat) or auto (name when --input has no subfolder and every image
+    in it is named <class>.<rest>, else folder)."""
     output: str = setting("", required="no output folder given (set --output)")
     """Folder to write the shards, files.csv and manifest.json into; a path or URI like --input."""
     size: int = setting(64, gt=0)
@@ -295,7 +300,8 @@ class RunConfig:
     """Settings of ``catsdogs run`` (preprocess, train, evaluate in one go)."""
 
     data: str = ""
-    """Image folder with one subfolder per class (e.g. PetImages); without it, what to download."""
+    """Image folder with one subfolder per class (e.g. PetImages), or a flat folder of <class>.<n>.jpg
+    files; without it, what to download."""
     out: str = setting("", required="the run folder to create (e.g. runs/latest)")
     """Run folder; shards go to OUT/shards unless --shards is given."""
     shards: str = ""

@@ -28,7 +28,7 @@ from catsdogs.io import storage
 from catsdogs.io.atomic import atomic_write_text
 from catsdogs.io.outputs import open_output
 from catsdogs.preprocess.job import run_job
-from catsdogs.preprocess.listing import Listing, scan_input, scan_remote
+from catsdogs.preprocess.listing import LABELS_NAME, Listing, scan_input, scan_remote
 from catsdogs.preprocess.plan import assign_splits, plan_shards
 from catsdogs.preprocess.task import KIND_SHARD, TaskSettings
 from catsdogs.shards.manifest import Manifest, ShardInfo, save_manifest
@@ -153,7 +153,8 @@ def _summary(m: Manifest, out: str, skipped: list[dict[str, str]]) -> str:
     reasons = Counter(s["reason"] for s in skipped)
     skip_txt = f"{len(skipped):,}" + (f" ({', '.join(f'{r} {c}' for r, c in sorted(reasons.items()))})"
                                       if reasons else "")
-    return (f"Preprocessed {st['kept']:,} of {st['candidates']:,} images into {out!r} "
+    labels = " (classes from file names)" if st.get("labels_from") == LABELS_NAME else ""
+    return (f"Preprocessed {st['kept']:,} of {st['candidates']:,} images{labels} into {out!r} "
             f"({len(m.shards)} shards, {m.size}x{m.size} {m.resize}): {'; '.join(parts)}. "
             f"Skipped {skip_txt}; ignored {st['ignored']:,} non-image files. "
             f"Wall time {st['wall_time_s']:.1f} s ({st['images_per_s']:,.0f} images/s; "
@@ -169,7 +170,8 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
     """
     check_required(cfg)
     t0 = time.perf_counter()
-    listing = scan_remote(cfg.input) if storage.is_remote(cfg.input) else scan_input(cfg.input)
+    listing = (scan_remote(cfg.input, cfg.labels_from) if storage.is_remote(cfg.input)
+               else scan_input(cfg.input, cfg.labels_from))
     target = open_output(_resolve_output(cfg, listing.root), cfg.overwrite)
     plans = plan_shards(assign_splits(listing.candidates, len(listing.classes), cfg.val_frac,
                                       cfg.test_frac, cfg.seed), cfg.shard_rows, cfg.seed)
@@ -207,6 +209,7 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
             "first_task_start_s": round(min(s for s, _ in outcome.spans) - job_epoch, 3),
             "after_last_task_s": round(done_epoch - max(e for _, e in outcome.spans), 3),
             "python_workers": len(outcome.worker_pids),
+            "labels_from": listing.labels_from,
         }
         _write_files_csv(target.stage / schema.FILES_CSV_NAME, outcome.files)
         save_config(cfg, target.stage / schema.CONFIG_NAME)
