@@ -29,7 +29,6 @@ from catsdogs.io.atomic import atomic_write_text
 from catsdogs.io.storage import SCHEMES, scheme_of
 from catsdogs.models.registry import model_names
 from catsdogs.models.transforms import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
-from catsdogs.preprocess.listing import LABELS_FROM
 from catsdogs.shards.writer import FORMATS
 from catsdogs.train.schedule import SCHEDULES
 
@@ -43,6 +42,8 @@ DEVICES = "catsdogs.runtime:DEVICES"
 OPTIMIZERS = "catsdogs.train.loop:OPTIMIZERS"
 FREEZE_MODES = "catsdogs.train.launch:FREEZE_MODES"
 SERVE_BACKENDS = "catsdogs.serve.backends:BACKENDS"
+LABELS_FROM = "catsdogs.preprocess.listing:LABELS_FROM"
+"""By reference too: importing preprocess/ here would make every command (serve included) reach it."""
 
 
 def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
