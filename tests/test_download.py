@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -68,7 +70,7 @@ def _assert_complete(out: Path, payload: bytes, info: dict[str, list[str]]) -> N
     data = out / DATA_DIR
     files = sorted(p.relative_to(data).as_posix() for p in data.rglob("*") if p.is_file())
     assert files == sorted(info["good"] + info["bad"] + info["ignored"])
-    with zipfile.ZipFile(__import__("io").BytesIO(payload)) as zf:
+    with zipfile.ZipFile(io.BytesIO(payload)) as zf:
         for rel in files:
             assert (data / rel).read_bytes() == zf.read(f"{DATA_DIR}/{rel}")
     assert (out / "CDLA-Permissive-2.0.pdf").is_file() and (out / "readme[1].txt").is_file()
@@ -333,3 +335,27 @@ def test_resolve_source_layers() -> None:
                    {"env": {**mirror, ENV_BYTES: "12 MB"}}):
         with pytest.raises(ConfigError):
             resolve_source(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not shutil.which("make"), reason="make is not installed")
+def test_make_run_downloads_first_only_when_data_is_not_given(tmp_path: Path) -> None:
+    """The Makefile's run target, with a stand-in catsdogs that logs its arguments."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    log = tmp_path / "calls.log"
+    fake = venv / "bin" / "catsdogs"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n'
+                    f'[ "$1" = download ] && mkdir -p "$3/{DATA_DIR}"\nexit 0\n')
+    fake.chmod(0o755)
+    (venv / ".installed").touch()  # newer than pyproject.toml: make does not reinstall
+    root = Path(__file__).resolve().parents[1]
+    data_dir = tmp_path / "data"
+    common = ["make", "-s", "run", f"VENV={venv}", f"DATA_DIR={data_dir}", f"OUT={tmp_path / 'out'}"]
+    env = {k: v for k, v in os.environ.items() if k != "DATA"}
+    for _ in range(2):  # the second time data/PetImages exists: no download
+        subprocess.run(common, cwd=root, env=env, check=True, capture_output=True)
+    subprocess.run([*common, f"DATA={tmp_path / 'mine'}"], cwd=root, env=env, check=True, capture_output=True)
+    calls = log.read_text().splitlines()
+    assert [c.split()[0] for c in calls] == ["download", "run", "run", "run"]
+    assert calls[0] == f"download --output {data_dir}"
+    assert f"--data {data_dir}/{DATA_DIR} " in calls[1] and f"--data {tmp_path / 'mine'} " in calls[3]
