@@ -1,11 +1,15 @@
 # catsdogs: two commands set everything up on a fresh machine.
-#   make run   -> creates .venv, installs, runs preprocess -> train -> evaluate on $(DATA)
+#   make run   -> creates .venv, installs, downloads the data when DATA is not given and
+#                 $(DATA_DIR)/PetImages is missing, runs preprocess -> train -> evaluate on $(DATA)
 #   make test  -> creates .venv, installs (plus Chromium for the browser test), lint + tests
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DATA ?= data/PetImages
+# Where `catsdogs download` puts the images when DATA is not given (the archive's PetImages/ lands
+# inside). CATSDOGS_DATA_URL / CATSDOGS_DATA_SHA256 / CATSDOGS_DATA_SIZE point it at a mirror.
+DATA_DIR ?= data
+DATA ?= $(DATA_DIR)/PetImages
 # A preset in configs/: effnet_lite12_frozen (default, most accurate), effnet_lite0_frozen (quick),
 # effnet_lite0 (fine-tuned), cnn (from scratch), seed (the classic small CNN).
 MODEL ?= effnet_lite12_frozen
@@ -32,6 +36,9 @@ browser:
 
 run: $(STAMP)
 	@test -f configs/$(MODEL).toml || { echo "MODEL=$(MODEL): no configs/$(MODEL).toml; choose one of: $$(ls configs | sed 's/.toml//' | tr '\n' ' ')"; exit 2; }
+	@if [ "$(origin DATA)" = file ] && [ ! -d "$(DATA)" ]; then \
+	  echo "$(DATA) is missing: downloading it first (catsdogs download --output $(DATA_DIR))"; \
+	  $(BIN)/catsdogs download --output "$(DATA_DIR)"; fi
 	$(BIN)/catsdogs run --config configs/$(MODEL).toml --data "$(DATA)" --out "$(OUT)"
 
 lint: $(STAMP)

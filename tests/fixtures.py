@@ -192,3 +192,71 @@ def make_run(root: Path, size: int = 32, classes: tuple[str, ...] = ("Cat", "Dog
             w.writerow([e, e * 10, 0.7 - 0.05 * e, 0.5 + 0.05 * e, 0.72 - 0.04 * e, 0.5 + 0.04 * e,
                         1e-3, 1.0])
     return root
+
+
+def make_pet_archive(path: Path, per_class: int = 6, size: int = 32,
+                     extra: dict[str, bytes] | None = None) -> dict[str, list[str]]:
+    """Write a small zip in the layout of Microsoft's kagglecatsanddogs_5340.zip, with its quirks.
+
+    The licence pdf and ``readme[1].txt`` at the top, ``PetImages/{Cat,Dog}/<n>.jpg``, a ``Thumbs.db``
+    in each class folder, an empty JPEG, a truncated JPEG and a PNG named .jpg. ``extra`` adds
+    members by name (e.g. a path-traversal one). Returns ``good``/``bad``/``ignored`` paths relative to
+    PetImages.
+    """
+    import zipfile
+
+    good: list[str] = []
+    bad: list[str] = []
+    ignored: list[str] = []
+    members: dict[str, bytes] = {
+        "CDLA-Permissive-2.0.pdf": b"%PDF-1.4\n% licence text\n%%EOF\n",
+        "readme[1].txt": b"Cats and dogs photos; some files are damaged.\r\n",
+    }
+    for label, cls in enumerate(("Cat", "Dog")):
+        for i in range(per_class):
+            image = synthetic_image(label, size, seed=label * 1000 + i)
+            members[f"PetImages/{cls}/{i}.jpg"] = jpeg_bytes(image)
+            good.append(f"{cls}/{i}.jpg")
+        members[f"PetImages/{cls}/Thumbs.db"] = b"\xd0\xcf\x11\xe0 thumbnail cache"
+        ignored.append(f"{cls}/Thumbs.db")
+    full = jpeg_bytes(synthetic_image(1, size, seed=77))
+    members["PetImages/Cat/666.jpg"] = b""
+    members["PetImages/Dog/11702.jpg"] = full[: len(full) // 3]
+    bad += ["Cat/666.jpg", "Dog/11702.jpg"]
+    members["PetImages/Dog/9999.jpg"] = encode(Image.fromarray(synthetic_image(1, size, seed=78)), "PNG")
+    good.append("Dog/9999.jpg")
+    members.update(extra or {})
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in ("PetImages/", "PetImages/Cat/", "PetImages/Dog/"):
+            zf.writestr(name, b"")
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return {"good": sorted(good), "bad": sorted(bad), "ignored": sorted(ignored)}
+
+
+def make_flat_tree(root: Path, per_class: int = 10, size: int = 40) -> dict[str, list[str]]:
+    """Write Kaggle's competition layout (``cat.0.jpg``, ``dog.0.jpg`` in one folder) with odd files.
+
+    Returns ``good`` (decodable), ``bad`` (undecodable) and ``ignored`` (not images) names; each
+    image's class is its name up to the first dot.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    good: list[str] = []
+    for label, cls in enumerate(("cat", "dog")):
+        for i in range(per_class):
+            image = synthetic_image(label, size, seed=label * 1000 + i)
+            (root / f"{cls}.{i}.jpg").write_bytes(jpeg_bytes(image))
+            good.append(f"{cls}.{i}.jpg")
+    base = Image.fromarray(synthetic_image(0, size, seed=99))
+    odd = {"cat.png_named.jpg": encode(base, "PNG"), "cat.gray.jpg": encode(base.convert("L"), "JPEG"),
+           "dog.cmyk.jpg": encode(Image.fromarray(synthetic_image(1, size, seed=98)).convert("CMYK"), "JPEG"),
+           "dog.UPPER.JPEG": encode(Image.fromarray(synthetic_image(1, size, seed=97)), "JPEG")}
+    full = jpeg_bytes(synthetic_image(1, size, seed=7))
+    broken = {"dog.empty.jpg": b"", "cat.truncated.jpg": full[: len(full) // 3],
+              "dog.page.jpg": b"<html>404</html>"}
+    for name, data in {**odd, **broken}.items():
+        (root / name).write_bytes(data)
+    ignored = ["Thumbs.db", ".DS_Store", "notes.txt"]
+    for name in ignored:
+        (root / name).write_bytes(b"clutter")
+    return {"good": sorted(good + list(odd)), "bad": sorted(broken), "ignored": sorted(ignored)}

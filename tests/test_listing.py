@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from catsdogs.errors import InputError
-from catsdogs.preprocess.listing import Candidate, scan_input
+from catsdogs.preprocess.listing import Candidate, scan_input, scan_remote
 from catsdogs.preprocess.plan import assign_splits, chunk_sizes, plan_shards
 
 
@@ -130,3 +130,78 @@ def test_non_utf8_names_are_ignored_not_fatal(tmp_path: Path) -> None:
     assert [c.path for c in listing.candidates] == ["Cat/ok.jpg", "Dog/ok.jpg"]
     assert [(i.path, i.reason) for i in listing.ignored] == [("Cat/caf\\xe9.jpg", "name_not_utf8")]
     json.dumps(listing.ignored_summary()).encode("utf-8")  # serialisable as UTF-8
+
+
+def _kaggle_tree(root: Path, per_class: int = 3) -> None:
+    root.mkdir(parents=True)
+    for cls in ("cat", "dog"):
+        for i in range(per_class):
+            (root / f"{cls}.{i}.jpg").write_bytes(b"x")
+
+
+def test_flat_kaggle_layout_is_read_by_name(tmp_path: Path) -> None:
+    root = tmp_path / "train"
+    _kaggle_tree(root)
+    (root / "Thumbs.db").write_bytes(b"x")
+    (root / ".hidden.jpg").write_bytes(b"x")
+    (root / "notes.txt").write_text("x")
+    listing = scan_input(root)
+    assert (listing.classes, listing.labels_from) == (["cat", "dog"], "name")
+    assert sorted((c.path, c.label) for c in listing.candidates) == [
+        (f"{cls}.{i}.jpg", label) for label, cls in enumerate(("cat", "dog")) for i in range(3)]
+    assert listing.ignored_summary()["by_reason"] == {"hidden": 1, "not_image_extension": 1, "os_file": 1}
+    assert scan_input(root, "name").candidates == listing.candidates
+
+
+def test_auto_needs_every_top_image_named_and_no_subfolder(tmp_path: Path) -> None:
+    root = tmp_path / "mixed"
+    _kaggle_tree(root)
+    (root / "123.jpg").write_bytes(b"x")  # Kaggle's unlabelled test1/ naming
+    with pytest.raises(InputError, match="--labels-from name"):
+        scan_input(root)
+    listing = scan_input(root, "name")  # explicit: the unlabelled image is ignored and counted
+    assert len(listing.candidates) == 6
+    assert [(i.path, i.reason) for i in listing.ignored] == [("123.jpg", "no_class_in_name")]
+    with_dirs = tmp_path / "with_dirs"
+    _kaggle_tree(with_dirs)
+    for c in ("A", "B"):
+        (with_dirs / c).mkdir()
+        (with_dirs / c / "x.jpg").write_bytes(b"x")
+    assert scan_input(with_dirs).classes == ["A", "B"]  # class folders win in auto
+    named = scan_input(with_dirs, "name")  # by name, subfolders are searched too
+    assert named.classes == ["cat", "dog"] and {i.path for i in named.ignored} == {"A/x.jpg", "B/x.jpg"}
+    with pytest.raises(InputError, match="two class subfolders"):
+        scan_input(root, "folder")
+
+
+def test_name_layout_needs_two_classes(tmp_path: Path) -> None:
+    root = tmp_path / "cats"
+    root.mkdir()
+    (root / "cat.1.jpg").write_bytes(b"x")
+    (root / "cat.jpg").write_bytes(b"x")  # no <class>. prefix: a plain name
+    with pytest.raises(InputError, match="only 'cat'.*--labels-from"):
+        scan_input(root, "name")
+
+
+def test_name_layout_split_is_deterministic(tmp_path: Path) -> None:
+    root = tmp_path / "train"
+    _kaggle_tree(root, per_class=50)
+    a = assign_splits(scan_input(root).candidates, 2, 0.1, 0.1, seed=3)
+    b = assign_splits(list(reversed(scan_input(root).candidates)), 2, 0.1, 0.1, seed=3)
+    assert a == b and {len(a["test"]), len(a["val"])} == {10}
+
+
+def test_remote_listing_reads_names_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from catsdogs.io import storage
+
+    files = [("cat.0.jpg", 1), ("dog.0.jpg", 1), ("dog.1.png", 1), ("Thumbs.db", 1), ("x.jpg", 1),
+             (".git/config", 1)]
+    monkeypatch.setattr(storage, "file_type", lambda uri, flag: "dir")
+    monkeypatch.setattr(storage, "list_files", lambda uri, flag: files)
+    listing = scan_remote("s3a://b/train", "name")
+    assert listing.classes == ["cat", "dog"] and listing.labels_from == "name"
+    assert sorted((c.path, c.label) for c in listing.candidates) == [("cat.0.jpg", 0), ("dog.0.jpg", 1),
+                                                                     ("dog.1.png", 1)]
+    assert listing.ignored_summary()["by_reason"] == {"hidden": 1, "no_class_in_name": 1, "os_file": 1}
+    monkeypatch.setattr(storage, "list_files", lambda uri, flag: files[:3])
+    assert scan_remote("s3a://b/train").labels_from == "name"  # auto

@@ -21,7 +21,8 @@ def test_missing_data_explains_the_download(tmp_path: Path, capsys: pytest.Captu
     err = capsys.readouterr().err
     assert code == 2
     assert "does not exist" in err and "Kaggle Cats and Dogs Dataset" in err
-    assert "make run DATA=/path/to/PetImages" in err and "Cat" in err and "Dog" in err
+    assert "'catsdogs download'" in err and "--data data/PetImages" in err and "make run" in err
+    assert "Cat" in err and "Dog" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
 

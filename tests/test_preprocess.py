@@ -21,7 +21,7 @@ from catsdogs.io.outputs import check_local_output
 from catsdogs.preprocess.listing import scan_input
 from catsdogs.preprocess.task import TaskSettings, process_shard
 from catsdogs.shards.manifest import load_manifest
-from tests.fixtures import make_image_tree
+from tests.fixtures import make_flat_tree, make_image_tree
 from tests.test_transforms import EXPECTED_REASONS
 
 pytestmark = pytest.mark.slow
@@ -322,3 +322,25 @@ def test_exclude_drops_files_and_records_them_apart_from_skips(spark: object, tm
     assert m.skipped == [] and m.stats["excluded"] == 2
     raw = json.loads((out / schema.MANIFEST_NAME).read_text())
     assert raw["excluded"]["count"] == 2
+
+
+def test_kaggle_flat_layout_keeps_every_decodable_image_with_its_label(spark: object, tmp_path: Path) -> None:
+    root = tmp_path / "train"
+    info = make_flat_tree(root, per_class=10)
+    out = tmp_path / "shards"
+    assert cli_main(["preprocess", "--input", str(root), "--output", str(out), "--size", "24",
+                     "--val-frac", "0.2", "--test-frac", "0.2"]) == 0
+    m = load_manifest(out)
+    rows = _files_csv(out)
+    assert m.classes == ["cat", "dog"] and m.stats["labels_from"] == "name"
+    assert sorted(r["path"] for r in rows) == info["good"]
+    assert all(int(r["label"]) == m.classes.index(r["path"].split(".")[0]) for r in rows)
+    assert sorted(s["path"] for s in m.skipped) == info["bad"]
+    assert m.ignored["paths"] == info["ignored"]
+    for s in m.shards:  # the shards hold the same labels as files.csv
+        y = np.load(out / s.y)
+        labels = {int(r["row"]): int(r["label"]) for r in rows
+                  if (r["split"], int(r["shard"])) == (s.split, s.index)}
+        assert [labels[i] for i in range(s.rows)] == y.tolist()
+    per_class = Counter(r["path"].split(".")[0] for r in rows)
+    assert {c: sum(m.counts[sp][c] for sp in schema.SPLITS) for c in m.classes} == dict(per_class)

@@ -34,6 +34,8 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
+    "download": Command(cfgmod.DownloadConfig, "catsdogs.download.command:main",
+                        "Fetch, verify and unpack the Cats and Dogs archive into OUTPUT/PetImages."),
     "preprocess": Command(cfgmod.PreprocessConfig, "catsdogs.preprocess.command:main",
                           "Decode, verify, resize and split an image folder into shards with Spark."),
     "train": Command(cfgmod.TrainConfig, "catsdogs.train.launch:main", "Train a model on the shards."),

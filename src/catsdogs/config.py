@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 from catsdogs import rundir, schema
+from catsdogs.download.source import MAX_UNPACKED_BYTES
 from catsdogs.errors import ConfigError
 from catsdogs.io.atomic import atomic_write_text
 from catsdogs.io.storage import SCHEMES, scheme_of
@@ -43,6 +44,8 @@ OPTIMIZERS = "catsdogs.train.loop:OPTIMIZERS"
 FREEZE_MODES = "catsdogs.train.launch:FREEZE_MODES"
 SERVE_BACKENDS = "catsdogs.serve.backends:BACKENDS"
 OOD_METHODS = "catsdogs.models.ood:OOD_METHODS"
+LABELS_FROM = "catsdogs.preprocess.listing:LABELS_FROM"
+"""By reference too: importing preprocess/ here would make every command (serve included) reach it."""
 
 
 def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
@@ -71,13 +74,37 @@ class TrackingConfig:
 
 
 @dataclass
+class DownloadConfig:
+    """Settings of ``catsdogs download``."""
+
+    output: str = "data"
+    """Folder to download into; the images appear in OUTPUT/PetImages once complete."""
+    url: str = ""
+    """URL of the zip archive (default: $CATSDOGS_DATA_URL, else Microsoft's official
+    kagglecatsanddogs_5340.zip); needs --sha256."""
+    sha256: str = ""
+    """Expected sha256 of the archive at --url (default: $CATSDOGS_DATA_SHA256, else the official one's)."""
+    archive_bytes: int = setting(0, ge=0)
+    """Expected size in bytes of the archive at --url, checked before its sha256 (0: $CATSDOGS_DATA_SIZE,
+    else unchecked; the official archive's size is known)."""
+    keep_archive: bool = False
+    """Keep the verified zip next to the images instead of deleting it after unpacking."""
+    max_unpacked_bytes: int = setting(MAX_UNPACKED_BYTES, gt=0)
+    """Refuse an archive whose members add up to more bytes than this (a zip bomb)."""
+
+
+@dataclass
 class PreprocessConfig:
     """Settings of ``catsdogs preprocess``."""
 
     input: str = setting("", required="no input folder given; set --input to a folder with one subfolder "
                                        "per class")
-    """Folder with one subfolder per class, e.g. PetImages/ with Cat/ and Dog/; a path, file://,
-    s3a:// or hdfs:// URI."""
+    """Folder with one subfolder per class, e.g. PetImages/ with Cat/ and Dog/, or a flat folder of
+    <class>.<n>.jpg files like Kaggle's train/; a path, file://, s3a:// or hdfs:// URI."""
+    labels_from: str = setting("auto", choices=LABELS_FROM)
+    """Where each image's class comes from: folder (the class subfolder), name (the file name up to
+    its first dot: cat.0.jpg is a cat) or auto (name when --input has no subfolder and every image
+    in it is named <class>.<rest>, else folder)."""
     output: str = setting("", required="no output folder given (set --output)")
     """Folder to write the shards, files.csv and manifest.json into; a path or URI like --input."""
     size: int = setting(64, gt=0)
@@ -358,7 +385,8 @@ class RunConfig(TrackingConfig):
     """Settings of ``catsdogs run`` (preprocess, train, evaluate in one go)."""
 
     data: str = ""
-    """Image folder with one subfolder per class (e.g. PetImages); without it, what to download."""
+    """Image folder with one subfolder per class (e.g. PetImages), or a flat folder of <class>.<n>.jpg
+    files; without it, what to download."""
     out: str = setting("", required="the run folder to create (e.g. runs/latest)")
     """Run folder; shards go to OUT/shards unless --shards is given."""
     shards: str = ""

@@ -38,6 +38,22 @@ class TooManySkippedError(CatsdogsError):
     """More images failed to decode than the configured bound allows."""
 
 
+class DownloadError(CatsdogsError):
+    """The archive could not be fetched: no network, an HTTP error, or a connection that kept dropping."""
+
+
+class ChecksumError(DownloadError):
+    """The downloaded archive's size or sha256 is not the expected one (the file is deleted)."""
+
+
+class ArchiveError(CatsdogsError):
+    """The archive is not a zip, or a member is unsafe (escapes the output, a link, too large)."""
+
+
+class DiskFullError(CatsdogsError):
+    """Not enough free disk space for the download or its extraction (ENOSPC)."""
+
+
 class ImageDecodeError(Exception):
     """One image could not be decoded; ``reason`` is a short machine-friendly tag."""
 

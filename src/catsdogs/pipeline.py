@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from catsdogs.config import (
+    DownloadConfig,
     EvaluateConfig,
     PreprocessConfig,
     RunConfig,
@@ -31,20 +32,22 @@ from catsdogs.config import (
     read_config_file,
     save_config,
 )
+from catsdogs.download.source import DATA_DIR
 from catsdogs.errors import ConfigError, InputError, OutputExistsError, SchemaError
 from catsdogs.preprocess.listing import scan_input
 from catsdogs.rundir import BEST_CKPT, LAST_CKPT, RunDir
 from catsdogs.shards.manifest import load_manifest
 
 CONTENT_KEYS: tuple[str, ...] = ("size", "resize", "val_frac", "test_frac", "seed", "shard_rows", "format",
-                                 "max_pixels")
+                                 "max_pixels", "labels_from")
 """PreprocessConfig settings that change the shards' content; all must match to reuse shards."""
 
+_DOWNLOADED = f"{DownloadConfig().output}/{DATA_DIR}"
 DOWNLOAD_HELP = (
-    "download Microsoft's \"Kaggle Cats and Dogs Dataset\" "
-    "(https://www.microsoft.com/en-us/download/details.aspx?id=54765), unzip it so that DIR/Cat and "
-    "DIR/Dog exist (the zip holds PetImages/Cat and PetImages/Dog), then run "
-    "'make run DATA=/path/to/PetImages' or 'catsdogs run --data /path/to/PetImages --out runs/NAME'"
+    f"run 'catsdogs download' (fetches and verifies Microsoft's \"Kaggle Cats and Dogs Dataset\" into "
+    f"{_DOWNLOADED}, with Cat/ and Dog/ inside), then 'catsdogs run --data {_DOWNLOADED} --out runs/NAME'; "
+    "'make run' does both. Your own photos: a folder with one subfolder per class, or a flat folder of "
+    "<class>.<n>.jpg files (Kaggle's train/)"
 )
 
 
@@ -76,14 +79,16 @@ def reuse_reason(shards: Path, wanted: PreprocessConfig) -> str | None:
     made = manifest.config
     if not made.get("input") or Path(str(made["input"])).expanduser().resolve() != Path(wanted.input):
         return f"they were made from input {made.get('input')!r}, not {wanted.input!r}"
+    defaults = PreprocessConfig()
     for key in CONTENT_KEYS:
-        if made.get(key) != getattr(wanted, key):
+        # A key missing from an older manifest was not a setting yet: those shards used its default.
+        if made.get(key, getattr(defaults, key)) != getattr(wanted, key):
             return f"they were made with {key}={made.get(key)!r}, this run wants {getattr(wanted, key)!r}"
     missing = [f for s in manifest.shards for f in s.files() if not (shards / f).is_file()]
     if missing:
         return f"shard file {missing[0]!r} is missing"
     # Same settings but a changed image folder (files added or removed) needs new shards too.
-    listing = scan_input(wanted.input)
+    listing = scan_input(wanted.input, wanted.labels_from)
     candidates = manifest.stats.get("candidates")
     if list(listing.classes) != list(manifest.classes) or candidates != len(listing.candidates):
         return (f"the input changed ({len(listing.candidates)} candidate images in classes "

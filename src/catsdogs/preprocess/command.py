@@ -28,7 +28,14 @@ from catsdogs.io import storage
 from catsdogs.io.atomic import atomic_write_text
 from catsdogs.io.outputs import open_output
 from catsdogs.preprocess.job import run_job
-from catsdogs.preprocess.listing import Listing, apply_exclusions, read_exclusions, scan_input, scan_remote
+from catsdogs.preprocess.listing import (
+    LABELS_NAME,
+    Listing,
+    apply_exclusions,
+    read_exclusions,
+    scan_input,
+    scan_remote,
+)
 from catsdogs.preprocess.plan import assign_splits, plan_shards
 from catsdogs.preprocess.task import KIND_SHARD, TaskSettings
 from catsdogs.shards.manifest import Manifest, ShardInfo, save_manifest
@@ -158,7 +165,8 @@ def _summary(m: Manifest, out: str, skipped: list[dict[str, str]]) -> str:
         unmatched = m.excluded["unmatched"]
         excl = (f" Excluded {m.excluded['count']:,} files listed in {m.excluded['file']!r}"
                 + (f" ({unmatched:,} listed paths matched no input file)" if unmatched else "") + ".")
-    return (f"Preprocessed {st['kept']:,} of {st['candidates']:,} images into {out!r} "
+    labels = " (classes from file names)" if st.get("labels_from") == LABELS_NAME else ""
+    return (f"Preprocessed {st['kept']:,} of {st['candidates']:,} images{labels} into {out!r} "
             f"({len(m.shards)} shards, {m.size}x{m.size} {m.resize}): {'; '.join(parts)}. "
             f"Skipped {skip_txt}; ignored {st['ignored']:,} non-image files.{excl} "
             f"Wall time {st['wall_time_s']:.1f} s ({st['images_per_s']:,.0f} images/s; "
@@ -174,7 +182,8 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
     """
     check_required(cfg)
     t0 = time.perf_counter()
-    listing = scan_remote(cfg.input) if storage.is_remote(cfg.input) else scan_input(cfg.input)
+    listing = (scan_remote(cfg.input, cfg.labels_from) if storage.is_remote(cfg.input)
+               else scan_input(cfg.input, cfg.labels_from))
     excluded: dict[str, Any] = {}
     if cfg.exclude:
         listing, excluded = apply_exclusions(listing, read_exclusions(cfg.exclude))
@@ -218,6 +227,7 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
             "first_task_start_s": round(min(s for s, _ in outcome.spans) - job_epoch, 3),
             "after_last_task_s": round(done_epoch - max(e for _, e in outcome.spans), 3),
             "python_workers": len(outcome.worker_pids),
+            "labels_from": listing.labels_from,
         }
         _write_files_csv(target.stage / schema.FILES_CSV_NAME, outcome.files)
         save_config(cfg, target.stage / schema.CONFIG_NAME)

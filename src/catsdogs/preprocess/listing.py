@@ -1,7 +1,12 @@
 """File discovery for ``catsdogs preprocess``: classes, image candidates and ignored files (driver).
 
-Local folders are walked with ``os.walk``; s3a:// and hdfs:// inputs are listed through
-:mod:`catsdogs.io.storage` with the same rules, so both give the same listing for the same tree.
+Two layouts are read. Class folders (``PetImages/Cat/*.jpg``, ``PetImages/Dog/*.jpg``): a file's class
+is the first folder under the input. Kaggle's competition layout (``train/cat.0.jpg``,
+``train/dog.12.jpg``): a file's class is its name up to the first dot. ``--labels-from auto`` picks
+names when the input has no subfolder and every image directly in it is named ``<class>.<rest>``;
+``folder`` and ``name`` force one. Local folders are walked with ``os.walk``; s3a:// and hdfs://
+inputs are listed through :mod:`catsdogs.io.storage` with the same rules, so both give the same
+listing for the same tree.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import csv
 import os
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +28,12 @@ IGNORED_OS_FILE = "os_file"
 IGNORED_EXTENSION = "not_image_extension"
 IGNORED_OUTSIDE = "outside_class_folder"
 IGNORED_BAD_NAME = "name_not_utf8"
+IGNORED_NO_CLASS = "no_class_in_name"
+
+LABELS_FOLDER = "folder"
+LABELS_NAME = "name"
+LABELS_FROM: tuple[str, ...] = ("auto", LABELS_FOLDER, LABELS_NAME)
+"""Where a file's class comes from (``--labels-from``): auto, its class folder, or its name."""
 
 UNMATCHED_EXAMPLES = 20
 """Paths of ``--exclude`` that match no input file, quoted in the manifest (the rest are counted)."""
@@ -52,6 +64,8 @@ class Listing:
     classes: list[str]
     candidates: list[Candidate]
     ignored: list[Ignored] = field(default_factory=list)
+    labels_from: str = LABELS_FOLDER
+    """How the classes were read: from class folders or from file names (``auto`` resolved)."""
 
     def ignored_summary(self) -> dict[str, object]:
         """Return the manifest's ``ignored`` section: count, count per reason, sorted paths."""
@@ -76,11 +90,25 @@ def _classify_name(name: str) -> str | None:
     return None
 
 
-def _walk_class(root: Path, class_dir: Path, label: int, candidates: list[Candidate],
-                ignored: list[Ignored]) -> None:
-    """Collect candidates under one class folder recursively (symlinked folders followed once)."""
+def class_from_name(name: str) -> str | None:
+    """Return the class in a Kaggle-style file name (``cat.0.jpg`` -> ``cat``), or None without one.
+
+    The class is the name up to its first dot, and something must stand between it and the
+    extension: ``cat.jpg`` has no class prefix.
+    """
+    stem = name.rsplit(".", 1)[0]
+    head, dot, rest = stem.partition(".")
+    return head if dot and head and rest else None
+
+
+def _walk_images(root: Path, start: Path, ignored: list[Ignored]) -> list[str]:
+    """Return image candidates under ``start``, recursively, as paths relative to ``root``.
+
+    Symlinked folders are followed once; ignored files and hidden folders go to ``ignored``.
+    """
+    found: list[str] = []
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(start, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:  # a symlink loop: do not descend again
             dirnames.clear()
@@ -97,17 +125,46 @@ def _walk_class(root: Path, class_dir: Path, label: int, candidates: list[Candid
             reason = IGNORED_BAD_NAME if _printable(rel) != rel else _classify_name(name)
             if reason is None:
                 # Broken symlinks stay candidates: the task skips them with reason "broken_link".
-                candidates.append(Candidate(rel, label))
+                found.append(rel)
             else:
                 ignored.append(Ignored(_printable(rel), reason))
+    return found
 
 
-def _require_classes(classes: list[str], where: str) -> None:
-    """Raise :class:`InputError` unless there are at least two class folders."""
+def _require_classes(classes: list[str], where: str, by_name: bool = False, flat_images: int = 0) -> None:
+    """Raise :class:`InputError` unless there are at least two classes (folders, or name prefixes)."""
     if len(classes) < 2:
         found = f"only {classes[0]!r}" if classes else "none"
+        if by_name:
+            raise InputError(f"{where} needs images of at least two classes named <class>.<n>.jpg (e.g. "
+                             f"cat.0.jpg and dog.0.jpg), found {found} (fix --input or --labels-from)")
+        hint = (f"; its {flat_images} images directly inside are not all named <class>.<n>.jpg (for "
+                f"labels in file names use --labels-from name)" if flat_images else "")
         raise InputError(f"{where} needs at least two class subfolders (e.g. Cat/ and Dog/), "
-                         f"found {found} (fix --input)")
+                         f"found {found}{hint} (fix --input)")
+
+
+def _use_names(labels_from: str, class_dirs: list[str], top_files: Iterable[str]) -> bool:
+    """Decide the layout: names when asked, or (auto) no subfolder and every top image is ``<class>.``."""
+    if labels_from != "auto":
+        return labels_from == LABELS_NAME
+    images = [n for n in top_files if _classify_name(n) is None]
+    return not class_dirs and bool(images) and all(class_from_name(n) for n in images)
+
+
+def _by_name(paths: list[str], ignored: list[Ignored], where: str) -> tuple[list[str], list[Candidate]]:
+    """Label image paths by their file names' class prefix; an image without one is ignored, counted."""
+    named: list[tuple[str, str]] = []
+    for rel in paths:
+        cls = class_from_name(rel.rsplit("/", 1)[-1])
+        if cls is None:
+            ignored.append(Ignored(rel, IGNORED_NO_CLASS))
+        else:
+            named.append((rel, cls))
+    classes = sorted({cls for _, cls in named})
+    _require_classes(classes, where, by_name=True)
+    index = {cls: i for i, cls in enumerate(classes)}
+    return classes, [Candidate(rel, index[cls]) for rel, cls in named]
 
 
 def _no_images(class_dir: str) -> InputError:
@@ -116,11 +173,11 @@ def _no_images(class_dir: str) -> InputError:
                       f"({', '.join(sorted(schema.IMAGE_EXTENSIONS))}) (fix --input)")
 
 
-def scan_input(input_dir: str | Path) -> Listing:
-    """List classes (sorted subfolder names) and image candidates under ``input_dir``.
+def scan_input(input_dir: str | Path, labels_from: str = "auto") -> Listing:
+    """List classes (sorted subfolder names, or name prefixes) and image candidates under ``input_dir``.
 
     Raises :class:`InputError` (naming ``--input``) for a missing input, a file, fewer than two
-    class folders or a class without any image candidate.
+    classes or a class folder without any image candidate.
     """
     root = Path(input_dir).expanduser()
     if not str(input_dir):
@@ -130,9 +187,18 @@ def scan_input(input_dir: str | Path) -> Listing:
     if not root.is_dir():
         raise InputError(f"input {str(root)!r} is a file, not a folder of class subfolders (fix --input)")
     root = root.resolve()
-    ignored: list[Ignored] = []
+    entries = sorted(root.iterdir(), key=lambda p: p.name)
+    dirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    top_files = [e.name for e in entries if not e.is_dir() and _printable(e.name) == e.name]
+    where = f"input folder {str(root)!r}"
+    if _use_names(labels_from, dirs, top_files):
+        ignored: list[Ignored] = []
+        classes, candidates = _by_name(_walk_images(root, root, ignored), ignored, where)
+        return Listing(root=root, classes=classes, candidates=candidates, ignored=ignored,
+                       labels_from=LABELS_NAME)
+    ignored = []
     classes: list[str] = []
-    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+    for entry in entries:
         if entry.name.startswith("."):
             ignored.append(Ignored(_printable(entry.name), IGNORED_HIDDEN))
         elif _printable(entry.name) != entry.name:
@@ -141,21 +207,22 @@ def scan_input(input_dir: str | Path) -> Listing:
             classes.append(entry.name)
         else:
             ignored.append(Ignored(_printable(entry.name), IGNORED_OUTSIDE))
-    _require_classes(classes, f"input folder {str(root)!r}")
+    _require_classes(classes, where, flat_images=sum(_classify_name(n) is None for n in top_files))
     candidates: list[Candidate] = []
     for label, name in enumerate(classes):
-        before = len(candidates)
-        _walk_class(root, root / name, label, candidates, ignored)
-        if len(candidates) == before:
+        found = _walk_images(root, root / name, ignored)
+        if not found:
             raise _no_images(str(root / name))
+        candidates.extend(Candidate(rel, label) for rel in found)
     return Listing(root=root, classes=classes, candidates=candidates, ignored=ignored)
 
 
-def scan_remote(uri: str) -> Listing:
+def scan_remote(uri: str, labels_from: str = "auto") -> Listing:
     """List classes and image candidates under a remote ``uri`` (s3a://, hdfs://), like :func:`scan_input`.
 
-    Object stores have no folders of their own: a class is the first component of a file's key.
-    Hidden folders are recorded once each, as :func:`scan_input` does; there are no symlinks.
+    Object stores have no folders of their own: a class is the first component of a file's key (or,
+    labelled by name, the prefix of its file name). Hidden folders are recorded once each, as
+    :func:`scan_input` does; there are no symlinks.
     """
     if storage.file_type(uri, "--input") == "file":
         raise InputError(f"input {uri!r} is a file, not a folder of class subfolders (fix --input)")
@@ -163,21 +230,36 @@ def scan_remote(uri: str) -> Listing:
     if not files:
         raise InputError(f"input {uri!r} holds no files (fix --input)")
     root = uri.rstrip("/")
+    where = f"input {uri!r}"
     ignored: list[Ignored] = []
     hidden_dirs: set[str] = set()
     by_class: dict[str, list[str]] = {}
+    top_files: list[str] = []
     for rel, _size in files:
         parts = rel.split("/")
         hidden = next((i for i, p in enumerate(parts[:-1]) if p.startswith(".")), None)
         if hidden is not None:  # a file inside a hidden folder: count the folder once, not its files
             hidden_dirs.add("/".join(parts[:hidden + 1]))
         elif len(parts) == 1:
-            ignored.append(Ignored(rel, IGNORED_HIDDEN if rel.startswith(".") else IGNORED_OUTSIDE))
+            top_files.append(rel)
         else:
             by_class.setdefault(parts[0], []).append(rel)
     ignored.extend(Ignored(d, IGNORED_HIDDEN) for d in sorted(hidden_dirs))
+    if _use_names(labels_from, sorted(by_class), top_files):
+        images: list[str] = []
+        for rel in top_files + [r for members in by_class.values() for r in members]:
+            reason = _classify_name(rel.rsplit("/", 1)[-1])
+            if reason is None:
+                images.append(rel)
+            else:
+                ignored.append(Ignored(rel, reason))
+        classes, candidates = _by_name(sorted(images), ignored, where)
+        return Listing(root=root, classes=classes, candidates=candidates, ignored=ignored,
+                       labels_from=LABELS_NAME)
+    ignored.extend(Ignored(rel, IGNORED_HIDDEN if rel.startswith(".") else IGNORED_OUTSIDE)
+                   for rel in top_files)
     classes = sorted(by_class)
-    _require_classes(classes, f"input {uri!r}")
+    _require_classes(classes, where, flat_images=sum(_classify_name(n) is None for n in top_files))
     candidates: list[Candidate] = []
     for label, name in enumerate(classes):
         before = len(candidates)

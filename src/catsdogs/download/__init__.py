@@ -1,0 +1,1 @@
+"""Stage 0, ``catsdogs download``: fetch, verify and safely unpack the Cats and Dogs archive."""
