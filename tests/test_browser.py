@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +12,7 @@ import pytest
 
 from catsdogs.config import ServeConfig
 from tests.fixtures import jpeg_bytes, synthetic_image
+from tests.live import live_server as serve_live
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -23,37 +21,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 pytestmark = pytest.mark.slow
 
 
-@contextlib.contextmanager
-def _live(run: Path) -> Iterator[str]:
-    """Run the real app under uvicorn in a thread, on a free loopback port bound up front."""
-    import uvicorn
-
-    from catsdogs.serve.app import create_app
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets NODELAY
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    app = create_app(ServeConfig(run=str(run), port=port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
 @pytest.fixture
 def live_server(run_dir: Path) -> Iterator[str]:
     """The app serving an untrained run written in the pre-detector checkpoint format."""
-    with _live(run_dir) as url:
+    with serve_live(ServeConfig(run=str(run_dir))) as url:
         yield url
 
 
@@ -64,7 +35,7 @@ def live_trained_server(tmp_path: Path, shards: Path) -> Iterator[str]:
 
     assert cli_main(["train", "--data", str(shards), "--out", str(tmp_path / "trained"), "--epochs", "2",
                      "--threads", "1"]) == 0
-    with _live(tmp_path / "trained") as url:
+    with serve_live(ServeConfig(run=str(tmp_path / "trained"))) as url:
         yield url
 
 
