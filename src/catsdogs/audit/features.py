@@ -146,7 +146,7 @@ def _pixel_pass(root: Path, manifest: Manifest, split: str, batch_size: int, pro
     bar = tqdm(total=manifest.split_rows(split), desc=f"pixels {split}", unit="img", disable=not progress)
     for pos, start, x, y in iter_batches(root, manifest, split, batch_size):
         for i in range(len(y)):
-            hashes.append(hashlib.sha1(x[i].tobytes()).hexdigest())
+            hashes.append(hashlib.sha1(x[i].tobytes(), usedforsecurity=False).hexdigest())
         stds.extend(x.reshape(len(x), -1).std(axis=1).tolist())
         tiny.append(tiny_images(x))
         labels.extend(y.tolist())

@@ -97,7 +97,7 @@ class TrackedRun:
         """Run ``fn`` against MLflow; on any failure warn once, stop tracking and return None."""
         if not self.active:
             return None
-        assert self._conn is not None
+        assert self._conn is not None  # nosec B101 # type narrowing of an invariant, not input checking
         t0 = time.perf_counter()
         try:
             return fn(*args, **kwargs)
@@ -189,7 +189,7 @@ class TrackedRun:
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with ``status`` (FINISHED, FAILED or KILLED)."""
         if self._call("ending the run", lambda: self._client.set_terminated(self.run_id, status) or True):
-            assert self._conn is not None
+            assert self._conn is not None  # nosec B101 # type narrowing of an invariant, not input checking
             print(f"catsdogs: MLflow run {self.run_id} {status.lower()} at {self.uri} (tracking took "
                   f"{self._conn.seconds:.1f} s so far)", file=sys.stderr, flush=True)
         self.run_id = ""
@@ -230,7 +230,7 @@ def open_run(given_uri: str, experiment: str, run_name: str, *, params: Mapping[
     try:
         t0 = time.perf_counter()
         started = _start(uri, experiment, run_name, tags or {}, parent, resume_run_id, experiment_id)
-        assert started._conn is not None
+        assert started._conn is not None  # nosec B101 # type narrowing of an invariant, not input checking
         started._conn.seconds += time.perf_counter() - t0  # includes importing mlflow
     except Exception as exc:  # noqa: BLE001 - a server that is down must not stop the command
         warn(_lost(uri, "starting a run", exc, ""))
