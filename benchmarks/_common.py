@@ -19,6 +19,8 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DOCS_DIR = PROJECT_ROOT / "docs" / "benchmarks"
 REAL_DATA = PROJECT_ROOT.parent / "shared" / "data" / "PetImages"
+DEFAULT_RUN = PROJECT_ROOT / "runs" / "effnet_lite12_frozen"
+"""Where `make run` puts the default preset's run (Makefile OUT); trained-run benchmarks default to it."""
 HEAVY_LOCK = Path("/tmp/catsdogs-heavy.lock")
 # Set by run_all (which holds the lock for all benchmarks) so nested benchmarks do not deadlock.
 LOCK_HELD_ENV = "CATSDOGS_HEAVY_LOCK_HELD"

@@ -11,9 +11,11 @@ compares detectors, which takes ~20 min for the default preset on 2 busy cores).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
+from benchmarks._common import DEFAULT_RUN
 from catsdogs.infer.predictor import Predictor
 from tests.ood_set import generated_images, png_bytes, sample_photos
 
@@ -24,8 +26,11 @@ GENERATED_SEED = 0
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", required=True, help="trained run folder")
+    parser.add_argument("--run", default=str(DEFAULT_RUN), help="trained run folder (default: make run's)")
     args = parser.parse_args()
+    if not Path(args.run).is_dir():
+        print(f"skipped: no trained run at {args.run} (make run, or give --run)")
+        return
     predictor = Predictor.from_run(args.run, "cpu")
     sets = (("generated", generated_images(GENERATED_PER_KIND, GENERATED_SIZE, seed=GENERATED_SEED)),
             ("photos", sample_photos()))

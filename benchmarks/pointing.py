@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks._common import heavy_lock
+from benchmarks._common import DEFAULT_RUN, heavy_lock
 from catsdogs import schema
 from catsdogs.errors import ImageDecodeError
 from catsdogs.infer.explain import Explainer, png_bytes, to_original
@@ -91,12 +91,15 @@ def held_out_photos(run: Path, data: str, n: int, seed: int) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure the pointing test on a trained run's test photos and print the figures."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", required=True, help="trained run folder")
+    ap.add_argument("--run", default=str(DEFAULT_RUN), help="trained run folder (default: make run's)")
     ap.add_argument("--data", default="", help="image folder (default: the one recorded in the shards)")
     ap.add_argument("--photos", type=int, default=400, help="test photos to try")
     ap.add_argument("--seed", type=int, default=0, help="seed of the photo sample")
     args = ap.parse_args(argv)
     run = Path(args.run)
+    if not run.is_dir():
+        print(f"skipped: no trained run at {run} (make run, or give --run)")
+        return 0
     with heavy_lock():
         start = time.perf_counter()
         predictor = Predictor.from_run(run)
