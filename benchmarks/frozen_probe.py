@@ -36,7 +36,7 @@ COMBOS = ("effnet_lite0@180", "effnet_lite1@240", "effnet_lite1@260", "effnet_li
 def features(spec: str, data: Path, cache: Path) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """Return ``split -> (features, mirrored features, forward passes/s)`` for train and val, cached.
 
-    Uses the product's own feature pass (:func:`catsdogs.train.frozen.extract_features`, BatchNorm folded,
+    Uses the product's own feature pass (:func:`catsdogs.train.features.extract_features`, BatchNorm folded,
     batch 64), resizing the shards' images to the spec's size in torch; mirrored features for val only
     (flip TTA); training the head on mirrored copies did not help.
     """
@@ -46,7 +46,7 @@ def features(spec: str, data: Path, cache: Path) -> dict[str, tuple[np.ndarray, 
     from catsdogs.models.registry import input_normalization
     from catsdogs.runtime import setup
     from catsdogs.shards.manifest import load_manifest
-    from catsdogs.train.frozen import extract_features
+    from catsdogs.train.features import extract_features
 
     name, size = spec.split("@")[0], int(spec.split("@")[1])
     out: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}

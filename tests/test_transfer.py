@@ -69,7 +69,7 @@ def test_extract_features_resizes_to_the_models_size(tmp_path: Path) -> None:
 
     from catsdogs.models.factory import create_model
     from catsdogs.shards.reader import open_shard
-    from catsdogs.train.frozen import extract_features
+    from catsdogs.train.features import extract_features
 
     data = tmp_path / "shards"
     manifest = make_shards(data, counts={"train": 10, "val": 6}, size=32, shard_rows=4, fmt="parquet")

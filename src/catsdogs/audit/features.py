@@ -1,7 +1,7 @@
 """Everything the audit knows about each image, computed in one pass per split.
 
 Every image of every split gets one row: its path (from ``files.csv``), split, label, location in the
-shards, pooled backbone features (computed ONCE, by :func:`catsdogs.train.frozen.extract_features`),
+shards, pooled backbone features (computed ONCE, by :func:`catsdogs.train.features.extract_features`),
 a hash of its pixels and their standard deviation. Every check in :mod:`catsdogs.audit` works on these
 arrays; only the gallery goes back to the shards, for the few images it shows.
 """
@@ -30,7 +30,7 @@ from catsdogs.models.registry import input_normalization
 from catsdogs.rundir import resolve_checkpoint
 from catsdogs.shards.manifest import Manifest
 from catsdogs.shards.reader import iter_batches, load_rows
-from catsdogs.train.frozen import extract_features
+from catsdogs.train.features import extract_features
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ def load_backbone(run: str, manifest: Manifest, size: int = 0
     state = load_checkpoint(path)
     model = build_from_checkpoint(state)
     name = str(state[ckpt.CKPT_MODEL_CONFIG].get("name"))
-    # The shared feature pass (train.frozen.extract_features) needs ``features`` and the ``_fc`` head's
-    # width: the EfficientNet-Lite family has both, the from-scratch CNNs do not.
+    # The audit compares pooled ImageNet-style backbone features (the EfficientNet-Lite family, which has
+    # the ``_fc`` head); the from-scratch CNNs' head inputs are not such features, so they are refused.
     if not callable(getattr(model, "features", None)) or not hasattr(model, "_fc"):
         raise ConfigError(f"--run {run!r} holds a {name!r} model, which has no pooled features; "
                           "use a run of an effnet_lite model or leave --run out")

@@ -11,22 +11,19 @@ checkpoint entries of :func:`catsdogs.checkpoint.confidence_entries`.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from catsdogs.checkpoint import confidence_entries
 from catsdogs.config import TrainConfig
 from catsdogs.models.calibration import fit_temperature
 from catsdogs.models.ood import calibrate_threshold, fit_detector
-from catsdogs.models.transforms import normalize
 from catsdogs.shards.manifest import Manifest
-from catsdogs.shards.reader import iter_batches
+from catsdogs.train.features import extract_features
 
 log = logging.getLogger(__name__)
 
@@ -39,27 +36,19 @@ enough for a d x d covariance at d <= 1280, and it bounds the pass to ~1 epoch o
 def feature_pass(model: nn.Module, root: str | Path, manifest: Manifest, split: str, mean: tuple[float, ...],
                  std: tuple[float, ...], batch_size: int, device: torch.device,
                  max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return features ``(n, d)``, logits ``(n, k)`` and labels ``(n,)`` of a split (``max_rows`` at most)."""
-    model.eval()
+    """Return features ``(n, d)``, logits ``(n, k)`` and labels ``(n,)`` of a split (``max_rows`` at most).
+
+    The features come from :func:`~catsdogs.train.features.extract_features`; the logits are the
+    model's own head applied to them (``forward`` is ``classify`` of ``features``).
+    """
+    feats, labels = extract_features(model, root, manifest, split, mean, std, batch_size, device=device,
+                                     max_rows=max_rows, desc="confidence")
+    if not len(feats):
+        return feats, np.zeros((0, 0), np.float32), labels
     net: Any = model
-    total = manifest.split_rows(split) if max_rows is None else min(max_rows, manifest.split_rows(split))
-    feats, logits, labels = [], [], []
-    seen = 0
-    with tqdm(total=total, desc=f"confidence {split}", unit="img", file=sys.stderr) as bar:
-        for _pos, _start, rows, y in iter_batches(root, manifest, split, batch_size):
-            if seen >= total:
-                break
-            take = min(len(y), total - seen)
-            x = normalize(torch.from_numpy(rows[:take]), mean, std).to(device)
-            f = net.features(x)
-            feats.append(f.float().cpu().numpy())
-            logits.append(net.classify(f).float().cpu().numpy())
-            labels.append(np.asarray(y[:take]))
-            seen += take
-            bar.update(take)
-    if not feats:
-        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-    return np.concatenate(feats), np.concatenate(logits), np.concatenate(labels).astype(np.int64)
+    net.eval()
+    logits = net.classify(torch.from_numpy(feats).to(device)).float().cpu().numpy()
+    return feats, logits, labels
 
 
 def fit_confidence(cfg: TrainConfig, num_classes: int, train_feats: np.ndarray, train_labels: np.ndarray,

@@ -16,71 +16,27 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from torch import nn
-from tqdm import tqdm
 
 from catsdogs.checkpoint import build_checkpoint, save_checkpoint
 from catsdogs.config import TrainConfig, require, save_config, to_dict
 from catsdogs.errors import ConfigError, InputError
-from catsdogs.models.effnet import fold_for_inference
 from catsdogs.models.factory import create_model
 from catsdogs.models.heads import num_logits
 from catsdogs.models.registry import input_normalization, pretrained_names
-from catsdogs.models.transforms import hflip, normalize
 from catsdogs.rundir import MetricsLog, RunDir
 from catsdogs.runtime import setup
 from catsdogs.shards.cache import local_shards
 from catsdogs.shards.manifest import Manifest, load_manifest
-from catsdogs.shards.reader import iter_batches
 from catsdogs.train.confidence import fit_confidence
+from catsdogs.train.features import extract_features
 
 log = logging.getLogger(__name__)
 
 C_GRID: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 """Inverse L2 strengths tried for the logistic head on standardised features; best val log-loss wins."""
-
-
-@torch.inference_mode()
-def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, split: str,
-                     mean: tuple[float, ...], std: tuple[float, ...], batch_size: int = 64,
-                     flip: bool = False, device: torch.device | str = "cpu", progress: bool = True,
-                     size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Return pooled backbone features ``(n, d)`` float32 and labels ``(n,)`` of one split.
-
-    Shards are opened lazily (npy memory map or Parquet row groups) and read ``batch_size`` rows at
-    a time, so memory stays at one batch.
-    With ``flip`` the mirrored images are appended as extra rows (``2n`` rows; free augmentation).
-    With ``size`` the batches are resized in torch (bilinear, antialiased) to that side first; the
-    model must be built for it (used to compare backbones at several sizes from one shards folder).
-    """
-    model.eval()
-    model = fold_for_inference(model)  # inference-only copy: BN folded into the convs
-    feats: list[np.ndarray] = []
-    flipped: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    bar = tqdm(total=manifest.split_rows(split), desc=f"features {split}", unit="img",
-               disable=not progress)
-    for _pos, _start, rows, y in iter_batches(root, manifest, split, batch_size):
-        x = normalize(torch.from_numpy(rows), mean, std).to(device)
-        if size is not None and size != x.shape[-1]:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-            x = x.contiguous(memory_format=torch.channels_last)
-        feats.append(model.features(x).float().cpu().numpy())
-        if flip:
-            flipped.append(model.features(hflip(x)).float().cpu().numpy())
-        labels.append(y)
-        bar.update(len(rows))
-    bar.close()
-    d = int(model._fc.in_features)  # type: ignore[union-attr]
-    f = np.concatenate(feats) if feats else np.zeros((0, d), np.float32)
-    y = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
-    if flip and flipped:
-        f = np.concatenate([f, np.concatenate(flipped)])
-        y = np.concatenate([y, y])
-    return f.astype(np.float32), y.astype(np.int64)
 
 
 def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,

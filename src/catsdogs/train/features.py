@@ -1,0 +1,67 @@
+"""One forward pass over a split's shards that returns each image's features (the head's input).
+
+Shared by the frozen-backbone head (which trains on them), the loop's confidence fit (detector and
+temperature) and the audit, so every feature pass reads shards and normalises the same way.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from catsdogs.models.effnet import fold_for_inference
+from catsdogs.models.transforms import hflip, normalize
+from catsdogs.shards.manifest import Manifest
+from catsdogs.shards.reader import iter_batches
+
+
+@torch.inference_mode()
+def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, split: str,
+                     mean: tuple[float, ...], std: tuple[float, ...], batch_size: int = 64,
+                     flip: bool = False, device: torch.device | str = "cpu", progress: bool = True,
+                     size: int | None = None, max_rows: int | None = None,
+                     desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    """Return pooled backbone features ``(n, d)`` float32 and labels ``(n,)`` of one split.
+
+    Shards are opened lazily (npy memory map or Parquet row groups) and read ``batch_size`` rows at
+    a time, so memory stays at one batch.
+    With ``flip`` the mirrored images are appended as extra rows (``2n`` rows; free augmentation).
+    With ``size`` the batches are resized in torch (bilinear, antialiased) to that side first; the
+    model must be built for it (used to compare backbones at several sizes from one shards folder).
+    With ``max_rows`` only the split's first rows are read (in shard order).
+    """
+    model.eval()
+    model = fold_for_inference(model)  # inference-only copy: BN folded into the convs
+    feats: list[np.ndarray] = []
+    flipped: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    total = manifest.split_rows(split) if max_rows is None else min(max_rows, manifest.split_rows(split))
+    bar = tqdm(total=total, desc=f"{desc} {split}", unit="img", disable=not progress, file=sys.stderr)
+    seen = 0
+    for _pos, _start, rows, y in iter_batches(root, manifest, split, batch_size):
+        if seen >= total:
+            break
+        rows, y = rows[:total - seen], y[:total - seen]
+        seen += len(y)
+        x = normalize(torch.from_numpy(rows), mean, std).to(device)
+        if size is not None and size != x.shape[-1]:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+            x = x.contiguous(memory_format=torch.channels_last)
+        feats.append(model.features(x).float().cpu().numpy())
+        if flip:
+            flipped.append(model.features(hflip(x)).float().cpu().numpy())
+        labels.append(y)
+        bar.update(len(rows))
+    bar.close()
+    f = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+    y = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
+    if flip and flipped:
+        f = np.concatenate([f, np.concatenate(flipped)])
+        y = np.concatenate([y, y])
+    return f.astype(np.float32), y.astype(np.int64)
