@@ -7,6 +7,7 @@ import json
 import resource
 import socket
 import threading
+import tracemalloc
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from starlette.requests import Request
 
 from catsdogs.cli import main as cli_main
 from catsdogs.config import ServeConfig
@@ -22,6 +24,7 @@ from catsdogs.infer.predictor import Answers, Predictor
 from catsdogs.serve.app import create_app
 from catsdogs.serve.backends import TorchBackend
 from catsdogs.serve.batcher import MicroBatcher
+from catsdogs.serve.uploads import ApiError, read_body
 from tests.fixtures import bomb_png, jpeg_bytes, synthetic_image
 
 with warnings.catch_warnings():
@@ -130,6 +133,58 @@ def test_lying_or_chunked_bodies_are_cut_off_while_reading(run_dir: Path) -> Non
         assert_error(c.post("/predict", content=b"\0" * 20_000, headers=lying), 413, "payload_too_large")
         assert c.get("/healthz").status_code == 200
         assert c.post("/predict", **upload(JPEG)).status_code == 200
+
+
+def streamed_request(chunks: Iterator[bytes], headers: dict[str, str] | None = None,
+                     pause_s: float = 0.0) -> tuple[Request, list[int]]:
+    """A POST whose body arrives as ``chunks`` (``pause_s`` apart); also the sizes the server took."""
+    taken: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(pause_s)
+        chunk = next(chunks, None)
+        if chunk is not None:
+            taken.append(len(chunk))
+        return {"type": "http.request", "body": chunk or b"", "more_body": chunk is not None}
+
+    scope = {"type": "http", "method": "POST", "path": "/predict",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]}
+    return Request(scope, receive), taken
+
+
+def fresh_chunks(count: int, size: int = 64 * 1024) -> Iterator[bytes]:
+    return (bytes(size) for _ in range(count))  # a new object each time, as a socket gives them
+
+
+def test_an_oversized_body_is_drained_without_being_kept() -> None:
+    limit, count, size = 1024 * 1024, 48 * 16, 64 * 1024  # 48 MiB in 64 KiB chunks over a 1 MiB limit
+    request, taken = streamed_request(fresh_chunks(count), {"content-length": str(count * size)})
+    tracemalloc.start()
+    try:
+        with pytest.raises(ApiError) as refused:
+            asyncio.run(read_body(request, limit, deadline_s=30, drain=count * size))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert refused.value.status == 413 and refused.value.headers == {"Connection": "close"}
+    assert sum(taken) == count * size  # read to its end, so a client still sending can read the 413
+    assert peak < 4 * limit, f"{peak / 2**20:.1f} MiB held while draining {count * size / 2**20:.0f} MiB"
+
+
+def test_draining_stops_at_the_drain_bound_and_the_deadline() -> None:
+    limit, drain, size = 1024, 10 * 1024, 1024
+    request, taken = streamed_request(fresh_chunks(1000, size))  # chunked: no Content-Length
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(read_body(request, limit, deadline_s=30, drain=drain))
+    assert refused.value.status == 413 and sum(taken) == drain + size  # the first chunk past the bound
+    request, taken = streamed_request(fresh_chunks(1000, size), {"content-length": str(1000 * size)})
+    with pytest.raises(ApiError) as refused:  # declared over the bound: nothing is read
+        asyncio.run(read_body(request, limit, deadline_s=30, drain=drain))
+    assert refused.value.status == 413 and not taken
+    slow, taken = streamed_request(fresh_chunks(1000, size), pause_s=0.01)  # 10 s in all
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(read_body(slow, limit, deadline_s=0.3, drain=2000 * size))
+    assert refused.value.status == 413 and 1 < len(taken) < 1000  # too large, and cut off by the deadline
 
 
 def test_batch_endpoint_reports_bad_files_individually(client: TestClient) -> None:

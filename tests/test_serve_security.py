@@ -12,7 +12,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -343,6 +346,66 @@ def test_slow_or_oversized_requests_are_cut_off(run: Path) -> None:
         big = jpeg_bytes(synthetic_image(1, 400, seed=4))
         assert len(big) > 4096
         assert httpx.post(url + "/predict", **upload(big)).status_code == 200
+
+
+# -------------------------------------------------------------------------------- oversized uploads
+
+BIG_UPLOAD = 50 * 1024 * 1024
+"""A 50 MB file sent by mistake (a camera RAW, a video): over --max-bytes, within --drain-bytes."""
+
+
+def multipart_file(size: int) -> tuple[bytes, dict[str, str]]:
+    """A multipart body holding one ``size``-byte file as field ``file``, and its Content-Type."""
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.raw"\r\n\r\n'
+    return head + bytes(size) + b"\r\n--b--\r\n", {"Content-Type": "multipart/form-data; boundary=b"}
+
+
+def assert_too_large(status: int, headers: Any, body: bytes) -> None:
+    assert status == 413, body[:200]
+    assert headers["connection"] == "close" and headers["content-type"] == "application/json"
+    assert json.loads(body)["error"] == "payload_too_large" and b"--max-bytes" in body
+
+
+@pytest.fixture(scope="module")
+def serving_defaults(run: Path) -> Iterator[str]:
+    """The live server with the default --max-bytes and --drain-bytes."""
+    with live_server(ServeConfig(run=str(run))) as url:
+        yield url
+
+
+def test_a_50_mb_upload_from_urllib_gets_the_413(serving_defaults: str) -> None:
+    # urllib sends the whole body (and Connection: close) before reading: a server that answered and
+    # closed with the body unread made the kernel reset the connection, and urllib saw only the reset.
+    body, headers = multipart_file(BIG_UPLOAD)
+    url = serving_defaults
+    for _ in range(2):  # the second on a fresh connection: the server is fine after a drain
+        request = urllib.request.Request(url + "/predict", data=body, headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)  # noqa: S310 (the test's own http URL)
+        assert_too_large(refused.value.code, refused.value.headers, refused.value.read())
+    assert httpx.post(url + "/predict", **upload()).status_code == 200
+
+
+def test_a_50_mb_upload_from_requests_gets_the_413(serving_defaults: str) -> None:
+    requests = pytest.importorskip("requests")  # not a dependency; here when mlflow or schemathesis is
+    body, headers = multipart_file(BIG_UPLOAD)
+    r = requests.post(serving_defaults + "/predict", data=body, headers=headers, timeout=30)
+    assert_too_large(r.status_code, r.headers, r.content)
+    r = requests.post(serving_defaults + "/predict", files=upload()["files"], timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def test_uploads_over_the_drain_bound_or_awaiting_100_continue_are_refused_at_once(
+        serving_defaults: str) -> None:
+    port = int(serving_defaults.rsplit(":", 1)[1])
+    for extra in (f"Content-Length: {1 << 30}\r\n",  # 1 GiB: over --drain-bytes
+                  f"Content-Length: {BIG_UPLOAD}\r\nExpect: 100-continue\r\n"):  # as curl sends it
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\n"
+                      f"Content-Type: multipart/form-data; boundary=b\r\n{extra}\r\n".encode())
+            reply = read_all(s)  # no body sent: the answer comes, then the server closes
+        assert reply.startswith(b"HTTP/1.1 413") and b"100 Continue" not in reply, reply[:200]
+        assert b"\r\nconnection: close\r\n" in reply and b"payload_too_large" in reply
 
 
 # ---------------------------------------------------------------------------------- schema fuzzing

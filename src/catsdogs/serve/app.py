@@ -4,7 +4,8 @@ Endpoints: ``POST /predict`` (multipart field ``file``), ``POST /predict/batch``
 ``GET /healthz``, ``GET /model``, ``GET /stats``, ``GET /report`` (the run's evaluation report) and
 the OpenAPI docs at ``/docs``. Every refusal is JSON ``{"error": code, "detail": message}``:
 
-* 413 ``payload_too_large``: body over ``--max-bytes`` (declared or actually sent);
+* 413 ``payload_too_large``: body over ``--max-bytes`` (declared or actually sent); a body of at most
+  ``--drain-bytes`` is read to its end first, so clients that send it all before reading see the 413;
 * 415 ``unsupported_media_type``: body not multipart/form-data, or a part that is not an image type;
 * 400 for an upload that is not a usable image: ``missing_file``, ``empty_file``, ``not_an_image``,
   ``corrupt``, ``decompression_bomb`` (pixel count over ``--max-pixels``, refused from the header
@@ -250,7 +251,7 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
     install_security(app, cfg)
 
     async def read_parts(request: Request) -> list[Part]:
-        body = await read_body(request, cfg.max_bytes, cfg.body_timeout_s)
+        body = await read_body(request, cfg.max_bytes, cfg.body_timeout_s, cfg.drain_bytes)
         return parse_multipart(body, request.headers.get("content-type", ""))
 
     @app.post("/predict", response_model=PredictionOut, responses=_ERRORS,
@@ -342,7 +343,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.error, exc.detail)
+        response = _error(exc.status, exc.error, exc.detail)
+        response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -3,6 +3,12 @@
 The body limit is checked against ``Content-Length`` first and enforced again while reading, so a
 client that lies about the length or streams chunks cannot make the server hold more than
 ``max_bytes``. Uploads are parsed in memory (they are bounded), which avoids temporary files.
+
+A body over the limit is still read to its end, chunk by chunk and thrown away, when it is at most
+``--drain-bytes`` long: a client that sends its whole body before reading the answer (Python's urllib
+and requests) would otherwise see the connection reset, because closing a socket with unread data
+sends a TCP RST, and never read the 413. A longer body, or one whose client waits for
+``100 Continue`` before sending it, is refused at once. The 413 always closes the connection.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from catsdogs.config import flag
+
 IMAGE_PART_TYPES: tuple[str, ...] = ("image/", "application/octet-stream")
 """Part content types taken as images (prefixes); an absent type is accepted too."""
 
@@ -21,11 +29,12 @@ IMAGE_PART_TYPES: tuple[str, ...] = ("image/", "application/octet-stream")
 class ApiError(Exception):
     """A request the server refuses: HTTP ``status`` with a JSON body ``{"error", "detail"}``."""
 
-    def __init__(self, status: int, error: str, detail: str) -> None:
+    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(f"{status} {error}: {detail}")
         self.status = status
         self.error = error
         self.detail = detail
+        self.headers = headers or {}  # extra response headers, e.g. Connection: close
 
 
 @dataclass
@@ -50,22 +59,35 @@ class Part:
 
 
 def too_large(limit: int) -> ApiError:
-    return ApiError(413, "payload_too_large", f"request body exceeds max_bytes={limit} bytes")
+    """The 413 refusal; it closes the connection, as any unread rest of the body must not be parsed."""
+    return ApiError(413, "payload_too_large", f"request body exceeds {flag('max_bytes')}={limit} bytes",
+                    headers={"Connection": "close"})
 
 
-async def read_body(request: Request, limit: int, deadline_s: float | None = None) -> bytes:
+def _declared_length(request: Request) -> int | None:
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return None
+    try:
+        return int(declared)
+    except ValueError:
+        raise ApiError(400, "bad_request", f"invalid Content-Length {declared!r}") from None
+
+
+async def read_body(request: Request, limit: int, deadline_s: float | None = None, drain: int = 0) -> bytes:
     """Read the request body, refusing more than ``limit`` bytes declared or received (413).
 
-    A body that has not fully arrived ``deadline_s`` seconds after reading began is refused too (408),
-    so a client trickling bytes cannot hold a worker for ever.
+    A body over ``limit`` is read to its end and discarded before the 413 when it is at most ``drain``
+    bytes in all, so that a client still sending it can read the answer; a longer one is refused as soon
+    as that is known. Only the accepted body is kept in memory: while draining, each chunk is dropped.
+    A body that has not fully arrived ``deadline_s`` seconds after reading began is refused too (408;
+    413 if it was already too large), so a client trickling bytes cannot hold a worker for ever.
     """
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            length = int(declared)
-        except ValueError:
-            raise ApiError(400, "bad_request", f"invalid Content-Length {declared!r}") from None
-        if length > limit:
+    length = _declared_length(request)
+    if length is not None and length > limit:
+        # A client waiting for "100 Continue" has sent nothing yet: answering now saves it the upload.
+        waiting = request.headers.get("expect", "").lower() == "100-continue"
+        if length > drain or waiting:
             raise too_large(limit)
     chunks: list[bytes] = []
     received = 0
@@ -73,12 +95,19 @@ async def read_body(request: Request, limit: int, deadline_s: float | None = Non
         async with asyncio.timeout(deadline_s):
             async for chunk in request.stream():
                 received += len(chunk)
-                if received > limit:  # lying Content-Length or chunked upload: stop reading now
+                if received <= limit:
+                    chunks.append(chunk)
+                elif received > drain:  # a chunked upload past the drain bound: stop reading now
                     raise too_large(limit)
-                chunks.append(chunk)
+                else:
+                    chunks.clear()  # over the limit: keep reading, keep nothing
     except TimeoutError:
-        raise ApiError(408, "request_timeout", f"the body did not arrive within --body-timeout-s="
+        if received > limit:
+            raise too_large(limit) from None
+        raise ApiError(408, "request_timeout", f"the body did not arrive within {flag('body_timeout_s')}="
                                                f"{deadline_s:g} s ({received} bytes received)") from None
+    if received > limit:
+        raise too_large(limit)
     return b"".join(chunks)
 
 
