@@ -144,9 +144,8 @@ def audit(cfg: AuditConfig, progress: bool = True) -> AuditResult:
     issues += _pair_issues(data, pairs)
     ood = outliers.outlier_scores(data.features, data.label, data.split, num_classes, cfg.accept_rate,
                                   cfg.seed, cfg.chunk_rows, data.detector, progress)
-    issues += [_issue(data, int(i), OUTLIER, ood.score[i], f"unlike the train images: score "
-                      f"{ood.score[i]:.3f} > threshold {ood.threshold:.3f} of {ood.source}")
-               for i in ood.flagged]
+    issues += [_issue(data, int(i), OUTLIER, ood.score[i], f"unlike the train images: detector score "
+                      f"{ood.score[i]:.3f} > its threshold {ood.threshold:.3f}") for i in ood.flagged]
     more, notes = _unusual_issues(data, cfg, root, progress)
     issues += more
     notes = [*data.notes, f"Outliers: {ood.source}.", *notes]
