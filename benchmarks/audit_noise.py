@@ -32,6 +32,7 @@ from catsdogs import schema
 from catsdogs.audit import issues as iss
 from catsdogs.audit.command import audit
 from catsdogs.audit.duplicates import near_pairs
+from catsdogs.audit.features import DEFAULT_SIDE
 from catsdogs.config import AuditConfig
 from catsdogs.io.checksum import sha256_file
 from catsdogs.models.transforms import load_image
@@ -156,7 +157,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=None, help="64 px shards of the real data")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
-    parser.add_argument("--sizes", default="0,180", help="backbone input sides to compare (0 = shards' size)")
+    parser.add_argument("--sizes", default="64,180",
+                        help=f"backbone input sides to compare (0 = the audit's default, {DEFAULT_SIDE} px)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     runs: dict[int, tuple[float, str, list[dict[str, str]]]] = {}
@@ -196,7 +198,7 @@ def main() -> int:
     for size in sizes:
         seconds, _stdout, rows = runs[size]
         c = Counter(r["issue"] for r in rows)
-        side = f"{size} px" if size else "shards' size (64 px)"
+        side = f"{size} px" if size else f"the default, {DEFAULT_SIDE} px"
         time_rows.append(f"| `--size {size}` ({side}) | {seconds:.0f} s |")
         count_rows.append(f"| `--size {size}` | " + " | ".join(f"{c.get(k, 0):,}" for k in iss.KINDS)
                           + f" | {len({r['path'] for r in rows}):,} |")

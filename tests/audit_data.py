@@ -78,9 +78,12 @@ def make_faulty_shards(root: Path, counts: dict[str, int] | None = None, size: i
                            ("train", "train", "jpeg"), ("train", "val", "resized"),
                            ("train", "test", "cropped"), ("train", "test", "exact"),
                            ("val", "val", "cropped"), ("train", "train", "resized")),
-                       seed: int = 0) -> Faults:
+                       seed: int = 0, extra: tuple[tuple[str, np.ndarray, int, str], ...] = ()) -> Faults:
     """Write shards (npy, one shard per split) plus files.csv with ``flips`` flipped train labels and
-    one copy per ``(source split, target split, how)``; return what was injected."""
+    one copy per ``(source split, target split, how)``; return what was injected.
+
+    ``extra`` appends more images as ``(split, uint8 image, label, path)``, e.g. non-pets.
+    """
     rng = np.random.default_rng(seed)
     counts = counts or {"train": 160, "val": 40, "test": 40}
     faults = Faults()
@@ -98,6 +101,8 @@ def make_faulty_shards(root: Path, counts: dict[str, int] | None = None, size: i
         copy_path = f"{path.rsplit('.', 1)[0]}_{how}_copy.jpg"
         rows[dst].append((copy, label, copy_path))
         faults.copies.append((copy_path, path, how))
+    for split, img, label, path in extra:
+        rows[split].append((img, label, path))
     infos = []
     files = []
     per_split = {}

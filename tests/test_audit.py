@@ -11,19 +11,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from catsdogs import checkpoint as ckpt
 from catsdogs import schema
 from catsdogs.audit import issues as iss
 from catsdogs.audit.command import AuditResult, audit
 from catsdogs.audit.duplicates import find_duplicates
-from catsdogs.audit.outliers import outlier_scores
 from catsdogs.audit.similarity import topk, unit_rows
+from catsdogs.checkpoint import load_checkpoint
 from catsdogs.cli import main as cli_main
 from catsdogs.config import AuditConfig
+from catsdogs.models.ood import Detector, fit_detector
 from catsdogs.preprocess.listing import Candidate, Listing, apply_exclusions, read_exclusions
 from catsdogs.shards.manifest import Manifest, save_manifest
 from tests.audit_data import Faults, make_faulty_shards
 from tests.fixtures import make_run
+from tests.ood_set import generated_images
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +107,7 @@ def test_summary_paragraph_on_stdout(audited: tuple[Path, Faults]) -> None:
     text = (out.parent / "stdout.txt").read_text()
     assert re.search(r"Audited 246 images \(train 162, val 42, test 42\)", text), text
     assert "suspected label errors" in text and "leakage pairs" in text
+    assert "effnet_lite0 (ImageNet) at 180 px" in text  # the default side, not the shards' 64 px
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no_manifest", "other_schema"])
@@ -146,22 +151,88 @@ def test_exact_copies_pair_up_even_when_many() -> None:
     assert set(map(int, pairs.a)) | set(map(int, pairs.b)) <= set(range(4, 10))
 
 
-def test_far_point_is_the_top_outlier() -> None:
-    """Two tight classes (like cat and dog features) and one image pointing elsewhere (a logo)."""
+def test_a_training_image_is_scored_as_if_it_were_not_in_the_bank() -> None:
+    """Leave-one-out: a bank row's score equals its score against the bank without it."""
     rng = np.random.default_rng(2)
-    means = rng.normal(size=(3, 32)) * 3
-    feats = means[np.arange(300) % 2] + rng.normal(size=(300, 32))
-    feats[17] = means[2] + rng.normal(size=32)
-    split = np.array(["train"] * 200 + ["test"] * 100, dtype=object)
-    z = outlier_scores(feats, split, k=5, chunk_rows=64, progress=False)
-    assert int(np.argmax(z)) == 17 and z[17] > AuditConfig().outlier_z
+    feats = rng.normal(size=(60, 16)).astype(np.float32)
+    det = fit_detector("knn", feats, np.zeros(60, np.int64), 2)
+    assert det.params["bank"].shape[0] == 60  # every row is in the bank
+    x = torch.from_numpy(feats)
+    left_out = det.score(x, torch.zeros(0, 0), leave_out=torch.ones(60, dtype=torch.bool)).numpy()
+    for i in (0, 17, 59):
+        without = fit_detector("knn", np.delete(feats, i, axis=0), np.zeros(59, np.int64), 2)
+        assert left_out[i] == pytest.approx(without.score(x[i:i + 1], torch.zeros(0, 0)).item(), abs=1e-6)
+    in_sample = det.score(x, torch.zeros(0, 0)).numpy()
+    assert (left_out > in_sample).all()  # its own entry made every image look more typical
+    # A row that may be in the bank but is not (no entry that close) is scored as it is.
+    new = torch.from_numpy(rng.normal(size=(5, 16)).astype(np.float32))
+    marked = det.score(new, torch.zeros(0, 0), leave_out=torch.ones(5, dtype=torch.bool))
+    np.testing.assert_array_equal(marked, det.score(new, torch.zeros(0, 0)))
+
+
+NON_PET_KINDS = ("solid", "noise", "text", "checkerboard")
+"""Generated non-pets (tests/ood_set.py) unlike the striped "pets" of tests/audit_data.py."""
+
+
+@pytest.fixture(scope="module")
+def with_non_pets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """Clean generated pets plus 12 non-pets (flat colour, noise, text, checkerboard) in train and test."""
+    root = tmp_path_factory.mktemp("nonpets") / "shards"
+    made = [(n, a) for n, a in generated_images(3, 64, seed=1) if n.rsplit("_", 1)[0] in NON_PET_KINDS]
+    extra = tuple((("train", "test", "train")[i % 3], a, i % 2, f"{('Cat', 'Dog')[i % 2]}/nonpet_{n}.png")
+                  for i, (n, a) in enumerate(made))
+    make_faulty_shards(root, counts={"train": 120, "val": 40, "test": 40}, flips=0, copies=(), extra=extra)
+    return root, [p for *_, p in extra]
+
+
+def _outliers(result: AuditResult) -> list[str]:
+    return [i.path for i in result.issues if i.issue == iss.OUTLIER]
+
+
+def test_injected_non_pets_are_outliers_and_pets_mostly_not(with_non_pets: tuple[Path, list[str]],
+                                                           tmp_path: Path) -> None:
+    root, non_pets = with_non_pets
+    # --size 64 (the shards' size) keeps the test to seconds; the default 180 px flags the same 12.
+    cfg = AuditConfig(data=str(root), output=str(tmp_path / "o"), folds=3, size=64)
+    result = audit(cfg, progress=False)
+    flagged = _outliers(result)
+    assert set(non_pets) <= set(flagged), sorted(set(non_pets) - set(flagged))
+    assert len(set(flagged) - set(non_pets)) <= 0.05 * (len(result.data) - len(non_pets))
+    assert set(flagged[:len(non_pets)]) == set(non_pets)  # ranked by score: every non-pet above every pet
+    ood = result.outliers
+    val = result.data.split == "val"
+    assert (ood.score[val] <= ood.threshold).mean() >= cfg.accept_rate  # calibrated on val acceptance
+    assert any("fitted on 128 train images" in n for n in result.notes), result.notes
+
+
+def test_a_runs_own_detector_is_used_with_its_threshold(with_non_pets: tuple[Path, list[str]],
+                                                        tmp_path: Path) -> None:
+    root, non_pets = with_non_pets
+    run = tmp_path / "run"
+    assert cli_main(["train", "--data", str(root), "--out", str(run), "--model", "effnet_lite0",
+                     "--freeze", "backbone", "--threads", "2"]) == 0
+    det = Detector.from_state(load_checkpoint(run / "best.pt")[ckpt.CKPT_OOD])
+    result = audit(AuditConfig(data=str(root), output=str(tmp_path / "o"), run=str(run), folds=3),
+                   progress=False)
+    assert result.outliers.threshold == det.threshold
+    assert any("the run's knn detector" in n for n in result.notes), result.notes
+    assert set(non_pets) <= set(_outliers(result))
+    # The run's bank holds these very train images (fewer than KNN_BANK_ROWS): recomputed here, each
+    # one finds its own entry and skips it, so every train score is out of sample (higher).
+    train = result.data.split == "train"
+    in_sample = det.score(torch.from_numpy(result.data.features[train]), torch.zeros(0, 0)).numpy()
+    assert (result.outliers.score[train] > in_sample).all()
+    # At another size the run's features move: its threshold would not hold, so one is fitted here.
+    other = audit(AuditConfig(data=str(root), output=str(tmp_path / "o2"), run=str(run), folds=3, size=48),
+                  progress=False)
+    assert any("fitted here" in n for n in other.notes) and other.outliers.threshold != det.threshold
 
 
 def test_near_blank_image_is_flagged(tmp_path: Path) -> None:
     root = tmp_path / "shards"
     make_faulty_shards(root, counts={"train": 40, "val": 8, "test": 8}, flips=0, copies=())
     x = np.load(root / "test" / "X_part_00000.npy")
-    x[3] = 200  # one flat grey frame, like a "photo unavailable" card
+    x[3] = (200, 30, 30)  # one flat red frame, like a "photo unavailable" card (channels differ: std 80)
     np.save(root / "test" / "X_part_00000.npy", x)
     cfg = AuditConfig(data=str(root), output=str(tmp_path / "o"), folds=3)
     result: AuditResult = audit(cfg, progress=False)

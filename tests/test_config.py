@@ -64,6 +64,15 @@ def test_misspelt_flag_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--epoch" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_command_help_prints(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Help texts hold "%" (e.g. "99 % of validation"); argparse must not read it as a format."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0
+    assert "--config" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.stem)
 def test_presets_are_valid_configs(preset: Path) -> None:
     run = build_config(RunConfig, read_config_file(preset, "run"))

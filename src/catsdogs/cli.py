@@ -71,7 +71,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         typ = f.type if isinstance(f.type, str) else str(f.type)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        helptext = f"{docs.get(f.name, '')} (default: {default!r})"
+        # argparse %-formats help strings: a literal "%" (as in "99 %") must be doubled.
+        helptext = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
         name = cfgmod.flag(f.name)
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": helptext}
         if typ.startswith("list"):

@@ -2,9 +2,10 @@
 
 Features are computed once per image (:mod:`~catsdogs.audit.features`); every check works on them:
 :mod:`~catsdogs.audit.labels` (K-fold heads + confident learning), :mod:`~catsdogs.audit.duplicates`
-(pixel hashes + chunked search on tiny-image descriptors), :mod:`~catsdogs.audit.outliers` (k-NN
-distance to the train features) and :mod:`~catsdogs.audit.unusual` (original sizes, blank pixels). Findings go
-to ``issues.csv`` and ``audit.html`` (:mod:`~catsdogs.audit.report`), with the resolved config.
+(pixel hashes + chunked search on tiny-image descriptors), :mod:`~catsdogs.audit.outliers` (the
+open-world rejection score of :mod:`catsdogs.models.ood`) and :mod:`~catsdogs.audit.unusual` (original
+sizes, blank pixels). Findings go to ``issues.csv`` and ``audit.html`` (:mod:`~catsdogs.audit.report`),
+with the resolved config.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class AuditResult:
     issues: list[Issue]
     probs: np.ndarray
     """``(n, C)`` out-of-sample probabilities of the K-fold heads."""
-    outlier_z: np.ndarray
+    outliers: outliers.OutlierScores
     pairs: duplicates.Pairs
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -141,13 +142,14 @@ def audit(cfg: AuditConfig, progress: bool = True) -> AuditResult:
     pairs = duplicates.find_duplicates(data.tiny, data.pixel_hash, cfg.dup_threshold, cfg.dup_neighbours,
                                        cfg.chunk_rows, progress)
     issues += _pair_issues(data, pairs)
-    z = outliers.outlier_scores(data.features, data.split, cfg.outlier_k, cfg.chunk_rows, progress)
-    issues += [_issue(data, int(i), OUTLIER, z[i], f"far from every train image's features (robust z "
-                      f"{z[i]:.1f} > --outlier-z {cfg.outlier_z:g})")
-               for i in np.nonzero(z > cfg.outlier_z)[0]]
+    ood = outliers.outlier_scores(data.features, data.label, data.split, num_classes, cfg.accept_rate,
+                                  cfg.seed, cfg.chunk_rows, data.detector, progress)
+    issues += [_issue(data, int(i), OUTLIER, ood.score[i], f"unlike the train images: detector score "
+                      f"{ood.score[i]:.3f} > its threshold {ood.threshold:.3f}") for i in ood.flagged]
     more, notes = _unusual_issues(data, cfg, root, progress)
     issues += more
-    return AuditResult(data=data, issues=issues, probs=probs, outlier_z=z, pairs=pairs,
+    notes = [*data.notes, f"Outliers: {ood.source}.", *notes]
+    return AuditResult(data=data, issues=issues, probs=probs, outliers=ood, pairs=pairs,
                        seconds=time.perf_counter() - t0, notes=notes)
 
 

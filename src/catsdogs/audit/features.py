@@ -2,7 +2,8 @@
 
 Every image of every split gets one row: its path (from ``files.csv``), split, label, location in the
 shards, pooled backbone features (computed ONCE, by :func:`catsdogs.train.features.extract_features`),
-a hash of its pixels and their standard deviation. Every check in :mod:`catsdogs.audit` works on these
+a hash of its pixels and their spread (:func:`catsdogs.models.ood.pixel_spread`, the predictor's
+flat-image measure). Every check in :mod:`catsdogs.audit` works on these
 arrays; only the gallery goes back to the shards, for the few images it shows.
 """
 
@@ -23,9 +24,11 @@ from tqdm import tqdm
 
 from catsdogs import checkpoint as ckpt
 from catsdogs import schema
+from catsdogs.audit.outliers import FEATURE_METHODS
 from catsdogs.checkpoint import build_from_checkpoint, load_checkpoint
 from catsdogs.errors import ConfigError, InputError
 from catsdogs.models.factory import create_model
+from catsdogs.models.ood import Detector, pixel_spread
 from catsdogs.models.registry import input_normalization
 from catsdogs.rundir import resolve_checkpoint
 from catsdogs.shards.manifest import Manifest
@@ -45,6 +48,14 @@ matches the original's 0.9 crop far better than the original itself (0.88 -> 0.9
 DEFAULT_BACKBONE = "effnet_lite0"
 """Backbone of the audit without ``--run``: EfficientNet-Lite0 ImageNet weights, the fastest
 pretrained model here (one feature pass over 18,000 64 px images takes about a minute on 2 cores)."""
+
+DEFAULT_SIDE = 180
+"""Side (px) the ImageNet backbone sees when ``--size`` is 0, whatever the shards' size (resized in
+torch). Measured on the 18,000 dev images (docs/audit.md): at the 64 px of ``preprocess``'s default
+the K-fold heads were 82.9 % accurate and confident learning flagged 1,654 label errors, mostly clean;
+at 180 px 93.2 % and 451, the top of them real faults, and 87 % of injected flips found instead of 74 %.
+Fixed rather than "the shards' size" also bounds the time: 260 px shards (``make run``) cost the same
+feature pass as 64 px ones."""
 
 
 @dataclass
@@ -67,11 +78,18 @@ class AuditData:
     pixel_hash: np.ndarray
     """``(n,)`` str: sha1 of the stored pixels (equal hashes = identical images at the shards' size)."""
     pixel_std: np.ndarray
-    """``(n,)`` float: standard deviation of the stored pixels (0..255 units)."""
+    """``(n,)`` float: largest per-channel standard deviation of the stored pixels (0..255 units),
+    :func:`~catsdogs.models.ood.pixel_spread`."""
     tiny: np.ndarray
     """``(n, len(CROP_VARIANTS), 192)`` float32: the image (and its central crops) area-averaged to
     8 x 8 RGB, the near-duplicate descriptor."""
     backbone: str = DEFAULT_BACKBONE
+    detector: Detector | None = None
+    """The ``--run`` checkpoint's out-of-distribution detector, when it has one and the features were
+    computed at the run's own size (so they live in the space it was fitted in)."""
+    notes: tuple[str, ...] = ()
+    """What the report should say about how the features were made (e.g. why a run's detector is
+    not used)."""
 
     def __len__(self) -> int:
         return len(self.label)
@@ -89,19 +107,33 @@ def read_paths(root: Path, manifest: Manifest) -> dict[tuple[str, int, int], str
     return out
 
 
-def load_backbone(run: str, manifest: Manifest, size: int = 0
-                  ) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...], int, str]:
-    """Return the feature model, its input mean/std, input size and a name for the report.
+@dataclass
+class Backbone:
+    """The model whose pooled features the audit uses, how to feed it, and the run's detector."""
 
-    Without ``run``: EfficientNet-Lite0 with ImageNet weights at the shards' size. With ``run``: the
+    model: nn.Module
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    side: int
+    name: str
+    """For the report, e.g. "effnet_lite0 (ImageNet) at 180 px"."""
+    detector: Detector | None = None
+    note: str = ""
+
+
+def load_backbone(run: str, manifest: Manifest, size: int = 0) -> Backbone:
+    """Return the feature model, its input mean/std and side, a name for the report and its detector.
+
+    Without ``run``: EfficientNet-Lite0 with ImageNet weights at :data:`DEFAULT_SIDE`. With ``run``: the
     trained run's model (any model with a ``features`` method, i.e. the EfficientNet-Lite family) at
-    the size it was trained at. A non-zero ``size`` overrides either.
+    the size it was trained at, and its out-of-distribution detector (only at that size: elsewhere
+    the features move and its threshold no longer holds). A non-zero ``size`` overrides either side.
     """
     if not run:
-        side = size or manifest.size
+        side = size or DEFAULT_SIDE
         model = create_model(DEFAULT_BACKBONE, len(manifest.classes), side, pretrained=True)
         mean, std = input_normalization(DEFAULT_BACKBONE, tuple(manifest.mean), tuple(manifest.std))
-        return model, mean, std, side, f"{DEFAULT_BACKBONE} (ImageNet) at {side} px"
+        return Backbone(model, mean, std, side, f"{DEFAULT_BACKBONE} (ImageNet) at {side} px")
     path = resolve_checkpoint(run)
     state = load_checkpoint(path)
     model = build_from_checkpoint(state)
@@ -115,8 +147,22 @@ def load_backbone(run: str, manifest: Manifest, size: int = 0
         raise ConfigError(f"--run {run!r} was trained on classes {state[ckpt.CKPT_CLASSES]}, the shards "
                           f"hold {manifest.classes} (fix --run or --data)")
     norm = state[ckpt.CKPT_NORM]
-    side = size or int(state[ckpt.CKPT_IMAGE]["size"])
-    return model, tuple(norm["mean"]), tuple(norm["std"]), side, f"{name} ({path}) at {side} px"
+    trained = int(state[ckpt.CKPT_IMAGE]["size"])
+    side = size or trained
+    detector, note = None, ""
+    if ckpt.CKPT_OOD not in state:
+        note = f"{path} has no out-of-distribution detector (trained before it existed): one is fitted here."
+    elif side != trained:
+        note = (f"--size {side} is not the run's {trained} px, where its detector was fitted: one is "
+                "fitted here on these features instead.")
+    else:
+        detector = Detector.from_state(state[ckpt.CKPT_OOD])
+        if detector.method not in FEATURE_METHODS:
+            note = (f"the run's {detector.method} detector scores the head's logits, not features: a "
+                    "detector is fitted here on the features instead.")
+            detector = None
+    return Backbone(model, tuple(norm["mean"]), tuple(norm["std"]), side, f"{name} ({path}) at {side} px",
+                    detector, note)
 
 
 def tiny_images(x: np.ndarray) -> np.ndarray:
@@ -147,7 +193,7 @@ def _pixel_pass(root: Path, manifest: Manifest, split: str, batch_size: int, pro
     for pos, start, x, y in iter_batches(root, manifest, split, batch_size):
         for i in range(len(y)):
             hashes.append(hashlib.sha1(x[i].tobytes(), usedforsecurity=False).hexdigest())
-        stds.extend(x.reshape(len(x), -1).std(axis=1).tolist())
+        stds.extend(pixel_spread(x).tolist())
         tiny.append(tiny_images(x))
         labels.extend(y.tolist())
         shards.extend([pos] * len(y))
@@ -160,8 +206,8 @@ def _pixel_pass(root: Path, manifest: Manifest, split: str, batch_size: int, pro
 def compute(root: Path, manifest: Manifest, run: str = "", batch_size: int = 64,
             progress: bool = True, size: int = 0) -> AuditData:
     """Compute the audit rows of every split: features once per image, pixel hash and std."""
-    model, mean, std, size, backbone = load_backbone(run, manifest, size)
-    model = model.to(memory_format=torch.channels_last)
+    bb = load_backbone(run, manifest, size)
+    model = bb.model.to(memory_format=torch.channels_last)
     paths = read_paths(root, manifest)
     if not paths:
         log.warning("%s has no %s: images are named split/shard/row", root, schema.FILES_CSV_NAME)
@@ -172,8 +218,8 @@ def compute(root: Path, manifest: Manifest, run: str = "", batch_size: int = 64,
         if manifest.split_rows(split) == 0:
             continue
         t0 = time.perf_counter()
-        f, y = extract_features(model, root, manifest, split, mean, std, batch_size, progress=progress,
-                                size=size)
+        f, y = extract_features(model, root, manifest, split, bb.mean, bb.std, batch_size, progress=progress,
+                                size=bb.side)
         log.info("features %s: %d images in %.1f s", split, len(y), time.perf_counter() - t0)
         hashes, stds, tiny, labels, shards, rows = _pixel_pass(root, manifest, split, batch_size, progress)
         if labels != y.tolist():
@@ -199,7 +245,8 @@ def compute(root: Path, manifest: Manifest, run: str = "", batch_size: int = 64,
                      features=np.concatenate(feats).astype(np.float32),
                      pixel_hash=np.array(cols["hash"], dtype=object),
                      pixel_std=np.array(cols["std"], dtype=np.float64),
-                     tiny=np.concatenate(cols["tiny"]).astype(np.float32), backbone=backbone)
+                     tiny=np.concatenate(cols["tiny"]).astype(np.float32), backbone=bb.name,
+                     detector=bb.detector, notes=(bb.note,) if bb.note else ())
 
 
 def images(root: Path, manifest: Manifest, data: AuditData, idx: np.ndarray) -> np.ndarray:

@@ -37,8 +37,8 @@ SCORE_MEANING: dict[str, str] = {
     LEAKAGE: "cosine similarity of the 8x8 tiny-image descriptors (1.0: identical pixels)",
     EXACT_DUPLICATE: "1.0 (identical pixels at the shards' size)",
     NEAR_DUPLICATE: "cosine similarity of the 8x8 tiny-image descriptors",
-    OUTLIER: "robust z-score of the feature distance to the k-th nearest train image",
-    NEAR_BLANK: "1 - pixel std / --blank-std (1: one flat colour)",
+    OUTLIER: "the out-of-distribution detector's score (knn: 1 - cosine to the k-th nearest train image)",
+    NEAR_BLANK: "1 - largest per-channel pixel std / --blank-std (1: one flat colour)",
     UNDERSIZED: "--min-side / shorter side of the original",
     EXTREME_ASPECT: "long side / short side of the original",
 }

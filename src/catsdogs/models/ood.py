@@ -40,6 +40,10 @@ FLAT_STD = 2.0
 """Pixel standard deviation (0..255 units) under which a decoded image is "flat" (blank or one colour):
 it holds nothing to classify, so it is unknown whatever the detector says. JPEG noise on a flat photo
 stays under ~1; the flattest PetImages photo is far above it."""
+SELF_COSINE_GAP = 1e-3
+"""A bank row within this cosine distance of a query is that image itself (or a pixel copy of it): the
+float16 bank moves a cosine by < 1e-3, so an image's own entry scores above ``1 - 1e-3``. Used to score
+training images out of sample (``Detector.score(..., leave_out=...)``)."""
 MIN_SIDE = 16
 """Images with a side under this many pixels hold no recognisable subject; they are answered unknown."""
 _EPS = 1e-6
@@ -55,8 +59,15 @@ class Detector:
     accept_rate: float = 1.0
 
     @torch.inference_mode()
-    def score(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Return the ``(n,)`` OOD score of a batch (higher = less like the training images)."""
+    def score(self, features: torch.Tensor, logits: torch.Tensor,
+              leave_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the ``(n,)`` OOD score of a batch (higher = less like the training images).
+
+        ``leave_out`` (bool ``(n,)``, knn only) marks rows that may be in the kNN bank themselves (training
+        images): for those, a bank row within :data:`SELF_COSINE_GAP` of the query is taken to be the
+        image itself and skipped, so the score is out of sample. The other methods ignore it: one image
+        moves a class mean over thousands of training rows negligibly.
+        """
         f = features.float()
         if self.method == "mahalanobis":
             z = f @ self.params["whiten"].to(f.device)
@@ -65,7 +76,12 @@ class Detector:
             bank = self.params["bank"].to(f.device, torch.float32)
             sims = F.normalize(f, dim=1) @ bank.T
             k = min(KNN_K, bank.shape[0])
-            return 1.0 - sims.topk(k, dim=1).values[:, -1]
+            if leave_out is None:
+                return 1.0 - sims.topk(k, dim=1).values[:, -1]
+            top = sims.topk(min(k + 1, bank.shape[0]), dim=1).values
+            own = leave_out.to(f.device) & (top[:, 0] >= 1.0 - SELF_COSINE_GAP)
+            rank = torch.where(own, min(k, top.shape[1] - 1), k - 1)
+            return 1.0 - top.gather(1, rank[:, None]).squeeze(1)
         if self.method == "energy":
             return -torch.logsumexp(_full_logits(logits.float()), dim=1)
         raise ValueError(f"unknown OOD method {self.method!r}; expected one of {OOD_METHODS}")
@@ -148,9 +164,18 @@ def calibrate_threshold(detector: Detector, val_scores: np.ndarray | torch.Tenso
     return detector
 
 
+def pixel_spread(images: np.ndarray) -> np.ndarray:
+    """Return each uint8 NHWC image's largest per-channel pixel standard deviation (0..255 units).
+
+    Per channel, so a one-colour image is 0 whatever its colour (red, green and blue differing do not
+    count as detail).
+    """
+    if len(images) == 0:
+        return np.zeros(0, dtype=np.float64)
+    x = np.asarray(images, dtype=np.float32).reshape(len(images), -1, images.shape[-1])
+    return x.std(axis=1).max(axis=1).astype(np.float64)
+
+
 def flat_images(images: np.ndarray) -> np.ndarray:
     """Return a bool mask of uint8 NHWC images that are flat (blank or one colour, see FLAT_STD)."""
-    if len(images) == 0:
-        return np.zeros(0, dtype=bool)
-    x = np.asarray(images, dtype=np.float32).reshape(len(images), -1, images.shape[-1])
-    return x.std(axis=1).max(axis=1) < FLAT_STD
+    return pixel_spread(images) < FLAT_STD
