@@ -10,7 +10,6 @@ from catsdogs.engines.base import Engine
 from catsdogs.engines.graph import INPUT_NAME
 from catsdogs.runtime import cores
 
-
 ORT_ERRORS_ONLY = 3
 """onnxruntime log severity: errors only. Its warnings (unused initialisers of the exported graph, one
 line each) would bury the progress bars."""

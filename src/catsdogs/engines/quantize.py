@@ -43,9 +43,8 @@ class _Reader:
 def quantize_graph(fp32_path: Path, batches: Iterable[np.ndarray]) -> Any:
     """Return the int8 QDQ ``ModelProto`` of the fp32 graph at ``fp32_path``, calibrated on ``batches``."""
     import onnx  # lazy, as everywhere: only int8 engines need the quantiser
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from catsdogs.engines.onnx_runtime import ORT_ERRORS_ONLY
 
