@@ -285,8 +285,7 @@ def test_evaluate_reports_ece_reliability_and_rejection(trained: Path, tmp_path:
     assert header.endswith("ood_score,unknown")
 
 
-def test_onnx_backend_applies_tta_and_temperature_but_has_no_unknown(
-        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_onnx_backend_applies_tta_temperature_and_the_detector(trained: Path, tmp_path: Path) -> None:
     import shutil
 
     from catsdogs.serve.backends import load_backend
@@ -294,9 +293,10 @@ def test_onnx_backend_applies_tta_and_temperature_but_has_no_unknown(
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     backend = load_backend(ServeConfig(run=str(run), backend="onnx", tta=True))
-    assert "onnx backend has no out-of-distribution detector" in capsys.readouterr().err
     x = np.stack([np.full((SIZE, SIZE, 3), 128, np.uint8), synthetic_image(1, SIZE, seed=3)])
     a = backend.answer(x)
-    assert a.known.all()  # even the flat image: no detector on this backend
-    want = Predictor.from_run(run, tta=True, reject=False).answer(x).probs
-    np.testing.assert_allclose(a.probs, want, atol=1e-4)
+    want = Predictor.from_run(run, tta=True).answer(x)
+    assert not a.known[0]  # the flat image is "unknown" on this engine too
+    np.testing.assert_array_equal(a.known, want.known)
+    np.testing.assert_allclose(a.probs, want.probs, atol=1e-4)
+    np.testing.assert_allclose(a.scores, want.scores, atol=1e-3)

@@ -21,8 +21,9 @@ from starlette.requests import Request
 from catsdogs.cli import main as cli_main
 from catsdogs.config import ServeConfig
 from catsdogs.infer.predictor import Answers, Predictor
+from catsdogs.rundir import RunDir
 from catsdogs.serve.app import create_app
-from catsdogs.serve.backends import TorchBackend
+from catsdogs.serve.backends import PredictorBackend
 from catsdogs.serve.batcher import MicroBatcher
 from catsdogs.serve.uploads import ApiError, read_body
 from tests.fixtures import bomb_png, jpeg_bytes, synthetic_image
@@ -62,7 +63,7 @@ def test_predict_good_jpeg(client: TestClient) -> None:
     assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert body["probability"] == max(body["probabilities"].values())
     assert body["probabilities"][body["label"]] == body["probability"]
-    assert body["model"]["name"] == "seed" and body["model"]["backend"] == "torch"
+    assert body["model"]["name"] == "seed" and body["model"]["backend"] == ServeConfig().backend
     timing = dict(item.split(";dur=") for item in r.headers["server-timing"].split(", "))
     assert set(timing) == {"decode", "infer", "app"}
     assert 0 < float(timing["decode"]) + float(timing["infer"]) <= float(timing["app"])
@@ -356,22 +357,25 @@ def test_plan_workers_one_single_threaded_worker_per_core(monkeypatch: pytest.Mo
     from catsdogs.serve import backends
 
     monkeypatch.setattr(backends, "cores", lambda: 4)
-    assert backends.plan_workers(ServeConfig(), on_cuda=False) == (4, 1)
-    assert backends.plan_workers(ServeConfig(), on_cuda=True) == (1, 4)
-    assert backends.plan_workers(ServeConfig(workers=1), on_cuda=False) == (1, 4)
+    torch_cfg = {"backend": "torch"}
+    assert backends.plan_workers(ServeConfig(**torch_cfg), on_cuda=False) == (4, 1)
+    assert backends.plan_workers(ServeConfig(**torch_cfg), on_cuda=True) == (1, 4)
+    assert backends.plan_workers(ServeConfig(workers=1, **torch_cfg), on_cuda=False) == (1, 4)
     assert backends.plan_workers(ServeConfig(workers=2, threads=3), on_cuda=False) == (2, 3)
-    assert backends.plan_workers(ServeConfig(backend="onnx"), on_cuda=False) == (1, 4)
+    for name in ("onnx", "openvino", "onnx-int8", "openvino-int8"):  # one worker with every core
+        assert backends.plan_workers(ServeConfig(backend=name), on_cuda=False) == (1, 4)
 
 
-def test_onnx_backend_exports_on_the_fly_and_agrees_with_torch(run_dir: Path) -> None:
-    backend = TorchBackend(Predictor.from_run(run_dir))
+@pytest.mark.parametrize("name", ["onnx", "openvino"])
+def test_engine_backends_export_on_the_fly_and_agree_with_torch(run_dir: Path, name: str) -> None:
+    backend = PredictorBackend(Predictor.from_run(run_dir))
     torch_probs = backend.predict_arrays(np.stack([backend.decode(JPEG)]))[0]
-    assert not (run_dir / "model.onnx").exists()
-    with TestClient(create_app(ServeConfig(run=str(run_dir), backend="onnx"))) as c:
+    assert not RunDir(run_dir).features_graph.exists()
+    with TestClient(create_app(ServeConfig(run=str(run_dir), backend=name))) as c:
         body = c.post("/predict", **upload(JPEG)).json()
-        assert c.get("/model").json()["backend"] == "onnx"
-    assert (run_dir / "model.onnx").is_file()
-    assert body["model"]["backend"] == "onnx"
+        assert c.get("/model").json()["backend"] == name
+    assert RunDir(run_dir).features_graph.is_file()
+    assert body["model"]["backend"] == name
     assert [body["probabilities"]["Cat"], body["probabilities"]["Dog"]] == pytest.approx(
         torch_probs.tolist(), abs=1e-4)
 

@@ -36,6 +36,9 @@ threshold, accept rate); fitted on train, thresholded on val. Absent in runs tra
 CKPT_TEMPERATURE = "temperature"
 """Temperature scaling fitted on validation logits (float; 1.0 = unchanged)."""
 CKPT_INFERENCE = "inference"
+CKPT_ENGINE = "engine"
+"""The ``--backend`` engine that computed a frozen-backbone run's training features (int8 only when it
+passed the guard), so the checkpoint says what its head was fitted on."""
 """The run's inference settings, used by evaluate, predict and serve unless a flag overrides them:
 ``{"tta": bool, "reject": bool, "calibrate": bool}``."""
 REQUIRED_KEYS: tuple[str, ...] = (CKPT_MODEL_STATE, CKPT_MODEL_CONFIG, CKPT_CLASSES, CKPT_NORM, CKPT_IMAGE)

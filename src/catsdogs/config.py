@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlparse
 
 from catsdogs import rundir, schema
 from catsdogs.download.source import MAX_UNPACKED_BYTES
+from catsdogs.engines.names import CALIBRATION_IMAGES, DEFAULT_ENGINE, ENGINES, MAX_DROP_PT
 from catsdogs.errors import ConfigError
 from catsdogs.io.atomic import atomic_write_text
 from catsdogs.io.storage import SCHEMES, scheme_of
@@ -42,7 +43,6 @@ torch (resolved only when a value is checked: importing torch costs ~1.7 s at ev
 DEVICES = "catsdogs.runtime:DEVICES"
 OPTIMIZERS = "catsdogs.train.loop:OPTIMIZERS"
 FREEZE_MODES = "catsdogs.train.launch:FREEZE_MODES"
-SERVE_BACKENDS = "catsdogs.serve.backends:BACKENDS"
 OOD_METHODS = "catsdogs.models.ood:OOD_METHODS"
 LABELS_FROM = "catsdogs.preprocess.listing:LABELS_FROM"
 """By reference too: importing preprocess/ here would make every command (serve included) reach it."""
@@ -188,6 +188,14 @@ class TrainConfig(TrackingConfig):
     """Dropout before the classifier head."""
     freeze: str = setting("none", choices=FREEZE_MODES)
     """Transfer learning: none (fine-tune all) or backbone (train the head only)."""
+    backend: str = setting(DEFAULT_ENGINE, choices=ENGINES)
+    """Engine of the frozen-backbone feature pass (--freeze backbone): torch (eager fp32), onnx
+    (onnxruntime), openvino, or their int8 forms onnx-int8 / openvino-int8, used only within
+    --int8-max-drop of fp32 on validation (else the features are made again in fp32)."""
+    calibration_images: int = setting(CALIBRATION_IMAGES, gt=0)
+    """Training images that calibrate the int8 graph's activation ranges (int8 --backend only)."""
+    int8_max_drop: float = setting(MAX_DROP_PT, ge=0.0)
+    """Largest validation-accuracy drop (percentage points) an int8 --backend may cost against fp32."""
     tta: bool = False
     """Average predictions over horizontal flips when validating; recorded in the checkpoint as the
     run's inference setting (evaluate, predict and serve follow it unless --tta/--no-tta)."""
@@ -254,6 +262,12 @@ class EvaluateConfig(TrackingConfig):
     """Answer "unknown" for images the run's detector rejects (default: the run's recorded setting)."""
     calibrate: bool | None = None
     """Apply the run's fitted temperature to the probabilities (default: the run's recorded setting)."""
+    backend: str = setting(DEFAULT_ENGINE, choices=ENGINES)
+    """Engine of every forward pass: torch (eager fp32), onnx (onnxruntime), openvino, or their int8
+    forms onnx-int8 / openvino-int8, used only within --int8-max-drop of fp32 on validation."""
+    int8_max_drop: float = setting(MAX_DROP_PT, ge=0.0)
+    """Largest validation-accuracy drop (percentage points) an int8 --backend may cost against fp32;
+    beyond it the same runtime runs in fp32, with a one-line note."""
     device: str = setting("auto", choices=DEVICES)
     """auto, cpu or cuda."""
     threads: int = setting(0, ge=0)
@@ -283,6 +297,12 @@ class PredictConfig(TrackingConfig):
     """Answer "unknown" for images the run's detector rejects (default: the run's recorded setting)."""
     calibrate: bool | None = None
     """Apply the run's fitted temperature to the probabilities (default: the run's recorded setting)."""
+    backend: str = setting(DEFAULT_ENGINE, choices=ENGINES)
+    """Engine of every forward pass: torch (eager fp32), onnx (onnxruntime), openvino, or their int8
+    forms onnx-int8 / openvino-int8, used only within --int8-max-drop of fp32 on validation."""
+    int8_max_drop: float = setting(MAX_DROP_PT, ge=0.0)
+    """Largest validation-accuracy drop (percentage points) an int8 --backend may cost against fp32;
+    beyond it the same runtime runs in fp32, with a one-line note."""
     device: str = setting("auto", choices=DEVICES)
     """auto, cpu or cuda."""
     threads: int = setting(0, ge=0)
@@ -306,8 +326,12 @@ class ServeConfig(TrackingConfig):
     """Address to bind; loopback by default so nothing is exposed by accident."""
     port: int = setting(8000, ge=1, le=65535)
     """TCP port."""
-    backend: str = setting("torch", choices=SERVE_BACKENDS)
-    """Inference backend: torch or onnx (onnxruntime)."""
+    backend: str = setting(DEFAULT_ENGINE, choices=ENGINES)
+    """Engine of every forward pass: torch (eager fp32), onnx (onnxruntime), openvino, or their int8
+    forms onnx-int8 / openvino-int8, used only within --int8-max-drop of fp32 on validation."""
+    int8_max_drop: float = setting(MAX_DROP_PT, ge=0.0)
+    """Largest validation-accuracy drop (percentage points) an int8 --backend may cost against fp32;
+    beyond it the same runtime runs in fp32, with a one-line note."""
     max_bytes: int = setting(10 * 1024 * 1024, gt=0)
     """Largest accepted upload in bytes (larger gets 413)."""
     drain_bytes: int = setting(100 * 1024 * 1024, ge=0)

@@ -6,7 +6,8 @@ The one module that spells the run folder's layout; every stage asks it for path
     RUN/run_config.json        resolved RunConfig            (catsdogs run)
     RUN/best.pt, RUN/last.pt   checkpoints                   (train; catsdogs.checkpoint)
     RUN/metrics.csv            one row per epoch             (train; read by evaluate)
-    RUN/model.onnx, model.ts   exports                       (export, serve --backend onnx)
+    RUN/model.onnx, model.ts   exports                       (export)
+    RUN/engine/                features.onnx, features-int8.onnx + .guard.json (--backend engines)
     RUN/eval/                  metrics.json, report.html ... (evaluate; shown by serve)
     RUN/mlflow.json            the MLflow run it was logged to (train with tracking; read by evaluate)
 
@@ -41,6 +42,14 @@ EVAL_METRICS_NAME = "metrics.json"
 REPORT_NAME = "report.html"
 MLFLOW_LINK_NAME = "mlflow.json"
 """Tracking server, experiment and run id of the MLflow run a training run logged to."""
+ENGINE_DIR = "engine"
+"""Graphs of the ONNX / OpenVINO engines (``--backend``), built once and reused while the weights match."""
+FEATURES_GRAPH_NAME = "features.onnx"
+"""The fp32 feature graph (``model.features``) both runtimes read."""
+INT8_GRAPH_NAME = "features-int8.onnx"
+"""Its int8 (QDQ) form, calibrated on training images."""
+INT8_GUARD_NAME = "features-int8.guard.json"
+"""The int8 accuracy check on the validation split, recorded with the int8 graph."""
 EXPORT_NAMES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.ts"}
 """Default file of each ``catsdogs export --format``; the keys are the format choices."""
 
@@ -99,6 +108,22 @@ class RunDir:
     @property
     def mlflow_link(self) -> Path:
         return self.root / MLFLOW_LINK_NAME
+
+    @property
+    def engine_dir(self) -> Path:
+        return self.root / ENGINE_DIR
+
+    @property
+    def features_graph(self) -> Path:
+        return self.engine_dir / FEATURES_GRAPH_NAME
+
+    @property
+    def int8_graph(self) -> Path:
+        return self.engine_dir / INT8_GRAPH_NAME
+
+    @property
+    def int8_guard(self) -> Path:
+        return self.engine_dir / INT8_GUARD_NAME
 
     def export(self, fmt: str) -> Path:
         """Return the default export file of ``fmt`` (onnx or torchscript)."""

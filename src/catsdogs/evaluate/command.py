@@ -121,6 +121,7 @@ def confidence_metrics(preds: Predictions, predictor: Any) -> dict[str, Any]:
         "temperature": predictor.temperature if predictor.settings.calibrate else 1.0,
         "reject": predictor.settings.reject,
         "ood_method": predictor.detector.method if predictor.detector is not None else None,
+        "engine": predictor.feature_engine.name,
         "unknown_share": 1.0 - n_known / max(1, len(known)),
         "accepted": n_known,
         "accuracy_accepted": float(correct[known].mean()) if n_known else float("nan"),
@@ -216,7 +217,9 @@ def main(cfg: EvaluateConfig) -> int:
     check_required(cfg)
     device = setup(cfg.threads, cfg.device)
     predictor = Predictor.from_run(cfg.run, device, cfg.checkpoint, tta=cfg.tta, reject=cfg.reject,
-                                   calibrate=cfg.calibrate)  # CheckpointError if none
+                                   calibrate=cfg.calibrate, backend=cfg.backend, threads=cfg.threads,
+                                   int8_max_drop=cfg.int8_max_drop,
+                                   shards=cfg.data)  # CheckpointError if none
     run_dir, source, data, out, train_cfg = resolve_paths(cfg)
     manifest = load_manifest(data, "--data")
     check_compatible(manifest, predictor, data)

@@ -224,7 +224,8 @@ def main(cfg: PredictConfig) -> int:
     check_required(cfg)
     run = local_run(cfg.run, cfg.tracking_uri)  # models:/ or runs:/ -> a downloaded run folder
     device = setup(cfg.threads, cfg.device)
-    predictor = Predictor.from_run(run, device, tta=cfg.tta, reject=cfg.reject, calibrate=cfg.calibrate)
+    predictor = Predictor.from_run(run, device, tta=cfg.tta, reject=cfg.reject, calibrate=cfg.calibrate,
+                                   backend=cfg.backend, threads=cfg.threads, int8_max_drop=cfg.int8_max_drop)
     workers = min(_MAX_DECODE_WORKERS, cores())
     start = time.perf_counter()
     rows = predict_files(predictor, files, batch_size=cfg.batch_size,

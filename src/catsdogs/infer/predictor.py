@@ -22,6 +22,10 @@ from torch import nn
 
 from catsdogs import checkpoint as ckpt
 from catsdogs.checkpoint import build_from_checkpoint, load_checkpoint
+from catsdogs.engines.base import Engine
+from catsdogs.engines.eager import TorchEngine
+from catsdogs.engines.names import MAX_DROP_PT, TORCH
+from catsdogs.infer.engine import load_engine
 from catsdogs.models.effnet import fold_for_inference
 from catsdogs.models.heads import probabilities
 from catsdogs.models.ood import MIN_SIDE, Detector, flat_images
@@ -102,15 +106,21 @@ class Predictor:
     note: str = ""
     """Printed once on stderr at the first answer (not at load: a user error found after loading
     stays the only line), e.g. that the run has no detector."""
+    engine: Engine | None = None
+    """Runs ``model.features`` (``--backend``); None: torch eager on ``model``."""
 
     @classmethod
     def from_run(cls, run: str | Path, device: torch.device | str = "cpu", name: str = BEST_CKPT,
                  tta: bool | None = None, reject: bool | None = None,
-                 calibrate: bool | None = None) -> Predictor:
+                 calibrate: bool | None = None, backend: str = TORCH, threads: int = 0,
+                 int8_max_drop: float = MAX_DROP_PT, shards: str = "") -> Predictor:
         """Load the checkpoint of a run folder (or a .pt file) and rebuild its model.
 
         ``tta``, ``reject`` and ``calibrate`` override the run's recorded inference settings (None: the
         run's). A run without a detector (trained before it existed) answers as before, with a note.
+        ``backend`` names the engine of the feature pass (``engines.names.ENGINES``); an int8 engine
+        runs only behind its accuracy guard, checked on the validation split of ``shards`` (default:
+        the shards the run was trained on) when none is recorded.
         """
         path = resolve_checkpoint(run, name)
         state = load_checkpoint(path)
@@ -131,18 +141,29 @@ class Predictor:
         meta = {k: v for k, v in state.items() if k not in (ckpt.CKPT_MODEL_STATE, "optimizer",
                                                               "scheduler", "ema_state", "rng")}
         meta.pop(ckpt.CKPT_OOD, None)  # held by the detector
+        size, mean, std = int(state[ckpt.CKPT_IMAGE]["size"]), tuple(norm["mean"]), tuple(norm["std"])
+        engine = load_engine(backend, model, size, mean, std, path, meta, device, threads=threads,
+                             max_drop_pt=int8_max_drop, shards=shards)
         return cls(model=model, classes=list(state[ckpt.CKPT_CLASSES]), size=int(image["size"]),
                    resize=str(image.get("resize", "stretch")), mean=tuple(norm["mean"]),
                    std=tuple(norm["std"]), device=device, checkpoint=meta, path=path, settings=settings,
-                   detector=detector, temperature=float(state.get(ckpt.CKPT_TEMPERATURE, 1.0)), note=note)
+                   detector=detector, temperature=float(state.get(ckpt.CKPT_TEMPERATURE, 1.0)), note=note,
+                   engine=engine)
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return logits and (when the model exposes them) the features feeding its final layer."""
         model: Any = self.model
         if hasattr(model, "features") and hasattr(model, "classify"):
-            feats = model.features(x)
+            feats = self.feature_engine.features(x).to(self.device)
             return model.classify(feats), feats
         return model(x), None
+
+    @property
+    def feature_engine(self) -> Engine:
+        """The engine of the feature pass (made on first use when the predictor was built by hand)."""
+        if self.engine is None:
+            self.engine = TorchEngine(self.model, self.device)
+        return self.engine
 
     @torch.inference_mode()
     def answer(self, images: np.ndarray | torch.Tensor, tta: bool | None = None,
@@ -171,7 +192,7 @@ class Predictor:
         probs = probabilities(logits.float() / t)
         raw = probabilities(logits.float()) if with_raw else None
         if tta:
-            flipped = self.model(hflip(x)).float()
+            flipped = self._forward(hflip(x))[0].float()
             probs = (probs + probabilities(flipped / t)) / 2
             raw = (raw + probabilities(flipped)) / 2 if raw is not None else None
         scores = np.full(n, np.nan, dtype=np.float32)
@@ -212,6 +233,7 @@ class Predictor:
             "checkpoint": str(self.path),
             "epoch": self.checkpoint.get(ckpt.CKPT_EPOCH),
             "metrics": self.checkpoint.get(ckpt.CKPT_METRICS, {}),
+            "engine": self.feature_engine.describe(),
             "inference": {"tta": self.settings.tta, "reject": self.settings.reject,
                           "calibrate": self.settings.calibrate, "temperature": self.temperature,
                           "detector": self.detector.method if self.detector is not None else None},

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from catsdogs.models.effnet import fold_for_inference
+from catsdogs.engines.base import Engine
+from catsdogs.engines.eager import TorchEngine
 from catsdogs.models.transforms import hflip, normalize
 from catsdogs.shards.manifest import Manifest
 from catsdogs.shards.reader import iter_batches
@@ -26,7 +27,7 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
                      mean: tuple[float, ...], std: tuple[float, ...], batch_size: int = 64,
                      flip: bool = False, device: torch.device | str = "cpu", progress: bool = True,
                      size: int | None = None, max_rows: int | None = None,
-                     desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
+                     desc: str = "features", engine: Engine | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Return pooled backbone features ``(n, d)`` float32 and labels ``(n,)`` of one split.
 
     Shards are opened lazily (npy memory map or Parquet row groups) and read ``batch_size`` rows at
@@ -35,14 +36,16 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
     With ``size`` the batches are resized in torch (bilinear, antialiased) to that side first; the
     model must be built for it (used to compare backbones at several sizes from one shards folder).
     With ``max_rows`` only the split's first rows are read (in shard order).
+    ``engine`` runs the forward pass (``--backend``); without one, torch eager on ``model`` (BatchNorm
+    folded into the convs of an inference-only copy).
     """
-    model.eval()
-    model = fold_for_inference(model)  # inference-only copy: BN folded into the convs
+    engine = engine or TorchEngine(model, device)
     feats: list[np.ndarray] = []
     flipped: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     total = manifest.split_rows(split) if max_rows is None else min(max_rows, manifest.split_rows(split))
-    bar = tqdm(total=total, desc=f"{desc} {split}", unit="img", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=total, desc=f"{desc} {split} ({engine.name})", unit="img", disable=not progress,
+               file=sys.stderr)
     seen = 0
     for _pos, _start, rows, y in iter_batches(root, manifest, split, batch_size):
         if seen >= total:
@@ -53,9 +56,9 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
         if size is not None and size != x.shape[-1]:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
             x = x.contiguous(memory_format=torch.channels_last)
-        feats.append(model.features(x).float().cpu().numpy())
+        feats.append(engine.features(x).float().cpu().numpy())
         if flip:
-            flipped.append(model.features(hflip(x)).float().cpu().numpy())
+            flipped.append(engine.features(hflip(x)).float().cpu().numpy())
         labels.append(y)
         bar.update(len(rows))
     bar.close()

@@ -10,7 +10,9 @@ like any trained run.
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,15 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from torch import nn
 
-from catsdogs.checkpoint import build_checkpoint, save_checkpoint
+from catsdogs.checkpoint import CKPT_ENGINE, build_checkpoint, save_checkpoint
 from catsdogs.config import TrainConfig, require, save_config, to_dict
+from catsdogs.engines.base import Engine
+from catsdogs.engines.batches import calibration_images
+from catsdogs.engines.factory import create_engine, int8_digest
+from catsdogs.engines.guard import GuardResult, check, save_record
+from catsdogs.engines.names import is_quantized, runtime_of
 from catsdogs.errors import ConfigError, InputError
+from catsdogs.io.checksum import sha256_file
 from catsdogs.models.factory import create_model
 from catsdogs.models.heads import num_logits
 from catsdogs.models.registry import input_normalization, pretrained_names
@@ -93,14 +101,28 @@ def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
                         pretrained=True)
     model = model.to(device).to(memory_format=torch.channels_last)
     mean, std = input_normalization(cfg.model, tuple(manifest.mean), tuple(manifest.std))
-    feats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for split in ("train", "val"):
-        ts = time.perf_counter()
-        feats[split] = extract_features(model, data, manifest, split, mean, std, cfg.batch_size,
-                                        flip=cfg.augment and split == "train", device=device)
-        log.info("features %s: %d rows in %.1f s", split, len(feats[split][1]), time.perf_counter() - ts)
+    run = RunDir(Path(cfg.out))
+    calibration = lambda: calibration_images(data, manifest, mean, std,  # noqa: E731
+                                             cfg.calibration_images, cfg.batch_size, size)
+    engine = create_engine(cfg.backend, model, size, run, threads=cfg.threads, device=device,
+                           calibration=calibration, calibration_rows=cfg.calibration_images)
+    feats = frozen_features(cfg, model, data, manifest, mean, std, device, engine)
     feature_s = time.perf_counter() - t0
     w, b, metrics = fit_head(*feats["train"], *feats["val"], num_classes=num_classes, seed=cfg.seed)
+    record: GuardResult | None = None
+    if is_quantized(engine.name):
+        # The guard: the same head on fp32 validation features must score within --int8-max-drop.
+        reference = create_engine(runtime_of(engine.name), model, size, run, threads=cfg.threads)
+        ref_val = extract_features(model, data, manifest, "val", mean, std, cfg.batch_size, device=device,
+                                   engine=reference)
+        record = check(engine.name, linear(w, b), ref_val[0], feats["val"][0], feats["val"][1],
+                       cfg.int8_max_drop)
+        log.info("int8 guard: val acc %.4f (int8) vs %.4f (fp32)", record.int8_acc, record.fp32_acc)
+        if not record.passed:
+            print(record.refusal(), file=sys.stderr)
+            feats = frozen_features(cfg, model, data, manifest, mean, std, device, reference, ref_val)
+            w, b, metrics = fit_head(*feats["train"], *feats["val"], num_classes=num_classes, seed=cfg.seed)
+            engine = reference
     head: nn.Linear = model._fc  # type: ignore[assignment]
     if head.out_features != num_logits(num_classes) or w.shape != head.weight.shape:
         raise RuntimeError(f"head shape {tuple(head.weight.shape)} does not match fitted {tuple(w.shape)}")
@@ -113,11 +135,41 @@ def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
                                            feats["val"][1])
     seconds = time.perf_counter() - t0
     metrics.update({"feature_seconds": feature_s, "seconds": seconds, **conf_metrics})
+    entries[CKPT_ENGINE] = engine.name
     write_run(cfg, model.cpu().to(memory_format=torch.contiguous_format), manifest, size, mean, std,
               metrics, entries)
-    log.info("frozen-backbone head: val_acc=%.4f val_loss=%.4f in %.1f s", metrics["val_acc"],
+    if record is not None and record.passed:
+        # Recorded with the int8 graph, keyed by this checkpoint: evaluate, predict and serve reuse it.
+        record.checkpoint_sha256, record.graph_sha256 = sha256_file(run.best), int8_digest(run)
+        save_record(run.int8_guard, record)
+    log.info("frozen-backbone head (%s features): val_acc=%.4f val_loss=%.4f in %.1f s", engine.name,
+             metrics["val_acc"],
              metrics["val_loss"], seconds)
     return metrics
+
+
+def frozen_features(cfg: TrainConfig, model: nn.Module, data: Path, manifest: Manifest,
+                    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, engine: Engine,
+                    val: tuple[np.ndarray, np.ndarray] | None = None
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Features of the train split (plus mirrored rows with --augment) and of val (unless given)."""
+    feats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for split in ("train", "val"):
+        if split == "val" and val is not None:
+            feats[split] = val
+            continue
+        ts = time.perf_counter()
+        feats[split] = extract_features(model, data, manifest, split, mean, std, cfg.batch_size,
+                                        flip=cfg.augment and split == "train", device=device,
+                                        engine=engine)
+        log.info("features %s (%s): %d rows in %.1f s", split, engine.name, len(feats[split][1]),
+                 time.perf_counter() - ts)
+    return feats
+
+
+def linear(w: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The fitted head as a function of features (logits = x @ W.T + b)."""
+    return lambda f: f @ w.T + b
 
 
 def write_run(cfg: TrainConfig, model: nn.Module, manifest: Manifest, size: int,
@@ -128,7 +180,7 @@ def write_run(cfg: TrainConfig, model: nn.Module, manifest: Manifest, size: int,
     ``confidence`` holds the detector, temperature and inference-settings checkpoint entries.
     """
     run = RunDir(Path(cfg.out))
-    run.root.mkdir(parents=True, exist_ok=True)
+    run.root.mkdir(parents=True, exist_ok=True)  # also made by train_frozen for the engine graphs
     model_config = {"name": cfg.model, "num_classes": len(manifest.classes), "size": size,
                     "dropout": cfg.dropout, "width": cfg.width}
     state = build_checkpoint(model_state=model.state_dict(), model_config=model_config,

@@ -1,0 +1,105 @@
+"""The feature graph on disk: ``model.features`` exported once to ONNX, fp32, with a dynamic batch axis.
+
+Both runtimes read this one file (OpenVINO reads ONNX directly), and the int8 graph is quantised from
+it, so every engine computes the same function. Its metadata holds the SHA-256 of the exported graph
+(weights and shapes): a cached file is reused only when a fresh export is byte-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from catsdogs.io.atomic import atomic_write_bytes
+from catsdogs.models.effnet import fold_for_inference
+
+INPUT_NAME = "images"
+"""Graph input: normalised float32 ``(batch, 3, size, size)``, as the torch model takes it."""
+OUTPUT_NAME = "features"
+METADATA_KEY = "catsdogs_engine"
+ONNX_OPSET = 17
+"""Opset 17: read by onnxruntime 1.32, OpenVINO 2026.4 and the quantiser alike."""
+TRACE_BATCH = 2
+"""Batch of the tracing example; the exported batch axis is dynamic."""
+
+
+class _Features(nn.Module):
+    """``model.features`` as a module of its own (the head is not in the graph)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x)  # type: ignore[operator]
+
+
+def export_features(model: nn.Module, size: int) -> Any:
+    """Return ``model.features`` as an fp32 ONNX ``ModelProto`` (BatchNorm folded, dynamic batch).
+
+    Uses the TorchScript-based exporter (``dynamo=False``): no onnxscript dependency, exact for these
+    plain CNNs.
+    """
+    import onnx  # lazy: ~0.3 s at import, needed only when an ONNX or OpenVINO engine is built
+
+    module = _Features(fold_for_inference(copy.deepcopy(model).to("cpu").eval())).eval()
+    example = torch.zeros(TRACE_BATCH, 3, size, size)
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice is expected
+        torch.onnx.export(module, (example,), buf, dynamo=False, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], opset_version=ONNX_OPSET,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    return onnx.load_from_string(buf.getvalue())
+
+
+def graph_digest(proto: Any) -> str:
+    """SHA-256 of a graph without its metadata: the identity of the function it computes."""
+    bare = type(proto)()
+    bare.CopyFrom(proto)
+    del bare.metadata_props[:]
+    return hashlib.sha256(bare.SerializeToString()).hexdigest()
+
+
+def save_graph(proto: Any, path: Path, facts: dict[str, Any]) -> Path:
+    """Write ``proto`` atomically with ``facts`` as its catsdogs metadata."""
+    write_metadata(proto, facts)
+    atomic_write_bytes(path, proto.SerializeToString())
+    return path
+
+
+def write_metadata(proto: Any, facts: dict[str, Any]) -> None:
+    """Set the graph's catsdogs metadata entry to ``facts`` (JSON)."""
+    for prop in list(proto.metadata_props):
+        if prop.key == METADATA_KEY:
+            proto.metadata_props.remove(prop)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(facts, sort_keys=True)
+    proto.producer_name = "catsdogs"
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """Return a graph's catsdogs metadata ({} when the file is absent or unreadable)."""
+    import onnx  # lazy, as in export_features
+
+    if not path.is_file():
+        return {}
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - any parse failure means "build it again"
+        return {}
+    for prop in proto.metadata_props:
+        if prop.key == METADATA_KEY:
+            try:
+                return dict(json.loads(prop.value))
+            except (json.JSONDecodeError, TypeError):
+                return {}
+    return {}

@@ -1,0 +1,110 @@
+"""The int8 accuracy guard: a quantised engine is used only within ``max_drop_pt`` points of fp32.
+
+The measure is the head's validation accuracy on the engine's features against the same head on fp32
+features.
+
+One rule for training and inference: the same weights (backbone and head) are run through the fp32 and
+the int8 engine on the validation split and the two accuracies compared. For a frozen-backbone run the
+head was fitted on int8 features; passing the guard then also proves the fp32 checkpoint serves it
+within the bound. The result is recorded beside the int8 graph, keyed by the checkpoint's SHA-256 and
+the graph's, so evaluate, predict and serve reuse it instead of running the validation split again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from catsdogs.engines.names import MAX_DROP_PT
+from catsdogs.io.atomic import atomic_write_text
+from catsdogs.models.heads import predictions
+
+
+@dataclass
+class GuardResult:
+    """One check of an int8 engine against fp32 on the validation split."""
+
+    engine: str
+    fp32_acc: float
+    """Validation accuracy (0..1) of the head on fp32 features."""
+    int8_acc: float
+    """Validation accuracy (0..1) of the same head on the int8 engine's features."""
+    rows: int
+    """Validation images compared."""
+    max_drop_pt: float
+    checkpoint_sha256: str = ""
+    graph_sha256: str = ""
+
+    @property
+    def drop_pt(self) -> float:
+        """Accuracy lost to int8, in percentage points (negative: int8 scored higher)."""
+        return 100.0 * (self.fp32_acc - self.int8_acc)
+
+    @property
+    def passed(self) -> bool:
+        return self.rows > 0 and self.drop_pt <= self.max_drop_pt + 1e-9
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "drop_pt": round(self.drop_pt, 4), "passed": self.passed}
+
+    def refusal(self) -> str:
+        """The one-line explanation printed when the guard refuses the engine."""
+        return (f"catsdogs: {self.engine} refused: validation accuracy {100 * self.int8_acc:.2f} % vs "
+                f"{100 * self.fp32_acc:.2f} % in fp32 on {self.rows} images, a drop of {self.drop_pt:.2f} "
+                f"points > the {self.max_drop_pt:g} allowed (--int8-max-drop); using fp32")
+
+
+def accuracy(classify: Callable[[torch.Tensor], torch.Tensor], feats: np.ndarray,
+             labels: np.ndarray) -> float:
+    """Accuracy (0..1) of ``classify`` (features -> head outputs) on ``feats``."""
+    if len(labels) == 0:
+        return float("nan")
+    with torch.inference_mode():
+        pred = predictions(classify(torch.from_numpy(np.asarray(feats, np.float32)))).cpu().numpy()
+    return float((pred == labels).mean())
+
+
+def check(engine: str, classify: Callable[[torch.Tensor], torch.Tensor], fp32_feats: np.ndarray,
+          int8_feats: np.ndarray, labels: np.ndarray, max_drop_pt: float = MAX_DROP_PT) -> GuardResult:
+    """Compare the head on fp32 and int8 features of the same validation images."""
+    return GuardResult(engine=engine, fp32_acc=accuracy(classify, fp32_feats, labels),
+                       int8_acc=accuracy(classify, int8_feats, labels), rows=len(labels),
+                       max_drop_pt=max_drop_pt)
+
+
+def _records(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def load_record(path: Path, engine: str, checkpoint_sha256: str, graph_sha256: str) -> GuardResult | None:
+    """The recorded check of ``engine`` for this checkpoint and int8 graph, or None (absent or stale).
+
+    Records are per engine: onnxruntime and OpenVINO run the same int8 graph with different kernels.
+    """
+    data = _records(path).get(engine)
+    if not isinstance(data, dict):
+        return None
+    if data.get("checkpoint_sha256") != checkpoint_sha256 or data.get("graph_sha256") != graph_sha256:
+        return None
+    fields = {k: data[k] for k in GuardResult.__dataclass_fields__ if k in data}
+    try:
+        return GuardResult(**fields)
+    except TypeError:
+        return None
+
+
+def save_record(path: Path, result: GuardResult) -> None:
+    """Write the check beside the int8 graph (atomically), keeping the other engine's record."""
+    records = _records(path)
+    records[result.engine] = result.to_dict()
+    atomic_write_text(path, json.dumps(records, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,76 @@
+"""The predictor's feature engine for ``--backend``, for evaluate, predict and serve.
+
+It decides where the graphs, the calibration images and the validation split come from.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from catsdogs import checkpoint as ckpt
+from catsdogs.engines.base import Engine
+from catsdogs.engines.batches import calibration_images, split_batches
+from catsdogs.engines.eager import TorchEngine
+from catsdogs.engines.names import CALIBRATION_IMAGES, TORCH
+from catsdogs.engines.select import guarded_engine
+from catsdogs.errors import CatsdogsError
+from catsdogs.io.checksum import sha256_file
+from catsdogs.rundir import RunDir
+from catsdogs.schema import MANIFEST_NAME
+from catsdogs.shards.manifest import Manifest, load_manifest
+
+BATCH = 64
+"""Images per forward pass of calibration and the guard (the feature pass's batch)."""
+
+
+def run_shards(shards: str, meta: dict[str, Any], run: RunDir, size: int) -> tuple[Path, Manifest] | None:
+    """The local shards folder whose splits calibrate and guard an int8 engine, or None if not here.
+
+    ``shards`` (evaluate's --data) first, then the run's training --data, then RUN/shards (where
+    ``catsdogs run`` puts them); only a local folder at the model's size counts.
+    """
+    recorded = str(meta.get(ckpt.CKPT_TRAIN_CONFIG, {}).get("data", ""))
+    for candidate in (shards, recorded, str(run.root / "shards")):
+        if not candidate or "://" in candidate or not (Path(candidate) / MANIFEST_NAME).is_file():
+            continue
+        try:
+            manifest = load_manifest(candidate)
+        except CatsdogsError:
+            continue
+        if manifest.size == size and manifest.split_rows("val") > 0:
+            return Path(candidate), manifest
+    return None
+
+
+def load_engine(name: str, model: nn.Module, size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                checkpoint: Path, meta: dict[str, Any], device: torch.device, *, threads: int = 0,
+                max_drop_pt: float, shards: str = "") -> Engine:
+    """Build engine ``name`` for a loaded checkpoint; graphs are cached in its run folder's engine/.
+
+    Non-torch engines run on the CPU: on a CUDA device the model stays in torch (with a note).
+    """
+    if name == TORCH:
+        return TorchEngine(model, device)
+    if device.type != "cpu":
+        print(f"catsdogs: --backend {name} runs on the CPU only; using torch on {device.type}",
+              file=sys.stderr)
+        return TorchEngine(model, device)
+    run = RunDir(checkpoint.parent)
+    found = run_shards(shards, meta, run, size)
+    calibration = validation = None
+    if found is not None:
+        root, manifest = found
+        calibration = lambda: calibration_images(root, manifest, mean, std, CALIBRATION_IMAGES, BATCH)  # noqa: E731
+        validation = lambda: split_batches(root, manifest, "val", mean, std, BATCH)  # noqa: E731
+    try:
+        return guarded_engine(name, model, size, run, sha256_file(checkpoint), threads=threads,
+                              calibration=calibration, validation=validation, max_drop_pt=max_drop_pt)
+    except OSError as exc:  # a read-only run folder cannot hold the graphs
+        print(f"catsdogs: --backend {name} needs to write {run.engine_dir} ({exc.strerror}); using torch",
+              file=sys.stderr)
+        return TorchEngine(model, device)

@@ -1,0 +1,108 @@
+"""Engines (--backend): fp32 runtimes agree with torch, int8 is calibrated, guarded and recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from catsdogs import checkpoint as ckpt
+from catsdogs.checkpoint import load_checkpoint
+from catsdogs.config import TrainConfig
+from catsdogs.engines import guard, select
+from catsdogs.engines.graph import read_metadata
+from catsdogs.engines.names import ENGINES, is_quantized, runtime_of
+from catsdogs.infer.predictor import Predictor
+from catsdogs.rundir import RunDir
+from catsdogs.train.frozen import train_frozen
+from tests.fixtures import make_shards, synthetic_image
+
+SIZE = 32
+
+
+def _images(n: int = 6) -> np.ndarray:
+    return np.stack([synthetic_image(i % 2, SIZE, seed=40 + i) for i in range(n)])
+
+
+def test_engine_names_split_into_runtime_and_precision() -> None:
+    assert [runtime_of(n) for n in ENGINES] == ["torch", "onnx", "openvino", "onnx", "openvino"]
+    assert [is_quantized(n) for n in ENGINES] == [False, False, False, True, True]
+
+
+def test_fp32_engines_answer_like_torch_and_reuse_their_graph(run_dir: Path) -> None:
+    x = _images()
+    want = Predictor.from_run(run_dir, backend="torch").answer(x).probs
+    run = RunDir(run_dir)
+    for name in ("onnx", "openvino"):
+        pred = Predictor.from_run(run_dir, backend=name)
+        assert pred.feature_engine.name == name
+        np.testing.assert_allclose(pred.answer(x).probs, want, atol=1e-4)
+    stamp = run.features_graph.stat().st_mtime_ns
+    Predictor.from_run(run_dir, backend="onnx")  # same weights: the cached graph is kept
+    assert run.features_graph.stat().st_mtime_ns == stamp
+    assert read_metadata(run.features_graph)["precision"] == "fp32"
+
+
+def test_int8_engine_is_calibrated_checked_on_val_and_the_check_recorded(
+        run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A generous bound: an untrained CNN's accuracy is noise; the bound is tested on its own below.
+    pred = Predictor.from_run(run_dir, backend="onnx-int8", int8_max_drop=100.0)
+    err = capsys.readouterr().err
+    assert "calibrating the int8 graph on" in err and "checking onnx-int8 against fp32" in err
+    assert pred.feature_engine.name == "onnx-int8"
+    run = RunDir(run_dir)
+    meta = read_metadata(run.int8_graph)
+    assert meta["precision"] == "int8" and meta["calibrated_on"] > 0
+    record = json.loads(run.int8_guard.read_text())["onnx-int8"]
+    assert record["passed"] and record["rows"] > 0 and record["max_drop_pt"] == 100.0
+    assert pred.describe()["engine"]["int8_check"]["rows"] == record["rows"]
+    probs = pred.answer(_images()).probs
+    assert probs.shape == (6, 2) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    # Loaded again: graph and check are reused, nothing is calibrated or checked.
+    again = Predictor.from_run(run_dir, backend="onnx-int8", int8_max_drop=100.0)
+    assert again.feature_engine.name == "onnx-int8"
+    assert "calibrating" not in capsys.readouterr().err
+
+
+def test_a_failed_guard_falls_back_to_fp32_with_one_line(
+        run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def failing(engine: str, *args: object, **kw: object) -> guard.GuardResult:
+        return guard.GuardResult(engine=engine, fp32_acc=0.99, int8_acc=0.95, rows=100, max_drop_pt=0.1)
+
+    monkeypatch.setattr(select.guard, "check", failing)
+    pred = Predictor.from_run(run_dir, backend="openvino-int8")
+    assert pred.feature_engine.name == "openvino"
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "refused" in ln]
+    assert len(lines) == 1 and "a drop of 4.00 points > the 0.1 allowed (--int8-max-drop)" in lines[0]
+    record = json.loads(RunDir(run_dir).int8_guard.read_text())["openvino-int8"]
+    assert record["passed"] is False  # recorded, so the next load refuses without checking again
+
+
+def test_int8_without_calibration_images_runs_fp32_and_says_why(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.fixtures import make_run
+
+    run = make_run(tmp_path / "run", data=str(tmp_path / "gone"))
+    pred = Predictor.from_run(run, backend="onnx-int8")
+    assert pred.feature_engine.name == "onnx"
+    assert "--backend onnx-int8 unavailable" in capsys.readouterr().err
+
+
+def test_frozen_training_on_int8_features_records_engine_and_check(tmp_path: Path) -> None:
+    data = tmp_path / "shards"
+    make_shards(data, counts={"train": 60, "val": 20, "test": 20}, size=SIZE, shard_rows=25)
+    out = tmp_path / "run"
+    cfg = TrainConfig(data=str(data), out=str(out), model="effnet_lite0", freeze="backbone", batch_size=32,
+                      threads=1, backend="onnx-int8", calibration_images=32, int8_max_drop=100.0)
+    train_frozen(cfg)
+    state = load_checkpoint(out / "best.pt")
+    assert state[ckpt.CKPT_ENGINE] == "onnx-int8"
+    run = RunDir(out)
+    assert read_metadata(run.int8_graph)["calibrated_on"] == 32
+    record = json.loads(run.int8_guard.read_text())["onnx-int8"]
+    assert record["passed"] and record["rows"] == 20
+    # Serving the run reuses the check made in training (its key is this checkpoint's digest).
+    pred = Predictor.from_run(out, backend="onnx-int8", int8_max_drop=100.0)
+    assert pred.feature_engine.name == "onnx-int8"
