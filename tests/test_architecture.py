@@ -90,6 +90,10 @@ TRAINING = ("catsdogs.train.loop", "catsdogs.train.launch", "catsdogs.train.stre
     # Tracking is stage-neutral: the stages call it, it knows none of them (its model uses the predictor).
     ("catsdogs.track.mlflow_run", ("catsdogs.train.", "catsdogs.evaluate.", "catsdogs.preprocess.",
                                    "catsdogs.serve.", "catsdogs.config", "catsdogs.cli")),
+    # Engines run forward passes for train, infer and serve alike: they know none of them.
+    ("catsdogs.engines.factory", ("catsdogs.train.", "catsdogs.infer.", "catsdogs.serve.",
+                                  "catsdogs.evaluate.", "catsdogs.config", "catsdogs.cli", "catsdogs.spark")),
+    ("catsdogs.engines.select", ("catsdogs.train.", "catsdogs.infer.", "catsdogs.serve.", "catsdogs.config")),
     ("catsdogs.track.registry", ("catsdogs.train.", "catsdogs.evaluate.", "catsdogs.infer.",
                                  "catsdogs.serve.", "catsdogs.config", "catsdogs.cli")),
 ])
@@ -117,6 +121,7 @@ def test_run_folder_names_are_spelled_in_rundir_only() -> None:
 def test_cli_start_imports_neither_torch_nor_spark_nor_mlflow() -> None:
     """``catsdogs --help`` and every flag check must not pay for torch (~1.7 s), pyspark or mlflow."""
     code = ("import sys, catsdogs.cli; "
-            "print(sorted(m for m in ('torch', 'pyspark', 'mlflow') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'pyspark', 'mlflow', 'openvino', 'onnxruntime') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
