@@ -8,6 +8,7 @@ a range). QDQ keeps the graph a plain ONNX file that onnxruntime and OpenVINO bo
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -49,11 +50,19 @@ def quantize_graph(fp32_path: Path, batches: Iterable[np.ndarray]) -> Any:
     from catsdogs.engines.onnx_runtime import ORT_ERRORS_ONLY
 
     ort.set_default_logger_severity(ORT_ERRORS_ONLY)  # the calibration session's warnings, as in OnnxEngine
-    with tempfile.TemporaryDirectory(prefix="catsdogs-quant-") as tmp:
-        out = Path(tmp) / "int8.onnx"
-        quantize_static(str(fp32_path), str(out), _Reader(batches),  # type: ignore[arg-type]
-                        quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"CalibTensorRangeSymmetric": False})
-        return onnx.load(str(out))
+    # The quantiser logs "consider pre-processing" on the root logger; its symbolic shape inference
+    # adds nothing to these static-shape CNN graphs, so the advice is noise on the user's terminal.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix="catsdogs-quant-") as tmp:
+            out = Path(tmp) / "int8.onnx"
+            quantize_static(str(fp32_path), str(out), _Reader(batches),  # type: ignore[arg-type]
+                            quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax,
+                            extra_options={"CalibTensorRangeSymmetric": False})
+            return onnx.load(str(out))
+    finally:
+        root.setLevel(level)

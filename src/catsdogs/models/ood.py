@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,8 @@ class Detector:
     params: dict[str, torch.Tensor]
     threshold: float = math.inf
     accept_rate: float = 1.0
+    _float_banks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    """float32 copies of the kNN bank per device (not saved: rebuilt from ``params``)."""
 
     @torch.inference_mode()
     def score(self, features: torch.Tensor, logits: torch.Tensor,
@@ -73,7 +75,7 @@ class Detector:
             z = f @ self.params["whiten"].to(f.device)
             return torch.cdist(z, self.params["means"].to(f.device)).square().min(dim=1).values
         if self.method == "knn":
-            bank = self.params["bank"].to(f.device, torch.float32)
+            bank = self._bank(f.device)
             sims = F.normalize(f, dim=1) @ bank.T
             k = min(KNN_K, bank.shape[0])
             if leave_out is None:
@@ -85,6 +87,17 @@ class Detector:
         if self.method == "energy":
             return -torch.logsumexp(_full_logits(logits.float()), dim=1)
         raise ValueError(f"unknown OOD method {self.method!r}; expected one of {OOD_METHODS}")
+
+    def _bank(self, device: torch.device) -> torch.Tensor:
+        """The kNN bank in float32 on ``device``, converted once per detector.
+
+        Converting the float16 bank (up to 4096 x 2560) at every call was a fixed cost of every served
+        batch, paid again for a lone image (docs/engines.md, serving).
+        """
+        key = str(device)
+        if key not in self._float_banks:
+            self._float_banks[key] = self.params["bank"].to(device, torch.float32)
+        return self._float_banks[key]
 
     def known(self, scores: torch.Tensor | np.ndarray) -> np.ndarray:
         """Return a bool mask: True where the score is within the accepted range."""

@@ -40,10 +40,13 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
     folded into the convs of an inference-only copy).
     """
     engine = engine or TorchEngine(model, device)
-    feats: list[np.ndarray] = []
-    flipped: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
     total = manifest.split_rows(split) if max_rows is None else min(max_rows, manifest.split_rows(split))
+    # Outputs are preallocated and filled in place: appending one small array per batch between the
+    # batch's large freed temporaries fragmented the heap under runtime.tune_malloc's thresholds, and
+    # the process grew by ~1 MB per image (14 GB RSS over 14,400 training images on openvino-int8).
+    feats: np.ndarray | None = None
+    flipped: np.ndarray | None = None
+    labels = np.zeros(total, np.int64)
     bar = tqdm(total=total, desc=f"{desc} {split} ({engine.name})", unit="img", disable=not progress,
                file=sys.stderr)
     seen = 0
@@ -51,20 +54,24 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
         if seen >= total:
             break
         rows, y = rows[:total - seen], y[:total - seen]
-        seen += len(y)
         x = normalize(torch.from_numpy(rows), mean, std).to(device)
         if size is not None and size != x.shape[-1]:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
             x = x.contiguous(memory_format=torch.channels_last)
-        feats.append(engine.features(x).float().cpu().numpy())
-        if flip:
-            flipped.append(engine.features(hflip(x)).float().cpu().numpy())
-        labels.append(y)
+        f = engine.features(x).float().cpu()
+        if feats is None:
+            feats = np.zeros((total, f.shape[1]), np.float32)
+            flipped = np.zeros_like(feats) if flip else None
+        feats[seen:seen + len(y)] = f.numpy()
+        if flipped is not None:
+            flipped[seen:seen + len(y)] = engine.features(hflip(x)).float().cpu().numpy()
+        labels[seen:seen + len(y)] = y
+        seen += len(y)
         bar.update(len(rows))
     bar.close()
-    f = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
-    y = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
-    if flip and flipped:
-        f = np.concatenate([f, np.concatenate(flipped)])
+    f = feats[:seen] if feats is not None else np.zeros((0, 0), np.float32)
+    y = labels[:seen]
+    if flipped is not None:
+        f = np.concatenate([f, flipped[:seen]])
         y = np.concatenate([y, y])
     return f.astype(np.float32), y.astype(np.int64)
