@@ -67,7 +67,7 @@ def ensure_int8_graph(source_digest: str, run: RunDir, calibration: Calibration 
     batches = list(calibration())
     rows = sum(len(b) for b in batches)
     print(f"catsdogs: calibrating the int8 graph on {rows} training images ...", file=sys.stderr)
-    proto = quantize_graph(run.features_graph, batches)
+    proto = quantize_graph(run.features_graph, batches, rows)
     digest = graph.graph_digest(proto)
     graph.save_graph(proto, path, {"graph_sha256": digest, "source_sha256": source_digest,
                                    "calibration_rows": calibration_rows or rows, "calibrated_on": rows,

@@ -9,12 +9,14 @@ a range). QDQ keeps the graph a plain ONNX file that onnxruntime and OpenVINO bo
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from catsdogs.engines.graph import INPUT_NAME
 
@@ -29,20 +31,28 @@ onnxruntime cannot reuse activation buffers within a step: 64 images of the Lite
 class _Reader:
     """onnxruntime's CalibrationDataReader protocol over an iterable of batches."""
 
-    def __init__(self, batches: Iterable[np.ndarray]) -> None:
+    def __init__(self, batches: Iterable[np.ndarray], total: int) -> None:
         self._it: Iterator[np.ndarray] = (b[i:i + CALIBRATION_CHUNK] for b in batches
                                           for i in range(0, len(b), CALIBRATION_CHUNK))
+        self._bar = tqdm(total=total, desc="int8 calibration", unit="img", file=sys.stderr)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._it, None)
-        return None if batch is None else {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
+        if batch is None:
+            self._bar.close()
+            return None
+        self._bar.update(len(batch))
+        return {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
 
     def rewind(self) -> None:  # part of the protocol; one pass is all MinMax needs
         return None
 
 
-def quantize_graph(fp32_path: Path, batches: Iterable[np.ndarray]) -> Any:
-    """Return the int8 QDQ ``ModelProto`` of the fp32 graph at ``fp32_path``, calibrated on ``batches``."""
+def quantize_graph(fp32_path: Path, batches: Iterable[np.ndarray], total: int = 0) -> Any:
+    """Return the int8 QDQ ``ModelProto`` of the fp32 graph at ``fp32_path``, calibrated on ``batches``.
+
+    ``total`` (images) sizes the progress bar.
+    """
     import onnx  # lazy, as everywhere: only int8 engines need the quantiser
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -58,7 +68,7 @@ def quantize_graph(fp32_path: Path, batches: Iterable[np.ndarray]) -> Any:
     try:
         with tempfile.TemporaryDirectory(prefix="catsdogs-quant-") as tmp:
             out = Path(tmp) / "int8.onnx"
-            quantize_static(str(fp32_path), str(out), _Reader(batches),  # type: ignore[arg-type]
+            quantize_static(str(fp32_path), str(out), _Reader(batches, total),  # type: ignore[arg-type]
                             quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax,

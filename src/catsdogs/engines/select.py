@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from catsdogs.engines import guard
 from catsdogs.engines.base import Engine
@@ -25,12 +26,15 @@ Validation = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
 
 def split_features(engine: Engine, batches: Iterable[tuple[np.ndarray, np.ndarray]]
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``engine`` over ``(x, y)`` batches; return all features and labels."""
+    """Run ``engine`` over ``(x, y)`` batches; return all features and labels (progress on stderr)."""
     feats: list[np.ndarray] = []
     labels: list[np.ndarray] = []
+    bar = tqdm(desc=f"int8 check: validation ({engine.name})", unit="img", file=sys.stderr)
     for x, y in batches:
         feats.append(engine.run(x))
         labels.append(y)
+        bar.update(len(y))
+    bar.close()
     if not feats:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     return np.concatenate(feats), np.concatenate(labels)
