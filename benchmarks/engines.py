@@ -155,13 +155,14 @@ def main() -> None:
     files = test_files(shards, args.predict_images) if REAL_DATA.is_dir() else []
     with heavy_lock():
         set_threads(0)
-        peak = peak_gops()
-        print(f"peak: fp32 {peak['fp32']:.0f} GFLOP/s, int8 {peak['int8']:.0f} GOP/s", flush=True)
         rows = []
         for name in args.engines.split(","):
             rows.append(bench_engine(run, shards, name, files))
             print(rows[-1], flush=True)
         gflop = gflop_per_image(Predictor.from_run(run, "cpu", backend="torch"))
+        # Last: AMX/AVX-512 matrix kernels can leave the cores clocked down for a while afterwards.
+        peak = peak_gops()
+        print(f"peak: fp32 {peak['fp32']:.0f} GFLOP/s, int8 {peak['int8']:.0f} GOP/s", flush=True)
     md = "\n".join([
         "## Engines (`--backend`): feature pass, predict, accuracy, GFLOP/s",
         "",
