@@ -33,7 +33,7 @@ from catsdogs.engines.names import ENGINES
 from catsdogs.infer.predict import predict_files
 from catsdogs.infer.predictor import Predictor
 from catsdogs.models.heads import predictions
-from catsdogs.runtime import set_threads
+from catsdogs.runtime import setup
 from catsdogs.schema import FILES_CSV_NAME
 from catsdogs.shards.manifest import load_manifest
 from catsdogs.train.features import extract_features
@@ -154,7 +154,7 @@ def main() -> None:
         return
     files = test_files(shards, args.predict_images) if REAL_DATA.is_dir() else []
     with heavy_lock():
-        set_threads(0)
+        setup(0, "cpu")  # allocator tuning + threads, as every command does (torch is 1.7x slower without)
         rows = []
         for name in args.engines.split(","):
             rows.append(bench_engine(run, shards, name, files))
