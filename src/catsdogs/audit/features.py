@@ -26,11 +26,14 @@ from catsdogs import checkpoint as ckpt
 from catsdogs import schema
 from catsdogs.audit.outliers import FEATURE_METHODS
 from catsdogs.checkpoint import build_from_checkpoint, load_checkpoint
+from catsdogs.engines.base import Engine
+from catsdogs.engines.factory import EngineUnavailable, create_engine
+from catsdogs.engines.names import TORCH
 from catsdogs.errors import ConfigError, InputError
 from catsdogs.models.factory import create_model
 from catsdogs.models.ood import Detector, pixel_spread
 from catsdogs.models.registry import input_normalization
-from catsdogs.rundir import resolve_checkpoint
+from catsdogs.rundir import RunDir, resolve_checkpoint
 from catsdogs.shards.manifest import Manifest
 from catsdogs.shards.reader import iter_batches, load_rows
 from catsdogs.train.features import extract_features
@@ -119,6 +122,8 @@ class Backbone:
     """For the report, e.g. "effnet_lite0 (ImageNet) at 180 px"."""
     detector: Detector | None = None
     note: str = ""
+    engine: Engine | None = None
+    """The engine the run's training features came from (its kNN bank holds them); None: torch."""
 
 
 def load_backbone(run: str, manifest: Manifest, size: int = 0) -> Backbone:
@@ -161,8 +166,18 @@ def load_backbone(run: str, manifest: Manifest, size: int = 0) -> Backbone:
             note = (f"the run's {detector.method} detector scores the head's logits, not features: a "
                     "detector is fitted here on the features instead.")
             detector = None
+    engine = None
+    recorded = str(state.get(ckpt.CKPT_ENGINE, TORCH))
+    if detector is not None and recorded != TORCH:
+        # The run's kNN bank holds features of its own engine: computing them the same way keeps a
+        # training image's own bank entry recognisable (the leave-one-out) and the threshold valid.
+        try:
+            engine = create_engine(recorded, model, side, RunDir(path.parent))
+        except (EngineUnavailable, OSError) as exc:
+            note = (f"the run's training features came from {recorded}, which cannot run here ({exc}); "
+                    "torch fp32 features are compared with its detector instead.")
     return Backbone(model, tuple(norm["mean"]), tuple(norm["std"]), side, f"{name} ({path}) at {side} px",
-                    detector, note)
+                    detector, note, engine)
 
 
 def tiny_images(x: np.ndarray) -> np.ndarray:
@@ -219,7 +234,7 @@ def compute(root: Path, manifest: Manifest, run: str = "", batch_size: int = 64,
             continue
         t0 = time.perf_counter()
         f, y = extract_features(model, root, manifest, split, bb.mean, bb.std, batch_size, progress=progress,
-                                size=bb.side)
+                                size=bb.side, engine=bb.engine)
         log.info("features %s: %d images in %.1f s", split, len(y), time.perf_counter() - t0)
         hashes, stds, tiny, labels, shards, rows = _pixel_pass(root, manifest, split, batch_size, progress)
         if labels != y.tolist():

@@ -87,7 +87,12 @@ def write_metadata(proto: Any, facts: dict[str, Any]) -> None:
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
-    """Return a graph's catsdogs metadata ({} when the file is absent or unreadable)."""
+    """Return a graph's catsdogs engine metadata ({} when the file is absent or unreadable)."""
+    return read_json_property(path, METADATA_KEY)
+
+
+def read_json_property(path: Path, key: str) -> dict[str, Any]:
+    """Return the JSON metadata entry ``key`` of an ONNX file ({} when absent or unreadable)."""
     import onnx  # lazy, as in export_features
 
     if not path.is_file():
@@ -97,7 +102,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - any parse failure means "build it again"
         return {}
     for prop in proto.metadata_props:
-        if prop.key == METADATA_KEY:
+        if prop.key == key:
             try:
                 return dict(json.loads(prop.value))
             except (json.JSONDecodeError, TypeError):

@@ -21,6 +21,7 @@ from torch import nn
 
 from catsdogs import __version__
 from catsdogs.config import ExportConfig, check_required
+from catsdogs.engines.graph import read_json_property
 from catsdogs.errors import ConfigError
 from catsdogs.infer.predictor import Predictor
 from catsdogs.io.atomic import atomic_save, atomic_write_bytes
@@ -115,19 +116,7 @@ def export_torchscript(predictor: Predictor, output: str | Path) -> Path:
 
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     """Return the catsdogs metadata of an ONNX file ({} when absent or unreadable)."""
-    import onnx  # lazy, as in export_onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - any parse failure means "re-export"
-        return {}
-    for prop in proto.metadata_props:
-        if prop.key == METADATA_KEY:
-            try:
-                return dict(json.loads(prop.value))
-            except (json.JSONDecodeError, TypeError):
-                return {}
-    return {}
+    return read_json_property(Path(path), METADATA_KEY)
 
 
 def onnx_is_fresh(path: str | Path, predictor: Predictor) -> bool:
