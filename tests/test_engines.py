@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +12,11 @@ import pytest
 
 from catsdogs import checkpoint as ckpt
 from catsdogs.checkpoint import load_checkpoint
-from catsdogs.config import TrainConfig
 from catsdogs.engines import guard, select
 from catsdogs.engines.graph import read_metadata
 from catsdogs.engines.names import ENGINES, is_quantized, runtime_of
 from catsdogs.infer.predictor import Predictor
 from catsdogs.rundir import RunDir
-from catsdogs.train.frozen import train_frozen
 from tests.fixtures import make_shards, synthetic_image
 
 SIZE = 32
@@ -91,18 +91,27 @@ def test_int8_without_calibration_images_runs_fp32_and_says_why(
 
 
 def test_frozen_training_on_int8_features_records_engine_and_check(tmp_path: Path) -> None:
+    # Through the CLI in its own processes, as users run it: in one pytest process, after ~170 earlier
+    # tests (Spark, servers, other engines), building this run's engines in-process crashed the
+    # interpreter (SIGSEGV, no Python frame); alone, or after any few earlier test files, it passed.
     data = tmp_path / "shards"
     make_shards(data, counts={"train": 60, "val": 20, "test": 20}, size=SIZE, shard_rows=25)
     out = tmp_path / "run"
-    cfg = TrainConfig(data=str(data), out=str(out), model="effnet_lite0", freeze="backbone", batch_size=32,
-                      threads=1, backend="onnx-int8", calibration_images=32, int8_max_drop=100.0)
-    train_frozen(cfg)
+    cmd = [sys.executable, "-m", "catsdogs.cli", "train", "--data", str(data), "--out", str(out),
+           "--model", "effnet_lite0", "--freeze", "backbone", "--batch-size", "32", "--threads", "1",
+           "--backend", "onnx-int8", "--calibration-images", "32", "--int8-max-drop", "100"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
     state = load_checkpoint(out / "best.pt")
     assert state[ckpt.CKPT_ENGINE] == "onnx-int8"
     run = RunDir(out)
     assert read_metadata(run.int8_graph)["calibrated_on"] == 32
     record = json.loads(run.int8_guard.read_text())["onnx-int8"]
     assert record["passed"] and record["rows"] == 20
-    # Serving the run reuses the check made in training (its key is this checkpoint's digest).
-    pred = Predictor.from_run(out, backend="onnx-int8", int8_max_drop=100.0)
-    assert pred.feature_engine.name == "onnx-int8"
+    # Evaluating the run reuses the check made in training (its key is this checkpoint's digest).
+    cmd = [sys.executable, "-m", "catsdogs.cli", "evaluate", "--run", str(out), "--backend", "onnx-int8",
+           "--int8-max-drop", "100", "--threads", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "checking onnx-int8" not in done.stderr and "calibrating" not in done.stderr
+    assert json.loads(RunDir(out).eval_metrics.read_text())["engine"] == "onnx-int8"
