@@ -49,6 +49,8 @@ def test_int8_engine_is_calibrated_checked_on_val_and_the_check_recorded(
         run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # A generous bound: an untrained CNN's accuracy is noise; the bound is tested on its own below.
     pred = Predictor.from_run(run_dir, backend="onnx-int8", int8_max_drop=100.0)
+    assert "calibrating" not in capsys.readouterr().err  # nothing is built until the first answer
+    assert pred.feature_engine.name == "onnx-int8"
     err = capsys.readouterr().err
     assert "calibrating the int8 graph on" in err and "checking onnx-int8 against fp32" in err
     assert pred.feature_engine.name == "onnx-int8"
@@ -63,7 +65,7 @@ def test_int8_engine_is_calibrated_checked_on_val_and_the_check_recorded(
     # Loaded again: graph and check are reused, nothing is calibrated or checked.
     again = Predictor.from_run(run_dir, backend="onnx-int8", int8_max_drop=100.0)
     assert again.feature_engine.name == "onnx-int8"
-    assert "calibrating" not in capsys.readouterr().err
+    assert "calibrating" not in capsys.readouterr().err and again.answer(_images()).probs.shape == (6, 2)
 
 
 def test_a_failed_guard_falls_back_to_fp32_with_one_line(

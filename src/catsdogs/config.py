@@ -240,7 +240,19 @@ class TrainConfig(TrackingConfig):
 
 
 @dataclass
-class EvaluateConfig(TrackingConfig):
+class EngineConfig:
+    """The forward-pass engine of evaluate, predict and serve (``engines/``)."""
+
+    backend: str = setting(DEFAULT_ENGINE, choices=ENGINES)
+    """Engine of every forward pass: torch (eager fp32), onnx (onnxruntime), openvino, or their int8
+    forms onnx-int8 / openvino-int8, used only within --int8-max-drop of fp32 on validation."""
+    int8_max_drop: float = setting(MAX_DROP_PT, ge=0.0)
+    """Largest validation-accuracy drop (percentage points) an int8 --backend may cost against fp32;
+    beyond it the same runtime runs in fp32, with a one-line note."""
+
+
+@dataclass
+class EvaluateConfig(EngineConfig, TrackingConfig):
     """Settings of ``catsdogs evaluate``."""
 
     run: str = setting("", required="the run folder written by 'catsdogs train'")
@@ -262,12 +274,6 @@ class EvaluateConfig(TrackingConfig):
     """Answer "unknown" for images the run's detector rejects (default: the run's recorded setting)."""
     calibrate: bool | None = None
     """Apply the run's fitted temperature to the probabilities (default: the run's recorded setting)."""
-    backend: str = setting(DEFAULT_ENGINE, choices=ENGINES)
-    """Engine of every forward pass: torch (eager fp32), onnx (onnxruntime), openvino, or their int8
-    forms onnx-int8 / openvino-int8, used only within --int8-max-drop of fp32 on validation."""
-    int8_max_drop: float = setting(MAX_DROP_PT, ge=0.0)
-    """Largest validation-accuracy drop (percentage points) an int8 --backend may cost against fp32;
-    beyond it the same runtime runs in fp32, with a one-line note."""
     device: str = setting("auto", choices=DEVICES)
     """auto, cpu or cuda."""
     threads: int = setting(0, ge=0)
@@ -279,7 +285,7 @@ class EvaluateConfig(TrackingConfig):
 
 
 @dataclass
-class PredictConfig(TrackingConfig):
+class PredictConfig(EngineConfig, TrackingConfig):
     """Settings of ``catsdogs predict``."""
 
     paths: list[str] = field(default_factory=list)
@@ -297,12 +303,6 @@ class PredictConfig(TrackingConfig):
     """Answer "unknown" for images the run's detector rejects (default: the run's recorded setting)."""
     calibrate: bool | None = None
     """Apply the run's fitted temperature to the probabilities (default: the run's recorded setting)."""
-    backend: str = setting(DEFAULT_ENGINE, choices=ENGINES)
-    """Engine of every forward pass: torch (eager fp32), onnx (onnxruntime), openvino, or their int8
-    forms onnx-int8 / openvino-int8, used only within --int8-max-drop of fp32 on validation."""
-    int8_max_drop: float = setting(MAX_DROP_PT, ge=0.0)
-    """Largest validation-accuracy drop (percentage points) an int8 --backend may cost against fp32;
-    beyond it the same runtime runs in fp32, with a one-line note."""
     device: str = setting("auto", choices=DEVICES)
     """auto, cpu or cuda."""
     threads: int = setting(0, ge=0)
@@ -316,7 +316,7 @@ class PredictConfig(TrackingConfig):
 
 
 @dataclass
-class ServeConfig(TrackingConfig):
+class ServeConfig(EngineConfig, TrackingConfig):
     """Settings of ``catsdogs serve``."""
 
     run: str = setting("", required="the run folder (or .pt checkpoint) with the trained model")
@@ -326,12 +326,6 @@ class ServeConfig(TrackingConfig):
     """Address to bind; loopback by default so nothing is exposed by accident."""
     port: int = setting(8000, ge=1, le=65535)
     """TCP port."""
-    backend: str = setting(DEFAULT_ENGINE, choices=ENGINES)
-    """Engine of every forward pass: torch (eager fp32), onnx (onnxruntime), openvino, or their int8
-    forms onnx-int8 / openvino-int8, used only within --int8-max-drop of fp32 on validation."""
-    int8_max_drop: float = setting(MAX_DROP_PT, ge=0.0)
-    """Largest validation-accuracy drop (percentage points) an int8 --backend may cost against fp32;
-    beyond it the same runtime runs in fp32, with a one-line note."""
     max_bytes: int = setting(10 * 1024 * 1024, gt=0)
     """Largest accepted upload in bytes (larger gets 413)."""
     drain_bytes: int = setting(100 * 1024 * 1024, ge=0)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import io
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +109,9 @@ class Predictor:
     """Printed once on stderr at the first answer (not at load: a user error found after loading
     stays the only line), e.g. that the run has no detector."""
     engine: Engine | None = None
-    """Runs ``model.features`` (``--backend``); None: torch eager on ``model``."""
+    """Runs ``model.features`` (``--backend``); None: built at first use by ``make_engine``."""
+    make_engine: Callable[[], Engine] | None = None
+    """Builds the ``--backend`` engine; None: torch eager on ``model``."""
 
     @classmethod
     def from_run(cls, run: str | Path, device: torch.device | str = "cpu", name: str = BEST_CKPT,
@@ -142,13 +146,15 @@ class Predictor:
                                                               "scheduler", "ema_state", "rng")}
         meta.pop(ckpt.CKPT_OOD, None)  # held by the detector
         size, mean, std = int(state[ckpt.CKPT_IMAGE]["size"]), tuple(norm["mean"]), tuple(norm["std"])
-        engine = load_engine(backend, model, size, mean, std, path, meta, device, threads=threads,
-                             max_drop_pt=int8_max_drop, shards=shards)
+        # Built at the first answer, not here: a user error found after loading (a wrong --data, say)
+        # stays the only line, before any export, calibration or validation check.
+        make_engine = partial(load_engine, backend, model, size, mean, std, path, meta, device,
+                              threads=threads, max_drop_pt=int8_max_drop, shards=shards)
         return cls(model=model, classes=list(state[ckpt.CKPT_CLASSES]), size=int(image["size"]),
                    resize=str(image.get("resize", "stretch")), mean=tuple(norm["mean"]),
                    std=tuple(norm["std"]), device=device, checkpoint=meta, path=path, settings=settings,
                    detector=detector, temperature=float(state.get(ckpt.CKPT_TEMPERATURE, 1.0)), note=note,
-                   engine=engine)
+                   make_engine=make_engine)
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return logits and (when the model exposes them) the features feeding its final layer."""
@@ -160,9 +166,9 @@ class Predictor:
 
     @property
     def feature_engine(self) -> Engine:
-        """The engine of the feature pass (made on first use when the predictor was built by hand)."""
+        """The engine of the feature pass, built on first use."""
         if self.engine is None:
-            self.engine = TorchEngine(self.model, self.device)
+            self.engine = self.make_engine() if self.make_engine else TorchEngine(self.model, self.device)
         return self.engine
 
     @torch.inference_mode()
