@@ -69,10 +69,12 @@ def test_predict_good_jpeg(client: TestClient) -> None:
     assert 0 < float(timing["decode"]) + float(timing["infer"]) <= float(timing["app"])
 
 
-def test_prediction_matches_the_predictor(client: TestClient, run_dir: Path) -> None:
+def test_prediction_matches_the_predictor(run_dir: Path) -> None:
+    # The same engine on both sides (engines agree with each other in tests/test_engines.py).
     predictor = Predictor.from_run(run_dir)
     expected = predictor.predict_arrays(np.stack([predictor.decode(JPEG)]))[0]
-    got = client.post("/predict", **upload(JPEG)).json()["probabilities"]
+    with TestClient(create_app(ServeConfig(run=str(run_dir), backend="torch"))) as client:
+        got = client.post("/predict", **upload(JPEG)).json()["probabilities"]
     assert [got["Cat"], got["Dog"]] == pytest.approx(expected.tolist(), abs=1e-6)
 
 

@@ -142,9 +142,12 @@ def test_registered_model_predicts_like_the_run_folder(tracked: dict[str, str], 
     monkeypatch.setenv("CATSDOGS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked["uri"])
     folder = images(tmp_path / "imgs")
-    local = predictions(tracked["out"], folder, tmp_path / "local.json")
-    registry = predictions("models:/tiny-seed/1", folder, tmp_path / "registry.json")
-    by_run = predictions(f"runs:/{tracked['run_id']}/model", folder, tmp_path / "runs.json")
+    # One engine for all three: a downloaded model has no RUN/engine/ graphs or validation shards, so
+    # an int8 default would run it in fp32 while the local run folder may run int8.
+    torch_engine = ("--backend", "torch")
+    local = predictions(tracked["out"], folder, tmp_path / "local.json", *torch_engine)
+    registry = predictions("models:/tiny-seed/1", folder, tmp_path / "registry.json", *torch_engine)
+    by_run = predictions(f"runs:/{tracked['run_id']}/model", folder, tmp_path / "runs.json", *torch_engine)
     assert local == registry == by_run
     assert local["broken.jpg"]["error"] and local["0.jpg"]["label"] in ("Cat", "Dog")
     assert any((tmp_path / "cache" / "mlflow").iterdir())  # downloaded once into the cache
