@@ -23,7 +23,7 @@ class Engine(ABC):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Torch in, torch out (CPU): the form the predictor and the feature pass use."""
-        arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).contiguous().numpy())
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()  # NCHW, contiguous: one copy at most
         return torch.from_numpy(self.run(arr))
 
     def describe(self) -> dict[str, Any]:
