@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from catsdogs.cluster import standalone as clustermod
+from catsdogs.cluster.standalone import Cluster, leftover_pids, standalone_cluster
 from catsdogs.io import storage
-from tests import cluster as clustermod
-from tests.cluster import Cluster, leftover_pids, standalone_cluster
 from tests.fixtures import make_image_tree, make_shards
 from tests.s3 import ENV as S3_ENV
 from tests.s3 import download_tree, make_bucket, s3_server

@@ -1,9 +1,11 @@
-"""A real Spark standalone cluster (one master, N workers) on this machine, for tests and benchmarks.
+"""A real Spark standalone cluster (one master, N workers) on this machine: to try ``--master spark://``.
 
 It runs the master and worker daemons shipped inside the pyspark wheel (``sbin/spark-daemon.sh``),
 bound to 127.0.0.1 on free ports, with their logs, pid files and work dirs in one folder, and always
 stops them, also when the body of the ``with`` block raises. This exercises the same code path as
 a multi-machine cluster (driver -> master -> workers -> executors over the network), minus the wire.
+The tests and benchmarks use it; users run it as ``python -m catsdogs.cluster.standalone`` (which
+prints the ``--master`` and ``--spark-conf`` flags to use and stops the daemons on Ctrl-C).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
+import subprocess  # nosec B404 # runs only pyspark's own sbin/spark-daemon.sh
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -96,7 +99,7 @@ def free_port() -> int:
 
 
 def _get_json(url: str, timeout: float = 2.0) -> dict:  # type: ignore[type-arg]
-    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback URL we built)
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 # nosec B310 # loopback URL we built
         return json.loads(resp.read().decode())
 
 
@@ -131,7 +134,7 @@ def _pid_file(cluster: Cluster, cls: str, instance: int) -> Path:
 
 def _run_daemon(env: dict[str, str], action: str, cls: str, instance: int, *args: str) -> None:
     script = Path(env["SPARK_HOME"]) / "sbin" / "spark-daemon.sh"
-    proc = subprocess.run(["bash", str(script), action, cls, str(instance), *args], env=env,
+    proc = subprocess.run(["bash", str(script), action, cls, str(instance), *args], env=env,  # nosec B603 B607
                           capture_output=True, text=True, timeout=60, check=False)
     if action == "start" and (proc.returncode != 0 or "failed to launch" in proc.stdout):
         raise ClusterError(f"spark-daemon.sh could not start {cls} #{instance}: "
@@ -252,7 +255,7 @@ def start_cluster(work_dir: Path, workers: int = 2, cores_per_worker: int = 1, m
         procs = []
         for i in range(1, workers + 1):
             script = Path(env["SPARK_HOME"]) / "sbin" / "spark-daemon.sh"
-            procs.append(subprocess.Popen(
+            procs.append(subprocess.Popen(  # nosec B603 B607 # pyspark's spark-daemon.sh
                 ["bash", str(script), "start", WORKER_CLASS, str(i), "--host", HOST,
                  "--webui-port", str(free_port()), "--cores", str(cores_per_worker), "--memory", memory,
                  "--work-dir", str(work_dir / "work"), cluster.master_url],
@@ -314,3 +317,36 @@ def standalone_cluster(workers: int = 2, cores_per_worker: int = 1, memory: str 
         stop_cluster(cluster)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m catsdogs.cluster.standalone``: run a loopback cluster until Ctrl-C, then stop it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m catsdogs.cluster.standalone",
+                                     description="Start a Spark standalone master and workers on "
+                                                 "127.0.0.1 (for trying catsdogs' --master spark://); "
+                                                 "Ctrl-C stops them.")
+    parser.add_argument("--workers", type=int, default=2, help="worker daemons (default: 2)")
+    parser.add_argument("--cores", type=int, default=1, help="cores each worker offers (default: 1)")
+    parser.add_argument("--memory", default="2g", help="executor memory each worker offers (default: 2g)")
+    parser.add_argument("--work-dir", default=None, help="folder for logs, pids and executor sandboxes "
+                                                         "(default: a temporary folder, removed at the end)")
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        with standalone_cluster(args.workers, args.cores, args.memory, args.work_dir) as c:
+            flags = " ".join(f"--spark-conf {k}={v}" for k, v in c.client_conf().items())
+            print(f"master {c.master_url} (web UI {c.ui_url}), {args.workers} workers x {args.cores} cores\n"
+                  f"use: --master {c.master_url} {flags}\nCtrl-C stops the cluster", flush=True)
+            stop.wait()
+    except ClusterError as exc:
+        print(f"catsdogs cluster: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
