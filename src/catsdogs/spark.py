@@ -1,4 +1,4 @@
-"""SparkSession construction shared by preprocessing and distributed training.
+"""SparkSession construction shared by preprocessing, distributed training and the forward passes on Spark.
 
 One place decides how catsdogs talks to Spark: which Python the workers run, quiet logging (no
 log4j banner or stage progress bars on the console), loopback binding in local mode, and user
@@ -17,9 +17,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from tqdm import tqdm
+
 from catsdogs.io.storage import ENDPOINT_ENV, REGION_ENV
 
 if TYPE_CHECKING:
+    from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
 # Root logger at WARN, and loggers known to warn about harmless facts at ERROR. Used for the
@@ -155,3 +158,51 @@ def get_spark(master: str = "local[*]", app_name: str = "catsdogs",
         sc = SparkContext.getOrCreate(conf)
     sc.setLogLevel("ERROR")
     return SparkSession(sc)
+
+
+class TaskProgress:
+    """A tqdm bar on stderr fed by polling Spark's status tracker from a thread.
+
+    Spark reports finished tasks, so units done = completed tasks x mean units per task (exact at the
+    end): preprocess counts images of one shard per task, the forward passes images per task.
+    """
+
+    def __init__(self, sc: SparkContext, group: str, total: int, tasks: int, desc: str) -> None:
+        self._sc = sc
+        self._group = group
+        self._per_task = total / max(tasks, 1)
+        self._tasks = tasks
+        self._stop = threading.Event()
+        self.bar = tqdm(total=total, unit="img", desc=desc, file=sys.stderr, mininterval=0.5,
+                        dynamic_ncols=True, smoothing=0.1)
+        self._thread = threading.Thread(target=self._poll, name=f"{desc}-progress", daemon=True)
+
+    def _completed_tasks(self) -> int:
+        tracker = self._sc.statusTracker()
+        done = 0
+        for job_id in tracker.getJobIdsForGroup(self._group):
+            job = tracker.getJobInfo(job_id)
+            for stage_id in job.stageIds if job else []:
+                stage = tracker.getStageInfo(stage_id)
+                done += stage.numCompletedTasks if stage else 0
+        return min(done, self._tasks)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.25):
+            try:
+                n = round(self._completed_tasks() * self._per_task)
+            except Exception:  # noqa: BLE001 # nosec B112 # progress polling only; the tracker may vanish while Spark stops
+                continue
+            if n > self.bar.n:
+                self.bar.update(min(n, self.bar.total) - self.bar.n)
+
+    def __enter__(self) -> TaskProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if exc_type is None:
+            self.bar.update(self.bar.total - self.bar.n)
+        self.bar.close()

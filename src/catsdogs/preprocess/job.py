@@ -9,68 +9,16 @@ session.
 from __future__ import annotations
 
 import secrets
-import sys
-import threading
 from typing import TYPE_CHECKING, Any
-
-from tqdm import tqdm
 
 from catsdogs.preprocess.plan import ShardPlan
 from catsdogs.preprocess.task import RESULT_DDL, TaskSettings, make_task, rdd_task
+from catsdogs.spark import TaskProgress
 
 if TYPE_CHECKING:
-    from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
 PLAN_DDL = "split string, shard int, paths array<string>, labels array<int>"
-
-
-class _Progress:
-    """A tqdm bar on stderr fed by polling Spark's status tracker from a thread.
-
-    Spark reports finished tasks, and each task is one shard, so images done = completed tasks x
-    mean shard rows (exact at the end).
-    """
-
-    def __init__(self, sc: SparkContext, group: str, total: int, tasks: int) -> None:
-        self._sc = sc
-        self._group = group
-        self._per_task = total / max(tasks, 1)
-        self._tasks = tasks
-        self._stop = threading.Event()
-        self.bar = tqdm(total=total, unit="img", desc="preprocess", file=sys.stderr, mininterval=0.5,
-                        dynamic_ncols=True, smoothing=0.1)
-        self._thread = threading.Thread(target=self._poll, name="preprocess-progress", daemon=True)
-
-    def _completed_tasks(self) -> int:
-        tracker = self._sc.statusTracker()
-        done = 0
-        for job_id in tracker.getJobIdsForGroup(self._group):
-            job = tracker.getJobInfo(job_id)
-            for stage_id in job.stageIds if job else []:
-                stage = tracker.getStageInfo(stage_id)
-                done += stage.numCompletedTasks if stage else 0
-        return min(done, self._tasks)
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.25):
-            try:
-                n = round(self._completed_tasks() * self._per_task)
-            except Exception:  # noqa: BLE001 # nosec B112 # progress polling only; the tracker may vanish while Spark stops
-                continue
-            if n > self.bar.n:
-                self.bar.update(min(n, self.bar.total) - self.bar.n)
-
-    def __enter__(self) -> _Progress:
-        self._thread.start()
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        if exc_type is None:
-            self.bar.update(self.bar.total - self.bar.n)
-        self.bar.close()
 
 
 def _columns_to_rows(cols: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -113,7 +61,7 @@ def run_job(spark: SparkSession, plans: list[ShardPlan], settings: TaskSettings,
 
     try:
         if progress:
-            with _Progress(sc, group, total, len(plans)):
+            with TaskProgress(sc, group, total, len(plans), "preprocess"):
                 return collect()
         return collect()
     except KeyboardInterrupt:
