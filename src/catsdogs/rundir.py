@@ -50,6 +50,9 @@ INT8_GRAPH_NAME = "features-int8.onnx"
 """Its int8 (QDQ) form, calibrated on training images."""
 INT8_GUARD_NAME = "features-int8.guard.json"
 """The int8 accuracy check on the validation split, recorded with the int8 graph."""
+FEATURE_SHARDS_DIR = "feature-shards"
+"""Parquet feature shards a frozen-backbone run's Spark tasks write when the features are too big to
+collect (``catsdogs.cluster.shardjob``); read back by the driver and deleted once the head is fitted."""
 EXPORT_NAMES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.ts"}
 """Default file of each ``catsdogs export --format``; the keys are the format choices."""
 
@@ -124,6 +127,10 @@ class RunDir:
     @property
     def int8_guard(self) -> Path:
         return self.engine_dir / INT8_GUARD_NAME
+
+    @property
+    def feature_shards(self) -> Path:
+        return self.root / FEATURE_SHARDS_DIR
 
     def export(self, fmt: str) -> Path:
         """Return the default export file of ``fmt`` (onnx or torchscript)."""

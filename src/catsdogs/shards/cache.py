@@ -108,3 +108,38 @@ def local_shards(data: str, cache_dir: str | Path = "", flag: str = "--data", qu
         print(f"catsdogs: {uri} -> {local} ({len(expected)} shard files, {fetched / 1e6:,.1f} MB "
               f"fetched, the rest already cached and verified)", file=sys.stderr)
     return str(local)
+
+
+def partial_copy(data: str, manifest: Manifest, split: str, rows: int = 0, cache_dir: str | Path = "",
+                 positions: set[int] | None = None) -> str:
+    """Copy (verified) only some shards of ``split``; return the local folder (``data`` itself if local).
+
+    The first shards covering ``rows`` rows, or the shards at ``positions`` in the split's list. For a
+    driver whose executors read the shards themselves (the forward passes on Spark): it reads just the
+    int8 calibration images, or the few images a report shows. The folder is the one
+    :func:`local_shards` fills, but no manifest is written into it, so it is never taken for a
+    complete copy.
+    """
+    if not storage.is_remote(data):
+        return data
+    uri = data.rstrip("/")
+    local = cache_folder(uri, cache_dir)
+    covered = 0
+    for pos, info in enumerate(manifest.split_shards(split)):
+        if positions is None and covered >= rows:
+            break
+        if positions is not None and pos not in positions:
+            continue
+        covered += info.rows
+        for rel, sha in dict(((info.x, info.x_sha256), (info.y, info.y_sha256))).items():
+            path = local / rel
+            if path.is_file() and sha and sha256_file(path) == sha:
+                continue
+            (local / schema.MANIFEST_NAME).unlink(missing_ok=True)
+            got = storage.download(storage.join(uri, rel), path)
+            if sha and got != sha:
+                path.unlink(missing_ok=True)
+                raise SchemaError(f"{uri}/{rel} has sha256 {got[:12]}..., the manifest says {sha[:12]}...: "
+                                  f"the shards changed while being read, or are damaged; re-run catsdogs "
+                                  f"preprocess")
+    return str(local)

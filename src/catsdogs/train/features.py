@@ -23,6 +23,23 @@ from catsdogs.shards.reader import iter_batches
 
 
 @torch.inference_mode()
+def batch_features(engine: Engine, rows: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],
+                   flip: bool = False, device: torch.device | str = "cpu", size: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features ``(n, d)`` float32 of one uint8 NHWC batch, and of its mirror images with ``flip``.
+
+    The one normalisation of every feature pass, in this process or in a Spark task
+    (:mod:`catsdogs.cluster.work`): so both give the same features for the same rows.
+    """
+    x = normalize(torch.from_numpy(rows), mean, std).to(device)
+    if size is not None and size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        x = x.contiguous(memory_format=torch.channels_last)
+    f = engine.features(x).float().cpu().numpy()
+    return f, engine.features(hflip(x)).float().cpu().numpy() if flip else None
+
+
+@torch.inference_mode()
 def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, split: str,
                      mean: tuple[float, ...], std: tuple[float, ...], batch_size: int = 64,
                      flip: bool = False, device: torch.device | str = "cpu", progress: bool = True,
@@ -54,17 +71,13 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
         if seen >= total:
             break
         rows, y = rows[:total - seen], y[:total - seen]
-        x = normalize(torch.from_numpy(rows), mean, std).to(device)
-        if size is not None and size != x.shape[-1]:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-            x = x.contiguous(memory_format=torch.channels_last)
-        f = engine.features(x).float().cpu()
+        f, g = batch_features(engine, rows, mean, std, flip=flip, device=device, size=size)
         if feats is None:
             feats = np.zeros((total, f.shape[1]), np.float32)
             flipped = np.zeros_like(feats) if flip else None
-        feats[seen:seen + len(y)] = f.numpy()
-        if flipped is not None:
-            flipped[seen:seen + len(y)] = engine.features(hflip(x)).float().cpu().numpy()
+        feats[seen:seen + len(y)] = f
+        if flipped is not None and g is not None:
+            flipped[seen:seen + len(y)] = g
         labels[seen:seen + len(y)] = y
         seen += len(y)
         bar.update(len(rows))

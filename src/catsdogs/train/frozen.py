@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,16 +30,21 @@ from catsdogs.engines.factory import create_engine, int8_digest
 from catsdogs.engines.guard import GuardResult, check, save_record
 from catsdogs.engines.names import is_quantized, runtime_of
 from catsdogs.errors import ConfigError, InputError
+from catsdogs.io import storage
 from catsdogs.io.checksum import sha256_file
 from catsdogs.models.factory import create_model
 from catsdogs.models.heads import num_logits
 from catsdogs.models.registry import input_normalization, pretrained_names
 from catsdogs.rundir import MetricsLog, RunDir
 from catsdogs.runtime import setup
-from catsdogs.shards.cache import local_shards
+from catsdogs.shards.cache import fetch_manifest, local_shards, partial_copy
 from catsdogs.shards.manifest import Manifest, load_manifest
+from catsdogs.spark import is_local
 from catsdogs.train.confidence import fit_confidence
 from catsdogs.train.features import extract_features
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +88,58 @@ def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
     """Train only the head of a pretrained ``cfg.model`` on frozen features; write the run folder.
 
     Writes ``best.pt`` and ``last.pt`` (full model, normal checkpoint format), ``config.json`` and
-    ``metrics.csv`` into ``cfg.out``; returns the validation metrics.
+    ``metrics.csv`` into ``cfg.out``; returns the validation metrics. The feature pass runs in this
+    process, or as Spark tasks on the executors (:func:`on_spark`); the head is fitted here either way.
     """
     if cfg.model not in pretrained_names():
         raise ConfigError(f"--freeze backbone needs a pretrained --model ({', '.join(pretrained_names())}), "
                           f"got {cfg.model!r}; use --freeze none to train it from scratch")
     require(cfg, "out", "data")
+    if not on_spark(cfg):
+        return _train_frozen(cfg, size)
+    from catsdogs.cluster.session import NEEDED, runtime_modules, spark_session  # lazy: pyspark
+
+    check_spark_plan(cfg, fetch_manifest(cfg.data))  # before the JVM starts: a wrong value is the only line
+    modules = NEEDED + runtime_modules(cfg.backend)
+    with spark_session(cfg.master, "catsdogs-train", cfg.spark_conf, modules) as spark:
+        return _train_frozen(cfg, size, spark)
+
+
+def on_spark(cfg: TrainConfig) -> bool:
+    """Whether the feature pass runs as Spark tasks: with ``--distributed N``, or a cluster ``--master``.
+
+    A local master without ``--distributed`` keeps the single-process pass: on this machine it was as
+    fast with the same cores (docs/cluster.md), without a JVM to start.
+    """
+    return cfg.distributed > 0 or not is_local(cfg.master)
+
+
+def check_spark_plan(cfg: TrainConfig, manifest: Manifest) -> None:
+    """Refuse ``--distributed N`` above the number of train and val shards (a task reads whole shards)."""
+    shards = len(manifest.split_shards("train")) + len(manifest.split_shards("val"))
+    if cfg.distributed > shards:
+        raise ConfigError(f"--distributed {cfg.distributed} exceeds the {shards} train and val shards of "
+                          f"{cfg.data!r} (each Spark task reads whole shards); lower --distributed or re-run "
+                          f"catsdogs preprocess with a smaller --shard-rows")
+
+
+def executor_data(cfg: TrainConfig) -> str:
+    """``--data`` as the executors open it: a URI as given, a path made absolute (their cwd differs)."""
+    return cfg.data if storage.is_remote(cfg.data) else str(Path(cfg.data).resolve())
+
+
+def _train_frozen(cfg: TrainConfig, size: int | None = None, spark: SparkSession | None = None
+                  ) -> dict[str, float]:
+    """:func:`train_frozen` itself; with ``spark``, the feature passes run there."""
     t0 = time.perf_counter()
     device = setup(cfg.threads, cfg.device, cfg.seed)
-    data = local_shards(cfg.data, cfg.cache_dir)  # remote shards: a verified local copy
-    manifest = load_manifest(data)
+    if spark is not None and storage.is_remote(cfg.data):
+        # The executors read the shards; the driver copies only what int8 calibration reads.
+        manifest = fetch_manifest(cfg.data)
+        data = partial_copy(cfg.data, manifest, "train", cfg.calibration_images, cfg.cache_dir)
+    else:
+        data = local_shards(cfg.data, cfg.cache_dir)  # remote shards: a verified local copy
+        manifest = load_manifest(data)
     if manifest.split_rows("train") == 0:
         raise InputError(f"shards {cfg.data!r} have no train rows (fix --data)")
     size = size or manifest.size
@@ -106,21 +153,22 @@ def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
                                              cfg.calibration_images, cfg.batch_size, size)
     engine = create_engine(cfg.backend, model, size, run, threads=cfg.threads, device=device,
                            calibration=calibration, calibration_rows=cfg.calibration_images)
-    feats = frozen_features(cfg, model, data, manifest, mean, std, device, engine)
+    feats = frozen_features(cfg, model, data, manifest, mean, std, device, engine, spark=spark, size=size)
     feature_s = time.perf_counter() - t0
     w, b, metrics = fit_head(*feats["train"], *feats["val"], num_classes=num_classes, seed=cfg.seed)
     record: GuardResult | None = None
     if is_quantized(engine.name):
         # The guard: the same head on fp32 validation features must score within --int8-max-drop.
         reference = create_engine(runtime_of(engine.name), model, size, run, threads=cfg.threads)
-        ref_val = extract_features(model, data, manifest, "val", mean, std, cfg.batch_size, device=device,
-                                   engine=reference)
+        ref_val = features_of(cfg, model, data, manifest, mean, std, device, reference, {"val": False},
+                              spark, size)["val"]
         record = check(engine.name, linear(w, b), ref_val[0], feats["val"][0], feats["val"][1],
                        cfg.int8_max_drop)
         log.info("int8 guard: val acc %.4f (int8) vs %.4f (fp32)", record.int8_acc, record.fp32_acc)
         if not record.passed:
             print(record.refusal(), file=sys.stderr)
-            feats = frozen_features(cfg, model, data, manifest, mean, std, device, reference, ref_val)
+            feats = frozen_features(cfg, model, data, manifest, mean, std, device, reference, ref_val, spark,
+                                    size)
             w, b, metrics = fit_head(*feats["train"], *feats["val"], num_classes=num_classes, seed=cfg.seed)
             engine = reference
     head: nn.Linear = model._fc  # type: ignore[assignment]
@@ -150,21 +198,48 @@ def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
 
 def frozen_features(cfg: TrainConfig, model: nn.Module, data: Path, manifest: Manifest,
                     mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, engine: Engine,
-                    val: tuple[np.ndarray, np.ndarray] | None = None
-                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                    val: tuple[np.ndarray, np.ndarray] | None = None, spark: SparkSession | None = None,
+                    size: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Features of the train split (plus mirrored rows with --augment) and of val (unless given)."""
+    feats = features_of(cfg, model, data, manifest, mean, std, device, engine,
+                        {"train": cfg.augment, **({} if val is not None else {"val": False})}, spark, size)
+    if val is not None:
+        feats["val"] = val
+    return feats
+
+
+def features_of(cfg: TrainConfig, model: nn.Module, data: Path, manifest: Manifest, mean: tuple[float, ...],
+                std: tuple[float, ...], device: torch.device, engine: Engine, splits: dict[str, bool],
+                spark: SparkSession | None = None, size: int | None = None
+                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Features of each split in ``splits`` (value: also its mirror images), here or on Spark.
+
+    On Spark (``spark`` given) one job runs every split, one task per shard or ``--distributed N``
+    tasks; the arrays are the ones this process would compute (same rows, same order).
+    """
+    if spark is not None:
+        from catsdogs.cluster.features import spark_features  # lazy: only the Spark pass needs it
+
+        config = model_config(cfg, len(manifest.classes), size or manifest.size)
+        feats, _report = spark_features(
+            spark, cfg.master, executor_data(cfg), manifest, engine, model, config, mean, std, splits,
+            batch_size=cfg.batch_size, threads=cfg.threads, groups=cfg.distributed,
+            spill=RunDir(Path(cfg.out)).feature_shards)
+        return feats
     feats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for split in ("train", "val"):
-        if split == "val" and val is not None:
-            feats[split] = val
-            continue
+    for split, flip in splits.items():
         ts = time.perf_counter()
         feats[split] = extract_features(model, data, manifest, split, mean, std, cfg.batch_size,
-                                        flip=cfg.augment and split == "train", device=device,
-                                        engine=engine)
+                                        flip=flip, device=device, engine=engine)
         log.info("features %s (%s): %d rows in %.1f s", split, engine.name, len(feats[split][1]),
                  time.perf_counter() - ts)
     return feats
+
+
+def model_config(cfg: TrainConfig, num_classes: int, size: int) -> dict[str, Any]:
+    """The checkpoint's ``model_config`` of a frozen-backbone run (``create_model`` arguments)."""
+    return {"name": cfg.model, "num_classes": num_classes, "size": size, "dropout": cfg.dropout,
+            "width": cfg.width}
 
 
 def linear(w: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -181,9 +256,8 @@ def write_run(cfg: TrainConfig, model: nn.Module, manifest: Manifest, size: int,
     """
     run = RunDir(Path(cfg.out))
     run.root.mkdir(parents=True, exist_ok=True)  # also made by train_frozen for the engine graphs
-    model_config = {"name": cfg.model, "num_classes": len(manifest.classes), "size": size,
-                    "dropout": cfg.dropout, "width": cfg.width}
-    state = build_checkpoint(model_state=model.state_dict(), model_config=model_config,
+    state = build_checkpoint(model_state=model.state_dict(),
+                             model_config=model_config(cfg, len(manifest.classes), size),
                              classes=manifest.classes, mean=mean, std=std, size=size,
                              resize=manifest.resize, train_config=to_dict(cfg), epoch=1, metrics=metrics)
     state.update(confidence or {})

@@ -1,0 +1,67 @@
+"""The frozen-backbone feature pass as one Spark job (``train --freeze backbone`` on a cluster, audit).
+
+The driver has already built the engine (export, int8 calibration, as a local run does); the job ships
+its graph, runs :class:`catsdogs.cluster.work.FeatureWork` over every shard of the asked splits and
+returns each split's features in shard order with mirrored rows appended, exactly the arrays
+:func:`catsdogs.train.features.extract_features` returns in one process.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from torch import nn
+
+from catsdogs.cluster.shardjob import COLLECT_LIMIT_BYTES, JobReport, run_shards
+from catsdogs.cluster.ship import Shipment
+from catsdogs.cluster.work import FeatureWork, split_features
+from catsdogs.engines.base import Engine
+from catsdogs.shards.manifest import Manifest
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+Features = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def feature_width(engine: Engine, side: int) -> int:
+    """Length of one image's feature vector (one forward pass of a blank image on the driver)."""
+    return int(engine.run(np.zeros((1, 3, side, side), np.float32)).shape[1])
+
+
+def spark_features(spark: SparkSession, master: str, data: str, manifest: Manifest, engine: Engine,
+                   model: nn.Module, model_config: dict[str, Any], mean: tuple[float, ...],
+                   std: tuple[float, ...], splits: dict[str, bool], *, batch_size: int, threads: int = 0,
+                   groups: int = 0, size: int | None = None, spill: Path | None = None,
+                   desc: str = "features") -> tuple[Features, JobReport]:
+    """Features and labels of each split in ``splits`` (value: also its mirror images), run on Spark.
+
+    ``data`` is read by the executors (shared path or remote URI). Above
+    :data:`~catsdogs.cluster.shardjob.COLLECT_LIMIT_BYTES` of features, and with ``spill`` (a folder
+    the executors and the driver share), the tasks write Parquet feature shards there; they are read
+    back and deleted.
+    """
+    names = tuple(s for s in splits if manifest.split_rows(s))
+    rows = sum(manifest.split_rows(s) * (2 if splits[s] else 1) for s in names)
+    side = size or manifest.size
+    use_spill = spill is not None and rows * feature_width(engine, side) * 4 > COLLECT_LIMIT_BYTES
+    if use_spill:
+        assert spill is not None  # nosec B101 # type narrowing
+        shutil.rmtree(spill, ignore_errors=True)  # a killed run's leftovers
+    try:
+        with Shipment(spark.sparkContext) as shipment:
+            spec = shipment.engine(engine, model, model_config, threads)
+            work = FeatureWork(spec, tuple(mean), tuple(std), tuple(s for s in names if splits[s]), size)
+            results, report = run_shards(spark, master, data, manifest, names, work, batch_size=batch_size,
+                                         groups=groups, desc=f"{desc} {'+'.join(names)} ({engine.name})",
+                                         spill=str(spill) if use_spill else "")
+    finally:
+        if use_spill:
+            shutil.rmtree(spill, ignore_errors=True)  # type: ignore[arg-type]
+    out = {s: split_features(results, len(manifest.split_shards(s)), s) for s in names}
+    for s in splits:
+        out.setdefault(s, (np.zeros((0, 0), np.float32), np.zeros(0, np.int64)))
+    return out, report

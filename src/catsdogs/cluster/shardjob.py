@@ -1,0 +1,226 @@
+"""One Spark job over a shards folder: a task per shard (or per group of shards), arrays back per shard.
+
+The executors read the shards themselves (a shared path, or ``s3a://``/``hdfs://``, each task fetching
+only its own shard and checking its sha256 against the manifest), run a picklable per-batch *work*
+(:mod:`catsdogs.cluster.work`: the feature pass, evaluate's answers, audit's pixel facts) and send
+back small arrays. Pixels never cross the network to the driver; features do, either collected (at
+most :data:`COLLECT_LIMIT_BYTES`) or, above that, as Parquet feature shards written by the tasks into
+a folder the driver reads back (``spill``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from catsdogs.cluster import ship
+from catsdogs.errors import SchemaError
+from catsdogs.io import storage
+from catsdogs.io.atomic import atomic_open
+from catsdogs.shards.manifest import Manifest, ShardInfo
+from catsdogs.shards.reader import open_shard
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+COLLECT_LIMIT_BYTES = 512 << 20
+"""Largest estimated result collected through the driver JVM (Spark's default
+``spark.driver.maxResultSize`` is 1 GiB, and the local driver's heap 1 GiB); above it the tasks write
+Parquet feature shards instead. The default preset's 14,400 training images are 155 MB of features."""
+
+Arrays = dict[str, np.ndarray]
+Key = tuple[str, int]
+"""``(split, position of the shard in the split's shard list)``."""
+
+
+class BatchWork(Protocol):
+    """Per-batch work of a task: uint8 NHWC images, labels and their split in, named arrays out.
+
+    Every returned array has one row per image.
+    """
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, split: str) -> Arrays: ...
+
+
+@dataclass(frozen=True)
+class Item:
+    """One shard of a task: where it sits in its split and the manifest's entry for it."""
+
+    split: str
+    pos: int
+    info: ShardInfo
+
+
+@dataclass
+class JobReport:
+    """What the job did, for the log line and the tests."""
+
+    tasks: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+    processes: set[tuple[str, int]] = field(default_factory=set)
+    """``(host, pid)`` of every Python worker that ran a task."""
+    builds: dict[tuple[str, int], list[str]] = field(default_factory=dict)
+    """What each of those processes built (an engine or predictor once each, if the cache works)."""
+    spilled: bool = False
+
+    def line(self, desc: str, master: str) -> str:
+        rate = self.rows / self.seconds if self.seconds > 0 else float("inf")
+        return (f"catsdogs: {desc}: {self.rows:,} images in {self.tasks} Spark tasks on {master} "
+                f"({len(self.processes)} executor processes), {self.seconds:.1f} s ({rate:.1f} images/s)"
+                f"{'; features via Parquet feature shards' if self.spilled else ''}")
+
+
+def group_items(items: list[Item], groups: int) -> list[list[Item]]:
+    """One task per shard (``groups`` 0), or ``groups`` tasks balanced by rows (largest shard first)."""
+    if groups <= 0 or groups >= len(items):
+        return [[it] for it in items]
+    bins: list[list[Item]] = [[] for _ in range(groups)]
+    load = [0] * groups
+    for it in sorted(items, key=lambda i: -i.info.rows):
+        k = load.index(min(load))
+        bins[k].append(it)
+        load[k] += it.info.rows
+    return [b for b in bins if b]
+
+
+@contextmanager
+def opened(data: str, info: ShardInfo, size: int) -> Iterator[tuple[Any, np.ndarray]]:
+    """Open one shard on an executor: in place (shared path), or fetched and verified (remote URI)."""
+    if not storage.is_remote(data):
+        yield open_shard(data, info, size)
+        return
+    with tempfile.TemporaryDirectory(prefix="catsdogs-shard-") as tmp:
+        for rel, sha in dict(((info.x, info.x_sha256), (info.y, info.y_sha256))).items():
+            got = storage.download(storage.join(data, rel), Path(tmp) / rel)
+            if sha and got != sha:
+                raise SchemaError(f"{data}/{rel} has sha256 {got[:12]}..., the manifest says {sha[:12]}...; "
+                                  f"re-run catsdogs preprocess")
+        yield open_shard(tmp, info, size)
+
+
+def _spill_path(spill: str, key: Key) -> str:
+    return storage.join(spill, key[0], f"part_{key[1]:05d}.parquet") if storage.is_remote(spill) \
+        else os.path.join(spill, key[0], f"part_{key[1]:05d}.parquet")
+
+
+def write_feature_shard(path: str, arrays: Arrays) -> None:
+    """Write one shard's arrays as a Parquet feature shard (2-D arrays as fixed-size float lists)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {}
+    for name, a in arrays.items():
+        if a.ndim == 2:
+            cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
+        else:
+            cols[name] = pa.array(a)
+    table = pa.table(cols)
+    if storage.is_remote(path):
+        with tempfile.NamedTemporaryFile(suffix=".parquet") as tmp:
+            pq.write_table(table, tmp.name)
+            storage.upload(tmp.name, path)
+        return
+    with atomic_open(path, "wb") as fh:
+        pq.write_table(table, fh)
+
+
+def read_feature_shard(path: str) -> Arrays:
+    """Read a Parquet feature shard back into arrays (the inverse of :func:`write_feature_shard`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if storage.is_remote(path):
+        import io
+
+        table = pq.read_table(io.BytesIO(storage.read_bytes(path)))
+    else:
+        table = pq.read_table(path)
+    out: Arrays = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(col.type):
+            out[name] = col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+        else:
+            out[name] = col.to_numpy(zero_copy_only=False)
+    return out
+
+
+def _task(data: str, size: int, batch_size: int, work: BatchWork, spill: str
+          ) -> Callable[[list[Item]], list[tuple[dict[str, Any], Arrays]]]:
+    """Return the RDD ``map`` function: one group of shards in, ``(meta, arrays)`` per shard out."""
+
+    def run(items: list[Item]) -> list[tuple[dict[str, Any], Arrays]]:
+        out = []
+        for it in items:
+            parts: dict[str, list[np.ndarray]] = {}
+            t0 = time.perf_counter()
+            with opened(data, it.info, size) as (x, y):
+                for start in range(0, len(y), batch_size):
+                    res = work(np.array(x[start:start + batch_size]), np.asarray(y[start:start + batch_size]),
+                               it.split)
+                    for name, a in res.items():
+                        parts.setdefault(name, []).append(a)
+            arrays = {name: np.concatenate(v) for name, v in parts.items()}
+            meta: dict[str, Any] = {"split": it.split, "pos": it.pos, "rows": it.info.rows,
+                                    "host": socket.gethostname(), "pid": os.getpid(),
+                                    "builds": ship.builds(), "seconds": time.perf_counter() - t0}
+            if spill:
+                meta["file"] = _spill_path(spill, (it.split, it.pos))
+                write_feature_shard(meta["file"], arrays)
+                arrays = {}
+            out.append((meta, arrays))
+        return out
+
+    return run
+
+
+def run_shards(spark: SparkSession, master: str, data: str, manifest: Manifest, splits: tuple[str, ...],
+               work: BatchWork, *, batch_size: int, groups: int = 0, desc: str = "features",
+               spill: str = "", progress: bool = True) -> tuple[dict[Key, Arrays], JobReport]:
+    """Run ``work`` over every shard of ``splits`` on the executors; return arrays per shard and a report.
+
+    ``data`` is where executors read the shards (a path all nodes share, or a remote URI). ``spill``
+    (a folder all nodes and the driver share) makes the tasks write Parquet feature shards there
+    instead of sending arrays back.
+    """
+    from catsdogs.cluster.session import run_job  # lazy: keeps this module importable on executors
+
+    items = [Item(split, pos, info) for split in splits
+             for pos, info in enumerate(manifest.split_shards(split))]
+    report = JobReport(rows=sum(it.info.rows for it in items), spilled=bool(spill))
+    tasks = group_items(items, groups)
+    report.tasks = len(tasks)
+    if not tasks:
+        return {}, report
+    sc = spark.sparkContext
+    rdd = sc.parallelize(tasks, numSlices=len(tasks)).map(_task(data, manifest.size, batch_size, work, spill))
+    t0 = time.perf_counter()
+    rows = run_job(spark, master, lambda: rdd.collect(), f"catsdogs {desc}",
+                   progress=(report.rows, len(tasks), desc) if progress else None)
+    report.seconds = time.perf_counter() - t0
+    results: dict[Key, Arrays] = {}
+    for group in rows:
+        for meta, arrays in group:
+            proc = (str(meta["host"]), int(meta["pid"]))
+            report.processes.add(proc)
+            report.builds[proc] = list(meta["builds"])
+            results[(meta["split"], int(meta["pos"]))] = read_feature_shard(meta["file"]) if spill else arrays
+    print(report.line(desc, master), file=sys.stderr, flush=True)
+    return results, report
+
+
+def concat(results: dict[Key, Arrays], manifest: Manifest, split: str, name: str) -> np.ndarray:
+    """Array ``name`` of every shard of ``split`` in shard order (as a local in-order pass returns it)."""
+    parts = [results[(split, pos)][name] for pos in range(len(manifest.split_shards(split)))]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)

@@ -1,0 +1,69 @@
+"""The per-batch work a shard task runs on an executor: features (train, audit) or answers (evaluate).
+
+Each is a small frozen dataclass, pickled into the task once; the heavy state (the engine, the
+predictor) is built from its spec on first use in each executor process (:mod:`catsdogs.cluster.ship`).
+The computation is the local one, called the same way: :func:`catsdogs.train.features.batch_features`
+and :meth:`catsdogs.infer.predictor.Predictor.answer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from catsdogs.cluster.ship import EngineSpec, PredictorSpec
+from catsdogs.train.features import batch_features
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class FeatureWork:
+    """Pooled features of each image (and of its mirror image with ``flip``), with its label."""
+
+    engine: EngineSpec
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    flip: tuple[str, ...] = ()
+    """Splits whose mirror images are also passed (train with ``--augment``)."""
+    size: int | None = None
+    """Resize the shard pixels to this side in torch first (the audit's backbone side)."""
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, split: str) -> Arrays:
+        f, flipped = batch_features(self.engine.build(), x, self.mean, self.std, flip=split in self.flip,
+                                    size=self.size)
+        out = {"features": f, "labels": np.asarray(y, np.int64)}
+        if flipped is not None:
+            out["flipped"] = flipped
+        return out
+
+
+@dataclass(frozen=True)
+class AnswerWork:
+    """The predictor's answer for each image (evaluate).
+
+    Probabilities after and before temperature scaling, the OOD score and whether it is known.
+    """
+
+    predictor: PredictorSpec
+    tta: bool | None = None
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, split: str) -> Arrays:
+        a = self.predictor.build().answer(x, tta=self.tta, with_raw=True)
+        return {"probs": a.probs, "raw": a.raw if a.raw is not None else a.probs, "scores": a.scores,
+                "known": a.known, "labels": np.asarray(y, np.int64)}
+
+
+def split_features(results: dict[tuple[str, int], Arrays], n_shards: int, split: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of a split in shard order, mirrored rows appended (as ``extract_features``)."""
+    parts = [results[(split, pos)] for pos in range(n_shards)]
+    if not parts:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    f = np.concatenate([p["features"] for p in parts]).astype(np.float32)
+    y = np.concatenate([p["labels"] for p in parts]).astype(np.int64)
+    if "flipped" in parts[0]:
+        f = np.concatenate([f, np.concatenate([p["flipped"] for p in parts]).astype(np.float32)])
+        y = np.concatenate([y, y])
+    return f, y
