@@ -31,6 +31,9 @@ class Command:
     target: str
     """``module:function`` taking the resolved config; imported only when the command runs."""
     help: str
+    spark_target: str = ""
+    """``module:function`` run instead when the config names a Spark ``master`` (predict on a cluster):
+    the in-process command module then never reaches Spark."""
 
 
 COMMANDS: dict[str, Command] = {
@@ -42,7 +45,8 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command(cfgmod.EvaluateConfig, "catsdogs.evaluate.command:main",
                         "Metrics, plots and an HTML report for a trained run."),
     "predict": Command(cfgmod.PredictConfig, "catsdogs.infer.predict:main",
-                       "Classify image files or folders."),
+                       "Classify image files or folders (with --master, as Spark tasks).",
+                       spark_target="catsdogs.cluster.predict:main"),
     "serve": Command(cfgmod.ServeConfig, "catsdogs.serve.app:main",
                      "Serve the model over HTTP (FastAPI) with a web page."),
     "export": Command(cfgmod.ExportConfig, "catsdogs.infer.export:main",
@@ -131,7 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(args.debug)
     try:
         cfg = resolve(args.command, args)
-        module_name, func_name = COMMANDS[args.command].target.split(":")
+        command = COMMANDS[args.command]
+        spark = bool(command.spark_target and getattr(cfg, "master", ""))
+        target = command.spark_target if spark else command.target
+        module_name, func_name = target.split(":")
         func = getattr(importlib.import_module(module_name), func_name)
         result = func(cfg)
         return int(result or 0)

@@ -227,11 +227,15 @@ class TrainConfig(TrackingConfig):
     resume: bool = False
     """Continue the run in --out from its last.pt (optimizer, schedule, RNG and data order restored)."""
     distributed: int = setting(0, ge=0)
-    """Train with N processes through Spark's TorchDistributor (0 = single process)."""
+    """Train with N processes through Spark's TorchDistributor (0 = single process). With --freeze
+    backbone: run the feature pass as N Spark tasks on --master (docs/cluster.md)."""
     master: str = "local[*]"
-    """Spark master for --distributed: local[*] runs the N processes here, spark://... on executors."""
+    """Spark master for --distributed: local[*] runs the N processes here, spark://... on executors. With
+    --freeze backbone a cluster master (spark://, yarn, k8s://) runs the feature pass on its executors,
+    one task per shard."""
     spark_conf: dict[str, str] = field(default_factory=dict)
-    """Extra Spark settings for --distributed, key=value (config file or repeated --spark-conf)."""
+    """Extra Spark settings for --distributed or a cluster --master, key=value (config file or repeated
+    --spark-conf)."""
     max_steps: int = setting(0, ge=0)
     """Stop after this many optimiser steps in total (0 = no limit); for smoke tests."""
     register: str = ""
@@ -252,7 +256,18 @@ class EngineConfig:
 
 
 @dataclass
-class EvaluateConfig(EngineConfig, TrackingConfig):
+class SparkConfig:
+    """Where the forward passes of evaluate, predict and audit run (``catsdogs.cluster``)."""
+
+    master: str = ""
+    """Spark master to run the forward passes on, as one task per shard (evaluate, audit) or per batch
+    of files (predict): local[N], spark://host:7077, yarn or k8s://...; empty = in this process, no JVM."""
+    spark_conf: dict[str, str] = field(default_factory=dict)
+    """Extra Spark settings with --master, key=value (config file or repeated --spark-conf)."""
+
+
+@dataclass
+class EvaluateConfig(EngineConfig, SparkConfig, TrackingConfig):
     """Settings of ``catsdogs evaluate``."""
 
     run: str = setting("", required="the run folder written by 'catsdogs train'")
@@ -285,7 +300,7 @@ class EvaluateConfig(EngineConfig, TrackingConfig):
 
 
 @dataclass
-class PredictConfig(EngineConfig, TrackingConfig):
+class PredictConfig(EngineConfig, SparkConfig, TrackingConfig):
     """Settings of ``catsdogs predict``."""
 
     paths: list[str] = field(default_factory=list)
@@ -294,7 +309,8 @@ class PredictConfig(EngineConfig, TrackingConfig):
     """Run folder (or a .pt checkpoint) with the trained model, or an MLflow model: models:/NAME/VERSION,
     models:/NAME@ALIAS or runs:/RUN_ID/model (downloaded once into the cache folder)."""
     output: str = ""
-    """Write results here: .csv or .json (default: print CSV to stdout)."""
+    """Write results here: .csv, .json or .parquet, a path or (with --master) an s3a:// / hdfs:// URI;
+    written whole or not at all (default: print CSV to stdout)."""
     batch_size: int = setting(64, gt=0)
     """Images per forward pass."""
     tta: bool | None = None
@@ -454,7 +470,7 @@ class TuneConfig(TrackingConfig):
 
 
 @dataclass
-class AuditConfig:
+class AuditConfig(SparkConfig):
     """Settings of ``catsdogs audit``."""
 
     data: str = setting("", required="the shards folder written by catsdogs preprocess")
@@ -576,6 +592,7 @@ REMOTE_FIELDS: dict[str, tuple[str, ...]] = {
     "PreprocessConfig": ("input", "output"),
     "TrainConfig": ("data",),
     "EvaluateConfig": ("data",),
+    "PredictConfig": ("output",),
 }
 """Settings that also take s3a://, s3:// and hdfs:// URIs (:mod:`catsdogs.io.storage`): the image folder
 and the shards, the data that outgrows one machine. Runs and models stay on local disk."""
@@ -612,8 +629,9 @@ def local_path(value: str, flag_name: str, remote_ok: bool = False, mlflow_ok: b
     if scheme in SCHEMES and remote_ok:
         return value
     if scheme and scheme.isalnum():
-        where = ("only --input/--output of preprocess and --data of train and evaluate take "
-                 "s3a:// or hdfs:// URIs" if scheme in SCHEMES else f"{scheme}:// is not supported")
+        where = (("only --input/--output of preprocess, --data of train and evaluate and --output of "
+                  "predict take s3a:// or hdfs:// URIs") if scheme in SCHEMES
+                 else f"{scheme}:// is not supported")
         raise ConfigError(f"{flag_name} {value!r}: {where}; for other storage, mount it on every node "
                           f"and pass the mounted path or a file:// URI (see docs/cluster.md)")
     return value

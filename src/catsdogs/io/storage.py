@@ -277,3 +277,27 @@ def delete_tree(uri: str) -> None:
         loc.fs.delete_dir(loc.path)
     except FileNotFoundError:
         pass
+
+
+def exists(uri: str) -> bool:
+    """Return True when ``uri`` names a file or a folder (a prefix holding objects, on S3)."""
+    import pyarrow.fs as pafs
+
+    loc = locate(uri)
+    return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+
+
+def publish(local: str | Path, uri: str) -> None:
+    """Put a finished local file at ``uri`` so that no reader ever sees part of it.
+
+    It is uploaded under a hidden temporary name beside ``uri`` and then moved: a rename on HDFS; on
+    S3 one server-side copy, which creates the object whole (and the temporary one is deleted).
+    """
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    tmp = f"{parent}/.{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    upload(local, tmp)
+    try:
+        a, b = locate(tmp), locate(uri)
+        a.fs.move(a.path, b.path)
+    finally:
+        delete(tmp)
