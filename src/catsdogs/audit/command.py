@@ -130,7 +130,8 @@ def audit(cfg: AuditConfig, progress: bool = True) -> AuditResult:
     if not manifest.shards or not sum(s.rows for s in manifest.shards):
         raise InputError(f"shards folder {str(root)!r} holds no images (fix --data)")
     setup(cfg.threads, "cpu", cfg.seed)
-    data = compute(root, manifest, cfg.run, cfg.batch_size, progress, cfg.size)
+    data = compute(root, manifest, cfg.run, cfg.batch_size, progress, cfg.size, cfg.master, cfg.spark_conf,
+                   cfg.threads)
     num_classes = len(data.classes)
     counts = np.bincount(data.label, minlength=num_classes)
     if (counts < 2).any():

@@ -13,8 +13,9 @@ import csv
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,9 @@ from catsdogs import checkpoint as ckpt
 from catsdogs import schema
 from catsdogs.audit.outliers import FEATURE_METHODS
 from catsdogs.checkpoint import build_from_checkpoint, load_checkpoint
+from catsdogs.cluster.work import FeatureWork
 from catsdogs.engines.base import Engine
+from catsdogs.engines.eager import TorchEngine
 from catsdogs.engines.factory import EngineUnavailable, create_engine
 from catsdogs.engines.names import TORCH
 from catsdogs.errors import ConfigError, InputError
@@ -124,6 +127,8 @@ class Backbone:
     note: str = ""
     engine: Engine | None = None
     """The engine the run's training features came from (its kNN bank holds them); None: torch."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The model's ``create_model`` arguments (how Spark executors rebuild it for a torch pass)."""
 
 
 def load_backbone(run: str, manifest: Manifest, size: int = 0) -> Backbone:
@@ -138,7 +143,8 @@ def load_backbone(run: str, manifest: Manifest, size: int = 0) -> Backbone:
         side = size or DEFAULT_SIDE
         model = create_model(DEFAULT_BACKBONE, len(manifest.classes), side, pretrained=True)
         mean, std = input_normalization(DEFAULT_BACKBONE, tuple(manifest.mean), tuple(manifest.std))
-        return Backbone(model, mean, std, side, f"{DEFAULT_BACKBONE} (ImageNet) at {side} px")
+        return Backbone(model, mean, std, side, f"{DEFAULT_BACKBONE} (ImageNet) at {side} px",
+                        config={"name": DEFAULT_BACKBONE, "num_classes": len(manifest.classes), "size": side})
     path = resolve_checkpoint(run)
     state = load_checkpoint(path)
     model = build_from_checkpoint(state)
@@ -177,7 +183,7 @@ def load_backbone(run: str, manifest: Manifest, size: int = 0) -> Backbone:
             note = (f"the run's training features came from {recorded}, which cannot run here ({exc}); "
                     "torch fp32 features are compared with its detector instead.")
     return Backbone(model, tuple(norm["mean"]), tuple(norm["std"]), side, f"{name} ({path}) at {side} px",
-                    detector, note, engine)
+                    detector, note, engine, dict(state[ckpt.CKPT_MODEL_CONFIG]))
 
 
 def tiny_images(x: np.ndarray) -> np.ndarray:
@@ -195,6 +201,24 @@ def tiny_images(x: np.ndarray) -> np.ndarray:
     return torch.stack(out, 1).numpy()
 
 
+def pixel_facts(x: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Per-image sha1 of the stored pixels, their spread and tiny descriptors, of a uint8 NHWC batch."""
+    hashes = [hashlib.sha1(x[i].tobytes(), usedforsecurity=False).hexdigest() for i in range(len(x))]
+    return hashes, pixel_spread(x), tiny_images(x)
+
+
+@dataclass(frozen=True)
+class AuditWork(FeatureWork):
+    """The feature pass plus :func:`pixel_facts`, in one Spark task per shard (``audit --master``)."""
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, split: str) -> dict[str, np.ndarray]:
+        out = super().__call__(x, y, split)
+        hashes, stds, tiny = pixel_facts(x)
+        out.update({"hash": np.array(hashes, dtype=object), "std": np.asarray(stds, np.float64),
+                    "tiny": tiny})
+        return out
+
+
 def _pixel_pass(root: Path, manifest: Manifest, split: str, batch_size: int, progress: bool
                 ) -> tuple[list[str], list[float], list[np.ndarray], list[int], list[int], list[int]]:
     """Return per-image pixel hash, pixel std, tiny descriptor, label, shard position, row of a split."""
@@ -206,10 +230,10 @@ def _pixel_pass(root: Path, manifest: Manifest, split: str, batch_size: int, pro
     rows: list[int] = []
     bar = tqdm(total=manifest.split_rows(split), desc=f"pixels {split}", unit="img", disable=not progress)
     for pos, start, x, y in iter_batches(root, manifest, split, batch_size):
-        for i in range(len(y)):
-            hashes.append(hashlib.sha1(x[i].tobytes(), usedforsecurity=False).hexdigest())
-        stds.extend(pixel_spread(x).tolist())
-        tiny.append(tiny_images(x))
+        h, spread, small = pixel_facts(x)
+        hashes.extend(h)
+        stds.extend(spread.tolist())
+        tiny.append(small)
         labels.extend(y.tolist())
         shards.extend([pos] * len(y))
         rows.extend(range(start, start + len(y)))
@@ -218,9 +242,44 @@ def _pixel_pass(root: Path, manifest: Manifest, split: str, batch_size: int, pro
     return hashes, stds, tiny, labels, shards, rows
 
 
+def _spark_pass(root: Path, manifest: Manifest, bb: Backbone, batch_size: int, master: str,
+                spark_conf: dict[str, str] | None, threads: int
+                ) -> dict[str, tuple[np.ndarray, np.ndarray, tuple[list, list, list, list, list, list]]]:
+    """Features and pixel facts of every split in one Spark job (``audit --master``).
+
+    Per split: the features, labels and :func:`_pixel_pass`'s lists, as the local passes return them.
+    """
+    from catsdogs.cluster.session import NEEDED, runtime_modules, spark_session  # lazy: pyspark
+    from catsdogs.cluster.shardjob import run_shards
+    from catsdogs.cluster.ship import Shipment
+
+    engine = bb.engine or TorchEngine(bb.model)
+    splits = tuple(s for s in schema.SPLITS if manifest.split_rows(s))
+    modules = NEEDED + runtime_modules(engine.name)
+    with spark_session(master, "catsdogs-audit", spark_conf, modules) as spark, \
+            Shipment(spark.sparkContext) as shipment:
+        work = AuditWork(shipment.engine(engine, bb.model, bb.config, threads), bb.mean, bb.std, size=bb.side)
+        results, _ = run_shards(spark, master, str(root.resolve()), manifest, splits, work,
+                                batch_size=batch_size, desc=f"audit features ({engine.name})")
+    out = {}
+    for split in splits:
+        parts = [results[(split, pos)] for pos in range(len(manifest.split_shards(split)))]
+        y = np.concatenate([r["labels"] for r in parts])
+        lists = ([h for r in parts for h in r["hash"].tolist()], [float(v) for r in parts for v in r["std"]],
+                 [r["tiny"] for r in parts], y.tolist(),
+                 [pos for pos, r in enumerate(parts) for _ in range(len(r["labels"]))],
+                 [i for r in parts for i in range(len(r["labels"]))])
+        out[split] = (np.concatenate([r["features"] for r in parts]), y, lists)
+    return out
+
+
 def compute(root: Path, manifest: Manifest, run: str = "", batch_size: int = 64,
-            progress: bool = True, size: int = 0) -> AuditData:
-    """Compute the audit rows of every split: features once per image, pixel hash and std."""
+            progress: bool = True, size: int = 0, master: str = "", spark_conf: dict[str, str] | None = None,
+            threads: int = 0) -> AuditData:
+    """Compute the audit rows of every split: features once per image, pixel hash and std.
+
+    With ``master`` both passes run as one Spark job on it, one task per shard.
+    """
     bb = load_backbone(run, manifest, size)
     model = bb.model.to(memory_format=torch.channels_last)
     paths = read_paths(root, manifest)
@@ -229,14 +288,19 @@ def compute(root: Path, manifest: Manifest, run: str = "", batch_size: int = 64,
     cols: dict[str, list] = {k: [] for k in ("path", "split", "label", "shard", "row", "hash", "std",
                                                  "tiny")}
     feats: list[np.ndarray] = []
+    on_spark = _spark_pass(root, manifest, bb, batch_size, master, spark_conf, threads) if master else {}
     for split in schema.SPLITS:
         if manifest.split_rows(split) == 0:
             continue
-        t0 = time.perf_counter()
-        f, y = extract_features(model, root, manifest, split, bb.mean, bb.std, batch_size, progress=progress,
-                                size=bb.side, engine=bb.engine)
-        log.info("features %s: %d images in %.1f s", split, len(y), time.perf_counter() - t0)
-        hashes, stds, tiny, labels, shards, rows = _pixel_pass(root, manifest, split, batch_size, progress)
+        if master:
+            f, y, (hashes, stds, tiny, labels, shards, rows) = on_spark[split]
+        else:
+            t0 = time.perf_counter()
+            f, y = extract_features(model, root, manifest, split, bb.mean, bb.std, batch_size,
+                                    progress=progress, size=bb.side, engine=bb.engine)
+            log.info("features %s: %d images in %.1f s", split, len(y), time.perf_counter() - t0)
+            hashes, stds, tiny, labels, shards, rows = _pixel_pass(root, manifest, split, batch_size,
+                                                                   progress)
         if labels != y.tolist():
             raise InputError(f"shards of split {split!r} changed while being read (fix --data)")
         index = [info.index for info in manifest.split_shards(split)]

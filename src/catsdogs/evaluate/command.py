@@ -40,7 +40,7 @@ from catsdogs.io import storage
 from catsdogs.io.atomic import atomic_write_text
 from catsdogs.rundir import EVAL_DIR, EVAL_METRICS_NAME, REPORT_NAME, RunDir, read_history
 from catsdogs.runtime import setup
-from catsdogs.shards.cache import local_shards
+from catsdogs.shards.cache import cache_folder, fetch_manifest, local_shards, partial_copy
 from catsdogs.shards.manifest import Manifest, load_manifest
 from catsdogs.shards.reader import iter_batches, load_rows
 from catsdogs.track.lineage import TAG_PREFIX, data_tags, git_tags
@@ -109,6 +109,35 @@ def predict_split(predictor: Any, root: Path, manifest: Manifest, split: str, ba
     )
 
 
+def spark_predict_split(cfg: EvaluateConfig, predictor: Predictor, source: str, manifest: Manifest
+                        ) -> Predictions:
+    """:func:`predict_split` as Spark tasks on ``--master``: one task per shard, read by the executors.
+
+    The executors run the driver's predictor (checkpoint and engine shipped, the int8 guard already
+    passed here) and send back only the answers, so the result is the one :func:`predict_split` gives.
+    """
+    from catsdogs.cluster.session import NEEDED, runtime_modules, spark_session  # lazy: pyspark
+    from catsdogs.cluster.shardjob import run_shards
+    from catsdogs.cluster.ship import Shipment
+    from catsdogs.cluster.work import AnswerWork
+
+    data = source if storage.is_remote(source) else str(Path(source).resolve())
+    modules = NEEDED + runtime_modules(cfg.backend)
+    with spark_session(cfg.master, "catsdogs-evaluate", cfg.spark_conf, modules) as spark, \
+            Shipment(spark.sparkContext) as shipment:
+        work = AnswerWork(shipment.predictor(predictor, cfg.threads))
+        results, _ = run_shards(spark, cfg.master, data, manifest, (cfg.split,), work,
+                                batch_size=cfg.batch_size, desc=f"evaluate {cfg.split}")
+    parts = [results[(cfg.split, pos)] for pos in range(len(manifest.split_shards(cfg.split)))]
+    return Predictions(
+        probs=np.concatenate([r["probs"] for r in parts]),
+        labels=np.concatenate([r["labels"] for r in parts]),
+        shard=np.concatenate([np.full(len(r["labels"]), pos, np.int32) for pos, r in enumerate(parts)]),
+        row=np.concatenate([np.arange(len(r["labels"]), dtype=np.int64) for r in parts]),
+        raw=np.concatenate([r["raw"] for r in parts]), scores=np.concatenate([r["scores"] for r in parts]),
+        known=np.concatenate([r["known"] for r in parts]))
+
+
 def confidence_metrics(preds: Predictions, predictor: Any) -> dict[str, Any]:
     """ECE before/after temperature scaling, the share answered "unknown", accuracy among the rest."""
     raw = preds.raw if preds.raw is not None else preds.probs
@@ -128,10 +157,12 @@ def confidence_metrics(preds: Predictions, predictor: Any) -> dict[str, Any]:
     }
 
 
-def resolve_paths(cfg: EvaluateConfig) -> tuple[Path, str, Path, Path, dict[str, Any]]:
+def resolve_paths(cfg: EvaluateConfig, copy: bool = True
+                  ) -> tuple[Path, str, Path, Path, dict[str, Any]]:
     """Return ``(run folder, shards as given, local shards folder, output folder, run's train config)``.
 
-    The shards as given are ``--data`` or the run's own; remote ones are read from a verified local copy.
+    The shards as given are ``--data`` or the run's own; remote ones are read from a verified local copy
+    (with ``copy`` False the copy's folder, left empty: executors read the shards on ``--master``).
     """
     run = RunDir.from_arg(cfg.run)
     train_cfg = run.read_config()
@@ -139,7 +170,9 @@ def resolve_paths(cfg: EvaluateConfig) -> tuple[Path, str, Path, Path, dict[str,
     if not source:
         raise ConfigError(f"run {str(run.root)!r} does not record its shards folder; give --data")
     out = Path(cfg.out) if cfg.out else run.eval_dir
-    data = local_shards(source, cfg.cache_dir or str(train_cfg.get("cache_dir", "")))
+    cache = cfg.cache_dir or str(train_cfg.get("cache_dir", ""))
+    remote_only = not copy and storage.is_remote(source)
+    data = cache_folder(source, cache) if remote_only else local_shards(source, cache)
     return run.root, source, Path(data), out, train_cfg
 
 
@@ -220,13 +253,16 @@ def main(cfg: EvaluateConfig) -> int:
                                    calibrate=cfg.calibrate, backend=cfg.backend, threads=cfg.threads,
                                    int8_max_drop=cfg.int8_max_drop,
                                    shards=cfg.data)  # CheckpointError if none
-    run_dir, source, data, out, train_cfg = resolve_paths(cfg)
-    manifest = load_manifest(data, "--data")
+    run_dir, source, data, out, train_cfg = resolve_paths(cfg, copy=not cfg.master)
+    manifest = fetch_manifest(source) if cfg.master else load_manifest(data, "--data")
     check_compatible(manifest, predictor, data)
     if manifest.split_rows(cfg.split) == 0:
         raise InputError(f"split {cfg.split!r} of {str(data)!r} has no images; choose another --split")
 
-    preds = predict_split(predictor, data, manifest, cfg.split, cfg.batch_size)
+    if cfg.master:
+        preds = spark_predict_split(cfg, predictor, source, manifest)
+    else:
+        preds = predict_split(predictor, data, manifest, cfg.split, cfg.batch_size)
     classes = list(manifest.classes)
     metrics, report_text = compute_metrics(preds.labels, preds.probs, classes)
     metrics.update(confidence_metrics(preds, predictor))
@@ -245,6 +281,9 @@ def main(cfg: EvaluateConfig) -> int:
     write_predictions(out / "predictions.csv", preds, classes)
 
     mistakes = most_confident_mistakes(preds.labels, preds.probs, cfg.grid)
+    if cfg.master and storage.is_remote(source):  # only the shards of the images the report shows
+        data = Path(partial_copy(source, manifest, cfg.split, cache_dir=cfg.cache_dir or str(
+            train_cfg.get("cache_dir", "")), positions={int(s) for s in preds.shard[mistakes]}))
     images = load_rows(data, manifest, cfg.split, preds.shard[mistakes], preds.row[mistakes])
     history = read_history(RunDir(run_dir).metrics)
     overlays = explain_mistakes(predictor, images, preds.probs[mistakes].argmax(axis=1))
