@@ -12,11 +12,14 @@ a second (a TCP connect, then one tiny probe job) and says which flag or node to
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from catsdogs.errors import CatsdogsError, ConfigError
@@ -199,6 +202,19 @@ def check_executors(spark: SparkSession, master: str, modules: tuple[str, ...]) 
                             f"point --spark-conf spark.pyspark.python=PATH at a Python that has them")
 
 
+_STAGES: dict[str, Path] = {}
+"""Per Spark application: the folder its shipped files are staged in (``SparkContext.addFile`` serves a
+file from its path for the application's lifetime, and a name can be registered only once)."""
+
+
+def staging_dir(spark_context: Any) -> Path:
+    """The folder this application's shipped files are staged in (made on first use)."""
+    app = str(spark_context.applicationId)
+    if app not in _STAGES:
+        _STAGES[app] = Path(tempfile.mkdtemp(prefix="catsdogs-ship-"))
+    return _STAGES[app]
+
+
 EXECUTOR_ENV: dict[str, str] = {"spark.executorEnv.OMP_WAIT_POLICY": "PASSIVE"}
 """Executors do not inherit the driver's shell: idle OpenMP threads must sleep there too, as
 ``catsdogs.cli`` makes them on the driver (spinning threads starved a shared 2-core box)."""
@@ -219,6 +235,7 @@ def spark_session(master: str, app_name: str, conf: Mapping[str, str] | None = N
         if line is None:
             raise
         raise ExecutorError(line) from None
+    app = str(spark.sparkContext.applicationId)
     try:
         check_executors(spark, master, modules)
         yield spark
@@ -226,3 +243,6 @@ def spark_session(master: str, app_name: str, conf: Mapping[str, str] | None = N
         if owned:
             spark.stop()
             sys.stderr.flush()
+            stage = _STAGES.pop(app, None)
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)

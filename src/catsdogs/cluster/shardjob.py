@@ -46,8 +46,11 @@ Key = tuple[str, int]
 class BatchWork(Protocol):
     """Per-batch work of a task: uint8 NHWC images, labels and their split in, named arrays out.
 
-    Every returned array has one row per image.
+    Every returned array has one row per image. ``spec`` is what the work builds on an executor (an
+    engine or predictor spec), counted in the job's report.
     """
+
+    spec: object
 
     def __call__(self, x: np.ndarray, y: np.ndarray, split: str) -> Arrays: ...
 
@@ -71,13 +74,21 @@ class JobReport:
     processes: set[tuple[str, int]] = field(default_factory=set)
     """``(host, pid)`` of every Python worker that ran a task."""
     builds: dict[tuple[str, int], list[str]] = field(default_factory=dict)
-    """What each of those processes built (an engine or predictor once each, if the cache works)."""
+    """What each of those processes built, in order (:func:`catsdogs.cluster.ship.builds`)."""
+    key: str = ""
+    """``repr`` of the spec the job's work builds (its engine or predictor)."""
     spilled: bool = False
+
+    @property
+    def engine_builds(self) -> int:
+        """How often the job's engine was built, over all processes: one per process when cached."""
+        return sum(b.count(self.key) for b in self.builds.values())
 
     def line(self, desc: str, master: str) -> str:
         rate = self.rows / self.seconds if self.seconds > 0 else float("inf")
         return (f"catsdogs: {desc}: {self.rows:,} images in {self.tasks} Spark tasks on {master} "
-                f"({len(self.processes)} executor processes), {self.seconds:.1f} s ({rate:.1f} images/s)"
+                f"({len(self.processes)} executor processes, {self.engine_builds} engine builds), "
+                f"{self.seconds:.1f} s ({rate:.1f} images/s)"
                 f"{'; features via Parquet feature shards' if self.spilled else ''}")
 
 
@@ -198,7 +209,7 @@ def run_shards(spark: SparkSession, master: str, data: str, manifest: Manifest, 
 
     items = [Item(split, pos, info) for split in splits
              for pos, info in enumerate(manifest.split_shards(split))]
-    report = JobReport(rows=sum(it.info.rows for it in items), spilled=bool(spill))
+    report = JobReport(rows=sum(it.info.rows for it in items), spilled=bool(spill), key=repr(work.spec))
     tasks = group_items(items, groups)
     report.tasks = len(tasks)
     if not tasks:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,35 +141,36 @@ class PredictorSpec:
 
 
 class Shipment:
-    """Files the driver sends to this session's executors, staged under content-addressed names.
+    """Files the driver sends to this application's executors, staged under content-addressed names.
 
-    A context manager: the staging folder (copies the file server reads from) is removed at the end.
+    The staging folder belongs to the application (:func:`catsdogs.cluster.session.staging_dir`, removed
+    when the session stops): a file shipped by one job (the int8 graph, then the fp32 one for the
+    guard) is registered once and served to every later job.
     """
 
     def __init__(self, sc: SparkContext) -> None:
+        from catsdogs.cluster.session import staging_dir
+
         self.sc = sc
-        self.stage = Path(tempfile.mkdtemp(prefix="catsdogs-ship-"))
-        self.sent: dict[str, str] = {}
-        """Shipped name -> sha256."""
+        self.stage = staging_dir(sc)
 
     def __enter__(self) -> Shipment:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        shutil.rmtree(self.stage, ignore_errors=True)
+        return None
 
     def file(self, path: Path) -> str:
         """Ship ``path``; return the name executors open it by (``<stem>-<sha256[:16]><suffix>``)."""
         digest = sha256_file(path)
         name = f"{path.stem}-{digest[:16]}{path.suffix}"
-        if name not in self.sent:
-            staged = self.stage / name
+        staged = self.stage / name
+        if not staged.exists():
             try:
                 os.link(path, staged)  # same file system: no copy
             except OSError:
                 shutil.copyfile(path, staged)
             self.sc.addFile(str(staged))
-            self.sent[name] = digest
         return name
 
     def engine(self, engine: Engine, model: nn.Module | None = None,
@@ -179,7 +179,7 @@ class Shipment:
         if engine.name == TORCH:
             if model is None or model_config is None:
                 raise ValueError("the torch engine ships its model: pass model and model_config")
-            path = self.stage / "model.pt"
+            path = self.stage / f"model-{os.getpid()}.pt"
             state = {ckpt.CKPT_MODEL_CONFIG: dict(model_config),
                      ckpt.CKPT_MODEL_STATE: {k: v.detach().cpu() for k, v in model.state_dict().items()}}
             ckpt.save_checkpoint(path, state)

@@ -30,6 +30,10 @@ class FeatureWork:
     size: int | None = None
     """Resize the shard pixels to this side in torch first (the audit's backbone side)."""
 
+    @property
+    def spec(self) -> EngineSpec:
+        return self.engine
+
     def __call__(self, x: np.ndarray, y: np.ndarray, split: str) -> Arrays:
         f, flipped = batch_features(self.engine.build(), x, self.mean, self.std, flip=split in self.flip,
                                     size=self.size)
@@ -48,6 +52,10 @@ class AnswerWork:
 
     predictor: PredictorSpec
     tta: bool | None = None
+
+    @property
+    def spec(self) -> PredictorSpec:
+        return self.predictor
 
     def __call__(self, x: np.ndarray, y: np.ndarray, split: str) -> Arrays:
         a = self.predictor.build().answer(x, tta=self.tta, with_raw=True)
