@@ -94,6 +94,10 @@ TRAINING = ("catsdogs.train.loop", "catsdogs.train.launch", "catsdogs.train.stre
     ("catsdogs.engines.factory", ("catsdogs.train.", "catsdogs.infer.", "catsdogs.serve.",
                                   "catsdogs.evaluate.", "catsdogs.config", "catsdogs.cli", "catsdogs.spark")),
     ("catsdogs.engines.select", ("catsdogs.train.", "catsdogs.infer.", "catsdogs.serve.", "catsdogs.config")),
+    # The forward passes on Spark know no stage's command: the stages call them with their work.
+    *[(m, ("catsdogs.train.frozen", "catsdogs.train.launch", "catsdogs.evaluate.", "catsdogs.audit.",
+           "catsdogs.preprocess.", "catsdogs.cli"))
+      for m in ("catsdogs.cluster.shardjob", "catsdogs.cluster.work", "catsdogs.cluster.features")],
     ("catsdogs.track.registry", ("catsdogs.train.", "catsdogs.evaluate.", "catsdogs.infer.",
                                  "catsdogs.serve.", "catsdogs.config", "catsdogs.cli")),
 ])
