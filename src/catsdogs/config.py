@@ -440,7 +440,8 @@ class RunConfig(TrackingConfig):
     train_config: str = ""
     """Optional TOML/JSON file with further train settings (e.g. written by ``catsdogs tune``)."""
     master: str = "local[*]"
-    """Spark master URL for preprocessing."""
+    """Spark master URL for preprocessing; a cluster master (spark://, yarn, k8s://) also runs the frozen
+    feature pass and evaluate on its executors."""
     seed: int = 0
     """Training seed."""
     register: str = ""

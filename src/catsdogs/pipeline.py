@@ -37,6 +37,7 @@ from catsdogs.errors import ConfigError, InputError, OutputExistsError, SchemaEr
 from catsdogs.preprocess.listing import scan_input
 from catsdogs.rundir import BEST_CKPT, LAST_CKPT, RunDir
 from catsdogs.shards.manifest import load_manifest
+from catsdogs.spark import is_local
 
 CONTENT_KEYS: tuple[str, ...] = ("size", "resize", "val_frac", "test_frac", "seed", "shard_rows", "format",
                                  "max_pixels", "labels_from")
@@ -96,6 +97,15 @@ def reuse_reason(shards: Path, wanted: PreprocessConfig) -> str | None:
     return None
 
 
+def cluster_master(cfg: RunConfig) -> dict[str, str]:
+    """``{"master": ...}`` for train and evaluate when --master is a cluster, else nothing.
+
+    Their forward passes then run there too; a local master keeps them in this process (as fast here,
+    without a JVM).
+    """
+    return {} if is_local(cfg.master) else {"master": cfg.master}
+
+
 def train_config(cfg: RunConfig, shards: Path, out: Path) -> TrainConfig:
     """Build the TrainConfig: defaults < --train-config file < run flags that differ from defaults.
 
@@ -116,7 +126,7 @@ def train_config(cfg: RunConfig, shards: Path, out: Path) -> TrainConfig:
                  if not cfg.train_config or getattr(cfg, k) != getattr(defaults, k)}
     layers.append(run_flags)
     layers.append({"data": str(shards), "out": str(out), "tracking_uri": cfg.tracking_uri,
-                   "experiment": cfg.experiment, "register": cfg.register})
+                   "experiment": cfg.experiment, "register": cfg.register, **cluster_master(cfg)})
     try:
         return build_config(TrainConfig, *layers)
     except ConfigError as exc:
@@ -169,7 +179,8 @@ def main(cfg: RunConfig) -> int:
     ev_cfg = build_config(EvaluateConfig, {"run": str(out), "data": str(shards), "out": str(eval_out),
                                            "device": tr_cfg.device, "threads": tr_cfg.threads,
                                            "checkpoint": BEST_CKPT,  # TTA, reject, temperature: the run's own
-                                           "tracking_uri": cfg.tracking_uri, "experiment": cfg.experiment})
+                                           "tracking_uri": cfg.tracking_uri, "experiment": cfg.experiment,
+                                           **cluster_master(cfg)})
     code = evaluate.main(ev_cfg)
     if code:
         return code

@@ -70,7 +70,8 @@ def plan_launch(cfg: TrainConfig, cores: int | None = None) -> LaunchPlan:
     if n < 1:
         raise ConfigError(f"--distributed must be >= 1 to launch distributed training, got {n}")
     if cfg.freeze == "backbone":
-        raise ConfigError("--freeze backbone trains in a single process; drop --distributed or --freeze")
+        raise ConfigError("--freeze backbone --distributed N runs the feature pass as N Spark tasks "
+                          "(train.frozen), not N DDP processes; launch it through catsdogs train")
     device = select_device(cfg.device)
     local = is_local(cfg.master)
     use_gpu = device.type == "cuda"
