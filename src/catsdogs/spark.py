@@ -132,6 +132,10 @@ def get_spark(master: str = "local[*]", app_name: str = "catsdogs",
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
+    # pyspark reads the workers' Python from the environment only; spark-submit turns the
+    # spark.pyspark.python setting into it, so a driver started here must do the same.
+    if (extra or {}).get("spark.pyspark.python"):
+        os.environ["PYSPARK_PYTHON"] = str((extra or {})["spark.pyspark.python"])
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     if is_local(master):
