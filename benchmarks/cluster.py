@@ -1,0 +1,261 @@
+"""Cluster benchmark: the default model's feature pass on 1 and 2 one-core workers, and predict --master.
+
+On ``--photos`` real photos at the default preset's 260 px (effnet_lite12, openvino-int8):
+
+1. the distributed feature pass (``catsdogs.cluster.features.spark_features``, one task per shard of
+   250 images) on a standalone cluster of 1, then 2 workers with one core each: images/s of the job
+   (the engine build in each executor process included; the JVM and executor start-up before it not);
+2. the same pass in this process (today's ``extract_features``, 2 threads) against the Spark code on
+   ``local[2]``: whether local mode should use the Spark path;
+3. ``catsdogs predict`` on ``--photos`` other photos, locally and with ``--master local[2]``
+   (mapInPandas, then predict_batch_udf): the whole command's wall time, JVM start included.
+
+The int8 graph is calibrated once on ``--calibration-images`` training images (speed does not depend on
+how many). Usage (about 25 minutes on 2 cores)::
+
+    flock /tmp/catsdogs-heavy.lock .venv/bin/python -m benchmarks.cluster [--photos 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks._common import REAL_DATA, heavy_lock, machine, write_fragment
+
+SIZE = 260
+MODEL = "effnet_lite12"
+ENGINE = "openvino-int8"
+SHARD_ROWS = 250
+VAL_FRAC = 0.1
+
+
+def photos(n: int, skip: int = 0) -> list[tuple[Path, int]]:
+    """``n`` real photos, half cats half dogs, after the first ``skip`` of each class."""
+    out = []
+    for label, cls in enumerate(("Cat", "Dog")):
+        files = sorted((REAL_DATA / cls).glob("*.jpg"), key=lambda p: int(p.stem))
+        out += [(p, label) for p in files[skip // 2 : skip // 2 + n // 2]]
+    return out
+
+
+def write_shards(root: Path, n: int) -> None:
+    """Train/val shards of ``n`` real photos at 260 px (no Spark: the benchmark is the feature pass)."""
+    from catsdogs.models.transforms import load_image
+    from catsdogs.shards.manifest import Manifest, save_manifest
+    from catsdogs.shards.writer import ShardWriter
+
+    rows = photos(n)
+    rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
+    n_val = int(len(rows) * VAL_FRAC)
+    infos, counts = [], {}
+    for split, part in (("train", rows[n_val:]), ("val", rows[:n_val])):
+        counts[split] = {"Cat": sum(1 for _, y in part if y == 0), "Dog": sum(1 for _, y in part if y == 1)}
+        for index, first in enumerate(range(0, len(part), SHARD_ROWS)):
+            with ShardWriter(root, split, index, SIZE, 2) as w:
+                for path, label in part[first : first + SHARD_ROWS]:
+                    w.add(
+                        load_image(path.read_bytes(), SIZE, "stretch"),
+                        label,
+                        f"{path.parent.name}/{path.name}",
+                    )
+            infos.append(w.info)
+    save_manifest(
+        Manifest(
+            classes=["Cat", "Dog"],
+            size=SIZE,
+            resize="stretch",
+            mean=[120.0] * 3,
+            std=[60.0] * 3,
+            shards=infos,
+            counts=counts,
+            stats={"kept": len(rows)},
+        ),
+        root,
+    )
+
+
+def feature_passes(data: Path, calibration: int) -> dict[str, float]:
+    """images/s of the feature pass: Spark on 1 and 2 one-core workers, in-process, Spark local[2]."""
+    import torch
+
+    from catsdogs.cluster.features import spark_features
+    from catsdogs.cluster.session import NEEDED, runtime_modules, spark_session
+    from catsdogs.cluster.standalone import standalone_cluster
+    from catsdogs.engines.batches import calibration_images
+    from catsdogs.engines.factory import create_engine
+    from catsdogs.models.factory import create_model
+    from catsdogs.models.registry import input_normalization
+    from catsdogs.rundir import RunDir
+    from catsdogs.runtime import setup
+    from catsdogs.shards.manifest import load_manifest
+    from catsdogs.train.features import extract_features
+
+    setup(0, "cpu")
+    manifest = load_manifest(data)
+    model = create_model(MODEL, 2, SIZE, pretrained=True).to(memory_format=torch.channels_last)
+    mean, std = input_normalization(MODEL, tuple(manifest.mean), tuple(manifest.std))
+    run = RunDir(data.parent / "engine-run")
+    engine = create_engine(
+        ENGINE,
+        model,
+        SIZE,
+        run,
+        calibration=lambda: calibration_images(data, manifest, mean, std, calibration, 64),
+        calibration_rows=calibration,
+    )
+    config = {"name": MODEL, "num_classes": 2, "size": SIZE}
+    splits = {"train": False, "val": False}
+    rows = manifest.split_rows("train") + manifest.split_rows("val")
+    modules = NEEDED + runtime_modules(ENGINE)
+    out: dict[str, float] = {}
+    reference = None
+    for workers in (1, 2):
+        with (
+            standalone_cluster(workers=workers, cores_per_worker=1, memory="2g") as c,
+            spark_session(c.master_url, "bench-cluster", c.client_conf(), modules) as spark,
+        ):
+            feats, report = spark_features(
+                spark,
+                c.master_url,
+                str(data),
+                manifest,
+                engine,
+                model,
+                config,
+                mean,
+                std,
+                splits,
+                batch_size=64,
+            )
+            out[f"{workers} worker"] = report.rows / report.seconds
+            reference = reference if reference is not None else feats["train"][0]
+            assert np.allclose(feats["train"][0], reference, atol=1e-3), "workers disagree"
+    t0 = time.perf_counter()
+    for split in splits:
+        extract_features(model, data, manifest, split, mean, std, 64, engine=engine, progress=False)
+    out["in-process (2 threads)"] = rows / (time.perf_counter() - t0)
+    with spark_session("local[2]", "bench-local", {}, modules) as spark:
+        _, report = spark_features(
+            spark, "local[2]", str(data), manifest, engine, model, config, mean, std, splits, batch_size=64
+        )
+        out["Spark local[2]"] = report.rows / report.seconds
+    return out
+
+
+def timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def predict_runs(data: Path, folder: Path, n: int, calibration: int) -> dict[str, float]:
+    """Wall seconds of catsdogs predict on ``n`` photos: local, --master local[2] (both Spark APIs)."""
+    run = data.parent / "run"
+    timed(
+        [
+            sys.executable,
+            "-m",
+            "catsdogs.cli",
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--model",
+            MODEL,
+            "--freeze",
+            "backbone",
+            "--calibration-images",
+            str(calibration),
+        ]
+    )
+    for cls in ("Cat", "Dog"):
+        (folder / cls).mkdir(parents=True)
+    for p, _ in photos(n, skip=2 * n):
+        os.symlink(p, folder / p.parent.name / p.name)
+    from catsdogs.checkpoint import load_checkpoint
+
+    print(f"predict model: head fitted on {load_checkpoint(run / 'best.pt')['engine']} features", flush=True)
+    base = ["predict", str(folder), "--run", str(run)]
+    out = {
+        "local": timed([sys.executable, "-m", "catsdogs.cli", *base, "--output", str(data.parent / "l.csv")])
+    }
+    out["--master local[2] (mapInPandas)"] = timed(
+        [
+            sys.executable,
+            "-m",
+            "catsdogs.cli",
+            *base,
+            "--output",
+            str(data.parent / "s.csv"),
+            "--master",
+            "local[2]",
+        ]
+    )
+    code = (
+        "import sys; from catsdogs.cli import resolve, build_parser; import catsdogs.cluster.predict as m; "
+        "a = build_parser().parse_args(sys.argv[1:]); sys.exit(m.main(resolve('predict', a), api='udf'))"
+    )
+    out["--master local[2] (predict_batch_udf)"] = timed(
+        [sys.executable, "-c", code, *base, "--output", str(data.parent / "u.csv"), "--master", "local[2]"]
+    )
+    with open(data.parent / "l.csv") as a, open(data.parent / "s.csv") as b, open(data.parent / "u.csv") as c:
+        local, spark, udf = (list(csv.DictReader(f)) for f in (a, b, c))
+    assert [r["label"] for r in local] == [r["label"] for r in spark] == [r["label"] for r in udf]
+    return {k: v for k, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--photos", type=int, default=2000)
+    parser.add_argument("--calibration-images", type=int, default=64)
+    args = parser.parse_args(argv)
+    if not REAL_DATA.is_dir():
+        print(f"real data not found at {REAL_DATA}; skipping", file=sys.stderr)
+        return 0
+    with heavy_lock(), tempfile.TemporaryDirectory(prefix="catsdogs-bench-cluster-") as tmp:
+        data = Path(tmp) / "shards"
+        write_shards(data, args.photos)
+        passes = feature_passes(data, args.calibration_images)
+        preds = predict_runs(data, Path(tmp) / "photos", args.photos, args.calibration_images)
+    one, two = passes["1 worker"], passes["2 worker"]
+    local = preds["local"]
+    lines = [
+        "## Cluster: the default model's feature pass and predict on Spark",
+        "",
+        f"`flock /tmp/catsdogs-heavy.lock .venv/bin/python -m benchmarks.cluster --photos {args.photos}` "
+        f"({machine()}); {args.photos:,} real photos at {SIZE} px, {MODEL} on {ENGINE}, one Spark task per "
+        f"{SHARD_ROWS} images.",
+        "",
+        "| feature pass | images/s | x 1 worker |",
+        "|---|---|---|",
+        f"| standalone cluster, 1 worker x 1 core | {one:.1f} | 1.00 |",
+        f"| standalone cluster, 2 workers x 1 core | {two:.1f} | **{two / one:.2f}** |",
+        f"| in this process, 2 threads (local mode today) | {passes['in-process (2 threads)']:.1f} | "
+        f"{passes['in-process (2 threads)'] / one:.2f} |",
+        f"| Spark `local[2]`, the cluster code on this machine | {passes['Spark local[2]']:.1f} | "
+        f"{passes['Spark local[2]'] / one:.2f} |",
+        "",
+        f"| `catsdogs predict` on {args.photos:,} other photos | wall s | vs local |",
+        "|---|---|---|",
+    ]
+    for name, seconds in preds.items():
+        lines.append(f"| {name} | {seconds:.1f} | {100 * (seconds / local - 1):+.1f} % |")
+    print("\n".join(lines))
+    write_fragment("cluster", "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
