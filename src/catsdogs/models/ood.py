@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-OOD_METHODS: tuple[str, ...] = ("mahalanobis", "knn", "energy")
-"""Values of ``train --ood-method`` (its default, chosen by measurement, is in config.py)."""
+from catsdogs.models.ood_names import OOD_METHODS
+
 KNN_K = 10
 """Neighbour rank for the kNN score (k=10: less noisy than k=1, still local)."""
 KNN_BANK_ROWS = 4096
