@@ -326,3 +326,15 @@ def named_problems(doc: Path) -> list[str]:
 @pytest.mark.parametrize("doc", DOCS, ids=lambda d: str(d.relative_to(ROOT)))
 def test_every_path_a_doc_names_exists(doc: Path) -> None:
     assert not named_problems(doc)
+
+
+def test_no_doc_names_another_default_detector_than_the_config() -> None:
+    """README once said Mahalanobis was the default while the config said knn."""
+    from catsdogs.config import TrainConfig
+    from catsdogs.models.ood_names import OOD_METHODS
+
+    default = TrainConfig().ood_method
+    claim = re.compile(rf"\b({'|'.join(OOD_METHODS)})\b\W{{0,3}} (?:by default|is the default)", re.I)
+    wrong = [(d.name, m.group(0)) for d in DOCS for m in claim.finditer(d.read_text())
+             if m.group(1).lower() != default]
+    assert not wrong
