@@ -28,6 +28,7 @@ from catsdogs.config import (
     save_config,
     settings_of,
     to_dict,
+    typed_names,
 )
 from catsdogs.errors import ConfigError
 from catsdogs.pipeline import train_config
@@ -107,6 +108,7 @@ def test_typed_settings_are_recorded_as_given_even_at_their_default(tmp_path: Pa
     f.write_text("[train]\nepochs = 7\n")
     cfg = resolve("train", "--config", str(f), "--lr", str(TrainConfig().lr))
     assert given_names(cfg) == {"epochs", "lr"}  # --lr equals the default, and still was typed
+    assert typed_names(cfg) == {"lr"}  # the file's epochs was set, not typed
     assert given_names(resolve("train")) == frozenset()
     assert "given" not in to_dict(cfg) and "--given" not in cli.build_parser().format_help()
 
@@ -197,3 +199,17 @@ def test_the_inference_group_is_declared_once_and_run_forwards_without_respellin
             assert default_of(f) is None and f.metadata["like"] in (TrainConfig, PreprocessConfig), f.name
     assert "default: 'seed', as catsdogs train --model" in help_text(
         {f.name: f for f in settings_of(RunConfig)}["model"], "Model.")
+
+
+def test_a_config_file_holding_every_setting_is_not_held_against_the_trainer(tmp_path: Path) -> None:
+    """A run's own config.json lists --lr and --epochs; fed to a frozen-backbone run they are not typed."""
+    f = tmp_path / "config.json"
+    save_config(TrainConfig(model="effnet_lite0", freeze="backbone"), f)
+    check_applicable(resolve("train", "--config", str(f)))
+    with pytest.raises(ConfigError, match="--epochs does not apply with --freeze backbone"):
+        check_applicable(resolve("train", "--config", str(f), "--epochs", "3"))
+    tuned = tmp_path / "best.json"  # tune's best_config.json names the int8 settings too
+    save_config(TrainConfig(model="cnn"), tuned)
+    check_applicable(resolve("train", "--config", str(tuned)))
+    run = resolve("run", "--train-config", str(tuned), "--epochs", "2")
+    check_applicable(train_config(run, tmp_path / "s", tmp_path / "o"))

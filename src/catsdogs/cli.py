@@ -124,7 +124,7 @@ def resolve(command: str, args: argparse.Namespace) -> Any:
     if "spark_conf" in given:
         given["spark_conf"] = dict(given["spark_conf"])
     layers = [cfgmod.read_config_file(args.config, command)] if args.config else []
-    return cfgmod.build_config(cls, *layers, given)
+    return cfgmod.build_config(cls, *layers, typed=given)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

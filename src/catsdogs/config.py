@@ -27,7 +27,7 @@ import json
 import os
 import sys
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -82,18 +82,36 @@ INTERNAL = "internal"
 class Config:
     """Base of every command's settings: the bookkeeping that is not a setting itself."""
 
-    given: frozenset[str] | None = field(default=None, repr=False, compare=False,
-                                         metadata={INTERNAL: True})
-    """Names of the settings given by a flag or a config file (set by :func:`build_config`); None when the
-    object was built directly, then every setting that differs from its default counts as given."""
+    given: Mapping[str, str] | None = field(default=None, repr=False, compare=False,
+                                            metadata={INTERNAL: True})
+    """The settings that were given, each with how: :data:`TYPED` (a flag on the command line) or
+    :data:`SET` (a config file, or a command setting it for the next stage); set by :func:`build_config`.
+    None when the object was built directly: then every setting that differs from its default counts
+    as typed."""
+
+
+TYPED = "typed"
+"""A setting given by a flag the user typed."""
+SET = "set"
+"""A setting given by a config file (``--config``, ``--train-config``) or set by a command for the next."""
 
 
 def given_names(cfg: Config) -> frozenset[str]:
-    """The settings given explicitly (by a flag or a config file), see :attr:`Config.given`."""
+    """The settings given at all (typed or set): they win over a checkpoint, a preset or a default."""
     if cfg.given is not None:
-        return cfg.given
-    return frozenset(f.name for f in settings_of(type(cfg))
-                     if getattr(cfg, f.name) != default_of(f))
+        return frozenset(cfg.given)
+    return _differing(cfg)
+
+
+def typed_names(cfg: Config) -> frozenset[str]:
+    """The settings the user typed as flags: one that cannot apply is refused rather than ignored."""
+    if cfg.given is not None:
+        return frozenset(k for k, how in cfg.given.items() if how == TYPED)
+    return _differing(cfg)
+
+
+def _differing(cfg: Config) -> frozenset[str]:
+    return frozenset(f.name for f in settings_of(type(cfg)) if getattr(cfg, f.name) != default_of(f))
 
 
 def settings_of(cls: type) -> list[dataclasses.Field]:  # type: ignore[type-arg]
@@ -681,15 +699,17 @@ def relative_to(folder: Path, value: Any) -> Any:
     return str(folder / value)
 
 
-def build_config(cls: type[C], *layers: dict[str, Any]) -> C:
-    """Build ``cls`` from dict layers (later wins), rejecting unknown keys and wrong types.
+def build_config(cls: type[C], *layers: Mapping[str, Any], typed: Mapping[str, Any] | None = None
+                 ) -> C:
+    """Build ``cls`` from dict layers (later wins), then ``typed`` flags; reject unknown keys, wrong types.
 
-    Every key of every layer counts as given (:attr:`Config.given`): the layers are what a user typed
-    or wrote in a file, or what a command sets on purpose for the next stage.
+    Every key counts as given (:attr:`Config.given`): ``typed`` ones as :data:`TYPED`, the layers' (a
+    config file, or what a command sets on purpose for the next stage) as :data:`SET`.
     """
     names = {f.name: f for f in settings_of(cls)}
     merged: dict[str, Any] = {}
-    for layer in layers:
+    given: dict[str, str] = {}
+    for layer, how in [*((layer, SET) for layer in layers), (typed or {}, TYPED)]:
         for key, value in layer.items():
             key = key.replace("-", "_")
             if key not in names:
@@ -697,7 +717,8 @@ def build_config(cls: type[C], *layers: dict[str, Any]) -> C:
                     f"unknown setting {key!r} for {cls.__name__}; known: {', '.join(sorted(names))}"
                 )
             merged[key] = _coerce(key, value, names[key])
-    cfg = cls(**merged, given=frozenset(merged))
+            given[key] = how
+    cfg = cls(**merged, given=given)
     for key in PATH_FIELDS:
         value = getattr(cfg, key, None)
         if isinstance(value, str) and value:

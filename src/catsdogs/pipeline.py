@@ -29,8 +29,10 @@ from catsdogs.config import (
     TrainConfig,
     build_config,
     check_required,
+    given_names,
     read_config_file,
     save_config,
+    typed_names,
 )
 from catsdogs.download.source import DATA_DIR
 from catsdogs.errors import ConfigError, InputError, OutputExistsError, SchemaError
@@ -68,15 +70,21 @@ FORWARDED: dict[type, tuple[str, ...]] = {PreprocessConfig: ("size", "master"),
 """RunConfig settings that are another command's (``setting(like=...)``), by that command's config."""
 
 
-def forwarded(cfg: RunConfig, target: type) -> dict[str, Any]:
-    """The run's settings for ``target`` that were given (None: not given, the stage's own default)."""
-    return {k: getattr(cfg, k) for k in FORWARDED[target] if getattr(cfg, k) is not None}
+def forwarded(cfg: RunConfig, target: type, typed: bool) -> dict[str, Any]:
+    """The run's given settings for ``target`` that were ``typed`` (flags), or set (its --config file).
+
+    None is "not given": the stage's own default applies. Typed ones stay typed for the stage, so one
+    that cannot apply there (``--epochs`` for a frozen backbone) is refused, not ignored.
+    """
+    names = typed_names(cfg) if typed else given_names(cfg) - typed_names(cfg)
+    return {k: getattr(cfg, k) for k in FORWARDED[target] if getattr(cfg, k) is not None and k in names}
 
 
 def preprocess_config(cfg: RunConfig, data: Path, shards: Path) -> PreprocessConfig:
     """Return the preprocessing settings of this run (defaults except input, output and the given ones)."""
     return build_config(PreprocessConfig, {"input": str(data), "output": str(shards),
-                                           **forwarded(cfg, PreprocessConfig)})
+                                           **forwarded(cfg, PreprocessConfig, typed=False)},
+                        typed=forwarded(cfg, PreprocessConfig, typed=True))
 
 
 def reuse_reason(shards: Path, wanted: PreprocessConfig) -> str | None:
@@ -122,11 +130,11 @@ def train_config(cfg: RunConfig, shards: Path, out: Path) -> TrainConfig:
             layers.append(read_config_file(path, "train"))
         except ConfigError as exc:
             raise ConfigError(f"{exc} (fix --train-config)") from None
-    layers.append(forwarded(cfg, TrainConfig))
+    layers.append(forwarded(cfg, TrainConfig, typed=False))
     layers.append({"data": str(shards), "out": str(out), "tracking_uri": cfg.tracking_uri,
                    "experiment": cfg.experiment, "register": cfg.register})
     try:
-        return build_config(TrainConfig, *layers)
+        return build_config(TrainConfig, *layers, typed=forwarded(cfg, TrainConfig, typed=True))
     except ConfigError as exc:
         raise ConfigError(f"{exc} (in --train-config {cfg.train_config!r})" if cfg.train_config
                           else str(exc)) from None

@@ -10,9 +10,9 @@ The run folder ``--out``:
 * both trainers write the resolved config as ``config.json`` and checkpoints whose ``model_config`` is
   :func:`model_config` of that config.
 
-Settings that were given (:func:`catsdogs.config.given_names`) but cannot apply to the chosen way of
-training are refused with one line naming the flag (:func:`check_applicable`); an untyped one is
-never taken as a wish.
+Flags that were typed (:func:`catsdogs.config.typed_names`) but cannot apply to the chosen way of
+training are refused with one line naming the flag (:func:`check_applicable`); a config file may hold
+every setting (a run's own config.json does), so its values are not held against the trainer.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from catsdogs.checkpoint import CKPT_TRAIN_CONFIG, load_checkpoint
-from catsdogs.config import TrainConfig, flag, given_names, require, to_dict
+from catsdogs.config import TrainConfig, flag, given_names, require, to_dict, typed_names
 from catsdogs.errors import ConfigError, OutputExistsError
 from catsdogs.rundir import RunDir
 from catsdogs.train.names import FREEZE_BACKBONE
@@ -54,8 +54,8 @@ def model_config(cfg: TrainConfig, num_classes: int, size: int) -> dict[str, Any
 
 
 def check_applicable(cfg: TrainConfig) -> None:
-    """Refuse, in one line naming the flag, a given setting that the chosen way of training cannot apply."""
-    given = given_names(cfg)
+    """Refuse, in one line naming the flag, a typed setting that the chosen way of training cannot apply."""
+    given = typed_names(cfg)
     if cfg.freeze == FREEZE_BACKBONE:
         if cfg.distributed:
             raise ConfigError(f"--distributed {cfg.distributed} runs the training loop in several processes; "
@@ -96,7 +96,7 @@ def resolve_resume_config(cfg: TrainConfig, saved: dict[str, Any]) -> TrainConfi
         elif new != old and name not in RESUME_CHANGEABLE:
             raise ConfigError(f"--resume: {flag(name)} was {old!r} in the run being resumed, now {new!r}; "
                               f"drop {flag(name)} or start a new --out")
-    return TrainConfig(**merged, given=given)
+    return TrainConfig(**merged, given=cfg.given)
 
 
 def planned(cfg: TrainConfig) -> TrainConfig:

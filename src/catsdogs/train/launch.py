@@ -131,7 +131,9 @@ def train_distributed(cfg: TrainConfig) -> list[dict[str, str]]:
     """Run ``--distributed N`` training; return rank 0's metrics rows read from the run folder."""
     # The run-folder contract once, here: --overwrite clears the folder before any rank starts, and a
     # resumed run's settings (--distributed included) come from its checkpoint.
-    cfg, _state = claim(cfg)
+    cfg, state = claim(cfg)
+    if state is None:
+        cfg = dataclasses.replace(cfg, resume=False)  # said once, here: the ranks start a new run
     plan = plan_launch(cfg)
     preflight(cfg)
     # Lazy: pyspark costs ~1 s at import and single-process training never needs it.
@@ -177,10 +179,11 @@ def main(cfg: TrainConfig) -> int:
     plan = planned(cfg)
     check_applicable(plan)
     if plan.freeze == FREEZE_BACKBONE:
-        cfg, state = claim(cfg)
+        claimed, state = claim(cfg)
         if state is not None:
             train_frozen(cfg)  # says that the run is complete
             return 0
+        cfg = dataclasses.replace(claimed, resume=False)  # a new run: nothing left to resume or replace
         tracked = open_training_run(cfg)
         with ending(tracked):
             metrics = train_frozen(cfg)
