@@ -154,20 +154,15 @@ def test_registered_model_predicts_like_the_run_folder(tracked: dict[str, str], 
     assert any((tmp_path / "cache" / "mlflow").iterdir())  # downloaded once into the cache
 
 
-def test_registered_model_carries_and_runs_the_runs_engine(tracked: dict[str, str], tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """No --backend: models:/ runs the engine the run folder runs, from the graphs logged with it."""
+def test_registered_model_answers_like_the_run_folder_on_its_own_engine(
+        tracked: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --backend on either side: the run's own engine (the loop's: torch), the same answers."""
     monkeypatch.setenv("CATSDOGS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked["uri"])
     folder = images(tmp_path / "imgs")
     assert predictions("models:/tiny-seed/1", folder, tmp_path / "r.json") == predictions(
         tracked["out"], folder, tmp_path / "l.json")
-    downloaded = catsdogs.load("models:/tiny-seed/1")
-    local_engine = Path(tracked["out"]) / rundir.ENGINE_DIR
-    copied = Path(downloaded.predictor.path).parent / rundir.ENGINE_DIR
-    names = sorted(p.name for p in local_engine.iterdir())
-    assert rundir.INT8_GUARD_NAME in names and sorted(p.name for p in copied.iterdir()) == names
-    assert downloaded.engine == catsdogs.load(tracked["out"]).engine
+    assert catsdogs.load("models:/tiny-seed/1").engine == catsdogs.load(tracked["out"]).engine == "torch"
 
 
 def test_pyfunc_by_uri_and_scoring_server_answer_like_the_api(tracked: dict[str, str],
@@ -210,7 +205,8 @@ def test_frozen_head_logs_its_one_epoch_and_model(live: MlflowServer, tmp_path: 
     make_shards(shards, counts={"train": 60, "val": 20, "test": 20}, size=32, shard_rows=25)
     out = tmp_path / "frozen"
     assert cli(["train", "--data", str(shards), "--out", str(out), "--model", "effnet_lite0", "--freeze",
-                "backbone", "--batch-size", "32", "--threads", "1", "--tracking-uri", live.uri]) == 0
+                "backbone", "--batch-size", "32", "--threads", "1", "--tracking-uri", live.uri,
+                "--register", "tiny-frozen", "--int8-max-drop", "100"]) == 0
     client = MlflowClient(live.uri)
     run = client.get_run(json.loads((out / rundir.MLFLOW_LINK_NAME).read_text())["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["freeze"] == "backbone"
@@ -218,6 +214,14 @@ def test_frozen_head_logs_its_one_epoch_and_model(live: MlflowServer, tmp_path: 
     assert [m.step for m in history] == [1]
     assert run.data.metrics["C"] > 0 and run.data.metrics["best_val_acc"] == history[0].value
     assert "model/MLmodel" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+
+    # The registered model carries the run's engine (graphs and int8 check) and runs it: on another
+    # machine, without the shards to calibrate and check one, a models:/ copy would fall back to fp32.
+    downloaded = catsdogs.load("models:/tiny-frozen/1", tracking_uri=live.uri)
+    local = sorted(p.name for p in (out / rundir.ENGINE_DIR).iterdir())
+    copied = sorted(p.name for p in (Path(downloaded.predictor.path).parent / rundir.ENGINE_DIR).iterdir())
+    assert rundir.INT8_GUARD_NAME in local and copied == local
+    assert downloaded.engine == catsdogs.load(out).engine == "openvino-int8"
 
 
 def test_tune_logs_the_study_with_each_trial_nested(live: MlflowServer, shards: Path, tmp_path: Path) -> None:

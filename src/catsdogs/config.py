@@ -259,7 +259,9 @@ class EngineConfig(Config):
     """The forward-pass engine (``engines/``): train's frozen feature pass, evaluate, predict and serve."""
 
     backend: str | None = setting(None, choices=ENGINES,
-                                  unset=f"the run's recorded engine, else {DEFAULT_ENGINE}")
+                                  unset=f"train: {DEFAULT_ENGINE}; evaluate, predict, serve: the engine the "
+                                        f"run's answers were fitted on (a frozen run's feature engine, torch "
+                                        f"for the loop)")
     """Engine of the forward pass (train: of the frozen-backbone feature pass). An int8 engine is used only
     within --int8-max-drop of fp32 on the validation split, else its runtime runs in fp32 with a one-line
     note (docs/engines.md)."""

@@ -20,8 +20,8 @@ fitted on its features stays within the guard; where its guard refuses, OpenVINO
 def engine_for(given: str | None, recorded: str | None = None) -> str:
     """The engine to run: the one asked for, else the one the run records, else :data:`DEFAULT_ENGINE`.
 
-    A frozen-backbone run records the engine its head was fitted on. The one rule for train, evaluate,
-    predict, serve and the Python API.
+    The one rule for train (no run yet: the default) and evaluate, predict, serve and the Python API
+    (the run's engine: ``infer.engine.recorded_engine``).
     """
     return given or recorded or DEFAULT_ENGINE
 

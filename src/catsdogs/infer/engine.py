@@ -28,6 +28,17 @@ BATCH = 64
 """Images per forward pass of calibration and the guard (the feature pass's batch)."""
 
 
+def recorded_engine(state: dict[str, Any]) -> str:
+    """The engine a run's answers were fitted on, which its inference runs unless ``--backend`` says.
+
+    A frozen-backbone run records it (its head, detector and temperature were fitted on that engine's
+    features); the training loop fits all three on torch features, and so did frozen runs from before
+    the engines, so a run that records none is torch's. (On int8 features a loop run's knn detector,
+    calibrated at 99 % of torch's val features, rejected every photo of the toy runs in the tests.)
+    """
+    return str(state.get(ckpt.CKPT_ENGINE) or TORCH)
+
+
 def run_shards(shards: str, meta: dict[str, Any], run: RunDir, size: int) -> tuple[Path, Manifest] | None:
     """The local shards folder whose splits calibrate and guard an int8 engine, or None if not here.
 

@@ -28,7 +28,7 @@ from catsdogs.devices import AUTO
 from catsdogs.engines.base import Engine
 from catsdogs.engines.eager import TorchEngine
 from catsdogs.engines.names import MAX_DROP_PT, engine_for
-from catsdogs.infer.engine import load_engine
+from catsdogs.infer.engine import load_engine, recorded_engine
 from catsdogs.models.effnet import fold_for_inference
 from catsdogs.models.heads import probabilities
 from catsdogs.models.ood import MIN_SIDE, Detector, flat_images
@@ -126,9 +126,9 @@ class Predictor:
 
         ``tta``, ``reject`` and ``calibrate`` override the run's recorded inference settings (None: the
         run's). A run without a detector (trained before it existed) answers as before, with a note.
-        ``backend`` names the engine of the feature pass (``engines.names.ENGINES``; None: the run's
-        recorded engine, else the default one, as for the CLI); an int8 engine runs only behind its
-        accuracy guard, checked on the validation split of ``shards`` (default:
+        ``backend`` names the engine of the feature pass (``engines.names.ENGINES``; None: the engine the
+        run's answers were fitted on, ``infer.engine.recorded_engine``, as for the CLI); an int8 engine
+        runs only behind its accuracy guard, checked on the validation split of ``shards`` (default:
         the shards the run was trained on) when none is recorded.
         """
         path = resolve_checkpoint(run, name)
@@ -153,7 +153,7 @@ class Predictor:
         size, mean, std = int(state[ckpt.CKPT_IMAGE]["size"]), tuple(norm["mean"]), tuple(norm["std"])
         # Built at the first answer, not here: a user error found after loading (a wrong --data, say)
         # stays the only line, before any export, calibration or validation check.
-        backend = engine_for(backend, state.get(ckpt.CKPT_ENGINE))
+        backend = engine_for(backend, recorded_engine(state))
         make_engine = partial(load_engine, backend, model, size, mean, std, path, meta, device,
                               threads=threads, max_drop_pt=int8_max_drop, shards=shards)
         return cls(model=model, classes=list(state[ckpt.CKPT_CLASSES]), size=int(image["size"]),
