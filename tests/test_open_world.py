@@ -236,3 +236,46 @@ def test_real_photo_of_a_cat_is_answered_and_real_cats_pass_the_concepts() -> No
                                                             PRETRAINED_STD)), w, b)
     cat, dog = p[:, 281:286].sum(1), p[:, 151:269].sum(1)
     assert (cat[:20] > dog[:20]).float().mean() >= 0.8 and (dog[20:] > cat[20:]).float().mean() >= 0.8
+
+
+def test_a_fine_tuned_run_gets_the_concepts_detector_too(photo_run: tuple[Path, Path, list[str]],
+                                                         tmp_path: Path) -> None:
+    """The loop (fine-tuning the backbone) ends in the same fit: ImageNet heads on its own features."""
+    shards = photo_run[1]
+    run = tmp_path / "tuned"
+    assert cli_main(["train", "--data", str(shards), "--out", str(run), "--model", "effnet_lite0",
+                     "--epochs", "1", "--max-steps", "2", "--batch-size", "16", "--lr", "1e-4",
+                     "--threads", "1"]) == 0
+    det = Detector.from_state(load_checkpoint(run / "best.pt")[ckpt.CKPT_OOD])
+    assert det.method == CONCEPTS and det.has_concepts
+    pred = Predictor.from_run(run)
+    a = pred.answer(np.stack([pred.decode(_photo("rocket"))]))[0]
+    assert a.label(pred.classes) == UNKNOWN and a.looks_like[0][0] == "drilling platform"
+
+
+def test_pyfunc_and_cli_agree_on_a_rocket_and_a_cat(photo_run: tuple[Path, Path, list[str]],
+                                                    tmp_path: Path) -> None:
+    """The MLflow pyfunc answers like ``catsdogs predict``: "unknown" and what it looks like included."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from catsdogs.track.pyfunc import save_pyfunc
+
+    run = photo_run[0]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photos = {"rocket.png": _photo("rocket"), "cat.png": png_bytes(photo_variant(0, 300, seed=123456))}
+    for name, data in photos.items():
+        (folder / name).write_bytes(data)
+    out = tmp_path / "cli.csv"
+    assert cli_main(["predict", str(folder), "--run", str(run), "--output", str(out),
+                     "--backend", "torch"]) == 0
+    cli = {Path(r["path"]).name: r for r in csv.DictReader(out.open())}
+    model = mlflow.pyfunc.load_model(str(save_pyfunc(run, run / "best.pt", tmp_path / "pyfunc")))
+    got = model.predict(pd.DataFrame({"image": list(photos.values())}))
+    for i, name in enumerate(photos):
+        assert got["label"][i] == cli[name]["label"], name
+        assert got["looks_like"][i] == cli[name]["looks_like"]
+        assert float(got["probability"][i]) == pytest.approx(float(cli[name]["probability"]), abs=1e-5)
+    assert list(got["label"]) == [UNKNOWN, "Cat"]
+    assert got["looks_like"][0].startswith("drilling platform")
