@@ -25,12 +25,14 @@ import base64
 import dataclasses
 import errno
 import json
+import signal
 import socket
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -403,8 +405,26 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+@contextmanager
+def _clean_sigterm() -> Iterator[None]:
+    """Make SIGTERM end the server with exit 0 once uvicorn has let requests in flight finish.
+
+    uvicorn answers SIGTERM with its graceful shutdown, then raises the signal again under the handler
+    it found. The default one killed the process (status -15, no "stopped" line) outside a container and
+    is ignored by PID 1 inside one; a handler that does nothing makes both a clean exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only; uvicorn installs no handler here either
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(cfg: ServeConfig) -> int:
-    """Run ``catsdogs serve``: bind the port, load the model, serve until interrupted."""
+    """Run ``catsdogs serve``: bind the port, load the model, serve until interrupted or SIGTERM."""
     check_required(cfg)
     check_exposure(cfg, load_api_key(cfg))  # an open API on a public address stops here, before binding
     # models:/ or runs:/ -> a downloaded run folder, once: the report and metrics routes read it too.
@@ -418,7 +438,8 @@ def main(cfg: ServeConfig) -> int:
         print(f"catsdogs serve: http://{host}:{cfg.port}/ (model {backend.describe().get('name')}, "
               f"backend {backend.name}, API docs at /docs)", file=sys.stderr, flush=True)
         try:
-            server.run(sockets=[sock])
+            with _clean_sigterm():
+                server.run(sockets=[sock])
         except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
             pass
     finally:
