@@ -1,7 +1,8 @@
 # catsdogs: two commands set everything up on a fresh machine.
 #   make run   -> creates .venv, installs, downloads the data when DATA is not given and
 #                 $(DATA_DIR)/PetImages is missing, runs preprocess -> train -> evaluate on $(DATA)
-#   make test  -> creates .venv, installs (plus Chromium for the browser test), lint + tests
+#   make test  -> creates .venv, installs (plus Chromium for the browser test and podman for the
+#                 container test), lint + tests
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,8 +23,9 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 # reproducible. `make lock` rewrites it from .venv after a deliberate upgrade there.
 CONSTRAINTS := constraints.txt
 PRESETS := src/catsdogs/presets
+IMAGE ?= catsdogs
 
-.PHONY: install run test lint bench browser lock clean
+.PHONY: install run test lint bench browser container-tools image image-sizes test-container lock clean
 
 install: $(STAMP)
 
@@ -55,11 +57,31 @@ run: $(STAMP)
 	$(BIN)/catsdogs run --config $(MODEL) --data "$(DATA)" --out "$(OUT)"
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks container
 	$(BIN)/bandit -q -r src
 
-test: $(STAMP) browser lint
+# podman, runc (crun refuses the hybrid cgroups of these machines) and mmdebstrap (a local Debian base
+# image, no registry needed) for make image and the container test; container/containers.conf holds
+# podman's settings, so nothing under /etc changes.
+container-tools:
+	@command -v podman >/dev/null 2>&1 && command -v runc >/dev/null 2>&1 && command -v mmdebstrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    -o DPkg::Lock::Timeout=300 podman runc mmdebstrap >/dev/null; \
+	  else echo "podman missing and not root: sudo apt-get install podman runc mmdebstrap (the container test skips)"; fi; }
+
+# Both images (docs/container.md): $(IMAGE):serve (catsdogs[serve]) and $(IMAGE):full (the pipeline, Java).
+image: container-tools
+	$(PYTHON) container/image.py build --target serve --target full --tag $(IMAGE)
+
+image-sizes: image
+	$(PYTHON) container/image.py sizes --tag $(IMAGE)
+
+test: $(STAMP) browser container-tools lint
 	$(BIN)/python -m pytest -q
+
+# The container test alone (it is part of make test): builds the serve image from a local base.
+test-container: $(STAMP) container-tools
+	$(BIN)/python -m pytest -q tests/test_container.py
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all

@@ -34,3 +34,13 @@ def run_dir(tmp_path: Path, shards: Path) -> Path:
     from tests.fixtures import make_run
 
     return make_run(tmp_path / "run", data=str(shards))
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A frozen EfficientNet-Lite0 run trained on a few hundred real photos (tests/real_run.py)."""
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real data not found at {REAL_DATA} (the ../shared/data/PetImages development copy)")
+    from tests.real_run import train_real_run
+
+    return train_real_run(REAL_DATA, tmp_path_factory.mktemp("real-run"))

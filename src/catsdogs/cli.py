@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"catsdogs {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except ModuleNotFoundError as exc:  # an optional extra is not installed: say which one
-        hint = install_hint(exc)
+        hint = install_hint(exc, args.command)
         if debug or hint is None:
             raise
         print(f"catsdogs {args.command}: error: {hint}", file=sys.stderr)
