@@ -131,6 +131,15 @@ def test_the_image_is_lean_non_root_and_has_a_healthcheck(tool: ModuleType, serv
                         "shutil.which('java'), torch.version.cuda, torch.__version__)",
                         capture=True).stdout.strip()
     assert probe == "[] None None 2.13.0+cpu", probe
+    # The build machine's pip settings were a build secret and read-only mounts: none of it is left.
+    leftovers = tool.podman("run", "--rm", "--health-cmd", "none", "--entrypoint", "sh", serve_image, "-c",
+                            "ls -d /run/host-pip /run/secrets/pipconf 2>/dev/null; pip config list",
+                            capture=True).stdout
+    assert "host-pip" not in leftovers and "pipconf" not in leftovers, leftovers
+    assert not any(k in leftovers for k in ("find-links", "index-url", "constraint", "cert")), leftovers
+    history = tool.podman("history", "--no-trunc", "--format", "{{.CreatedBy}}", serve_image,
+                          capture=True).stdout
+    assert not any(path in history for path in ("/opt/wheels", "/opt/pypi", "/etc/xdg/pip")), history
 
 
 def test_serves_a_real_photo_read_only_and_stops_cleanly_on_sigterm(
