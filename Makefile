@@ -77,7 +77,7 @@ image-sizes: image
 	$(PYTHON) container/image.py sizes --tag $(IMAGE)
 
 test: $(STAMP) browser container-tools lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The container test alone (it is part of make test): builds the serve image from a local base.
 test-container: $(STAMP) container-tools
