@@ -12,7 +12,6 @@ from tests.fixtures import (
     PHOTO_CLASSES,
     REAL_DATA,
     make_image_tree,
-    make_real_shards,
     make_shards,
     photo_variant,
 )
@@ -81,20 +80,11 @@ def photo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, lis
     return root / "run", root / "shards", opened.read_text().splitlines()
 
 
-REAL_SIZE = 180
-"""Side of the real-data run: the quick preset's."""
-
-
 @pytest.fixture(scope="session")
 def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A frozen EfficientNet-Lite0 on 600 real PetImages photos at 180 px (torch engine), or a skip."""
+    """A frozen EfficientNet-Lite0 run trained on a few hundred real photos (tests/real_run.py)."""
     if not REAL_DATA.is_dir():
         pytest.skip(f"real data not found at {REAL_DATA} (the ../shared/data/PetImages development copy)")
-    from catsdogs.cli import main
+    from tests.real_run import train_real_run
 
-    root = tmp_path_factory.mktemp("real_run")
-    make_real_shards(root / "shards", {"train": 200, "val": 50, "test": 50}, REAL_SIZE)
-    assert main(["train", "--data", str(root / "shards"), "--out", str(root / "run"),
-                 "--model", "effnet_lite0", "--freeze", "backbone", "--backend", "torch",
-                 "--threads", "1"]) == 0
-    return root / "run"
+    return train_real_run(REAL_DATA, tmp_path_factory.mktemp("real-run"))

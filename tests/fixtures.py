@@ -299,32 +299,3 @@ def photo_variant(label: int, size: int, seed: int) -> np.ndarray:
         crop = crop[:, ::-1]
     img = Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.Resampling.BILINEAR)
     return np.clip(np.asarray(img, np.float32) * rng.uniform(0.8, 1.2), 0, 255).astype(np.uint8)
-
-
-def make_real_shards(root: Path, counts: dict[str, int], size: int, shard_rows: int = 100) -> Manifest:
-    """Shards of real PetImages photos (no Spark): ``counts[split]`` photos per class, disjoint across splits.
-
-    The photos are the lowest-numbered files of each class folder, resized with the stretch policy; for
-    real-data tests (skipped when :data:`REAL_DATA` is absent).
-    """
-    from catsdogs.models.transforms import load_image
-
-    classes = ("Cat", "Dog")
-    files = {c: sorted((REAL_DATA / c).glob("*.jpg"), key=lambda p: int(p.stem) if p.stem.isdigit() else 0)
-             for c in classes}
-    infos, per_split, taken = [], {}, 0
-    for split, n in counts.items():
-        picked = [(files[c][taken + i], k) for i in range(n) for k, c in enumerate(classes)]
-        taken += n
-        per_split[split] = {c: n for c in classes}
-        for index, start in enumerate(range(0, len(picked), shard_rows)):
-            with ShardWriter(root, split, index, size, len(classes), "npy") as w:
-                for path, label in picked[start:start + shard_rows]:
-                    w.add(load_image(path.read_bytes(), size, "stretch"), label,
-                          f"{classes[label]}/{path.name}")
-            infos.append(w.info)
-    manifest = Manifest(classes=list(classes), size=size, resize="stretch", mean=[120.0] * 3, std=[60.0] * 3,
-                        shards=infos, counts=per_split, format="npy",
-                        stats={"kept": sum(2 * n for n in counts.values()), "skipped": 0})
-    save_manifest(manifest, root)
-    return manifest

@@ -12,6 +12,8 @@ import httpx
 import numpy as np
 import pytest
 
+from catsdogs import checkpoint as ckpt
+from catsdogs.checkpoint import load_checkpoint
 from catsdogs.config import ServeConfig
 from tests.fixtures import REAL_DATA, jpeg_bytes, synthetic_image
 from tests.live import live_server as serve_live
@@ -263,7 +265,8 @@ def test_page_names_what_an_unknown_photo_looks_like(request: pytest.FixtureRequ
     else:
         run, candidates = request.getfixturevalue("photo_run")[0], [tmp_path / "rocket.png"]
         candidates[0].write_bytes(png_bytes(dict(sample_photos())["rocket"]))
-    with serve_live(ServeConfig(run=str(run), backend="torch")) as url:
+    engine = str(load_checkpoint(run / "best.pt")[ckpt.CKPT_ENGINE])  # the features its detector saw
+    with serve_live(ServeConfig(run=str(run), backend=engine)) as url:
         answers: list[tuple[Path, dict]] = []
         for start in range(0, len(candidates), 25):  # until one is "unknown" (1 in 8 on this small run)
             chunk = candidates[start:start + 25]
@@ -293,3 +296,60 @@ def test_page_names_what_an_unknown_photo_looks_like(request: pytest.FixtureRequ
                 page.wait_for_selector("#looks-like", state="hidden", timeout=30_000)
 
     assert (tmp_path / "page-looks-like.png").stat().st_size > 10_000
+
+
+def test_api_docs_load_offline_under_a_csp_that_names_no_other_origin(run_dir: Path, tmp_path: Path) -> None:
+    """/docs (Swagger UI) and /redoc (ReDoc) with every request to another origin blocked: both list the
+    operations, nothing outside the app is fetched, and the CSP refuses what would leave it."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (make browser) to run the browser test")
+    from playwright.sync_api import Route, sync_playwright
+
+    from tests.live import live_server
+
+    key_file = tmp_path / "api.key"
+    key_file.write_text("docs-test-key-0123456789abcdef")  # with a key: the docs must stay open
+    outside: list[str] = []
+    console: dict[str, list[str]] = {"docs": [], "redoc": []}
+    with live_server(ServeConfig(run=str(run_dir), api_key_file=str(key_file))) as url, \
+            sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1200, "height": 1000})
+
+            def only_the_app(route: Route) -> None:
+                if route.request.url.startswith(url + "/"):
+                    route.continue_()
+                else:
+                    outside.append(route.request.url)
+                    route.abort()
+
+            context.route("**/*", only_the_app)
+            page = context.new_page()
+            page.on("console", lambda m: console["redoc" if "/redoc" in page.url else "docs"].append(m.text))
+            page.goto(url + "/docs")
+            page.wait_for_selector(".opblock-summary-path", timeout=20_000)
+            paths = {p.replace("\u200b", "") for p in page.locator(".opblock-summary-path").all_inner_texts()}
+            assert {"/predict", "/predict/batch", "/healthz", "/model", "/metrics", "/report"} <= paths, paths
+            assert page.locator(".opblock-post").count() == 2 and page.is_visible("button.authorize")
+            page.click(".opblock-post >> nth=1")  # /predict/batch opens: Swagger UI's scripts run
+            page.wait_for_selector("text=Try it out")
+            page.screenshot(path=str(tmp_path / "docs.png"))
+
+            page.goto(url + "/redoc")
+            page.wait_for_selector("text=Classify one image", timeout=20_000)
+            menu = page.locator("[role=menuitem]").all_inner_texts()
+            assert any("Prometheus Metrics" in m for m in menu) and any("Predict Batch" in m for m in menu)
+            page.fill("input[placeholder='Search...']", "metrics")  # the search index runs in its worker
+            page.wait_for_selector("[role=search] >> text=Prometheus Metrics", timeout=10_000)
+            page.screenshot(path=str(tmp_path / "redoc.png"))
+        finally:
+            browser.close()
+    assert not outside, outside  # not even asked for: the CSP refuses other origins first
+    assert not [m for m in console["docs"] if "Content Security Policy" in m or "Refused" in m], console
+    # ReDoc's two refusals are by design: the Redocly logo of its footer (another origin) and the
+    # perfect-scrollbar style sheet its bundle injects (native scroll bars instead); nothing else.
+    refused = [m for m in console["redoc"] if "Content Security Policy" in m]
+    assert all("cdn.redoc.ly" in m or "inline style" in m for m in refused), refused
+    assert (tmp_path / "docs.png").stat().st_size > 20_000
+    assert (tmp_path / "redoc.png").stat().st_size > 20_000

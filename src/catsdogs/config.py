@@ -30,6 +30,7 @@ from catsdogs.io.atomic import atomic_write_text
 from catsdogs.io.storage import SCHEMES, scheme_of
 from catsdogs.models.registry import model_names, pretrained_names
 from catsdogs.models.transforms import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
+from catsdogs.presets import find_config, preset_names
 from catsdogs.shards.writer import FORMATS
 from catsdogs.track.registry import mlflow_scheme
 from catsdogs.train.schedule import SCHEDULES
@@ -432,7 +433,8 @@ class RunConfig(TrackingConfig):
     epochs: int = setting(10, gt=0)
     """Training epochs."""
     train_config: str = ""
-    """Optional TOML/JSON file with further train settings (e.g. written by ``catsdogs tune``)."""
+    """Optional TOML/JSON file with further train settings (e.g. written by ``catsdogs tune``), or a
+    preset's name."""
     master: str = "local[*]"
     """Spark master URL for preprocessing."""
     seed: int = 0
@@ -541,10 +543,12 @@ def flag(name: str) -> str:
 
 
 def read_config_file(path: str | Path, section: str | None = None) -> dict[str, Any]:
-    """Read a TOML or JSON config file; take ``[section]`` when present, else the top level."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist (fix --config)")
+    """Read a TOML or JSON config file, or a preset by name; take ``[section]`` when present, else the top."""
+    found = find_config(str(path))
+    if found is None:
+        raise ConfigError(f"config file {str(path)!r} does not exist and is no preset "
+                          f"({', '.join(preset_names())}) (fix --config)")
+    p = found
     try:
         data = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
