@@ -94,18 +94,19 @@ def test_settings_are_the_clis_flags_and_errors_name_them(run: Path) -> None:
 
 
 def test_a_field_the_predictor_adds_to_its_answer_reaches_every_entry_point() -> None:
-    """Prediction wraps the predictor's Answer: a new field (say, nearest concepts) needs no copy here."""
+    """Prediction wraps the predictor's Answer: looks_like in predict's JSON form, a new field as it is."""
     @dataclasses.dataclass
     class Richer(Answer):
-        looks_like: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+        nearest_photo: str = ""
 
-    answer = Richer(np.array([0.2, 0.8], np.float32), 1.5, False, [("rocket", 0.7)])
+    answer = Richer(np.array([0.2, 0.8], np.float32), 1.5, False, [("rocket", 0.7)], "train/12.png")
     p = Prediction(path="x.jpg", answer=answer, classes=("Cat", "Dog"))
-    assert p.label == "unknown" and p.looks_like == [("rocket", 0.7)]
+    assert p.label == "unknown" and p.looks_like == [("rocket", 0.7)] and p.nearest_photo == "train/12.png"
     probs = {"Cat": pytest.approx(0.2), "Dog": pytest.approx(0.8)}
     assert p.to_dict() == {"path": "x.jpg", "label": "unknown", "probability": pytest.approx(0.8),
                            "error": "", "probabilities": probs, "ood_score": 1.5,
-                           "looks_like": [["rocket", 0.7]]}
+                           "looks_like": [{"concept": "rocket", "probability": 0.7}],
+                           "nearest_photo": "train/12.png"}
 
 
 def test_import_catsdogs_stays_cheap() -> None:

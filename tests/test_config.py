@@ -32,6 +32,7 @@ from catsdogs.config import (
 )
 from catsdogs.errors import ConfigError
 from catsdogs.pipeline import train_config
+from catsdogs.presets import PRESETS_DIR, preset_names, preset_path
 from catsdogs.train.contract import check_applicable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,12 +89,29 @@ def test_every_command_help_prints(command: str, capsys: pytest.CaptureFixture[s
     assert "--config" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.stem)
-def test_presets_are_valid_configs(preset: Path) -> None:
-    run = build_config(RunConfig, read_config_file(preset, "run"))
+@pytest.mark.parametrize("name", preset_names())
+def test_presets_are_valid_configs_given_by_name(name: str) -> None:
+    run = build_config(RunConfig, read_config_file(name, "run"))
+    assert run.train_config == name  # each preset's train section is its own file, by name
     train = build_config(TrainConfig, read_config_file(run.train_config, "train"))
     assert run.model == train.model
-    assert Path(run.train_config).resolve() == preset.resolve()
+    assert preset_path(name) == PRESETS_DIR / f"{name}.toml"
+
+
+def test_presets_are_the_makefiles_and_a_file_wins_over_a_preset(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    assert {"effnet_lite12_frozen", "effnet_lite0_frozen", "seed"} <= set(preset_names())
+    makefile = (ROOT / "Makefile").read_text()
+    assert "PRESETS := src/catsdogs/presets" in makefile and PRESETS_DIR == ROOT / "src/catsdogs/presets"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "seed").write_text('{"epochs": 99}')  # a JSON file in the working folder, named like a preset
+    assert read_config_file("seed") == {"epochs": 99}
+    for bad in ("no_such_preset", "seed.toml", "presets/seed"):
+        with pytest.raises(ConfigError, match="is no preset .*effnet_lite12_frozen.*fix --config"):
+            read_config_file(bad)
+    assert cli.main(["train", "--config", "no_such_preset"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_preset" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------- what was typed is what runs
@@ -123,7 +141,7 @@ def test_run_epochs_win_over_the_train_config_file_for_any_value(tmp_path: Path,
     assert (train_config(untyped, tmp_path / "s", tmp_path / "o").epochs, untyped.epochs) == (7, None)
 
 
-@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("preset", sorted(PRESETS_DIR.glob("*.toml")), ids=lambda p: p.stem)
 def test_a_preset_given_by_absolute_path_works_from_another_folder(preset: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)

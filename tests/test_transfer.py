@@ -49,7 +49,9 @@ def test_frozen_backbone_run_loads_in_predictor(tmp_path: Path) -> None:
     rows = list(csv.DictReader(open(out / rundir.METRICS_CSV)))
     assert float(rows[0]["val_acc"]) == pytest.approx(metrics["val_acc"])
 
-    pred = Predictor.from_run(out)
+    # The engine the head was fitted on (the default int8 one, behind its guard): the same val accuracy.
+    engine = load_checkpoint(out / rundir.BEST_CKPT)[ckpt.CKPT_ENGINE]
+    pred = Predictor.from_run(out, backend=engine)
     assert pred.classes == ["Cat", "Dog"] and pred.size == 32
     assert pred.mean == (127.5,) * 3  # the pretrained normalisation, not the data statistics
     manifest = load_manifest(data)

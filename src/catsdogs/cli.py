@@ -20,6 +20,7 @@ import catsdogs
 from catsdogs import __version__
 from catsdogs import config as cfgmod
 from catsdogs.errors import CatsdogsError
+from catsdogs.extras import install_hint
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"catsdogs {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:  # an optional extra is not installed: say which one
+        hint = install_hint(exc, args.command)
+        if debug or hint is None:
+            raise
+        print(f"catsdogs {args.command}: error: {hint}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"catsdogs {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -37,6 +37,7 @@ from catsdogs.config import (
 from catsdogs.download.source import DATA_DIR
 from catsdogs.errors import ConfigError, InputError, OutputExistsError, SchemaError
 from catsdogs.preprocess.listing import scan_input
+from catsdogs.presets import find_config, preset_names
 from catsdogs.rundir import BEST_CKPT, LAST_CKPT, RunDir
 from catsdogs.shards.manifest import load_manifest
 from catsdogs.train.names import FREEZE_BACKBONE
@@ -123,9 +124,10 @@ def train_config(cfg: RunConfig, shards: Path, out: Path) -> TrainConfig:
     """
     layers: list[dict[str, Any]] = []
     if cfg.train_config:
-        path = Path(cfg.train_config).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"--train-config {cfg.train_config!r} does not exist (fix --train-config)")
+        path = find_config(cfg.train_config)
+        if path is None:
+            raise ConfigError(f"--train-config {cfg.train_config!r} does not exist and is no preset "
+                              f"({', '.join(preset_names())}) (fix --train-config)")
         try:
             layers.append(read_config_file(path, "train"))
         except ConfigError as exc:

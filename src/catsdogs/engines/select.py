@@ -43,8 +43,13 @@ def split_features(engine: Engine, batches: Iterable[tuple[np.ndarray, np.ndarra
 def guarded_engine(name: str, model: nn.Module, size: int, run: RunDir, checkpoint_sha256: str, *,
                    threads: int = 0, device: torch.device | str = "cpu",
                    calibration: Calibration | None = None, calibration_rows: int = 0,
-                   validation: Validation | None = None, max_drop_pt: float = MAX_DROP_PT) -> Engine:
-    """Return engine ``name``; for int8, only if its recorded (or now measured) guard passes."""
+                   validation: Validation | None = None, max_drop_pt: float = MAX_DROP_PT,
+                   accepts: guard.Accepts | None = None) -> Engine:
+    """Return engine ``name``; for int8, only if its recorded (or now measured) guard passes.
+
+    ``accepts`` is the run's detector (features -> answered mask): the guard then also bounds how many
+    more validation images int8 features would answer "unknown".
+    """
     if not is_quantized(name):
         return create_engine(name, model, size, run, threads=threads, device=device)
     fallback = runtime_of(name)
@@ -66,7 +71,7 @@ def guarded_engine(name: str, model: nn.Module, size: int, run: RunDir, checkpoi
         int8_feats, _ = split_features(engine, validation())
         classify: Callable[[torch.Tensor], torch.Tensor] = model.classify  # type: ignore[assignment]
         record = guard.check(name, lambda f: classify(f.to(next(model.parameters()).device)),
-                             ref_feats, int8_feats, labels, max_drop_pt)
+                             ref_feats, int8_feats, labels, max_drop_pt, accepts)
         record.checkpoint_sha256, record.graph_sha256 = checkpoint_sha256, int8_digest(run)
         guard.save_record(run.int8_guard, record)
         if not record.passed:

@@ -16,6 +16,7 @@ from catsdogs import checkpoint as ckpt
 from catsdogs.engines.base import Engine
 from catsdogs.engines.batches import calibration_images, split_batches
 from catsdogs.engines.eager import TorchEngine
+from catsdogs.engines.guard import Accepts
 from catsdogs.engines.names import CALIBRATION_IMAGES, TORCH
 from catsdogs.engines.select import guarded_engine
 from catsdogs.errors import CatsdogsError
@@ -28,15 +29,16 @@ BATCH = 64
 """Images per forward pass of calibration and the guard (the feature pass's batch)."""
 
 
-def recorded_engine(state: dict[str, Any]) -> str:
-    """The engine a run's answers were fitted on, which its inference runs unless ``--backend`` says.
+def recorded_engine(state: dict[str, Any]) -> str | None:
+    """The engine a run records, which its inference runs unless ``--backend`` says; None: none recorded.
 
-    A frozen-backbone run records it (its head, detector and temperature were fitted on that engine's
-    features); the training loop fits all three on torch features, and so did frozen runs from before
-    the engines, so a run that records none is torch's. (On int8 features a loop run's knn detector,
-    calibrated at 99 % of torch's val features, rejected every photo of the toy runs in the tests.)
+    A frozen-backbone run records the engine its head, detector and temperature were fitted on. A run that
+    records none gets ``engines.names.DEFAULT_ENGINE`` (``engine_for``): an int8 engine only behind its
+    guard, which also bounds the rise of "unknown" on validation, since the loop fits its detector on
+    torch features.
     """
-    return str(state.get(ckpt.CKPT_ENGINE) or TORCH)
+    engine = state.get(ckpt.CKPT_ENGINE)
+    return str(engine) if engine else None
 
 
 def run_shards(shards: str, meta: dict[str, Any], run: RunDir, size: int) -> tuple[Path, Manifest] | None:
@@ -60,10 +62,11 @@ def run_shards(shards: str, meta: dict[str, Any], run: RunDir, size: int) -> tup
 
 def load_engine(name: str, model: nn.Module, size: int, mean: tuple[float, ...], std: tuple[float, ...],
                 checkpoint: Path, meta: dict[str, Any], device: torch.device, *, threads: int = 0,
-                max_drop_pt: float, shards: str = "") -> Engine:
+                max_drop_pt: float, shards: str = "", accepts: Accepts | None = None) -> Engine:
     """Build engine ``name`` for a loaded checkpoint; graphs are cached in its run folder's engine/.
 
     Non-torch engines run on the CPU: on a CUDA device the model stays in torch (with a note).
+    ``accepts`` (the run's detector) makes the int8 guard also bound the rise of "unknown" answers.
     """
     if name == TORCH:
         return TorchEngine(model, device)
@@ -80,7 +83,8 @@ def load_engine(name: str, model: nn.Module, size: int, mean: tuple[float, ...],
         validation = lambda: split_batches(root, manifest, "val", mean, std, BATCH)  # noqa: E731
     try:
         return guarded_engine(name, model, size, run, sha256_file(checkpoint), threads=threads,
-                              calibration=calibration, validation=validation, max_drop_pt=max_drop_pt)
+                              calibration=calibration, validation=validation, max_drop_pt=max_drop_pt,
+                              accepts=accepts)
     except OSError as exc:  # a read-only run folder cannot hold the graphs
         print(f"catsdogs: --backend {name} needs to write {run.engine_dir} ({exc.strerror}); using torch",
               file=sys.stderr)

@@ -29,15 +29,16 @@ from catsdogs.errors import ConfigError, ImageDecodeError, InputError
 from catsdogs.infer.explain import explain_files
 from catsdogs.infer.load import load_predictor
 from catsdogs.infer.prediction import Prediction
-from catsdogs.infer.predictor import Predictor
+from catsdogs.infer.predictor import Predictor, format_looks_like
 from catsdogs.io.atomic import atomic_open
 from catsdogs.models.transforms import DEFAULT_MAX_PIXELS
 from catsdogs.runtime import cores
 
-CSV_COLUMNS: tuple[str, ...] = ("path", "label", "probability", "error", "ood_score")
+CSV_COLUMNS: tuple[str, ...] = ("path", "label", "probability", "error", "ood_score", "looks_like")
 """``label`` is ``unknown`` for an image the run's detector rejects (``probability`` is still that of
 the most likely class); ``ood_score`` is the detector's score (higher = less like the training photos,
-empty without a detector)."""
+empty without a detector); ``looks_like`` names, for an unknown image, the ImageNet concepts it looks
+like instead (``badger 41 %, lesser panda 12 %``; empty for runs trained without ImageNet weights)."""
 OUTPUT_FORMATS: tuple[str, ...] = (".csv", ".json")
 _GLOB_CHARS = frozenset("*?[")
 # Decode threads: 2-4 keep a 2-core box busy while the model runs; more only adds contention.
@@ -176,7 +177,7 @@ def write_csv(rows: Iterable[Prediction], fh: IO[str]) -> None:
     w.writerow(CSV_COLUMNS)
     for r in rows:
         w.writerow([r.path, r.label, "" if r.probability is None else f"{r.probability:.6f}", r.error,
-                    "" if r.ood_score is None else f"{r.ood_score:.6g}"])
+                    "" if r.ood_score is None else f"{r.ood_score:.6g}", format_looks_like(r.looks_like)])
 
 
 def write_json(rows: Iterable[Prediction], fh: IO[str]) -> None:

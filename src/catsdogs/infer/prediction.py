@@ -18,8 +18,9 @@ import numpy as np
 from catsdogs.infer.predictor import Answer
 from catsdogs.io.jsonable import jsonable
 
-CORE_FIELDS: frozenset[str] = frozenset({"probs", "score", "known"})
-"""Answer fields read through the properties below (label, probability, probabilities, ood_score)."""
+CORE_FIELDS: frozenset[str] = frozenset({"probs", "score", "known", "looks_like"})
+"""Answer fields read through the properties below (label, probability, probabilities, ood_score,
+looks_like)."""
 
 
 @dataclass
@@ -61,6 +62,15 @@ class Prediction:
             return None
         return float(self.answer.score)
 
+    @property
+    def looks_like(self) -> list[tuple[str, float]]:
+        """For an ``unknown`` image, the ImageNet concepts it looks like: ``(name, probability)``.
+
+        Most likely first; empty otherwise, and for runs without ImageNet weights.
+        """
+        found = getattr(self.answer, "looks_like", None) if self.answer is not None else None
+        return [(str(c), float(p)) for c, p in found or []]
+
     def extras(self) -> dict[str, Any]:
         """The answer's further fields (beyond label, probabilities and score), JSON-ready."""
         if self.answer is None:
@@ -72,7 +82,9 @@ class Prediction:
     def fields(self) -> dict[str, Any]:
         """The answer as JSON-ready fields: label, probability, probabilities, ood_score and the extras."""
         return {"label": self.label, "probability": self.probability, "probabilities": self.probabilities,
-                "ood_score": self.ood_score, **self.extras()}
+                "ood_score": self.ood_score,
+                "looks_like": [{"concept": c, "probability": p} for c, p in self.looks_like],
+                **self.extras()}
 
     def to_dict(self) -> dict[str, Any]:
         """One JSON record, as ``catsdogs predict --output x.json`` writes it."""

@@ -5,5 +5,10 @@
 
 from __future__ import annotations
 
-OOD_METHODS: tuple[str, ...] = ("mahalanobis", "knn", "energy")
-"""Values of ``train --ood-method`` (its default, chosen by measurement, is in config.py)."""
+CONCEPTS = "concepts"
+OOD_METHODS: tuple[str, ...] = (CONCEPTS, "knn", "mahalanobis", "energy")
+"""Detector methods (``train --ood-method``); ``concepts`` needs ImageNet weights."""
+AUTO = "auto"
+"""``--ood-method auto``: ``concepts`` with ImageNet heads, else ``knn`` (``models.ood.resolve_method``)."""
+OOD_CHOICES: tuple[str, ...] = (AUTO, *OOD_METHODS)
+"""Values ``train --ood-method`` accepts (its default, chosen by measurement, is in config.py)."""

@@ -8,8 +8,9 @@ and the run's engine, whose graphs and int8 check travel in the artifact (``engi
 
 Input: a DataFrame with an ``image`` column of bytes (over HTTP: base64 strings, which the signature's
 ``binary`` type tells MLflow's scoring server to decode). Output: one row per image with ``label`` (a
-class or ``unknown``), ``probability``, one ``p_<class>`` column per class, ``ood_score`` and ``error``
-(the reason an image could not be decoded; its other columns are then empty).
+class or ``unknown``, as ``catsdogs predict`` answers), ``probability``, one ``p_<class>`` column per
+class, ``ood_score``, ``looks_like`` (what an unknown image looks like, as predict's CSV says it) and
+``error`` (the reason an image could not be decoded; its other columns are then empty).
 
 The model is saved as MLflow "model from code" (:mod:`catsdogs.track._pyfunc_entry`), not a pickle:
 loading it runs catsdogs' code from the installed package, never unpickles an object. The
@@ -39,6 +40,7 @@ from mlflow.types.schema import ColSpec, Schema
 from catsdogs.api import Model, load
 from catsdogs.errors import ImageDecodeError
 from catsdogs.infer.prediction import Prediction
+from catsdogs.infer.predictor import format_looks_like
 from catsdogs.rundir import RunDir
 
 IMAGE_COLUMN = "image"
@@ -101,7 +103,7 @@ def classify(model: Model, images: Sequence[Any]) -> pd.DataFrame:
     """One output row per input, as :meth:`Model.predict` answers it; failures carry ``error``.
 
     Columns: ``label`` (a class or ``unknown``), ``probability``, ``p_<class>``, ``ood_score``,
-    ``error``, then any further field of the predictor's answer.
+    ``looks_like`` (predict's CSV text), ``error``, then any further field of the predictor's answer.
     """
     rows: list[Prediction] = []
     encoded: list[bytes] = []
@@ -121,6 +123,7 @@ def classify(model: Model, images: Sequence[Any]) -> pd.DataFrame:
     for name in model.classes:
         out[f"p_{name}"] = [np.nan if r.probabilities is None else r.probabilities[name] for r in rows]
     out["ood_score"] = [np.nan if r.ood_score is None else r.ood_score for r in rows]
+    out["looks_like"] = [format_looks_like(r.looks_like) for r in rows]
     out["error"] = [r.error for r in rows]
     extra = [r.extras() for r in rows]
     for key in dict.fromkeys(k for e in extra for k in e):
@@ -132,6 +135,7 @@ def signature(classes: Sequence[str]) -> ModelSignature:
     """The model's input/output schema; ``binary`` makes the scoring server base64-decode the input."""
     outputs = [ColSpec("string", "label"), ColSpec("double", "probability"),
                *(ColSpec("double", f"p_{c}") for c in classes), ColSpec("double", "ood_score"),
+               ColSpec("string", "looks_like"),
                ColSpec("string", "error")]
     return ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]), outputs=Schema(outputs))
 
