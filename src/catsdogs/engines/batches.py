@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from catsdogs.models.transforms import normalize
 from catsdogs.shards.manifest import Manifest
-from catsdogs.shards.reader import iter_batches
+from catsdogs.shards.reader import iter_batches, load_rows
 
 
 def split_batches(root: str | Path, manifest: Manifest, split: str, mean: tuple[float, ...],
@@ -29,11 +30,48 @@ def split_batches(root: str | Path, manifest: Manifest, split: str, mean: tuple[
             return
         rows, y = rows[:limit - seen], y[:limit - seen]
         seen += len(y)
-        x = normalize(torch.from_numpy(np.ascontiguousarray(rows)), mean, std)
-        if size is not None and size != x.shape[-1]:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-        x = x.contiguous()
-        yield x.numpy(), np.asarray(y, dtype=np.int64)
+        yield normalized(rows, mean, std, size), np.asarray(y, dtype=np.int64)
+
+
+def normalized(rows: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], size: int | None = None
+               ) -> np.ndarray:
+    """uint8 NHWC rows -> contiguous float32 NCHW, normalised (and resized) as in training."""
+    x = normalize(torch.from_numpy(np.ascontiguousarray(rows)), mean, std)
+    if size is not None and size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return x.contiguous().numpy()
+
+
+@dataclass(frozen=True)
+class SplitImages:
+    """One shard split as an engine sees it: normalised batches in shard order, or chosen rows."""
+
+    root: Path
+    manifest: Manifest
+    split: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    batch_size: int = 64
+    size: int | None = None
+
+    def __len__(self) -> int:
+        return self.manifest.split_rows(self.split)
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every row in order, as ``(x, y)`` batches (see :func:`split_batches`)."""
+        return split_batches(self.root, self.manifest, self.split, self.mean, self.std, self.batch_size,
+                             size=self.size)
+
+    def take(self, index: np.ndarray) -> Iterator[np.ndarray]:
+        """The rows at ``index`` (positions in split order), normalised, in batches, in that order."""
+        rows = np.cumsum([0] + [s.rows for s in self.manifest.split_shards(self.split)])
+        index = np.asarray(index, dtype=np.int64)
+        shard = np.searchsorted(rows, index, side="right") - 1
+        for i in range(0, len(index), self.batch_size):
+            part = slice(i, i + self.batch_size)
+            within = index[part] - rows[shard[part]]
+            images = load_rows(self.root, self.manifest, self.split, shard[part], within)
+            yield normalized(images, self.mean, self.std, self.size)
 
 
 def calibration_images(root: str | Path, manifest: Manifest, mean: tuple[float, ...], std: tuple[float, ...],

@@ -27,7 +27,7 @@ plugin, and destroying the last one unloads the plugin's library while its threa
 winding down; a long test process that built and dropped dozens of engines crashed (SIGSEGV)."""
 
 
-def _core() -> Any:
+def shared_core() -> Any:
     import openvino as ov  # lazy: ~0.5 s at import, only for the openvino engines
 
     if not _CORE:
@@ -46,7 +46,7 @@ class OpenVinoEngine(Engine):
     def __init__(self, name: str, path: Path, threads: int = 0) -> None:
         self.name = name
         self.path = path
-        core = _core()
+        core = shared_core()
         # LATENCY: one stream using every thread; callers already batch, and a THROUGHPUT stream
         # split would leave a single synchronous request on one core.
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", {

@@ -25,10 +25,11 @@ from torch import nn
 from catsdogs.checkpoint import CKPT_ENGINE, build_checkpoint, save_checkpoint
 from catsdogs.config import TrainConfig, require, save_config, to_dict
 from catsdogs.engines.base import Engine
-from catsdogs.engines.batches import calibration_images
-from catsdogs.engines.factory import create_engine, int8_digest
-from catsdogs.engines.guard import GuardResult, check, save_record
+from catsdogs.engines.batches import SplitImages, calibration_images
+from catsdogs.engines.factory import create_engine, record_checkpoint
+from catsdogs.engines.guard import GuardResult, save_record, screened_check
 from catsdogs.engines.names import is_quantized, runtime_of
+from catsdogs.engines.select import reference_features
 from catsdogs.errors import ConfigError, InputError
 from catsdogs.io.checksum import sha256_file
 from catsdogs.models.factory import create_model
@@ -111,16 +112,19 @@ def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
     w, b, metrics = fit_head(*feats["train"], *feats["val"], num_classes=num_classes, seed=cfg.seed)
     record: GuardResult | None = None
     if is_quantized(engine.name):
-        # The guard: the same head on fp32 validation features must score within --int8-max-drop.
-        reference = create_engine(runtime_of(engine.name), model, size, run, threads=cfg.threads)
-        ref_val = extract_features(model, data, manifest, "val", mean, std, cfg.batch_size, device=device,
-                                   engine=reference)
-        record = check(engine.name, linear(w, b), ref_val[0], feats["val"][0], feats["val"][1],
-                       cfg.int8_max_drop)
-        log.info("int8 guard: val acc %.4f (int8) vs %.4f (fp32)", record.int8_acc, record.fp32_acc)
+        # The guard: the same head on fp32 validation features must score within --int8-max-drop. Only
+        # the images whose prediction could flip run in fp32 (engines/guard.py: screened_check).
+        reference = create_engine(runtime_of(engine.name), model, size, run, threads=cfg.threads,
+                                  fp32_sha256=engine.fp32_sha256)
+        val_images = SplitImages(data, manifest, "val", mean, std, cfg.batch_size, size)
+        tg = time.perf_counter()
+        record = screened_check(engine.name, linear(w, b), *feats["val"],
+                                reference_features(reference, val_images), cfg.int8_max_drop)
+        log.info("int8 guard: val acc %.4f (int8) vs %.4f (fp32), %d of %d images in fp32, %.1f s",
+                 record.int8_acc, record.fp32_acc, record.fp32_rows, record.rows, time.perf_counter() - tg)
         if not record.passed:
             print(record.refusal(), file=sys.stderr)
-            feats = frozen_features(cfg, model, data, manifest, mean, std, device, reference, ref_val)
+            feats = frozen_features(cfg, model, data, manifest, mean, std, device, reference)
             w, b, metrics = fit_head(*feats["train"], *feats["val"], num_classes=num_classes, seed=cfg.seed)
             engine = reference
     head: nn.Linear = model._fc  # type: ignore[assignment]
@@ -138,9 +142,12 @@ def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
     entries[CKPT_ENGINE] = engine.name
     write_run(cfg, model.cpu().to(memory_format=torch.contiguous_format), manifest, size, mean, std,
               metrics, entries)
+    checkpoint_sha256 = sha256_file(run.best)
+    # evaluate, predict and serve load this checkpoint: its graph is the one on disk, no tracing needed.
+    record_checkpoint(run, engine.fp32_sha256, checkpoint_sha256)
     if record is not None and record.passed:
         # Recorded with the int8 graph, keyed by this checkpoint: evaluate, predict and serve reuse it.
-        record.checkpoint_sha256, record.graph_sha256 = sha256_file(run.best), int8_digest(run)
+        record.checkpoint_sha256, record.graph_sha256 = checkpoint_sha256, engine.graph_sha256
         save_record(run.int8_guard, record)
     log.info("frozen-backbone head (%s features): val_acc=%.4f val_loss=%.4f in %.1f s", engine.name,
              metrics["val_acc"],
@@ -149,15 +156,11 @@ def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
 
 
 def frozen_features(cfg: TrainConfig, model: nn.Module, data: Path, manifest: Manifest,
-                    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, engine: Engine,
-                    val: tuple[np.ndarray, np.ndarray] | None = None
+                    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, engine: Engine
                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Features of the train split (plus mirrored rows with --augment) and of val (unless given)."""
+    """Features of the train split (plus mirrored rows with --augment) and of val."""
     feats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in ("train", "val"):
-        if split == "val" and val is not None:
-            feats[split] = val
-            continue
         ts = time.perf_counter()
         feats[split] = extract_features(model, data, manifest, split, mean, std, cfg.batch_size,
                                         flip=cfg.augment and split == "train", device=device,
