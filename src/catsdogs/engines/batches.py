@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,49 @@ def split_batches(root: str | Path, manifest: Manifest, split: str, mean: tuple[
         rows, y = rows[:limit - seen], y[:limit - seen]
         seen += len(y)
         yield normalized(rows, mean, std, size), np.asarray(y, dtype=np.int64)
+
+
+PREFETCH = 2
+"""Batches read and normalised ahead of the engine: one in flight per inference stream."""
+_END = object()
+
+
+def prefetched(items: Iterable[np.ndarray], depth: int = PREFETCH) -> Iterator[np.ndarray]:
+    """Iterate ``items`` from a background thread, ``depth`` ahead; its exceptions are raised here.
+
+    Shard reads and normalising then overlap the engine's forward pass.
+    """
+    buf: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def fill() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buf.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buf.put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            buf.put(exc)
+
+    thread = threading.Thread(target=fill, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buf.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join()
 
 
 def normalized(rows: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], size: int | None = None

@@ -7,6 +7,7 @@ CPU's int8 units (AVX-512 VNNI / AMX here), so one quantised file serves both ru
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,29 +36,84 @@ def shared_core() -> Any:
     return _CORE[0]
 
 
+STREAMS = 2
+"""Parallel inference streams of the feature pass (``stream``): one per core of the 2-core machine, each
+single-threaded, so no layer waits at a barrier for the other core (docs/engines.md has the measured
+rates of each setting)."""
+
+
 class OpenVinoEngine(Engine):
     """One compiled model and one infer request, used under a lock (requests are not thread-safe).
 
     Callers already batch and serialise forward passes (one server worker for this engine), so the lock
     costs nothing; per-thread requests were destroyed in whatever thread exited last, after their
-    compiled model in a long test process, which crashed the interpreter.
+    compiled model in a long test process, which crashed the interpreter. The bulk feature pass
+    (``stream``) compiles the graph a second time, lazily, for several streams with one async queue.
     """
 
     def __init__(self, name: str, path: Path, threads: int = 0) -> None:
         self.name = name
         self.path = path
+        self.threads = threads or cores()
         core = shared_core()
-        # LATENCY: one stream using every thread; callers already batch, and a THROUGHPUT stream
-        # split would leave a single synchronous request on one core.
-        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads or cores(),
+        self._model = core.read_model(str(path))
+        # LATENCY: one stream using every thread, for one batch at a time (serving, evaluate).
+        self.compiled = core.compile_model(self._model, "CPU", {
+            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads,
             "INFERENCE_PRECISION_HINT": PRECISION_FP32})
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()
+        self._throughput: Any = None
+
+    @property
+    def width(self) -> int:
+        return int(self.compiled.output(0).get_partial_shape()[1].get_length())
 
     def run(self, x: np.ndarray) -> np.ndarray:
         if len(x) == 0:
-            return np.zeros((0, int(self.compiled.output(0).get_partial_shape()[1].get_length())), np.float32)
+            return np.zeros((0, self.width), np.float32)
         with self._lock:
             out = self._request.infer({0: x}, share_inputs=True)
             return np.array(out[0], dtype=np.float32, copy=True)  # the request reuses its output buffer
+
+    def _streams(self) -> Any:
+        if self._throughput is None:
+            streams = max(1, min(STREAMS, self.threads))
+            self._throughput = shared_core().compile_model(self._model, "CPU", {
+                "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams,
+                "INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": PRECISION_FP32})
+        return self._throughput
+
+    def stream(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Features of each batch in order, with up to ``STREAMS`` batches in flight at once."""
+        import openvino as ov
+
+        compiled = self._streams()
+        queue = ov.AsyncInferQueue(compiled, max(1, int(compiled.get_property("NUM_STREAMS"))))
+        inputs: dict[int, np.ndarray] = {}  # shared with the requests until their results are taken
+        results: dict[int, np.ndarray] = {}
+
+        def done(request: Any, index: int) -> None:
+            results[index] = np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
+        queue.set_callback(done)
+        ready = 0
+        try:
+            for index, x in enumerate(batches):
+                if len(x) == 0:
+                    results[index] = np.zeros((0, self.width), np.float32)
+                else:
+                    inputs[index] = x
+                    queue.start_async({0: x}, userdata=index, share_inputs=True)  # waits for a free request
+                while ready in results:
+                    inputs.pop(ready, None)
+                    yield results.pop(ready)
+                    ready += 1
+            queue.wait_all()
+            while ready in results:
+                inputs.pop(ready, None)
+                yield results.pop(ready)
+                ready += 1
+        finally:
+            queue.wait_all()  # an abandoned pass still finishes its requests before they are dropped
+            del queue

@@ -24,6 +24,7 @@ from torch import nn
 
 from catsdogs.checkpoint import CKPT_ENGINE, build_checkpoint, save_checkpoint
 from catsdogs.config import TrainConfig, require, save_config, to_dict
+from catsdogs.engines import feature_cache
 from catsdogs.engines.base import Engine
 from catsdogs.engines.batches import SplitImages, calibration_images
 from catsdogs.engines.factory import create_engine, record_checkpoint
@@ -80,11 +81,14 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
     return torch.tensor(coef, dtype=torch.float32), torch.tensor(bias, dtype=torch.float32), metrics
 
 
-def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
+def train_frozen(cfg: TrainConfig, size: int | None = None, cache_splits: tuple[str, ...] = ()
+                 ) -> dict[str, float]:
     """Train only the head of a pretrained ``cfg.model`` on frozen features; write the run folder.
 
     Writes ``best.pt`` and ``last.pt`` (full model, normal checkpoint format), ``config.json`` and
-    ``metrics.csv`` into ``cfg.out``; returns the validation metrics.
+    ``metrics.csv`` into ``cfg.out``; returns the validation metrics. The features of ``cache_splits``
+    are computed by the same engine and written to the run's feature cache (for evaluate) -- never read
+    here.
     """
     if cfg.model not in pretrained_names():
         raise ConfigError(f"--freeze backbone needs a pretrained --model ({', '.join(pretrained_names())}), "
@@ -127,6 +131,10 @@ def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
             feats = frozen_features(cfg, model, data, manifest, mean, std, device, reference)
             w, b, metrics = fit_head(*feats["train"], *feats["val"], num_classes=num_classes, seed=cfg.seed)
             engine = reference
+    # With the final engine (int8, or fp32 after a refusal), while it is compiled: for evaluate only.
+    cached = {split: extract_features(model, data, manifest, split, mean, std, cfg.batch_size, device=device,
+                                      size=size, engine=engine)
+              for split in cache_splits if split not in ("train", "val") and manifest.split_rows(split)}
     head: nn.Linear = model._fc  # type: ignore[assignment]
     if head.out_features != num_logits(num_classes) or w.shape != head.weight.shape:
         raise RuntimeError(f"head shape {tuple(head.weight.shape)} does not match fitted {tuple(w.shape)}")
@@ -149,6 +157,11 @@ def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
         # Recorded with the int8 graph, keyed by this checkpoint: evaluate, predict and serve reuse it.
         record.checkpoint_sha256, record.graph_sha256 = checkpoint_sha256, engine.graph_sha256
         save_record(run.int8_guard, record)
+        engine.guard = record.to_dict()
+    for split, (split_feats, split_labels) in cached.items():
+        base = feature_cache.base_key(data, manifest, split, checkpoint_sha256, cfg.backend,
+                                      cfg.int8_max_drop, mean, std, size)
+        feature_cache.save(run.feature_cache(split, cfg.backend), split_feats, split_labels, base, engine)
     log.info("frozen-backbone head (%s features): val_acc=%.4f val_loss=%.4f in %.1f s", engine.name,
              metrics["val_acc"],
              metrics["val_loss"], seconds)
