@@ -109,11 +109,16 @@ def train_frozen(cfg: TrainConfig, size: int | None = None, cache_splits: tuple[
     run = RunDir(Path(cfg.out))
     calibration = lambda: calibration_images(data, manifest, mean, std,  # noqa: E731
                                              cfg.calibration_images, cfg.batch_size, size)
+    stages: dict[str, float] = {}
+    clock = Stopwatch(stages)
     engine = create_engine(cfg.backend, model, size, run, threads=cfg.threads, device=device,
                            calibration=calibration, calibration_rows=cfg.calibration_images)
+    clock.lap("engine_seconds")  # model load, graph export and int8 calibration when not cached
     feats = frozen_features(cfg, model, data, manifest, mean, std, device, engine)
+    clock.lap("feature_pass_seconds")
     feature_s = time.perf_counter() - t0
     w, b, metrics = fit_head(*feats["train"], *feats["val"], num_classes=num_classes, seed=cfg.seed)
+    clock.lap("head_seconds")
     record: GuardResult | None = None
     if is_quantized(engine.name):
         # The guard: the same head on fp32 validation features must score within --int8-max-drop. Only
@@ -121,20 +126,21 @@ def train_frozen(cfg: TrainConfig, size: int | None = None, cache_splits: tuple[
         reference = create_engine(runtime_of(engine.name), model, size, run, threads=cfg.threads,
                                   fp32_sha256=engine.fp32_sha256)
         val_images = SplitImages(data, manifest, "val", mean, std, cfg.batch_size, size)
-        tg = time.perf_counter()
         record = screened_check(engine.name, linear(w, b), *feats["val"],
                                 reference_features(reference, val_images), cfg.int8_max_drop)
-        log.info("int8 guard: val acc %.4f (int8) vs %.4f (fp32), %d of %d images in fp32, %.1f s",
-                 record.int8_acc, record.fp32_acc, record.fp32_rows, record.rows, time.perf_counter() - tg)
+        log.info("int8 guard: val acc %.4f (int8) vs %.4f (fp32), %d of %d images in fp32",
+                 record.int8_acc, record.fp32_acc, record.fp32_rows, record.rows)
         if not record.passed:
             print(record.refusal(), file=sys.stderr)
             feats = frozen_features(cfg, model, data, manifest, mean, std, device, reference)
             w, b, metrics = fit_head(*feats["train"], *feats["val"], num_classes=num_classes, seed=cfg.seed)
             engine = reference
+        clock.lap("int8_check_seconds")
     # With the final engine (int8, or fp32 after a refusal), while it is compiled: for evaluate only.
     cached = {split: extract_features(model, data, manifest, split, mean, std, cfg.batch_size, device=device,
                                       size=size, engine=engine)
               for split in cache_splits if split not in ("train", "val") and manifest.split_rows(split)}
+    clock.lap("cached_features_seconds")
     head: nn.Linear = model._fc  # type: ignore[assignment]
     if head.out_features != num_logits(num_classes) or w.shape != head.weight.shape:
         raise RuntimeError(f"head shape {tuple(head.weight.shape)} does not match fitted {tuple(w.shape)}")
@@ -145,8 +151,9 @@ def train_frozen(cfg: TrainConfig, size: int | None = None, cache_splits: tuple[
     val_logits = feats["val"][0] @ w.numpy().T + b.numpy()
     entries, conf_metrics = fit_confidence(cfg, num_classes, *feats["train"], feats["val"][0], val_logits,
                                            feats["val"][1])
+    clock.lap("confidence_seconds")
     seconds = time.perf_counter() - t0
-    metrics.update({"feature_seconds": feature_s, "seconds": seconds, **conf_metrics})
+    metrics.update({"feature_seconds": feature_s, "seconds": seconds, **conf_metrics, **stages})
     entries[CKPT_ENGINE] = engine.name
     write_run(cfg, model.cpu().to(memory_format=torch.contiguous_format), manifest, size, mean, std,
               metrics, entries)
@@ -162,10 +169,27 @@ def train_frozen(cfg: TrainConfig, size: int | None = None, cache_splits: tuple[
         base = feature_cache.base_key(data, manifest, split, checkpoint_sha256, cfg.backend,
                                       cfg.int8_max_drop, mean, std, size)
         feature_cache.save(run.feature_cache(split, cfg.backend), split_feats, split_labels, base, engine)
-    log.info("frozen-backbone head (%s features): val_acc=%.4f val_loss=%.4f in %.1f s", engine.name,
-             metrics["val_acc"],
-             metrics["val_loss"], seconds)
+    clock.lap("write_seconds")
+    rows = sum(len(f[1]) for f in feats.values()) + sum(len(f[1]) for f in cached.values())
+    print(f"catsdogs: frozen head ({engine.name} features) in {time.perf_counter() - t0:.0f} s: "
+          + ", ".join(f"{k.removesuffix('_seconds').replace('_', ' ')} {v:.1f} s" for k, v in stages.items())
+          + f"; {rows:,} images through the engine"
+          + (f"; int8 check: {record.fp32_rows or record.rows} of {record.rows} validation images in fp32"
+             if record is not None else ""), file=sys.stderr)
     return metrics
+
+
+class Stopwatch:
+    """Seconds between successive ``lap`` calls, recorded by name (one line of stage timings)."""
+
+    def __init__(self, into: dict[str, float]) -> None:
+        self.into = into
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.into[name] = self.into.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 def frozen_features(cfg: TrainConfig, model: nn.Module, data: Path, manifest: Manifest,
