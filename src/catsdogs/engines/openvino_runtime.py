@@ -79,6 +79,12 @@ class OpenVinoEngine(Engine):
             # A batch of several chunks (a server's micro-batch, evaluate's 64) runs on the streams too;
             # a lone image keeps the one-stream, all-threads request (the lowest latency).
             return np.concatenate(list(self.stream([x])))
+        return self.request(x)
+
+    def request(self, x: np.ndarray) -> np.ndarray:
+        """``x`` as one request on the one-stream, all-threads compile (whatever its size)."""
+        if len(x) == 0:
+            return np.zeros((0, self.width), np.float32)
         with self._lock:
             out = self._request.infer({0: x}, share_inputs=True)
             return np.array(out[0], dtype=np.float32, copy=True)  # the request reuses its output buffer
