@@ -75,9 +75,10 @@ class OpenVinoEngine(Engine):
     def run(self, x: np.ndarray) -> np.ndarray:
         if len(x) == 0:
             return np.zeros((0, self.width), np.float32)
-        if len(x) > STREAM_BATCH:
-            # A batch of several chunks (a server's micro-batch, evaluate's 64) runs on the streams too;
-            # a lone image keeps the one-stream, all-threads request (the lowest latency).
+        if len(x) > STREAM_BATCH and self._throughput is not None:
+            # Once a feature pass has compiled the streams, a batch of several requests runs on them too.
+            # Never compiled here: the first large batch of a server would wait seconds for the compile
+            # (measured: a c=16 load test stalled behind it), so serving keeps the one-stream request.
             return np.concatenate(list(self.stream([x])))
         return self.request(x)
 
