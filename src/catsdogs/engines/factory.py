@@ -23,7 +23,7 @@ from catsdogs.engines import graph
 from catsdogs.engines.base import Engine
 from catsdogs.engines.eager import TorchEngine
 from catsdogs.engines.names import ENGINES, ONNX, OPENVINO, TORCH, is_quantized, runtime_of
-from catsdogs.engines.quantize import CALIBRATION_METHOD, quantize_graph
+from catsdogs.engines.quantize import CALIBRATION_METHOD, quantize_graph, saturating_cpu
 from catsdogs.errors import ConfigError
 from catsdogs.rundir import RunDir
 
@@ -94,7 +94,8 @@ def ensure_int8_graph(source_digest: str, run: RunDir, calibration: Calibration 
     digest = graph.graph_digest(proto)
     graph.save_graph(proto, path, {"graph_sha256": digest, "source_sha256": source_digest,
                                    "calibration_rows": calibration_rows or rows, "calibrated_on": rows,
-                                   "calibration_method": CALIBRATION_METHOD, "precision": "int8"})
+                                   "calibration_method": CALIBRATION_METHOD, "precision": "int8",
+                                   "weights_7bit": saturating_cpu()})
     log.info("int8 graph: %d calibration images in %.1f s", rows, time.perf_counter() - t0)
     return digest
 
