@@ -9,6 +9,8 @@ import io
 import os
 import struct
 import zlib
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -127,10 +129,18 @@ def make_image_tree(root: Path, per_class: int = 12, classes: tuple[str, ...] = 
     return {"good": good, "bad": bad, "ignored": ignored}
 
 
+ImageFn = Callable[[int, int, int], np.ndarray]
+"""``(label, size, seed) -> uint8 RGB image``: what a fixture shard row shows."""
+
+
 def make_shards(root: Path, counts: dict[str, int] | None = None, size: int = 32,
                 shard_rows: int = 50, classes: tuple[str, ...] = ("Cat", "Dog"), seed: int = 0,
-                fmt: str = "npy") -> Manifest:
-    """Write a small shards folder (no Spark) with the real writer and manifest; return the manifest."""
+                fmt: str = "npy", image_fn: ImageFn | None = None) -> Manifest:
+    """Write a small shards folder (no Spark) with the real writer and manifest; return the manifest.
+
+    Rows are :func:`synthetic_image` unless ``image_fn`` makes them (e.g. :func:`photo_variant`).
+    """
+    image_fn = image_fn or synthetic_image
     counts = counts or {"train": 200, "val": 60, "test": 60}
     rng = np.random.default_rng(seed)
     infos = []
@@ -144,7 +154,7 @@ def make_shards(root: Path, counts: dict[str, int] | None = None, size: int = 32
                 for j, label in enumerate(labels[start:start + shard_rows]):
                     # crc32, not hash(): str hashes change per process, and fixtures must not.
                     image_seed = seed * 100000 + zlib.crc32(split.encode()) % 1000 * 1000 + start + j
-                    w.add(synthetic_image(int(label), size, seed=image_seed), int(label),
+                    w.add(image_fn(int(label), size, image_seed), int(label),
                           f"{split}/{start + j}.png")
             infos.append(w.info)
     manifest = Manifest(classes=list(classes), size=size, resize="stretch", mean=[120.0] * 3,
@@ -260,3 +270,61 @@ def make_flat_tree(root: Path, per_class: int = 10, size: int = 40) -> dict[str,
     for name in ignored:
         (root / name).write_bytes(b"clutter")
     return {"good": sorted(good + list(odd)), "bad": sorted(broken), "ignored": sorted(ignored)}
+
+
+PHOTO_CLASSES: tuple[str, ...] = ("Cat", "Coffee")
+"""Classes of :func:`photo_variant`: scikit-image's chelsea (a tabby cat) and coffee (an espresso)."""
+
+
+@cache
+def _sample_photo(name: str) -> np.ndarray:
+    from skimage import data  # dev extra: real photos shipped inside its wheel
+
+    return np.asarray(getattr(data, name)())
+
+
+def photo_variant(label: int, size: int, seed: int) -> np.ndarray:
+    """A random crop, flip and brightness change of a real photo of class ``label`` (:data:`PHOTO_CLASSES`).
+
+    Real photos that an ImageNet backbone recognises (tabby cat, espresso), for tests of the ImageNet
+    concepts detector that run without the PetImages data.
+    """
+    rng = np.random.default_rng(seed)
+    photo = _sample_photo(PHOTO_CLASSES[label % len(PHOTO_CLASSES)].lower().replace("cat", "chelsea"))
+    h, w = photo.shape[:2]
+    side = int(min(h, w) * rng.uniform(0.7, 1.0))
+    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    crop = photo[y:y + side, x:x + side]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    img = Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(img, np.float32) * rng.uniform(0.8, 1.2), 0, 255).astype(np.uint8)
+
+
+def make_real_shards(root: Path, counts: dict[str, int], size: int, shard_rows: int = 100) -> Manifest:
+    """Shards of real PetImages photos (no Spark): ``counts[split]`` photos per class, disjoint across splits.
+
+    The photos are the lowest-numbered files of each class folder, resized with the stretch policy; for
+    real-data tests (skipped when :data:`REAL_DATA` is absent).
+    """
+    from catsdogs.models.transforms import load_image
+
+    classes = ("Cat", "Dog")
+    files = {c: sorted((REAL_DATA / c).glob("*.jpg"), key=lambda p: int(p.stem) if p.stem.isdigit() else 0)
+             for c in classes}
+    infos, per_split, taken = [], {}, 0
+    for split, n in counts.items():
+        picked = [(files[c][taken + i], k) for i in range(n) for k, c in enumerate(classes)]
+        taken += n
+        per_split[split] = {c: n for c in classes}
+        for index, start in enumerate(range(0, len(picked), shard_rows)):
+            with ShardWriter(root, split, index, size, len(classes), "npy") as w:
+                for path, label in picked[start:start + shard_rows]:
+                    w.add(load_image(path.read_bytes(), size, "stretch"), label,
+                          f"{classes[label]}/{path.name}")
+            infos.append(w.info)
+    manifest = Manifest(classes=list(classes), size=size, resize="stretch", mean=[120.0] * 3, std=[60.0] * 3,
+                        shards=infos, counts=per_split, format="npy",
+                        stats={"kept": sum(2 * n for n in counts.values()), "skipped": 0})
+    save_manifest(manifest, root)
+    return manifest

@@ -18,7 +18,7 @@ from sklearn.covariance import ledoit_wolf as sk_ledoit_wolf
 from catsdogs import checkpoint as ckpt
 from catsdogs.checkpoint import load_checkpoint
 from catsdogs.cli import main as cli_main
-from catsdogs.config import ServeConfig
+from catsdogs.config import ServeConfig, TrainConfig
 from catsdogs.evaluate.metrics import expected_calibration_error, reliability_bins
 from catsdogs.infer.predictor import UNKNOWN, Predictor
 from catsdogs.models.calibration import fit_temperature, nll, temper_probabilities
@@ -156,11 +156,11 @@ def _pets(n: int, seed: int = 500) -> list[np.ndarray]:
 def test_training_records_detector_temperature_and_inference_settings(trained: Path) -> None:
     state = load_checkpoint(trained / "best.pt")
     assert state[ckpt.CKPT_OOD]["method"] == "knn"
-    assert state[ckpt.CKPT_OOD]["accept_rate"] == 0.99
+    assert state[ckpt.CKPT_OOD]["accept_rate"] == TrainConfig.accept_rate
     assert math.isfinite(state[ckpt.CKPT_OOD]["threshold"])
     assert state[ckpt.CKPT_TEMPERATURE] > 0
     assert state[ckpt.CKPT_INFERENCE] == {"tta": False, "reject": True, "calibrate": True}
-    assert state[ckpt.CKPT_METRICS]["val_accepted"] >= 0.99
+    assert state[ckpt.CKPT_METRICS]["val_accepted"] >= TrainConfig.accept_rate
 
 
 def test_trained_run_rejects_generated_non_pets_more_than_pets(trained: Path) -> None:
@@ -203,7 +203,9 @@ def test_predict_csv_has_unknown_and_a_score_column(trained: Path, tmp_path: Pat
     out = tmp_path / "out.csv"
     assert cli_main(["predict", str(tmp_path / "in"), "--run", str(trained), "--output", str(out)]) == 0
     rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open())}
-    assert list(next(csv.reader(out.open()))) == ["path", "label", "probability", "error", "ood_score"]
+    assert list(next(csv.reader(out.open()))) == ["path", "label", "probability", "error", "ood_score",
+                                                  "looks_like"]
+    assert {r["looks_like"] for r in rows.values()} == {""}  # a scratch-trained run names no concepts
     assert rows["blank.png"]["label"] == UNKNOWN and rows["text.png"]["label"] == UNKNOWN
     assert float(rows["blank.png"]["probability"]) >= 0.5  # the top class's probability is kept
     assert sum(rows[f"pet{i}.png"]["label"] in ("Cat", "Dog") for i in range(4)) >= 3

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from catsdogs.engines.names import MAX_DROP_PT
+from catsdogs.engines.names import MAX_DROP_PT, MAX_UNKNOWN_RISE_PT
 from catsdogs.io.atomic import atomic_write_text
 from catsdogs.models.heads import predictions
 
@@ -70,6 +70,11 @@ class GuardResult:
     """Largest logit error on the random sample."""
     flip_bound: float = 0.0
     """Expected number of unscreened images whose prediction flips, under the Gaussian error model."""
+    fp32_accepted: float = float("nan")
+    """Share (0..1) of validation images the run's detector accepts on fp32 features (NaN: not checked)."""
+    int8_accepted: float = float("nan")
+    """The same on the int8 engine's features."""
+    max_unknown_rise_pt: float = MAX_UNKNOWN_RISE_PT
 
     @property
     def drop_pt(self) -> float:
@@ -77,14 +82,27 @@ class GuardResult:
         return 100.0 * (self.fp32_acc - self.int8_acc)
 
     @property
+    def unknown_rise_pt(self) -> float:
+        """Validation images newly answered "unknown" on int8, in percentage points (0 when unchecked)."""
+        rise = 100.0 * (self.fp32_accepted - self.int8_accepted)
+        return 0.0 if math.isnan(rise) else rise
+
+    @property
     def passed(self) -> bool:
-        return self.rows > 0 and self.drop_pt <= self.max_drop_pt + 1e-9
+        return (self.rows > 0 and self.drop_pt <= self.max_drop_pt + 1e-9
+                and self.unknown_rise_pt <= self.max_unknown_rise_pt + 1e-9)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "drop_pt": round(self.drop_pt, 4), "passed": self.passed}
 
     def refusal(self) -> str:
         """The one-line explanation printed when the guard refuses the engine."""
+        if self.drop_pt <= self.max_drop_pt + 1e-9:
+            return (f"catsdogs: {self.engine} refused: the run's detector accepts "
+                    f"{100 * self.int8_accepted:.1f} % of validation on its features vs "
+                    f"{100 * self.fp32_accepted:.1f} % in fp32 on {self.rows} images, "
+                    f"{self.unknown_rise_pt:.2f} points more 'unknown' > the {self.max_unknown_rise_pt:g} "
+                    f"allowed; using fp32")
         return (f"catsdogs: {self.engine} refused: validation accuracy {100 * self.int8_acc:.2f} % vs "
                 f"{100 * self.fp32_acc:.2f} % in fp32 on {self.rows} images, a drop of {self.drop_pt:.2f} "
                 f"points > the {self.max_drop_pt:g} allowed (--int8-max-drop); using fp32")
@@ -110,12 +128,21 @@ def accuracy(classify: Callable[[torch.Tensor], torch.Tensor], feats: np.ndarray
     return float((pred == labels).mean())
 
 
+Accepts = Callable[[np.ndarray], np.ndarray]
+"""Features -> bool mask of the images the run's detector answers with a class (not "unknown")."""
+
+
 def check(engine: str, classify: Callable[[torch.Tensor], torch.Tensor], fp32_feats: np.ndarray,
-          int8_feats: np.ndarray, labels: np.ndarray, max_drop_pt: float = MAX_DROP_PT) -> GuardResult:
-    """Compare the head on fp32 and int8 features of the same validation images."""
-    return GuardResult(engine=engine, fp32_acc=accuracy(classify, fp32_feats, labels),
-                       int8_acc=accuracy(classify, int8_feats, labels), rows=len(labels),
-                       max_drop_pt=max_drop_pt)
+          int8_feats: np.ndarray, labels: np.ndarray, max_drop_pt: float = MAX_DROP_PT,
+          accepts: Accepts | None = None) -> GuardResult:
+    """Compare the head (and, given ``accepts``, the detector) on fp32 and int8 features of validation."""
+    result = GuardResult(engine=engine, fp32_acc=accuracy(classify, fp32_feats, labels),
+                         int8_acc=accuracy(classify, int8_feats, labels), rows=len(labels),
+                         max_drop_pt=max_drop_pt)
+    if accepts is not None and len(labels):
+        result.fp32_accepted = float(np.mean(accepts(fp32_feats)))
+        result.int8_accepted = float(np.mean(accepts(int8_feats)))
+    return result
 
 
 def _logits(classify: Callable[[torch.Tensor], torch.Tensor], feats: np.ndarray) -> np.ndarray:
@@ -152,16 +179,19 @@ def sigma_upper(errors: np.ndarray, confidence: float = CONFIDENCE) -> float:
 
 def screened_check(engine: str, classify: Callable[[torch.Tensor], torch.Tensor], int8_feats: np.ndarray,
                    labels: np.ndarray, fp32_features: Callable[[np.ndarray], np.ndarray],
-                   max_drop_pt: float = MAX_DROP_PT, sample: int = SAMPLE_ROWS, seed: int = 0) -> GuardResult:
+                   max_drop_pt: float = MAX_DROP_PT, sample: int = SAMPLE_ROWS, seed: int = 0,
+                   accepts: Accepts | None = None) -> GuardResult:
     """The guard with fp32 features of only the images that could flip (see the module docstring).
 
     ``fp32_features(index)`` returns the fp32 features of the validation rows ``index`` (split order).
-    A split no larger than ``sample`` is checked in full.
+    A split no larger than ``sample`` is checked in full, and so is every split when ``accepts`` (the
+    run's detector) is given: the screen bounds flips of the head's prediction, not of the detector's
+    answer, so the rise of "unknown" is measured on fp32 features of every image.
     """
     n = len(labels)
-    if n <= sample:
+    if n <= sample or accepts is not None:
         everything = np.arange(n)
-        return check(engine, classify, fp32_features(everything), int8_feats, labels, max_drop_pt)
+        return check(engine, classify, fp32_features(everything), int8_feats, labels, max_drop_pt, accepts)
     z8 = _logits(classify, int8_feats)
     drawn = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
     z32_drawn = _logits(classify, fp32_features(drawn))

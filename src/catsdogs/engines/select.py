@@ -64,10 +64,13 @@ def reference_features(reference: Engine, images: SplitImages) -> Callable[[np.n
 def guarded_engine(name: str, model: nn.Module, size: int, run: RunDir, checkpoint_sha256: str, *,
                    threads: int = 0, device: torch.device | str = "cpu",
                    calibration: Calibration | None = None, calibration_rows: int = 0,
-                   validation: SplitImages | None = None, max_drop_pt: float = MAX_DROP_PT) -> Engine:
+                   validation: SplitImages | None = None, max_drop_pt: float = MAX_DROP_PT,
+                   accepts: guard.Accepts | None = None) -> Engine:
     """Return engine ``name``; for int8, only if its recorded (or now measured) guard passes.
 
     ``checkpoint_sha256`` keys the guard's record and spares tracing a graph already made from it.
+    ``accepts`` is the run's detector (features -> answered mask): the guard then also bounds how many
+    more validation images int8 features would answer "unknown".
     """
     if not is_quantized(name):
         return create_engine(name, model, size, run, threads=threads, device=device, source=checkpoint_sha256)
@@ -90,7 +93,7 @@ def guarded_engine(name: str, model: nn.Module, size: int, run: RunDir, checkpoi
         classify: Callable[[torch.Tensor], torch.Tensor] = model.classify  # type: ignore[assignment]
         record = guard.screened_check(name, lambda f: classify(f.to(next(model.parameters()).device)),
                                       int8_feats, labels, reference_features(reference, validation),
-                                      max_drop_pt)
+                                      max_drop_pt, accepts=accepts)
         record.checkpoint_sha256, record.graph_sha256 = checkpoint_sha256, engine.graph_sha256
         guard.save_record(run.int8_guard, record)
         if not record.passed:

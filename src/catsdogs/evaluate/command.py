@@ -28,6 +28,7 @@ from catsdogs.engines import feature_cache
 from catsdogs.errors import ConfigError, InputError
 from catsdogs.evaluate import plots
 from catsdogs.evaluate.metrics import (
+    answered_curve,
     compute_metrics,
     expected_calibration_error,
     jsonable,
@@ -53,11 +54,12 @@ from catsdogs.track.registry import tracking_uri
 OUTPUT_FILES: tuple[str, ...] = (
     EVAL_METRICS_NAME, "classification_report.txt", "predictions.csv", "confusion_matrix.png",
     "roc_curve.png", "reliability.png", "loss_curve.png", "accuracy_curve.png", "misclassified.png",
-    REPORT_NAME,
+    "answered.png", REPORT_NAME,
     schema.CONFIG_NAME,
 )
 """Everything evaluate writes into its output folder."""
 
+ANSWERED_CAPTION = "Share answered vs accuracy among answered (the \"unknown\" threshold)"
 MISTAKES_CAPTION = "Most confidently wrong images"
 
 
@@ -158,6 +160,7 @@ def confidence_metrics(preds: Predictions, predictor: Any) -> dict[str, Any]:
         "temperature": predictor.temperature if predictor.settings.calibrate else 1.0,
         "reject": predictor.settings.reject,
         "ood_method": predictor.detector.method if predictor.detector is not None else None,
+        "ood_threshold": predictor.detector.threshold if predictor.detector is not None else None,
         "engine": predictor.feature_engine.name,
         "unknown_share": 1.0 - n_known / max(1, len(known)),
         "accepted": n_known,
@@ -218,11 +221,28 @@ def write_plots(out: Path, preds: Predictions, metrics: dict[str, Any], classes:
         "Accuracy per epoch": ("accuracy_curve.png", plots.history_figure(
             history["epoch"], history.get("train_acc", []), history.get("val_acc", []),
             "Accuracy", "Accuracy per epoch")),
+        ANSWERED_CAPTION: ("answered.png", answered_plot(preds, metrics, split)),
         MISTAKES_CAPTION: ("misclassified.png", plots.mistakes_figure(
             images, [classes[i] for i in preds.labels[mistakes]], [classes[i] for i in pred[mistakes]],
             [float(preds.probs[i, pred[i]]) for i in mistakes], metrics["errors"], n, overlays)),
     }
     return {caption: plots.save_figure(fig, out / name) for caption, (name, fig) in figs.items()}
+
+
+def answered_plot(preds: Predictions, metrics: dict[str, Any], split: str) -> Any:
+    """The share-answered / accuracy-among-answered trade-off of the detector, with the run's point."""
+    threshold = metrics.get("ood_threshold")
+    title = f"Answered vs right \u2014 {split}"
+    if threshold is None or preds.scores is None or np.isnan(preds.scores).all():
+        return plots.message_figure(title, "This run has no out-of-distribution detector: it answers every "
+                                           "image with a class.")
+    known = preds.known if preds.known is not None else np.ones(len(preds.labels), dtype=bool)
+    flat = ~known & (preds.scores <= threshold)  # rejected within the threshold: a flat image
+    correct = preds.probs.argmax(axis=1) == preds.labels
+    shares, accuracies = answered_curve(preds.scores, correct, flat)
+    point = ((float(known.mean()), float(metrics["accuracy_accepted"]))
+             if metrics.get("reject") and known.any() else None)
+    return plots.answered_figure(shares, accuracies, point, title)
 
 
 def explain_mistakes(predictor: Predictor, images: np.ndarray, pred: np.ndarray) -> np.ndarray:

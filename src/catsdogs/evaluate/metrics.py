@@ -127,3 +127,20 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int 
     conf, acc, counts = reliability_bins(labels, probs, bins)
     ok = counts > 0
     return float(np.sum(counts[ok] * np.abs(acc[ok] - conf[ok])) / counts.sum())
+
+
+def answered_curve(scores: np.ndarray, correct: np.ndarray, flat: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Share answered and accuracy among the answered for every threshold on the OOD ``scores``.
+
+    Images are answered lowest score first (most like training); ``flat`` ones (answered "unknown"
+    whatever the threshold) never are. Returns ``(shares, accuracies)`` of equal length, share ascending.
+    """
+    n = len(scores)
+    keep = np.ones(n, dtype=bool) if flat is None else ~np.asarray(flat, dtype=bool)
+    s = np.nan_to_num(np.asarray(scores, dtype=np.float64)[keep], nan=0.0)
+    ok = np.asarray(correct, dtype=np.float64)[keep][np.argsort(s, kind="stable")]
+    if not len(ok):
+        return np.zeros(0), np.zeros(0)
+    answered = np.arange(1, len(ok) + 1)
+    return answered / max(n, 1), np.cumsum(ok) / answered

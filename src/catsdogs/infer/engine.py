@@ -16,6 +16,7 @@ from catsdogs import checkpoint as ckpt
 from catsdogs.engines.base import Engine
 from catsdogs.engines.batches import SplitImages, calibration_images
 from catsdogs.engines.eager import TorchEngine
+from catsdogs.engines.guard import Accepts
 from catsdogs.engines.names import CALIBRATION_IMAGES, TORCH
 from catsdogs.engines.select import guarded_engine
 from catsdogs.errors import CatsdogsError
@@ -49,10 +50,11 @@ def run_shards(shards: str, meta: dict[str, Any], run: RunDir, size: int) -> tup
 
 def load_engine(name: str, model: nn.Module, size: int, mean: tuple[float, ...], std: tuple[float, ...],
                 checkpoint: Path, meta: dict[str, Any], device: torch.device, *, threads: int = 0,
-                max_drop_pt: float, shards: str = "") -> Engine:
+                max_drop_pt: float, shards: str = "", accepts: Accepts | None = None) -> Engine:
     """Build engine ``name`` for a loaded checkpoint; graphs are cached in its run folder's engine/.
 
     Non-torch engines run on the CPU: on a CUDA device the model stays in torch (with a note).
+    ``accepts`` (the run's detector) makes the int8 guard also bound the rise of "unknown" answers.
     """
     if name == TORCH:
         return TorchEngine(model, device)
@@ -69,7 +71,8 @@ def load_engine(name: str, model: nn.Module, size: int, mean: tuple[float, ...],
         validation = SplitImages(root, manifest, "val", mean, std, BATCH)
     try:
         return guarded_engine(name, model, size, run, sha256_file(checkpoint), threads=threads,
-                              calibration=calibration, validation=validation, max_drop_pt=max_drop_pt)
+                              calibration=calibration, validation=validation, max_drop_pt=max_drop_pt,
+                              accepts=accepts)
     except OSError as exc:  # a read-only run folder cannot hold the graphs
         print(f"catsdogs: --backend {name} needs to write {run.engine_dir} ({exc.strerror}); using torch",
               file=sys.stderr)

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -28,15 +28,16 @@ from catsdogs import schema
 from catsdogs.config import PredictConfig, check_required, save_config
 from catsdogs.errors import ConfigError, ImageDecodeError, InputError
 from catsdogs.infer.explain import explain_files
-from catsdogs.infer.predictor import Predictor
+from catsdogs.infer.predictor import Predictor, format_looks_like
 from catsdogs.io.atomic import atomic_open
 from catsdogs.runtime import cores, setup
 from catsdogs.track.registry import local_run
 
-CSV_COLUMNS: tuple[str, ...] = ("path", "label", "probability", "error", "ood_score")
+CSV_COLUMNS: tuple[str, ...] = ("path", "label", "probability", "error", "ood_score", "looks_like")
 """``label`` is ``unknown`` for an image the run's detector rejects (``probability`` is still that of
 the most likely class); ``ood_score`` is the detector's score (higher = less like the training photos,
-empty without a detector)."""
+empty without a detector); ``looks_like`` names, for an unknown image, the ImageNet concepts it looks
+like instead (``badger 41 %, lesser panda 12 %``; empty for runs trained without ImageNet weights)."""
 OUTPUT_FORMATS: tuple[str, ...] = (".csv", ".json")
 _GLOB_CHARS = frozenset("*?[")
 # Decode threads: 2-4 keep a 2-core box busy while the model runs; more only adds contention.
@@ -55,6 +56,8 @@ class PredictionRow:
     error: str = ""
     probabilities: dict[str, float] | None = None
     ood_score: float | None = None
+    looks_like: list[dict[str, float | str]] = field(default_factory=list)
+    """For an ``unknown`` image: ``[{"concept": name, "probability": p}, ...]``, most likely first."""
 
 
 def is_candidate(path: Path) -> bool:
@@ -162,6 +165,7 @@ def predict_files(predictor: Predictor, files: Sequence[Path], batch_size: int =
                 chunk_rows[i].probability = float(a.probs.max())
                 chunk_rows[i].probabilities = {c: float(p) for c, p in zip(classes, a.probs, strict=True)}
                 chunk_rows[i].ood_score = None if np.isnan(a.score) else a.score
+                chunk_rows[i].looks_like = [{"concept": c, "probability": p} for c, p in a.looks_like]
             rows.extend(chunk_rows)
             bar.update(len(chunk))
     return rows
@@ -172,8 +176,9 @@ def write_csv(rows: Iterable[PredictionRow], fh: IO[str]) -> None:
     w = csv.writer(fh, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for r in rows:
+        concepts = [(str(c["concept"]), float(c["probability"])) for c in r.looks_like]
         w.writerow([r.path, r.label, "" if r.probability is None else f"{r.probability:.6f}", r.error,
-                    "" if r.ood_score is None else f"{r.ood_score:.6g}"])
+                    "" if r.ood_score is None else f"{r.ood_score:.6g}", format_looks_like(concepts)])
 
 
 def write_json(rows: Iterable[PredictionRow], fh: IO[str]) -> None:

@@ -38,6 +38,11 @@ UNKNOWN = "unknown"
 """The label of an image the detector rejects: it looks like none of the trained classes."""
 
 
+def format_looks_like(concepts: list[tuple[str, float]]) -> str:
+    """One line for people: ``badger 41 %, lesser panda 12 %`` (empty when nothing is named)."""
+    return ", ".join(f"{name} {100 * p:.0f} %" for name, p in concepts)
+
+
 @dataclass
 class Settings:
     """Inference settings: flip TTA, "unknown" for rejected images, temperature scaling."""
@@ -68,12 +73,16 @@ class Answers:
     """``(n,)`` bool: False where the image is answered "unknown"."""
     raw: np.ndarray | None = None
     """``(n, C)`` probabilities before temperature scaling (only when asked for, by evaluate)."""
+    looks_like: list[list[tuple[str, float]]] = field(default_factory=list)
+    """Per image, the ImageNet concepts it looks like, ``[(name, probability), ...]``: filled for the
+    images answered "unknown" by a run with ImageNet weights, empty otherwise (and for flat images)."""
 
     def __len__(self) -> int:
         return len(self.probs)
 
     def __getitem__(self, k: int) -> Answer:
-        return Answer(self.probs[k], float(self.scores[k]), bool(self.known[k]))
+        return Answer(self.probs[k], float(self.scores[k]), bool(self.known[k]),
+                      self.looks_like[k] if self.looks_like else [])
 
 
 @dataclass
@@ -83,6 +92,8 @@ class Answer:
     probs: np.ndarray
     score: float
     known: bool
+    looks_like: list[tuple[str, float]] = field(default_factory=list)
+    """What an "unknown" image looks like instead: ImageNet concepts and their probabilities."""
 
     def label(self, classes: list[str]) -> str:
         """The predicted class, or ``unknown`` when rejected."""
@@ -134,6 +145,10 @@ class Predictor:
         if detector is None and reject is not False:
             note = (f"catsdogs: {path} has no out-of-distribution detector (trained before it existed); "
                     f"every image gets a class, none is 'unknown'")
+        elif detector is not None and detector.legacy and reject is not False:
+            note = (f"catsdogs: {path} has the old 'unknown' detector ({detector.method}, fitted on the look "
+                    f"of the training photos, not on what they show); it answers as before, without 'looks "
+                    f"like'; retrain the run for the ImageNet-concepts detector")
         settings.reject = settings.reject and detector is not None
         device = torch.device(device)
         model = build_from_checkpoint(state)
@@ -149,7 +164,8 @@ class Predictor:
         # Built at the first answer, not here: a user error found after loading (a wrong --data, say)
         # stays the only line, before any export, calibration or validation check.
         make_engine = partial(load_engine, backend, model, size, mean, std, path, meta, device,
-                              threads=threads, max_drop_pt=int8_max_drop, shards=shards)
+                              threads=threads, max_drop_pt=int8_max_drop, shards=shards,
+                              accepts=None if detector is None else partial(_accepts, detector, model))
         return cls(model=model, classes=list(state[ckpt.CKPT_CLASSES]), size=int(image["size"]),
                    resize=str(image.get("resize", "stretch")), mean=tuple(norm["mean"]),
                    std=tuple(norm["std"]), device=device, checkpoint=meta, path=path, settings=settings,
@@ -208,10 +224,18 @@ class Predictor:
             scores = self.detector.score(f, logits).cpu().numpy().astype(np.float32)
             if self.settings.reject:
                 known = self.detector.known(scores)
+        looks_like: list[list[tuple[str, float]]] = [[] for _ in range(n)]
         if self.settings.reject:
-            known &= ~flat_images(arr)
+            flat = flat_images(arr)
+            known &= ~flat
+            # A flat image shows nothing: naming the concept ImageNet's head guesses for it would mislead.
+            named = np.nonzero(~known & ~flat)[0]
+            if feats is not None and self.detector is not None and self.detector.has_concepts and len(named):
+                for i, concepts in zip(named, self.detector.looks_like(feats[torch.as_tensor(named)]),
+                                       strict=True):
+                    looks_like[i] = concepts
         return Answers(probs.cpu().numpy().astype(np.float32), scores, known,
-                       None if raw is None else raw.cpu().numpy().astype(np.float32))
+                       None if raw is None else raw.cpu().numpy().astype(np.float32), looks_like)
 
     def predict_arrays(self, images: np.ndarray | torch.Tensor, tta: bool | None = None) -> np.ndarray:
         """Return probabilities ``(n, C)`` for a uint8 NHWC batch of already-resized images."""
@@ -242,8 +266,17 @@ class Predictor:
             "engine": self.feature_engine.describe(),
             "inference": {"tta": self.settings.tta, "reject": self.settings.reject,
                           "calibrate": self.settings.calibrate, "temperature": self.temperature,
-                          "detector": self.detector.method if self.detector is not None else None},
+                          "detector": self.detector.method if self.detector is not None else None,
+                          "looks_like": bool(self.detector is not None and self.detector.has_concepts)},
         }
+
+
+@torch.inference_mode()
+def _accepts(detector: Detector, model: nn.Module, features: np.ndarray) -> np.ndarray:
+    """The images of ``features`` the detector answers with a class (for the int8 guard)."""
+    net: Any = model
+    f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    return detector.known(detector.score(f, net.classify(f)).numpy())
 
 
 def _image_size(data: bytes) -> tuple[int, int]:

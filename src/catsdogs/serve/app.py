@@ -86,6 +86,15 @@ class ExplanationOut(BaseModel):
     height: int
 
 
+class ConceptOut(BaseModel):
+    """An ImageNet concept an "unknown" photo looks like."""
+
+    concept: str
+    """ImageNet class name, e.g. ``badger``."""
+    probability: float
+    """Its ImageNet probability (0..1)."""
+
+
 class PredictionOut(BaseModel):
     """The prediction for one image."""
 
@@ -96,6 +105,9 @@ class PredictionOut(BaseModel):
     probabilities: dict[str, float]
     ood_score: float | None = None
     """Out-of-distribution score (higher = less like the training photos); null without a detector."""
+    looks_like: list[ConceptOut] = []
+    """For ``unknown``: the ImageNet concepts the photo looks like instead, most likely first (empty for
+    known classes and for runs trained without ImageNet weights)."""
     model: dict[str, Any]
     explanation: ExplanationOut | None = None
 
@@ -108,6 +120,7 @@ class BatchItemOut(BaseModel):
     probability: float | None = None
     probabilities: dict[str, float] | None = None
     ood_score: float | None = None
+    looks_like: list[ConceptOut] | None = None
     error: str | None = None
     detail: str | None = None
 
@@ -173,7 +186,8 @@ class Serving:
         classes = self.backend.classes
         return {"label": answer.label(classes), "probability": float(np.max(answer.probs)),
                 "probabilities": {c: float(p) for c, p in zip(classes, answer.probs, strict=True)},
-                "ood_score": None if np.isnan(answer.score) else answer.score}
+                "ood_score": None if np.isnan(answer.score) else answer.score,
+                "looks_like": [{"concept": c, "probability": p} for c, p in answer.looks_like]}
 
     async def classify(self, part: Part, timing: dict[str, float] | None = None) -> dict[str, Any]:
         """Check, decode and classify one uploaded part; add the seconds spent to ``timing``."""

@@ -6,9 +6,10 @@ by URI (``mlflow.pyfunc.load_model("models:/NAME/1")``) or serving it (``mlflow 
 models:/NAME/1 --env-manager local``) classifies raw JPEG/PNG bytes exactly like ``catsdogs predict``.
 
 Input: a DataFrame with an ``image`` column of bytes (over HTTP: base64 strings, which the signature's
-``binary`` type tells MLflow's scoring server to decode). Output: one row per image with ``label``,
-``probability``, one ``p_<class>`` column per class, and ``error`` (the reason an image could not be
-decoded; its other columns are then empty).
+``binary`` type tells MLflow's scoring server to decode). Output: one row per image with ``label`` (a
+class or ``unknown``, as ``catsdogs predict`` answers), ``probability``, one ``p_<class>`` column per
+class, ``looks_like`` (what an unknown image looks like) and ``error`` (the reason an image could not
+be decoded; its other columns are then empty).
 
 The model is saved as MLflow "model from code" (:mod:`catsdogs.track._pyfunc_entry`), not a pickle:
 loading it runs catsdogs' code from the installed package, never unpickles an object. The
@@ -38,7 +39,7 @@ from catsdogs import checkpoint as ckpt
 from catsdogs import schema
 from catsdogs.checkpoint import load_checkpoint
 from catsdogs.errors import ImageDecodeError
-from catsdogs.infer.predictor import Predictor
+from catsdogs.infer.predictor import Predictor, format_looks_like
 
 IMAGE_COLUMN = "image"
 """Input column holding each image's encoded bytes."""
@@ -60,6 +61,7 @@ class CatsdogsModel(mlflow.pyfunc.PythonModel):
     predictor: Predictor
 
     def load_context(self, context: Any) -> None:
+        # The run's detector, temperature and inference settings, as predict and serve load it.
         self.predictor = Predictor.from_run(Path(context.artifacts[CHECKPOINT_ARTIFACT]), "cpu")
 
     # pd.DataFrame is the one hint MLflow passes through untouched (no schema inferred from it): the
@@ -95,7 +97,11 @@ def _as_bytes(value: Any) -> bytes:
 
 
 def classify(predictor: Predictor, images: Sequence[Any]) -> pd.DataFrame:
-    """Decode, resize and classify encoded images; one output row per input, failures carry ``error``."""
+    """Decode, resize and answer encoded images exactly as ``catsdogs predict`` does (``unknown`` included).
+
+    One output row per input; failures carry ``error``. ``looks_like`` names, for an unknown image, the
+    ImageNet concepts it looks like (empty otherwise, and for runs trained without ImageNet weights).
+    """
     classes = predictor.classes
     arrays: list[np.ndarray] = []
     ok: list[int] = []
@@ -107,16 +113,19 @@ def classify(predictor: Predictor, images: Sequence[Any]) -> pd.DataFrame:
         except ImageDecodeError as exc:
             errors[i] = exc.reason
     probs = np.full((len(images), len(classes)), np.nan, dtype=np.float64)
+    labels = [""] * len(images)
+    looks_like = [""] * len(images)
     for start in range(0, len(arrays), PREDICT_BATCH):
-        batch = np.stack(arrays[start:start + PREDICT_BATCH])
-        probs[ok[start:start + PREDICT_BATCH]] = predictor.predict_arrays(batch)
+        answers = predictor.answer(np.stack(arrays[start:start + PREDICT_BATCH]))
+        for k, i in enumerate(ok[start:start + PREDICT_BATCH]):
+            probs[i] = answers.probs[k]
+            labels[i] = answers[k].label(classes)
+            looks_like[i] = format_looks_like(answers[k].looks_like)
     best = np.nan_to_num(probs, nan=-1.0).argmax(axis=1)
-    out = pd.DataFrame({
-        "label": [classes[k] if not errors[i] else "" for i, k in enumerate(best)],
-        "probability": [probs[i, k] for i, k in enumerate(best)],
-    })
+    out = pd.DataFrame({"label": labels, "probability": [probs[i, k] for i, k in enumerate(best)]})
     for k, name in enumerate(classes):
         out[f"p_{name}"] = probs[:, k]
+    out["looks_like"] = looks_like
     out["error"] = errors
     return out
 
@@ -124,7 +133,8 @@ def classify(predictor: Predictor, images: Sequence[Any]) -> pd.DataFrame:
 def signature(classes: Sequence[str]) -> ModelSignature:
     """The model's input/output schema; ``binary`` makes the scoring server base64-decode the input."""
     outputs = [ColSpec("string", "label"), ColSpec("double", "probability"),
-               *(ColSpec("double", f"p_{c}") for c in classes), ColSpec("string", "error")]
+               *(ColSpec("double", f"p_{c}") for c in classes), ColSpec("string", "looks_like"),
+               ColSpec("string", "error")]
     return ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]), outputs=Schema(outputs))
 
 
