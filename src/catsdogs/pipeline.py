@@ -162,7 +162,10 @@ def main(cfg: RunConfig) -> int:
               f"(up to {tr_cfg.epochs} epochs)", flush=True)
     else:
         print(f"[2/3] train: {tr_cfg.model} for {tr_cfg.epochs} epochs into {out}", flush=True)
-    code = train.main(dataclasses.replace(tr_cfg, resume=resume))
+    # A frozen-backbone pass computes the test split's features too, with the engine it already
+    # compiled, and caches them for the evaluation below (engines/feature_cache.py); training never
+    # reads them.
+    code = train.main(dataclasses.replace(tr_cfg, resume=resume), cache_splits=(EvaluateConfig().split,))
     if code:
         return code
 
