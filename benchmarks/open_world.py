@@ -231,6 +231,26 @@ def evaluate(scorer: Scorer, sets: dict[str, Split], accept: float, head: Callab
     return row
 
 
+def val_tail_sheet(scores: np.ndarray, data: Path, path: Path, n: int = 24, cols: int = 6) -> Path:
+    """Draw the ``n`` validation photos with the highest scores as one PNG (to look at the tail)."""
+    from PIL import Image, ImageDraw
+
+    from catsdogs.shards.reader import iter_batches
+
+    manifest = load_manifest(data)
+    rows = np.concatenate([r for _, _, r, _ in iter_batches(data, manifest, "val", 256)])
+    order = np.argsort(-scores, kind="stable")[:n]
+    side = 150
+    sheet = Image.new("RGB", (cols * (side + 10), -(-n // cols) * (side + 22)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, i in enumerate(order):
+        x, y = (k % cols) * (side + 10), (k // cols) * (side + 22)
+        sheet.paste(Image.fromarray(rows[i]).resize((side, side)), (x + 5, y + 5))
+        draw.text((x + 5, y + side + 7), f"#{k} score {scores[i]:.3f}", fill="black")
+    sheet.save(path)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", default=str(DEFAULT_RUN))
@@ -296,6 +316,9 @@ def main() -> None:
         thr = calibrate_threshold(ctx["dummy"], vs, accept).threshold
         known = vs <= thr
         lines.append(f"| {accept:.1%} | {known.mean():.2%} | {vok[known].mean():.2%} | {vok.mean():.2%} |")
+    sheet = val_tail_sheet(vs, data, cache / "val_tail.png")
+    lines += ["", f"The 24 validation photos the product detector finds least like a pet, most unlike "
+              f"first, are drawn in `{sheet}` (not committed: they are the data's photos)."]
     if "mass_set" in ctx:
         mask = ctx["mass_set"]
         pets = set(range(151, 269)) | set(range(281, 286))

@@ -94,6 +94,8 @@ TRAINING = ("catsdogs.train.loop", "catsdogs.train.launch", "catsdogs.train.stre
     ("catsdogs.engines.factory", ("catsdogs.train.", "catsdogs.infer.", "catsdogs.serve.",
                                   "catsdogs.evaluate.", "catsdogs.config", "catsdogs.cli", "catsdogs.spark")),
     ("catsdogs.engines.select", ("catsdogs.train.", "catsdogs.infer.", "catsdogs.serve.", "catsdogs.config")),
+    ("catsdogs.engines.feature_cache", ("catsdogs.train.", "catsdogs.infer.", "catsdogs.serve.",
+                                        "catsdogs.evaluate.", "catsdogs.config")),
     ("catsdogs.track.registry", ("catsdogs.train.", "catsdogs.evaluate.", "catsdogs.infer.",
                                  "catsdogs.serve.", "catsdogs.config", "catsdogs.cli")),
 ])

@@ -73,7 +73,7 @@ def test_a_failed_guard_falls_back_to_fp32_with_one_line(
     def failing(engine: str, *args: object, **kw: object) -> guard.GuardResult:
         return guard.GuardResult(engine=engine, fp32_acc=0.99, int8_acc=0.95, rows=100, max_drop_pt=0.1)
 
-    monkeypatch.setattr(select.guard, "check", failing)
+    monkeypatch.setattr(select.guard, "screened_check", failing)
     pred = Predictor.from_run(run_dir, backend="openvino-int8")
     assert pred.feature_engine.name == "openvino"
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "refused" in ln]

@@ -180,7 +180,10 @@ def main(cfg: RunConfig) -> int:
         print(f"[2/3] train: resuming the run in {out} from {LAST_CKPT} ({how})", flush=True)
     else:
         print(f"[2/3] train: {tr_cfg.model}, {how}, into {out}", flush=True)
-    code = train.main(dataclasses.replace(tr_cfg, resume=resume))
+    # A frozen-backbone pass computes the test split's features too, with the engine it already
+    # compiled, and caches them for the evaluation below (engines/feature_cache.py); training never
+    # reads them.
+    code = train.main(dataclasses.replace(tr_cfg, resume=resume), cache_splits=(EvaluateConfig().split,))
     if code:
         return code
 

@@ -7,7 +7,8 @@ The one module that spells the run folder's layout; every stage asks it for path
     RUN/best.pt, RUN/last.pt   checkpoints                   (train; catsdogs.checkpoint)
     RUN/metrics.csv            one row per epoch             (train; read by evaluate)
     RUN/model.onnx, model.ts   exports                       (export)
-    RUN/engine/                features.onnx, features-int8.onnx + .guard.json (--backend engines)
+    RUN/engine/                features.onnx (+ .sources.json), features-int8.onnx + .guard.json
+                               (--backend engines); features/<split>.<engine>.npz (feature cache)
     RUN/eval/                  metrics.json, report.html ... (evaluate; shown by serve)
     RUN/mlflow.json            the MLflow run it was logged to (train with tracking; read by evaluate)
 
@@ -51,6 +52,10 @@ INT8_GRAPH_NAME = "features-int8.onnx"
 """Its int8 (QDQ) form, calibrated on training images."""
 INT8_GUARD_NAME = "features-int8.guard.json"
 """The int8 accuracy check on the validation split, recorded with the int8 graph."""
+FEATURES_SOURCES_NAME = "features.sources.json"
+"""Which checkpoints the fp32 graph was made from, so loading one of them needs no export (no tracing)."""
+FEATURE_CACHE_DIR = "features"
+"""Pooled features of whole shard splits, one file per split and engine, keyed by digests."""
 EXPORT_NAMES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.ts"}
 """Default file of each ``catsdogs export --format``; the keys are the format choices."""
 
@@ -125,6 +130,14 @@ class RunDir:
     @property
     def int8_guard(self) -> Path:
         return self.engine_dir / INT8_GUARD_NAME
+
+    @property
+    def features_sources(self) -> Path:
+        return self.engine_dir / FEATURES_SOURCES_NAME
+
+    def feature_cache(self, split: str, engine: str) -> Path:
+        """The cached features of shard split ``split`` made by engine ``engine``."""
+        return self.engine_dir / FEATURE_CACHE_DIR / f"{split}.{engine}.npz"
 
     def export(self, fmt: str) -> Path:
         """Return the default export file of ``fmt`` (onnx or torchscript)."""

@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import math
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from catsdogs import schema
 from catsdogs.checkpoint import CKPT_TRAIN_CONFIG
 from catsdogs.config import EvaluateConfig, check_required, save_config, to_dict
+from catsdogs.engines import feature_cache
 from catsdogs.errors import ConfigError, InputError
 from catsdogs.evaluate import plots
 from catsdogs.evaluate.metrics import (
@@ -40,6 +42,7 @@ from catsdogs.infer.load import load_predictor
 from catsdogs.infer.predictor import Predictor
 from catsdogs.io import storage
 from catsdogs.io.atomic import atomic_write_text
+from catsdogs.io.checksum import sha256_file
 from catsdogs.rundir import EVAL_DIR, EVAL_METRICS_NAME, REPORT_NAME, RunDir, read_history
 from catsdogs.shards.cache import local_shards
 from catsdogs.shards.manifest import Manifest, load_manifest
@@ -109,6 +112,40 @@ def predict_split(predictor: Any, root: Path, manifest: Manifest, split: str, ba
         scores=np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32),
         known=np.concatenate(known) if known else np.zeros(0, dtype=bool),
     )
+
+
+def cached_predict_split(predictor: Any, cfg: EvaluateConfig, data: Path, manifest: Manifest) -> Predictions:
+    """``predict_split`` with the split's features read from the run's cache when it holds them.
+
+    The cache (``engines/feature_cache.py``) is checked before any engine is built; on a miss the pass
+    runs as usual and its features are saved for the next evaluation. Flip TTA needs the mirrored
+    images' features, which are not cached: it always runs the engine.
+    """
+    if predictor.settings.tta or predictor.device.type != "cpu":
+        return predict_split(predictor, data, manifest, cfg.split, cfg.batch_size)
+    run = RunDir(predictor.path.parent)
+    path = run.feature_cache(cfg.split, predictor.backend)  # --backend, else the run's engine
+    base = feature_cache.base_key(data, manifest, cfg.split, sha256_file(predictor.path), predictor.backend,
+                                  cfg.int8_max_drop, predictor.mean, predictor.std, predictor.size)
+    hit = feature_cache.load(path, base, run.engine_dir)
+    if hit is not None:
+        print(f"catsdogs: {cfg.split} features of {hit.engine} reused from {path}", file=sys.stderr)
+        predictor.engine = feature_cache.ReplayEngine(cached=hit.feats, facts=hit.facts, name=hit.engine)
+        preds = predict_split(predictor, data, manifest, cfg.split, cfg.batch_size)
+        if not np.array_equal(preds.labels, hit.labels):
+            raise RuntimeError(f"feature cache {path} does not follow the shards' order; delete it")
+        return preds
+    recorder = feature_cache.RecordingEngine(predictor.feature_engine)
+    predictor.engine = recorder
+    try:
+        preds = predict_split(predictor, data, manifest, cfg.split, cfg.batch_size)
+    finally:
+        predictor.engine = recorder.inner
+    try:
+        feature_cache.save(path, recorder.recorded(), preds.labels, base, recorder.inner)
+    except OSError:
+        pass  # a read-only run folder: evaluating again computes the features again
+    return preds
 
 
 def confidence_metrics(preds: Predictions, predictor: Any) -> dict[str, Any]:
@@ -243,7 +280,7 @@ def main(cfg: EvaluateConfig) -> int:
     if manifest.split_rows(cfg.split) == 0:
         raise InputError(f"split {cfg.split!r} of {str(data)!r} has no images; choose another --split")
 
-    preds = predict_split(predictor, data, manifest, cfg.split, cfg.batch_size)
+    preds = cached_predict_split(predictor, cfg, data, manifest)
     classes = list(manifest.classes)
     metrics, report_text = compute_metrics(preds.labels, preds.probs, classes)
     metrics.update(confidence_metrics(preds, predictor))

@@ -14,7 +14,7 @@ from torch import nn
 
 from catsdogs import checkpoint as ckpt
 from catsdogs.engines.base import Engine
-from catsdogs.engines.batches import calibration_images, split_batches
+from catsdogs.engines.batches import SplitImages, calibration_images
 from catsdogs.engines.eager import TorchEngine
 from catsdogs.engines.guard import Accepts
 from catsdogs.engines.names import CALIBRATION_IMAGES, TORCH
@@ -80,7 +80,7 @@ def load_engine(name: str, model: nn.Module, size: int, mean: tuple[float, ...],
     if found is not None:
         root, manifest = found
         calibration = lambda: calibration_images(root, manifest, mean, std, CALIBRATION_IMAGES, BATCH)  # noqa: E731
-        validation = lambda: split_batches(root, manifest, "val", mean, std, BATCH)  # noqa: E731
+        validation = SplitImages(root, manifest, "val", mean, std, BATCH)
     try:
         return guarded_engine(name, model, size, run, sha256_file(checkpoint), threads=threads,
                               calibration=calibration, validation=validation, max_drop_pt=max_drop_pt,

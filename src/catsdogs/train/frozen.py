@@ -26,11 +26,13 @@ from torch import nn
 
 from catsdogs.checkpoint import CKPT_ENGINE, CKPT_METRICS, build_checkpoint, save_checkpoint
 from catsdogs.config import TrainConfig, require, save_config, to_dict
+from catsdogs.engines import feature_cache
 from catsdogs.engines.base import Engine
-from catsdogs.engines.batches import calibration_images
-from catsdogs.engines.factory import create_engine, int8_digest
-from catsdogs.engines.guard import GuardResult, check, save_record
+from catsdogs.engines.batches import SplitImages, calibration_images
+from catsdogs.engines.factory import create_engine, record_checkpoint
+from catsdogs.engines.guard import GuardResult, save_record, screened_check
 from catsdogs.engines.names import engine_for, is_quantized, runtime_of
+from catsdogs.engines.select import reference_features
 from catsdogs.errors import ConfigError, InputError
 from catsdogs.io.checksum import sha256_file
 from catsdogs.models.factory import create_model
@@ -82,12 +84,14 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
     return torch.tensor(coef, dtype=torch.float32), torch.tensor(bias, dtype=torch.float32), metrics
 
 
-def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
+def train_frozen(cfg: TrainConfig, size: int | None = None, cache_splits: tuple[str, ...] = ()
+                 ) -> dict[str, float]:
     """Train only the head of a pretrained ``cfg.model`` on frozen features; write the run folder.
 
     Writes ``best.pt`` and ``last.pt`` (full model, normal checkpoint format), ``config.json`` and
     ``metrics.csv`` into ``cfg.out``; returns the validation metrics (those recorded in the checkpoint
-    when ``--resume`` finds the run complete).
+    when ``--resume`` finds the run complete). The features of ``cache_splits`` are computed by the same
+    engine and written to the run's feature cache (for evaluate) -- never read here.
     """
     cfg, state = claim(cfg)
     if state is not None:  # a frozen run is complete once last.pt exists: nothing to continue
@@ -112,25 +116,39 @@ def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
     run = RunDir(Path(cfg.out))
     calibration = lambda: calibration_images(data, manifest, mean, std,  # noqa: E731
                                              cfg.calibration_images, cfg.batch_size, size)
-    engine = create_engine(engine_for(cfg.backend), model, size, run, threads=cfg.threads, device=device,
+    stages: dict[str, float] = {}
+    clock = Stopwatch(stages)
+    backend = engine_for(cfg.backend)  # the engine asked for (train has no run to record one yet)
+    engine = create_engine(backend, model, size, run, threads=cfg.threads, device=device,
                            calibration=calibration, calibration_rows=cfg.calibration_images)
+    clock.lap("engine_seconds")  # model load, graph export and int8 calibration when not cached
     feats = frozen_features(cfg, model, data, manifest, mean, std, device, engine)
+    clock.lap("feature_pass_seconds")
     feature_s = time.perf_counter() - t0
     w, b, metrics = fit_head(*feats["train"], *feats["val"], num_classes=num_classes, seed=cfg.seed)
+    clock.lap("head_seconds")
     record: GuardResult | None = None
     if is_quantized(engine.name):
-        # The guard: the same head on fp32 validation features must score within --int8-max-drop.
-        reference = create_engine(runtime_of(engine.name), model, size, run, threads=cfg.threads)
-        ref_val = extract_features(model, data, manifest, "val", mean, std, cfg.batch_size, device=device,
-                                   engine=reference)
-        record = check(engine.name, linear(w, b), ref_val[0], feats["val"][0], feats["val"][1],
-                       cfg.int8_max_drop)
-        log.info("int8 guard: val acc %.4f (int8) vs %.4f (fp32)", record.int8_acc, record.fp32_acc)
+        # The guard: the same head on fp32 validation features must score within --int8-max-drop. Only
+        # the images whose prediction could flip run in fp32 (engines/guard.py: screened_check).
+        reference = create_engine(runtime_of(engine.name), model, size, run, threads=cfg.threads,
+                                  fp32_sha256=engine.fp32_sha256)
+        val_images = SplitImages(data, manifest, "val", mean, std, cfg.batch_size, size)
+        record = screened_check(engine.name, linear(w, b), *feats["val"],
+                                reference_features(reference, val_images), cfg.int8_max_drop)
+        log.info("int8 guard: val acc %.4f (int8) vs %.4f (fp32), %d of %d images in fp32",
+                 record.int8_acc, record.fp32_acc, record.fp32_rows, record.rows)
         if not record.passed:
             print(record.refusal(), file=sys.stderr)
-            feats = frozen_features(cfg, model, data, manifest, mean, std, device, reference, ref_val)
+            feats = frozen_features(cfg, model, data, manifest, mean, std, device, reference)
             w, b, metrics = fit_head(*feats["train"], *feats["val"], num_classes=num_classes, seed=cfg.seed)
             engine = reference
+        clock.lap("int8_check_seconds")
+    # With the final engine (int8, or fp32 after a refusal), while it is compiled: for evaluate only.
+    cached = {split: extract_features(model, data, manifest, split, mean, std, cfg.batch_size, device=device,
+                                      size=size, engine=engine)
+              for split in cache_splits if split not in ("train", "val") and manifest.split_rows(split)}
+    clock.lap("cached_features_seconds")
     head: nn.Linear = model._fc  # type: ignore[assignment]
     if head.out_features != num_logits(num_classes) or w.shape != head.weight.shape:
         raise RuntimeError(f"head shape {tuple(head.weight.shape)} does not match fitted {tuple(w.shape)}")
@@ -141,31 +159,53 @@ def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
     val_logits = feats["val"][0] @ w.numpy().T + b.numpy()
     entries, conf_metrics = fit_confidence(cfg, num_classes, *feats["train"], feats["val"][0], val_logits,
                                            feats["val"][1])
+    clock.lap("confidence_seconds")
     seconds = time.perf_counter() - t0
-    metrics.update({"feature_seconds": feature_s, "seconds": seconds, **conf_metrics})
+    metrics.update({"feature_seconds": feature_s, "seconds": seconds, **conf_metrics, **stages})
     entries[CKPT_ENGINE] = engine.name
     write_run(cfg, model.cpu().to(memory_format=torch.contiguous_format), manifest, size, mean, std,
               metrics, entries)
+    checkpoint_sha256 = sha256_file(run.best)
+    # evaluate, predict and serve load this checkpoint: its graph is the one on disk, no tracing needed.
+    record_checkpoint(run, engine.fp32_sha256, checkpoint_sha256)
     if record is not None and record.passed:
         # Recorded with the int8 graph, keyed by this checkpoint: evaluate, predict and serve reuse it.
-        record.checkpoint_sha256, record.graph_sha256 = sha256_file(run.best), int8_digest(run)
+        record.checkpoint_sha256, record.graph_sha256 = checkpoint_sha256, engine.graph_sha256
         save_record(run.int8_guard, record)
-    log.info("frozen-backbone head (%s features): val_acc=%.4f val_loss=%.4f in %.1f s", engine.name,
-             metrics["val_acc"],
-             metrics["val_loss"], seconds)
+        engine.guard = record.to_dict()
+    for split, (split_feats, split_labels) in cached.items():
+        base = feature_cache.base_key(data, manifest, split, checkpoint_sha256, backend,
+                                      cfg.int8_max_drop, mean, std, size)
+        feature_cache.save(run.feature_cache(split, backend), split_feats, split_labels, base, engine)
+    clock.lap("write_seconds")
+    rows = sum(len(f[1]) for f in feats.values()) + sum(len(f[1]) for f in cached.values())
+    print(f"catsdogs: frozen head ({engine.name} features) in {time.perf_counter() - t0:.0f} s: "
+          + ", ".join(f"{k.removesuffix('_seconds').replace('_', ' ')} {v:.1f} s" for k, v in stages.items())
+          + f"; {rows:,} images through the engine"
+          + (f"; int8 check: {record.fp32_rows or record.rows} of {record.rows} validation images in fp32"
+             if record is not None else ""), file=sys.stderr)
     return metrics
 
 
+class Stopwatch:
+    """Seconds between successive ``lap`` calls, recorded by name (one line of stage timings)."""
+
+    def __init__(self, into: dict[str, float]) -> None:
+        self.into = into
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.into[name] = self.into.get(name, 0.0) + now - self.last
+        self.last = now
+
+
 def frozen_features(cfg: TrainConfig, model: nn.Module, data: Path, manifest: Manifest,
-                    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, engine: Engine,
-                    val: tuple[np.ndarray, np.ndarray] | None = None
+                    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, engine: Engine
                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Features of the train split (plus mirrored rows with --augment) and of val (unless given)."""
+    """Features of the train split (plus mirrored rows with --augment) and of val."""
     feats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in ("train", "val"):
-        if split == "val" and val is not None:
-            feats[split] = val
-            continue
         ts = time.perf_counter()
         feats[split] = extract_features(model, data, manifest, split, mean, std, cfg.batch_size,
                                         flip=cfg.augment and split == "train", device=device,

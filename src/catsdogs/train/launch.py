@@ -171,10 +171,12 @@ def train_distributed(cfg: TrainConfig) -> list[dict[str, str]]:
     return rows
 
 
-def main(cfg: TrainConfig) -> int:
+def main(cfg: TrainConfig, cache_splits: tuple[str, ...] = ()) -> int:
     """Entry point of ``catsdogs train``: frozen head, N DDP processes, or the loop in this process.
 
     Given flags that cannot apply are refused first, on the settings a ``--resume`` would continue with.
+    ``cache_splits``: with ``--freeze backbone``, splits whose features the feature pass also computes
+    and caches for the evaluation that follows (``catsdogs run``: test); training never reads them.
     """
     plan = planned(cfg)
     check_applicable(plan)
@@ -186,7 +188,7 @@ def main(cfg: TrainConfig) -> int:
         cfg = dataclasses.replace(claimed, resume=False)  # a new run: nothing left to resume or replace
         tracked = open_training_run(cfg)
         with ending(tracked):
-            metrics = train_frozen(cfg)
+            metrics = train_frozen(cfg, cache_splits=cache_splits)
             log_epoch(tracked, {"epoch": 1, **metrics})
             # The loop's final names (one column across runs), plus the head's own facts.
             finish_training_run(tracked, cfg, {"best_val_loss": metrics["val_loss"],
