@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import math
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,18 @@ class RunDir:
     def export(self, fmt: str) -> Path:
         """Return the default export file of ``fmt`` (onnx or torchscript)."""
         return self.root / EXPORT_NAMES[fmt]
+
+    def clear_training(self) -> None:
+        """Delete what training and the stages after it wrote (``train --overwrite``).
+
+        The checkpoints, metrics.csv, config.json, the MLflow link, the engine graphs, the evaluation and
+        the exports go; what ``catsdogs run`` keeps beside them (its shards/ and run_config.json) stays.
+        """
+        for path in (self.best, self.last, self.metrics, self.config, self.mlflow_link,
+                     *(self.export(fmt) for fmt in EXPORT_NAMES)):
+            path.unlink(missing_ok=True)
+        for folder in (self.engine_dir, self.eval_dir):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def read_config(self) -> dict[str, Any]:
         """Return the run's saved TrainConfig as a dict ({} when absent or unreadable)."""

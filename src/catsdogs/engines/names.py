@@ -17,6 +17,15 @@ DEFAULT_ENGINE = OPENVINO + INT8_SUFFIX
 fitted on its features stays within the guard; where its guard refuses, OpenVINO fp32 runs instead."""
 
 
+def engine_for(given: str | None, recorded: str | None = None) -> str:
+    """The engine to run: the one asked for, else the one the run records, else :data:`DEFAULT_ENGINE`.
+
+    The one rule for train (no run yet: the default) and evaluate, predict, serve and the Python API
+    (the run's engine: ``infer.engine.recorded_engine``).
+    """
+    return given or recorded or DEFAULT_ENGINE
+
+
 def is_quantized(name: str) -> bool:
     """Return True for an int8 engine name."""
     return name.endswith(INT8_SUFFIX)

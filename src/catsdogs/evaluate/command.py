@@ -38,12 +38,12 @@ from catsdogs.evaluate.metrics import (
 )
 from catsdogs.evaluate.report import ReportData, write_report
 from catsdogs.infer.explain import Explainer, overlay
+from catsdogs.infer.load import load_predictor
 from catsdogs.infer.predictor import Predictor
 from catsdogs.io import storage
 from catsdogs.io.atomic import atomic_write_text
 from catsdogs.io.checksum import sha256_file
 from catsdogs.rundir import EVAL_DIR, EVAL_METRICS_NAME, REPORT_NAME, RunDir, read_history
-from catsdogs.runtime import setup
 from catsdogs.shards.cache import local_shards
 from catsdogs.shards.manifest import Manifest, load_manifest
 from catsdogs.shards.reader import iter_batches, load_rows
@@ -124,8 +124,8 @@ def cached_predict_split(predictor: Any, cfg: EvaluateConfig, data: Path, manife
     if predictor.settings.tta or predictor.device.type != "cpu":
         return predict_split(predictor, data, manifest, cfg.split, cfg.batch_size)
     run = RunDir(predictor.path.parent)
-    path = run.feature_cache(cfg.split, cfg.backend)
-    base = feature_cache.base_key(data, manifest, cfg.split, sha256_file(predictor.path), cfg.backend,
+    path = run.feature_cache(cfg.split, predictor.backend)  # --backend, else the run's engine
+    base = feature_cache.base_key(data, manifest, cfg.split, sha256_file(predictor.path), predictor.backend,
                                   cfg.int8_max_drop, predictor.mean, predictor.std, predictor.size)
     hit = feature_cache.load(path, base, run.engine_dir)
     if hit is not None:
@@ -272,11 +272,8 @@ def write_predictions(path: Path, preds: Predictions, classes: list[str]) -> Non
 def main(cfg: EvaluateConfig) -> int:
     """Evaluate a run on one split of its shards and write metrics, plots and report.html."""
     check_required(cfg)
-    device = setup(cfg.threads, cfg.device)
-    predictor = Predictor.from_run(cfg.run, device, cfg.checkpoint, tta=cfg.tta, reject=cfg.reject,
-                                   calibrate=cfg.calibrate, backend=cfg.backend, threads=cfg.threads,
-                                   int8_max_drop=cfg.int8_max_drop,
-                                   shards=cfg.data)  # CheckpointError if none
+    # CheckpointError if none; --data also calibrates and checks an int8 engine.
+    predictor = load_predictor(cfg.run, cfg, checkpoint=cfg.checkpoint, shards=cfg.data)
     run_dir, source, data, out, train_cfg = resolve_paths(cfg)
     manifest = load_manifest(data, "--data")
     check_compatible(manifest, predictor, data)

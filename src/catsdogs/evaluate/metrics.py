@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,8 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+
+from catsdogs.io.jsonable import jsonable
 
 
 def roc_curves(labels: np.ndarray, probs: np.ndarray, classes: list[str]
@@ -81,23 +82,6 @@ def most_confident_mistakes(labels: np.ndarray, probs: np.ndarray, k: int) -> np
     wrong = np.flatnonzero(pred != labels)
     conf = probs[wrong, pred[wrong]]
     return wrong[np.argsort(-conf, kind="stable")[:k]]
-
-
-def jsonable(obj: Any) -> Any:
-    """Convert numpy scalars/arrays and NaN inside nested containers to JSON-ready values."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return jsonable(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, str | int | float | bool):
-        return obj
-    return str(obj)
 
 
 ECE_BINS = 15

@@ -29,6 +29,18 @@ BATCH = 64
 """Images per forward pass of calibration and the guard (the feature pass's batch)."""
 
 
+def recorded_engine(state: dict[str, Any]) -> str | None:
+    """The engine a run records, which its inference runs unless ``--backend`` says; None: none recorded.
+
+    A frozen-backbone run records the engine its head, detector and temperature were fitted on. A run that
+    records none gets ``engines.names.DEFAULT_ENGINE`` (``engine_for``): an int8 engine only behind its
+    guard, which also bounds the rise of "unknown" on validation, since the loop fits its detector on
+    torch features.
+    """
+    engine = state.get(ckpt.CKPT_ENGINE)
+    return str(engine) if engine else None
+
+
 def run_shards(shards: str, meta: dict[str, Any], run: RunDir, size: int) -> tuple[Path, Manifest] | None:
     """The local shards folder whose splits calibrate and guard an int8 engine, or None if not here.
 

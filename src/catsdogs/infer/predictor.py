@@ -24,15 +24,17 @@ from torch import nn
 
 from catsdogs import checkpoint as ckpt
 from catsdogs.checkpoint import build_from_checkpoint, load_checkpoint
+from catsdogs.devices import AUTO
 from catsdogs.engines.base import Engine
 from catsdogs.engines.eager import TorchEngine
-from catsdogs.engines.names import MAX_DROP_PT, TORCH
-from catsdogs.infer.engine import load_engine
+from catsdogs.engines.names import MAX_DROP_PT, engine_for
+from catsdogs.infer.engine import load_engine, recorded_engine
 from catsdogs.models.effnet import fold_for_inference
 from catsdogs.models.heads import probabilities
 from catsdogs.models.ood import MIN_SIDE, Detector, flat_images
 from catsdogs.models.transforms import DEFAULT_MAX_PIXELS, hflip, load_image, normalize
 from catsdogs.rundir import BEST_CKPT, resolve_checkpoint
+from catsdogs.runtime import select_device
 
 UNKNOWN = "unknown"
 """The label of an image the detector rejects: it looks like none of the trained classes."""
@@ -123,17 +125,20 @@ class Predictor:
     """Runs ``model.features`` (``--backend``); None: built at first use by ``make_engine``."""
     make_engine: Callable[[], Engine] | None = None
     """Builds the ``--backend`` engine; None: torch eager on ``model``."""
+    backend: str = ""
+    """The engine ``--backend`` resolved to (``engines.names.engine_for``), before it is built."""
 
     @classmethod
-    def from_run(cls, run: str | Path, device: torch.device | str = "cpu", name: str = BEST_CKPT,
+    def from_run(cls, run: str | Path, device: torch.device | str = AUTO, name: str = BEST_CKPT,
                  tta: bool | None = None, reject: bool | None = None,
-                 calibrate: bool | None = None, backend: str = TORCH, threads: int = 0,
+                 calibrate: bool | None = None, backend: str | None = None, threads: int = 0,
                  int8_max_drop: float = MAX_DROP_PT, shards: str = "") -> Predictor:
         """Load the checkpoint of a run folder (or a .pt file) and rebuild its model.
 
         ``tta``, ``reject`` and ``calibrate`` override the run's recorded inference settings (None: the
         run's). A run without a detector (trained before it existed) answers as before, with a note.
-        ``backend`` names the engine of the feature pass (``engines.names.ENGINES``); an int8 engine
+        ``backend`` names the engine of the feature pass (``engines.names.ENGINES``; None: the engine the
+        run's answers were fitted on, ``infer.engine.recorded_engine``, as for the CLI); an int8 engine
         runs only behind its accuracy guard, checked on the validation split of ``shards`` (default:
         the shards the run was trained on) when none is recorded.
         """
@@ -150,7 +155,7 @@ class Predictor:
                     f"of the training photos, not on what they show); it answers as before, without 'looks "
                     f"like'; retrain the run for the ImageNet-concepts detector")
         settings.reject = settings.reject and detector is not None
-        device = torch.device(device)
+        device = select_device(device) if isinstance(device, str) else device
         model = build_from_checkpoint(state)
         # Inference only: BatchNorm folded into the convolutions (same outputs, one op less per conv).
         model = fold_for_inference(model).to(device).to(memory_format=torch.channels_last)
@@ -163,6 +168,7 @@ class Predictor:
         size, mean, std = int(state[ckpt.CKPT_IMAGE]["size"]), tuple(norm["mean"]), tuple(norm["std"])
         # Built at the first answer, not here: a user error found after loading (a wrong --data, say)
         # stays the only line, before any export, calibration or validation check.
+        backend = engine_for(backend, recorded_engine(state))
         make_engine = partial(load_engine, backend, model, size, mean, std, path, meta, device,
                               threads=threads, max_drop_pt=int8_max_drop, shards=shards,
                               accepts=None if detector is None else partial(_accepts, detector, model))
@@ -170,7 +176,7 @@ class Predictor:
                    resize=str(image.get("resize", "stretch")), mean=tuple(norm["mean"]),
                    std=tuple(norm["std"]), device=device, checkpoint=meta, path=path, settings=settings,
                    detector=detector, temperature=float(state.get(ckpt.CKPT_TEMPERATURE, 1.0)), note=note,
-                   make_engine=make_engine)
+                   make_engine=make_engine, backend=backend)
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return logits and (when the model exposes them) the features feeding its final layer."""

@@ -40,14 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from catsdogs.models.imagenet import imagenet_names, imagenet_probabilities
+from catsdogs.models.ood_names import AUTO, CONCEPTS, OOD_CHOICES, OOD_METHODS  # noqa: F401 - re-exported
 
-CONCEPTS = "concepts"
-OOD_METHODS: tuple[str, ...] = (CONCEPTS, "knn", "mahalanobis", "energy")
-"""Detector methods (``train --ood-method``); ``concepts`` needs ImageNet weights."""
-AUTO = "auto"
-"""``--ood-method auto``: ``concepts`` with ImageNet heads, else ``knn`` (:func:`resolve_method`)."""
-OOD_CHOICES: tuple[str, ...] = (AUTO, *OOD_METHODS)
-"""Values ``train --ood-method`` accepts."""
 DETECTOR_VERSION = 2
 """Version of a detector's checkpoint entry. 2: ImageNet concepts ("looks like") when the model has
 them. Entries without a version were fitted before, on the look of the training photos alone."""

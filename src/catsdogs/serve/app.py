@@ -42,7 +42,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -51,6 +51,7 @@ from catsdogs import __version__
 from catsdogs.config import ServeConfig, check_required
 from catsdogs.errors import ConfigError, ImageDecodeError
 from catsdogs.infer.explain import Explainer, explain_upload
+from catsdogs.infer.prediction import Prediction
 from catsdogs.infer.predictor import UNKNOWN, Answer
 from catsdogs.rundir import RunDir
 from catsdogs.runtime import cores
@@ -58,6 +59,7 @@ from catsdogs.serve.auth import check_exposure, load_api_key
 from catsdogs.serve.backends import Backend, load_backend, on_cuda, plan_workers
 from catsdogs.serve.batcher import MicroBatcher
 from catsdogs.serve.connections import uvicorn_config
+from catsdogs.serve.disclosure import public, public_report
 from catsdogs.serve.docs import create_documented_app
 from catsdogs.serve.metrics import CONTENT_TYPE, METRICS_PATH, MetricsMiddleware, ServeMetrics
 from catsdogs.serve.security import install_security
@@ -189,15 +191,11 @@ class Serving:
             raise ApiError(400, exc.reason, exc.detail or exc.reason) from None
 
     def result(self, answer: Answer) -> dict[str, Any]:
-        """Turn one image's answer into the response fields (label ``unknown`` when rejected)."""
-        classes = self.backend.classes
-        label = answer.label(classes)
+        """One image's response fields (label ``unknown`` when rejected), as predict and the API give them."""
+        fields = Prediction(path="", answer=answer, classes=self.backend.classes).fields()
         if self.metrics is not None:
-            self.metrics.answered(label)
-        return {"label": label, "probability": float(np.max(answer.probs)),
-                "probabilities": {c: float(p) for c, p in zip(classes, answer.probs, strict=True)},
-                "ood_score": None if np.isnan(answer.score) else answer.score,
-                "looks_like": [{"concept": c, "probability": p} for c, p in answer.looks_like]}
+            self.metrics.answered(fields["label"])
+        return fields
 
     async def classify(self, part: Part, timing: dict[str, float] | None = None) -> dict[str, Any]:
         """Check, decode and classify one uploaded part; add the seconds spent to ``timing``."""
@@ -250,7 +248,7 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
         backend = predictor if predictor is not None else load_backend(cfg)
         # Warm up once so the first request does not pay lazy initialisation.
         backend.predict_arrays(np.zeros((1, backend.size, backend.size, 3), dtype=np.uint8))
-        workers, _threads = plan_workers(cfg, on_cuda(backend))
+        workers, _threads = plan_workers(cfg, backend.name, on_cuda(backend))
         batcher = MicroBatcher(backend.answer, cfg.max_batch, cfg.batch_wait_ms, workers)
         pool = ThreadPoolExecutor(max_workers=min(_MAX_DECODE_THREADS, cores() + 1),
                                   thread_name_prefix="decode")
@@ -334,11 +332,11 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
         serving: Serving = request.app.state.serving
         desc = serving.backend.describe()
         report = run_folder(cfg).report
-        return {**desc, "tta": desc.get("inference", {}).get("tta"), "eval_metrics": eval_metrics(cfg),
-                "report": report.is_file(),
-                "batching": {"max_batch": cfg.max_batch, "batch_wait_ms": cfg.batch_wait_ms},
-                "limits": {"max_bytes": cfg.max_bytes, "max_pixels": cfg.max_pixels,
-                           "max_files": cfg.max_files}}
+        return public({**desc, "tta": desc.get("inference", {}).get("tta"), "eval_metrics": eval_metrics(cfg),
+                       "report": report.is_file(),
+                       "batching": {"max_batch": cfg.max_batch, "batch_wait_ms": cfg.batch_wait_ms},
+                       "limits": {"max_bytes": cfg.max_bytes, "max_pixels": cfg.max_pixels,
+                                  "max_files": cfg.max_files}})
 
     @app.get("/stats")
     async def stats(request: Request) -> dict[str, Any]:
@@ -356,13 +354,15 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
     @app.get("/report", include_in_schema=True, response_model=None,
              responses={200: {"content": {"text/html": {}}, "description": "The HTML report"},
                         404: {"model": ErrorBody, "description": "No report yet (no_report)"}})
-    async def report() -> FileResponse | JSONResponse:
+    async def report() -> HTMLResponse | JSONResponse:
         """The run's HTML evaluation report (RUN/eval/report.html), or 404 if not evaluated yet."""
         path = run_folder(cfg).report
-        if not path.is_file():
+        try:
+            page = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
             return _error(404, "no_report", "this run has no evaluation report yet; run 'catsdogs evaluate' "
                                             "on it to write one")
-        return FileResponse(path, media_type="text/html")
+        return HTMLResponse(public_report(page))  # the paths it records, as names
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

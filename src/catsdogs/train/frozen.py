@@ -4,7 +4,9 @@ The pretrained backbone never changes, so its pooled features are computed ONCE 
 streaming pass over the shards, batched), and only the linear head is trained on them: a logistic
 regression that takes seconds instead of epochs of backbone forward passes. The result is written
 as an ordinary checkpoint of the full model (backbone + head), so evaluate/predict/serve load it
-like any trained run.
+like any trained run. The run folder follows the loop's contract (:mod:`catsdogs.train.contract`): an
+existing run is refused without ``--resume`` (nothing left to do: the head is fitted in one go) or
+``--overwrite``, and the checkpoint's model config is the loop's.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from torch import nn
 
-from catsdogs.checkpoint import CKPT_ENGINE, build_checkpoint, save_checkpoint
+from catsdogs.checkpoint import CKPT_ENGINE, CKPT_METRICS, build_checkpoint, save_checkpoint
 from catsdogs.config import TrainConfig, require, save_config, to_dict
 from catsdogs.engines import feature_cache
 from catsdogs.engines.base import Engine
 from catsdogs.engines.batches import SplitImages, calibration_images
 from catsdogs.engines.factory import create_engine, record_checkpoint
 from catsdogs.engines.guard import GuardResult, save_record, screened_check
-from catsdogs.engines.names import is_quantized, runtime_of
+from catsdogs.engines.names import engine_for, is_quantized, runtime_of
 from catsdogs.engines.select import reference_features
 from catsdogs.errors import ConfigError, InputError
 from catsdogs.io.checksum import sha256_file
@@ -41,6 +43,7 @@ from catsdogs.runtime import setup
 from catsdogs.shards.cache import local_shards
 from catsdogs.shards.manifest import Manifest, load_manifest
 from catsdogs.train.confidence import fit_confidence
+from catsdogs.train.contract import claim, model_config, model_kwargs
 from catsdogs.train.features import extract_features
 
 log = logging.getLogger(__name__)
@@ -86,10 +89,15 @@ def train_frozen(cfg: TrainConfig, size: int | None = None, cache_splits: tuple[
     """Train only the head of a pretrained ``cfg.model`` on frozen features; write the run folder.
 
     Writes ``best.pt`` and ``last.pt`` (full model, normal checkpoint format), ``config.json`` and
-    ``metrics.csv`` into ``cfg.out``; returns the validation metrics. The features of ``cache_splits``
-    are computed by the same engine and written to the run's feature cache (for evaluate) -- never read
-    here.
+    ``metrics.csv`` into ``cfg.out``; returns the validation metrics (those recorded in the checkpoint
+    when ``--resume`` finds the run complete). The features of ``cache_splits`` are computed by the same
+    engine and written to the run's feature cache (for evaluate) -- never read here.
     """
+    cfg, state = claim(cfg)
+    if state is not None:  # a frozen run is complete once last.pt exists: nothing to continue
+        print(f"catsdogs train: --resume: the frozen-backbone run in {cfg.out} is complete; nothing to do "
+              f"(--overwrite fits it again)", file=sys.stderr)
+        return dict(state.get(CKPT_METRICS, {}))
     if cfg.model not in pretrained_names():
         raise ConfigError(f"--freeze backbone needs a pretrained --model ({', '.join(pretrained_names())}), "
                           f"got {cfg.model!r}; use --freeze none to train it from scratch")
@@ -102,8 +110,7 @@ def train_frozen(cfg: TrainConfig, size: int | None = None, cache_splits: tuple[
         raise InputError(f"shards {cfg.data!r} have no train rows (fix --data)")
     size = size or manifest.size
     num_classes = len(manifest.classes)
-    model = create_model(cfg.model, num_classes, size, dropout=cfg.dropout, width=cfg.width,
-                        pretrained=True)
+    model = create_model(cfg.model, num_classes, size, pretrained=True, **model_kwargs(cfg))
     model = model.to(device).to(memory_format=torch.channels_last)
     mean, std = input_normalization(cfg.model, tuple(manifest.mean), tuple(manifest.std))
     run = RunDir(Path(cfg.out))
@@ -111,7 +118,8 @@ def train_frozen(cfg: TrainConfig, size: int | None = None, cache_splits: tuple[
                                              cfg.calibration_images, cfg.batch_size, size)
     stages: dict[str, float] = {}
     clock = Stopwatch(stages)
-    engine = create_engine(cfg.backend, model, size, run, threads=cfg.threads, device=device,
+    backend = engine_for(cfg.backend)  # the engine asked for (train has no run to record one yet)
+    engine = create_engine(backend, model, size, run, threads=cfg.threads, device=device,
                            calibration=calibration, calibration_rows=cfg.calibration_images)
     clock.lap("engine_seconds")  # model load, graph export and int8 calibration when not cached
     feats = frozen_features(cfg, model, data, manifest, mean, std, device, engine)
@@ -166,9 +174,9 @@ def train_frozen(cfg: TrainConfig, size: int | None = None, cache_splits: tuple[
         save_record(run.int8_guard, record)
         engine.guard = record.to_dict()
     for split, (split_feats, split_labels) in cached.items():
-        base = feature_cache.base_key(data, manifest, split, checkpoint_sha256, cfg.backend,
+        base = feature_cache.base_key(data, manifest, split, checkpoint_sha256, backend,
                                       cfg.int8_max_drop, mean, std, size)
-        feature_cache.save(run.feature_cache(split, cfg.backend), split_feats, split_labels, base, engine)
+        feature_cache.save(run.feature_cache(split, backend), split_feats, split_labels, base, engine)
     clock.lap("write_seconds")
     rows = sum(len(f[1]) for f in feats.values()) + sum(len(f[1]) for f in cached.values())
     print(f"catsdogs: frozen head ({engine.name} features) in {time.perf_counter() - t0:.0f} s: "
@@ -221,9 +229,8 @@ def write_run(cfg: TrainConfig, model: nn.Module, manifest: Manifest, size: int,
     """
     run = RunDir(Path(cfg.out))
     run.root.mkdir(parents=True, exist_ok=True)  # also made by train_frozen for the engine graphs
-    model_config = {"name": cfg.model, "num_classes": len(manifest.classes), "size": size,
-                    "dropout": cfg.dropout, "width": cfg.width}
-    state = build_checkpoint(model_state=model.state_dict(), model_config=model_config,
+    state = build_checkpoint(model_state=model.state_dict(),
+                             model_config=model_config(cfg, len(manifest.classes), size),
                              classes=manifest.classes, mean=mean, std=std, size=size,
                              resize=manifest.resize, train_config=to_dict(cfg), epoch=1, metrics=metrics)
     state.update(confidence or {})
