@@ -46,7 +46,7 @@ def measure(run: Path) -> list[tuple[str, int, int, float]]:
     from catsdogs.runtime import setup
 
     setup(0, "cpu")
-    pred = Predictor.from_run(run)
+    pred = Predictor.from_run(run, backend="torch")
     onnx_path, _ = ensure_onnx(pred, run_folder(run))
     rng = np.random.default_rng(0)
     rows = []

@@ -31,7 +31,7 @@ def main() -> None:
     if not Path(args.run).is_dir():
         print(f"skipped: no trained run at {args.run} (make run, or give --run)")
         return
-    predictor = Predictor.from_run(args.run, "cpu")
+    predictor = Predictor.from_run(args.run, "cpu", backend="torch")
     sets = (("generated", generated_images(GENERATED_PER_KIND, GENERATED_SIZE, seed=GENERATED_SEED)),
             ("photos", sample_photos()))
     for name, items in sets:

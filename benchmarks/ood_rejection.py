@@ -142,7 +142,7 @@ def measure(args: argparse.Namespace) -> str:
             subprocess.run([sys.executable, "-m", "catsdogs.cli", "run", "--config", str(QUICK_PRESET),
                             "--data", str(REAL_DATA), "--out", str(DEFAULT_RUN)], check=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    pred = Predictor.from_run(args.run)
+    pred = Predictor.from_run(args.run, backend="torch")
     data = Path(args.data or RunDir.from_arg(args.run).read_config()["data"])
     nc = len(pred.classes)
     train = split_outputs(pred, data, "train", args.batch_size, args.train_rows)

@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     with heavy_lock():
         start = time.perf_counter()
-        predictor = Predictor.from_run(run)
+        predictor = Predictor.from_run(run, backend="torch")
         explainer = Explainer(predictor)
         photos = []
         for path in held_out_photos(run, args.data, args.photos, args.seed):

@@ -9,6 +9,8 @@ import io
 import os
 import struct
 import zlib
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -127,10 +129,18 @@ def make_image_tree(root: Path, per_class: int = 12, classes: tuple[str, ...] = 
     return {"good": good, "bad": bad, "ignored": ignored}
 
 
+ImageFn = Callable[[int, int, int], np.ndarray]
+"""``(label, size, seed) -> uint8 RGB image``: what a fixture shard row shows."""
+
+
 def make_shards(root: Path, counts: dict[str, int] | None = None, size: int = 32,
                 shard_rows: int = 50, classes: tuple[str, ...] = ("Cat", "Dog"), seed: int = 0,
-                fmt: str = "npy") -> Manifest:
-    """Write a small shards folder (no Spark) with the real writer and manifest; return the manifest."""
+                fmt: str = "npy", image_fn: ImageFn | None = None) -> Manifest:
+    """Write a small shards folder (no Spark) with the real writer and manifest; return the manifest.
+
+    Rows are :func:`synthetic_image` unless ``image_fn`` makes them (e.g. :func:`photo_variant`).
+    """
+    image_fn = image_fn or synthetic_image
     counts = counts or {"train": 200, "val": 60, "test": 60}
     rng = np.random.default_rng(seed)
     infos = []
@@ -144,7 +154,7 @@ def make_shards(root: Path, counts: dict[str, int] | None = None, size: int = 32
                 for j, label in enumerate(labels[start:start + shard_rows]):
                     # crc32, not hash(): str hashes change per process, and fixtures must not.
                     image_seed = seed * 100000 + zlib.crc32(split.encode()) % 1000 * 1000 + start + j
-                    w.add(synthetic_image(int(label), size, seed=image_seed), int(label),
+                    w.add(image_fn(int(label), size, image_seed), int(label),
                           f"{split}/{start + j}.png")
             infos.append(w.info)
     manifest = Manifest(classes=list(classes), size=size, resize="stretch", mean=[120.0] * 3,
@@ -260,3 +270,32 @@ def make_flat_tree(root: Path, per_class: int = 10, size: int = 40) -> dict[str,
     for name in ignored:
         (root / name).write_bytes(b"clutter")
     return {"good": sorted(good + list(odd)), "bad": sorted(broken), "ignored": sorted(ignored)}
+
+
+PHOTO_CLASSES: tuple[str, ...] = ("Cat", "Coffee")
+"""Classes of :func:`photo_variant`: scikit-image's chelsea (a tabby cat) and coffee (an espresso)."""
+
+
+@cache
+def _sample_photo(name: str) -> np.ndarray:
+    from skimage import data  # dev extra: real photos shipped inside its wheel
+
+    return np.asarray(getattr(data, name)())
+
+
+def photo_variant(label: int, size: int, seed: int) -> np.ndarray:
+    """A random crop, flip and brightness change of a real photo of class ``label`` (:data:`PHOTO_CLASSES`).
+
+    Real photos that an ImageNet backbone recognises (tabby cat, espresso), for tests of the ImageNet
+    concepts detector that run without the PetImages data.
+    """
+    rng = np.random.default_rng(seed)
+    photo = _sample_photo(PHOTO_CLASSES[label % len(PHOTO_CLASSES)].lower().replace("cat", "chelsea"))
+    h, w = photo.shape[:2]
+    side = int(min(h, w) * rng.uniform(0.7, 1.0))
+    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    crop = photo[y:y + side, x:x + side]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    img = Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(img, np.float32) * rng.uniform(0.8, 1.2), 0, 255).astype(np.uint8)

@@ -98,6 +98,8 @@ TRAINING = ("catsdogs.train.loop", "catsdogs.train.launch", "catsdogs.train.stre
     *[(m, ("catsdogs.train.frozen", "catsdogs.train.launch", "catsdogs.evaluate.", "catsdogs.audit.",
            "catsdogs.preprocess.", "catsdogs.cli"))
       for m in ("catsdogs.cluster.shardjob", "catsdogs.cluster.work", "catsdogs.cluster.features")],
+    ("catsdogs.engines.feature_cache", ("catsdogs.train.", "catsdogs.infer.", "catsdogs.serve.",
+                                        "catsdogs.evaluate.", "catsdogs.config")),
     ("catsdogs.track.registry", ("catsdogs.train.", "catsdogs.evaluate.", "catsdogs.infer.",
                                  "catsdogs.serve.", "catsdogs.config", "catsdogs.cli")),
 ])

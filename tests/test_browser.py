@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
+from catsdogs import checkpoint as ckpt
+from catsdogs.checkpoint import load_checkpoint
 from catsdogs.config import ServeConfig
-from tests.fixtures import jpeg_bytes, synthetic_image
+from tests.fixtures import REAL_DATA, jpeg_bytes, synthetic_image
 from tests.live import live_server as serve_live
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -19,6 +23,22 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 pytestmark = pytest.mark.slow
+
+
+@contextmanager
+def page_on(url: str, height: int = 760) -> Iterator[Any]:
+    """A Chromium page on ``url``'s web page, once its model line has loaded (always closed)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": height})
+            page.goto(url + "/")
+            page.wait_for_selector("#model-info:not(:text('Loading model'))")
+            yield page
+        finally:
+            browser.close()
 
 
 @pytest.fixture
@@ -142,7 +162,6 @@ def test_page_shows_the_heatmap_of_what_drove_the_answer(live_server: str, tmp_p
 def test_page_says_the_photo_looks_like_neither_class(live_trained_server: str, tmp_path: Path) -> None:
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (make browser) to run the browser test")
-    from playwright.sync_api import sync_playwright
 
     from tests.ood_set import generated_images, png_bytes
 
@@ -154,29 +173,24 @@ def test_page_says_the_photo_looks_like_neither_class(live_trained_server: str, 
                      files={"file": (page_of_text.name, page_of_text.read_bytes(), "image/png")}).json()
     assert api["label"] == "unknown"
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 760})
-            page.goto(live_trained_server + "/")
-            page.wait_for_selector("#model-info:not(:text('Loading model'))")
-            page.set_input_files("#file-input", str(page_of_text))
-            page.wait_for_selector("#unknown-note:not([hidden])", timeout=15_000)
-            assert page.inner_text("#label") == "Neither"
-            note = page.inner_text("#unknown-note")
-            assert "looks like neither a Cat nor a Dog" in note
-            assert page.inner_text("#probability") == ""
-            assert page.inner_text("#bars-title") == "If it had to choose"
-            assert page.locator("#bars li").count() == 2  # the class probabilities are still shown
-            page.screenshot(path=str(tmp_path / "page-unknown.png"), full_page=True)
+    with page_on(live_trained_server) as page:
+        page.set_input_files("#file-input", str(page_of_text))
+        page.wait_for_selector("#unknown-note:not([hidden])", timeout=15_000)
+        assert page.inner_text("#label") == "Neither"
+        note = page.inner_text("#unknown-note")
+        assert "looks like neither a Cat nor a Dog" in note
+        assert page.inner_text("#probability") == ""
+        assert page.inner_text("#bars-title") == "If it had to choose"
+        assert page.locator("#bars li").count() == 2  # the class probabilities are still shown
+        assert page.is_hidden("#looks-like")  # a scratch-trained CNN knows no concepts: it names none
+        page.screenshot(path=str(tmp_path / "page-unknown.png"), full_page=True)
 
-            # A photo like the training ones gets its class again, and the note goes away.
-            page.set_input_files("#file-input", str(pet))
-            page.wait_for_selector("#unknown-note[hidden]", state="attached", timeout=15_000)
-            assert page.inner_text("#label") in ("Cat", "Dog")
-            page.screenshot(path=str(tmp_path / "page-known.png"), full_page=True)
-        finally:
-            browser.close()
+        # A photo like the training ones gets its class again, and the note goes away.
+        page.set_input_files("#file-input", str(pet))
+        page.wait_for_selector("#unknown-note[hidden]", state="attached", timeout=15_000)
+        assert page.inner_text("#label") in ("Cat", "Dog")
+        page.screenshot(path=str(tmp_path / "page-known.png"), full_page=True)
+
     assert (tmp_path / "page-unknown.png").stat().st_size > 10_000
 
 
@@ -233,3 +247,109 @@ def test_page_asks_for_the_key_once_and_runs_under_its_csp(run_dir: Path, tmp_pa
             browser.close()
     assert not violations, violations
     assert (tmp_path / "page-keyed.png").stat().st_size > 10_000
+
+
+RACCOONS = REAL_DATA.parent / "not-pets" / "raccoon"
+
+
+def test_page_names_what_an_unknown_photo_looks_like(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Under "Neither", the ImageNet concepts the photo looks like: a raccoon on a model of real pets (when
+    the real data is here), else a rocket on the photo fixture's model."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (make browser) to run the browser test")
+
+    from tests.ood_set import png_bytes, sample_photos
+
+    if RACCOONS.is_dir() and REAL_DATA.is_dir():
+        run, candidates = request.getfixturevalue("real_run"), sorted(RACCOONS.glob("*.jpg"))
+    else:
+        run, candidates = request.getfixturevalue("photo_run")[0], [tmp_path / "rocket.png"]
+        candidates[0].write_bytes(png_bytes(dict(sample_photos())["rocket"]))
+    engine = str(load_checkpoint(run / "best.pt")[ckpt.CKPT_ENGINE])  # the features its detector saw
+    with serve_live(ServeConfig(run=str(run), backend=engine)) as url:
+        answers: list[tuple[Path, dict]] = []
+        for start in range(0, len(candidates), 25):  # until one is "unknown" (1 in 8 on this small run)
+            chunk = candidates[start:start + 25]
+            batch = httpx.post(f"{url}/predict/batch", timeout=120, files=[
+                ("files", (p.name, p.read_bytes(), "image/jpeg")) for p in chunk]).json()
+            answers += list(zip(chunk, batch, strict=True))
+            if any(a["label"] == "unknown" for _, a in answers):
+                break
+        photo, api = next((p, a) for p, a in answers if a["label"] == "unknown")
+        assert api["looks_like"], api
+        want = "Looks like: " + ", ".join(f"{c['concept']} {round(100 * c['probability'])} %"
+                                          for c in api["looks_like"])
+        with page_on(url, height=820) as page:
+            page.set_input_files("#file-input", str(photo))
+            page.wait_for_selector("#looks-like:not([hidden])", timeout=30_000)
+            assert page.inner_text("#label") == "Neither"
+            assert page.inner_text("#looks-like") == want
+            # The line sits right under "Neither", above the note and the class bars.
+            label_box = page.locator("#label").bounding_box()
+            line_box = page.locator("#looks-like").bounding_box()
+            assert label_box and line_box and line_box["y"] > label_box["y"]
+            assert line_box["y"] < (page.locator("#bars").bounding_box() or {"y": 1e9})["y"]
+            page.screenshot(path=str(tmp_path / "page-looks-like.png"), full_page=True)
+            known = next((q for q, a in answers if a["label"] != "unknown"), None)
+            if known is not None:  # a photo given a class shows no "looks like" line
+                page.set_input_files("#file-input", str(known))
+                page.wait_for_selector("#looks-like", state="hidden", timeout=30_000)
+
+    assert (tmp_path / "page-looks-like.png").stat().st_size > 10_000
+
+
+def test_api_docs_load_offline_under_a_csp_that_names_no_other_origin(run_dir: Path, tmp_path: Path) -> None:
+    """/docs (Swagger UI) and /redoc (ReDoc) with every request to another origin blocked: both list the
+    operations, nothing outside the app is fetched, and the CSP refuses what would leave it."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (make browser) to run the browser test")
+    from playwright.sync_api import Route, sync_playwright
+
+    from tests.live import live_server
+
+    key_file = tmp_path / "api.key"
+    key_file.write_text("docs-test-key-0123456789abcdef")  # with a key: the docs must stay open
+    outside: list[str] = []
+    console: dict[str, list[str]] = {"docs": [], "redoc": []}
+    with live_server(ServeConfig(run=str(run_dir), api_key_file=str(key_file))) as url, \
+            sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1200, "height": 1000})
+
+            def only_the_app(route: Route) -> None:
+                if route.request.url.startswith(url + "/"):
+                    route.continue_()
+                else:
+                    outside.append(route.request.url)
+                    route.abort()
+
+            context.route("**/*", only_the_app)
+            page = context.new_page()
+            page.on("console", lambda m: console["redoc" if "/redoc" in page.url else "docs"].append(m.text))
+            page.goto(url + "/docs")
+            page.wait_for_selector(".opblock-summary-path", timeout=20_000)
+            paths = {p.replace("\u200b", "") for p in page.locator(".opblock-summary-path").all_inner_texts()}
+            assert {"/predict", "/predict/batch", "/healthz", "/model", "/metrics", "/report"} <= paths, paths
+            assert page.locator(".opblock-post").count() == 2 and page.is_visible("button.authorize")
+            page.click(".opblock-post >> nth=1")  # /predict/batch opens: Swagger UI's scripts run
+            page.wait_for_selector("text=Try it out")
+            page.screenshot(path=str(tmp_path / "docs.png"))
+
+            page.goto(url + "/redoc")
+            page.wait_for_selector("text=Classify one image", timeout=20_000)
+            menu = page.locator("[role=menuitem]").all_inner_texts()
+            assert any("Prometheus Metrics" in m for m in menu) and any("Predict Batch" in m for m in menu)
+            page.fill("input[placeholder='Search...']", "metrics")  # the search index runs in its worker
+            page.wait_for_selector("[role=search] >> text=Prometheus Metrics", timeout=10_000)
+            page.screenshot(path=str(tmp_path / "redoc.png"))
+        finally:
+            browser.close()
+    assert not outside, outside  # not even asked for: the CSP refuses other origins first
+    assert not [m for m in console["docs"] if "Content Security Policy" in m or "Refused" in m], console
+    # ReDoc's two refusals are by design: the Redocly logo of its footer (another origin) and the
+    # perfect-scrollbar style sheet its bundle injects (native scroll bars instead); nothing else.
+    refused = [m for m in console["redoc"] if "Content Security Policy" in m]
+    assert all("cdn.redoc.ly" in m or "inline style" in m for m in refused), refused
+    assert (tmp_path / "docs.png").stat().st_size > 20_000
+    assert (tmp_path / "redoc.png").stat().st_size > 20_000

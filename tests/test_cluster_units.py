@@ -3,7 +3,6 @@ schema, Parquet feature shards and whole-file outputs (local and S3)."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,9 @@ from catsdogs.cluster import session
 from catsdogs.cluster.shardjob import Item, group_items, read_feature_shard, write_feature_shard
 from catsdogs.cluster.standalone import free_port
 from catsdogs.errors import ConfigError, OutputExistsError
-from catsdogs.infer.predict import Input, PredictionRow, read_input, write_rows
+from catsdogs.infer.predict import Input, read_item, write_rows
+from catsdogs.infer.prediction import Prediction
+from catsdogs.infer.predictor import Answer
 from catsdogs.shards.manifest import ShardInfo
 from tests.s3 import make_bucket, s3_server
 
@@ -73,31 +74,34 @@ def test_executor_failures_a_user_can_fix_become_one_line(text: str, expected: s
 
 
 def test_every_prediction_field_reaches_the_spark_rows() -> None:
-    """A field added to PredictionRow (the lead's looks_like, say) travels without a schema change."""
-    names = [f.name for f in dataclasses.fields(PredictionRow)]
-    assert [n for n, _, _ in cpredict.row_fields()] == names
-    types = {n: (t, enc) for n, t, enc in cpredict.row_fields()}
-    assert types["probability"] == ("double", False) and types["path"] == ("string", False)
-    assert types["probabilities"] == ("string", True)  # a dict: JSON text, decoded on the driver
+    """A task's Predictions come back to the driver equal, field for field (looks_like included)."""
     import pandas as pd
     import pyarrow as pa
 
+    classes = ("Cat", "Dog")
     rows = [
-        PredictionRow("a.jpg", "Cat", 0.9, "", {"Cat": 0.9, "Dog": 0.1}, 0.25),
-        PredictionRow("b.jpg", error="not_an_image"),
+        Prediction("a.jpg", answer=Answer(np.array([0.9, 0.1], np.float32), 0.25, True), classes=classes),
+        Prediction("b.jpg", error="not_an_image", classes=classes),
+        Prediction("c.jpg", answer=Answer(np.array([0.4, 0.6], np.float32), 3.5, False,
+                                          [("badger", 0.66), ("mongoose", 0.11)]), classes=classes),
+        Prediction("d.jpg", answer=Answer(np.array([0.3, 0.7]), float("nan"), True), classes=classes),
     ]
-    frame = cpredict._frame(pd.DataFrame({"_input": [0, 0], "_order": [1, 0]}), rows)
-    back, procs = cpredict.to_rows(pa.Table.from_pandas(frame))
-    assert back == rows[::-1] and len(procs) == 1  # sorted back into input order, every field equal
+    frame = cpredict._frame(pd.DataFrame({"_input": [0, 0, 1, 1], "_order": [1, 0, 5, 4]}), rows)
+    assert list(frame.columns) == [c.split()[0] for c in cpredict.result_ddl().split(", ")]
+    back, procs = cpredict.to_rows(pa.Table.from_pandas(frame), list(classes))
+    assert [r.to_dict() for r in back] == [rows[k].to_dict() for k in (1, 0, 3, 2)]  # input order
+    assert [r.label for r in back] == ["", "Cat", "Dog", "unknown"]
+    assert back[3].looks_like[0] == ("badger", 0.66)
+    assert len(procs) == 1
 
 
 def test_inputs_are_files_uris_or_bytes(tmp_path: Path) -> None:
     (tmp_path / "a.jpg").write_bytes(b"abc")
-    assert read_input(tmp_path / "a.jpg") == b"abc"
-    assert read_input(Input("x", content=b"xyz")) == b"xyz"
-    assert read_input(Input("x", uri=str(tmp_path / "missing.jpg"))) == "unreadable"
+    assert read_item(tmp_path / "a.jpg") == b"abc"
+    assert read_item(Input("x", content=b"xyz")) == b"xyz"
+    assert read_item(Input("x", uri=str(tmp_path / "missing.jpg"))) == "unreadable"
     (tmp_path / "link.jpg").symlink_to(tmp_path / "gone.jpg")
-    assert read_input(tmp_path / "link.jpg") == "broken_link"
+    assert read_item(tmp_path / "link.jpg") == "broken_link"
 
 
 def test_feature_shards_round_trip(tmp_path: Path) -> None:
@@ -113,19 +117,19 @@ def test_feature_shards_round_trip(tmp_path: Path) -> None:
 
 
 def test_outputs_are_written_whole_and_never_replaced(tmp_path: Path) -> None:
-    rows = [PredictionRow("a.jpg", "Cat", 0.75, "", None, 0.5), PredictionRow("b.jpg", error="corrupt")]
+    rows = [Prediction("a.jpg", answer=Answer(np.array([0.75, 0.25]), 0.5, True), classes=("Cat", "Dog")),
+            Prediction("b.jpg", error="corrupt")]
     write_rows(rows, str(tmp_path / "out.parquet"))
     import pyarrow.parquet as pq
 
     table = pq.read_table(tmp_path / "out.parquet")
-    assert table.column_names == ["path", "label", "probability", "error", "ood_score"]
-    assert table.to_pylist()[1] == {
-        "path": "b.jpg",
-        "label": "",
-        "probability": None,
-        "error": "corrupt",
-        "ood_score": None,
-    }
+    assert table.column_names == ["path", "label", "probability", "error", "ood_score", "looks_like"]
+    assert table.to_pylist() == [
+        {"path": "a.jpg", "label": "Cat", "probability": 0.75, "error": "", "ood_score": 0.5,
+         "looks_like": ""},
+        {"path": "b.jpg", "label": "", "probability": None, "error": "corrupt", "ood_score": None,
+         "looks_like": ""},
+    ]
     with pytest.raises(OutputExistsError, match="already exists; remove it or choose another --output"):
         cpredict.check_target(str(tmp_path / "out.parquet"))
     with s3_server():

@@ -100,7 +100,7 @@ def test_preflight_errors(shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "old"
     run.mkdir()
     (run / "last.pt").write_bytes(b"x")
-    with pytest.raises(OutputExistsError, match="--resume"):
-        distributed.preflight(TrainConfig(data=str(shards), out=str(run), distributed=2))
+    with pytest.raises(OutputExistsError, match="--overwrite"):  # train/contract.py, before any Spark work
+        distributed.train_distributed(TrainConfig(data=str(shards), out=str(run), distributed=2))
     with pytest.raises(ConfigError, match="--freeze backbone"):
         distributed.plan_launch(TrainConfig(distributed=2, device="cpu", freeze="backbone"))

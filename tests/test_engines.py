@@ -73,7 +73,7 @@ def test_a_failed_guard_falls_back_to_fp32_with_one_line(
     def failing(engine: str, *args: object, **kw: object) -> guard.GuardResult:
         return guard.GuardResult(engine=engine, fp32_acc=0.99, int8_acc=0.95, rows=100, max_drop_pt=0.1)
 
-    monkeypatch.setattr(select.guard, "check", failing)
+    monkeypatch.setattr(select.guard, "screened_check", failing)
     pred = Predictor.from_run(run_dir, backend="openvino-int8")
     assert pred.feature_engine.name == "openvino"
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "refused" in ln]
@@ -117,3 +117,22 @@ def test_frozen_training_on_int8_features_records_engine_and_check(tmp_path: Pat
     assert done.returncode == 0, done.stderr[-2000:]
     assert "checking onnx-int8" not in done.stderr and "calibrating" not in done.stderr
     assert json.loads(RunDir(out).eval_metrics.read_text())["engine"] == "onnx-int8"
+
+
+def test_guard_refuses_int8_features_that_turn_validation_images_unknown() -> None:
+    from catsdogs.engines.guard import GuardResult, check
+
+    feats = np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)
+    labels = (feats[:, 0] > 0).astype(np.int64)
+    head = lambda f: f[:, :1]  # noqa: E731 - same accuracy on both "engines"
+    moved = feats * 1.01  # the same signs: the same accuracy
+    ok = check("openvino-int8", head, feats, moved, labels, accepts=lambda f: np.ones(len(f), bool))
+    assert ok.passed and ok.unknown_rise_pt == 0.0
+    # The detector accepts everything on fp32 features and 95 % on int8 ones: 5 points > the 1 allowed.
+    bad = check("openvino-int8", head, feats, moved, labels,
+                accepts=lambda f: np.arange(len(f)) >= (10 if f is moved else 0))
+    assert not bad.passed and bad.unknown_rise_pt == pytest.approx(5.0)
+    assert "more 'unknown'" in bad.refusal() and "using fp32" in bad.refusal()
+    # Records written before the detector was checked have no acceptance: only accuracy decides.
+    legacy = GuardResult("openvino-int8", 0.99, 0.99, 200, 0.1)
+    assert legacy.passed

@@ -26,7 +26,7 @@ def test_onnx_matches_torch_with_a_dynamic_batch(run_dir: Path) -> None:
     path = run_dir / "model.onnx"
     assert path.is_file()
     assert not list(run_dir.glob(".model.onnx.*"))  # no temporary files left behind
-    predictor = Predictor.from_run(run_dir)
+    predictor = Predictor.from_run(run_dir, backend="torch")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for n in (1, 5, 17):  # the batch axis is dynamic
         x = batch(n, seed=n)
@@ -45,7 +45,7 @@ def test_torchscript_loads_and_matches(run_dir: Path, tmp_path: Path) -> None:
     extra = {"catsdogs.json": ""}
     module = torch.jit.load(str(out), _extra_files=extra)
     assert json.loads(extra["catsdogs.json"])["classes"] == ["Cat", "Dog"]
-    predictor = Predictor.from_run(run_dir)
+    predictor = Predictor.from_run(run_dir, backend="torch")
     for n in (1, 6):
         x = batch(n, seed=10 + n)
         with torch.no_grad():

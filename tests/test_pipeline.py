@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from catsdogs import cli
-from catsdogs.config import RunConfig
+from catsdogs.config import RunConfig, to_dict
 from catsdogs.errors import ConfigError
 from catsdogs.pipeline import preprocess_config, reuse_reason, train_config
 from catsdogs.shards.manifest import load_manifest, save_manifest
@@ -66,7 +66,7 @@ def test_reuse_reason(tmp_path: Path) -> None:
     assert reuse_reason(shards, wanted) == "no shards yet"
     manifest = make_shards(shards, counts={"train": 6, "test": 2}, size=32)
     assert "made from input None" in str(reuse_reason(shards, wanted))
-    manifest.config = dict(vars(wanted))  # as preprocess records it
+    manifest.config = to_dict(wanted)  # as preprocess records it
     manifest.stats["candidates"] = 8
     save_manifest(manifest, shards)
     assert reuse_reason(shards, wanted) is None

@@ -67,7 +67,7 @@ def test_rows_match_the_predictor_and_json_output(image_tree: tuple[Path, dict[s
                      "torch"]) == 0
     rows = json.loads(out.read_text())
     assert len(rows) == len([f for f in files["good"] if f.startswith("Cat/")])
-    predictor = Predictor.from_run(run_dir)
+    predictor = Predictor.from_run(run_dir, backend="torch")
     for row in rows[:5]:
         probs = predictor.predict_arrays(np.stack([predictor.decode(Path(row["path"]).read_bytes())]))[0]
         assert row["label"] == predictor.classes[int(np.argmax(probs))]
@@ -121,7 +121,7 @@ def test_predict_files_with_tta_and_one_worker(image_tree: tuple[Path, dict[str,
                                                run_dir: Path) -> None:
     root, files = image_tree
     paths = [root / f for f in files["good"][:9]] + [root / files["bad"][0]]
-    predictor = Predictor.from_run(run_dir)
+    predictor = Predictor.from_run(run_dir, backend="torch")
     plain = predict_files(predictor, paths, batch_size=4, workers=1, progress=False)
     tta = predict_files(predictor, paths, batch_size=4, tta=True, workers=3, progress=False)
     assert [r.path for r in plain] == [str(p) for p in paths]

@@ -20,6 +20,7 @@ from starlette.requests import Request
 
 from catsdogs.cli import main as cli_main
 from catsdogs.config import ServeConfig
+from catsdogs.engines.names import DEFAULT_ENGINE, runtime_of
 from catsdogs.infer.predictor import Answers, Predictor
 from catsdogs.rundir import RunDir
 from catsdogs.serve.app import create_app
@@ -63,7 +64,9 @@ def test_predict_good_jpeg(client: TestClient) -> None:
     assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert body["probability"] == max(body["probabilities"].values())
     assert body["probabilities"][body["label"]] == body["probability"]
-    assert body["model"]["name"] == "seed" and body["model"]["backend"] == ServeConfig().backend
+    # No --backend: the run's engine, the default one (int8 behind its guard, else its fp32 runtime).
+    assert body["model"]["name"] == "seed" and body["model"]["backend"] in (DEFAULT_ENGINE,
+                                                                            runtime_of(DEFAULT_ENGINE))
     timing = dict(item.split(";dur=") for item in r.headers["server-timing"].split(", "))
     assert set(timing) == {"decode", "infer", "app"}
     assert 0 < float(timing["decode"]) + float(timing["infer"]) <= float(timing["app"])
@@ -71,7 +74,7 @@ def test_predict_good_jpeg(client: TestClient) -> None:
 
 def test_prediction_matches_the_predictor(run_dir: Path) -> None:
     # The same engine on both sides (engines agree with each other in tests/test_engines.py).
-    predictor = Predictor.from_run(run_dir)
+    predictor = Predictor.from_run(run_dir, backend="torch")
     expected = predictor.predict_arrays(np.stack([predictor.decode(JPEG)]))[0]
     with TestClient(create_app(ServeConfig(run=str(run_dir), backend="torch"))) as client:
         got = client.post("/predict", **upload(JPEG)).json()["probabilities"]
@@ -359,18 +362,17 @@ def test_plan_workers_one_single_threaded_worker_per_core(monkeypatch: pytest.Mo
     from catsdogs.serve import backends
 
     monkeypatch.setattr(backends, "cores", lambda: 4)
-    torch_cfg = {"backend": "torch"}
-    assert backends.plan_workers(ServeConfig(**torch_cfg), on_cuda=False) == (4, 1)
-    assert backends.plan_workers(ServeConfig(**torch_cfg), on_cuda=True) == (1, 4)
-    assert backends.plan_workers(ServeConfig(workers=1, **torch_cfg), on_cuda=False) == (1, 4)
-    assert backends.plan_workers(ServeConfig(workers=2, threads=3), on_cuda=False) == (2, 3)
+    assert backends.plan_workers(ServeConfig(), "torch", on_cuda=False) == (4, 1)
+    assert backends.plan_workers(ServeConfig(), "torch", on_cuda=True) == (1, 4)
+    assert backends.plan_workers(ServeConfig(workers=1), "torch", on_cuda=False) == (1, 4)
+    assert backends.plan_workers(ServeConfig(workers=2, threads=3), "onnx", on_cuda=False) == (2, 3)
     for name in ("onnx", "openvino", "onnx-int8", "openvino-int8"):  # one worker with every core
-        assert backends.plan_workers(ServeConfig(backend=name), on_cuda=False) == (1, 4)
+        assert backends.plan_workers(ServeConfig(), name, on_cuda=False) == (1, 4)
 
 
 @pytest.mark.parametrize("name", ["onnx", "openvino"])
 def test_engine_backends_export_on_the_fly_and_agree_with_torch(run_dir: Path, name: str) -> None:
-    backend = PredictorBackend(Predictor.from_run(run_dir))
+    backend = PredictorBackend(Predictor.from_run(run_dir, backend="torch"))
     torch_probs = backend.predict_arrays(np.stack([backend.decode(JPEG)]))[0]
     assert not RunDir(run_dir).features_graph.exists()
     with TestClient(create_app(ServeConfig(run=str(run_dir), backend=name))) as c:

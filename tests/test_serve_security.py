@@ -34,7 +34,7 @@ from catsdogs.errors import ConfigError
 from catsdogs.infer.predictor import Answers
 from catsdogs.serve.app import create_app
 from catsdogs.serve.auth import API_KEY_ENV, check_exposure, load_api_key
-from tests.fixtures import jpeg_bytes, make_run, synthetic_image
+from tests.fixtures import jpeg_bytes, make_run, make_shards, synthetic_image
 from tests.live import live_server
 
 with warnings.catch_warnings():
@@ -287,6 +287,47 @@ def test_no_response_shows_the_run_path_or_library_versions(run: Path, key_file:
         for name, version in LIBRARY_VERSIONS.items():
             assert version not in text, (r.request.url, name)
         assert "Traceback" not in text and "server" not in r.headers
+
+
+def test_no_route_answers_with_an_absolute_path(tmp_path: Path) -> None:
+    """Every route of the app, after a real evaluation (whose metrics.json records absolute paths)."""
+    shards = tmp_path / "data" / "shards"
+    make_shards(shards, counts={"train": 40, "val": 20, "test": 20}, size=32, shard_rows=20)
+    run = make_run(tmp_path / "runs" / "leaky", data=str(shards))
+    assert cli_main(["evaluate", "--run", str(run), "--threads", "1", "--backend", "torch"]) == 0
+    recorded = json.loads((run / "eval" / "metrics.json").read_text())
+    assert recorded["run"] == str(run.resolve())  # the paths this test must not see in any answer
+    secrets = {str(tmp_path), str(tmp_path.resolve()), str(Path.home()), os.getcwd(), sys.prefix,
+               str(Path(__file__).resolve().parents[1])} - {"/"}
+    app = create_app(ServeConfig(run=str(run), backend="torch", api_key_file=""))
+    seen: list[httpx.Response] = []
+    covered: set[str] = set()
+    with TestClient(app) as c:
+        for route in app.routes:
+            path = route.path  # type: ignore[attr-defined]
+            methods = getattr(route, "methods", None) or {"GET"}
+            url = "/static/app.js" if path == "/static" else path
+            for method in sorted(methods - {"HEAD"}):
+                if method == "POST":
+                    field = "files" if path.endswith("batch") else "file"
+                    seen.append(c.post(url, files=[(field, ("a.jpg", JPEG, "image/jpeg"))]))
+                    seen.append(c.post(url, files=[(field, ("bad.jpg", b"nope", "image/jpeg"))]))
+                    if path == "/predict":
+                        seen.append(c.post(url + "?explain=true", **upload()))
+                else:
+                    seen.append(c.request(method, url))
+                covered.add(path)
+        seen += [c.get("/nope"), c.delete("/model"), c.post("/predict", content=b"x")]
+    assert covered == {r.path for r in app.routes}  # type: ignore[attr-defined]
+    assert seen[0].status_code < 500
+    for r in seen:
+        assert r.status_code < 500, (r.request.url, r.text[:300])
+        text = r.text + "\n" + "\n".join(f"{k}: {v}" for k, v in r.headers.items())
+        for secret in secrets:
+            assert secret not in text, (str(r.request.url), secret)
+    model = next(r for r in seen if r.request.url.path == "/model").json()
+    assert model["eval_metrics"]["run"] == "leaky"
+    assert model["eval_metrics"]["accuracy"] == recorded["accuracy"]
 
 
 # ------------------------------------------------------------------------------------- slow clients

@@ -15,14 +15,15 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+import catsdogs
 from catsdogs import rundir, schema
 from catsdogs.cli import main as cli
 from catsdogs.io.checksum import sha256_file
 from tests.fixtures import jpeg_bytes, make_shards, synthetic_image
 from tests.mlflow_server import MlflowServer, free_port
+from tests.ood_set import png_bytes, sample_photos
 
 mlflow = pytest.importorskip("mlflow", reason="mlflow-skinny is not installed (pip install -e '.[dev]')")
 from mlflow import MlflowClient  # noqa: E402
@@ -153,19 +154,29 @@ def test_registered_model_predicts_like_the_run_folder(tracked: dict[str, str], 
     assert any((tmp_path / "cache" / "mlflow").iterdir())  # downloaded once into the cache
 
 
-def test_pyfunc_by_uri_and_scoring_server_classify_image_bytes(tracked: dict[str, str],
-                                                               tmp_path: Path) -> None:
-    """What ``mlflow models serve`` runs: the scoring app, fed base64 image bytes as JSON."""
+def test_registered_model_answers_like_the_run_folder_on_its_own_engine(
+        tracked: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --backend on either side: the same engine (the default, behind its guard), the same answers."""
+    monkeypatch.setenv("CATSDOGS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked["uri"])
+    folder = images(tmp_path / "imgs")
+    assert predictions("models:/tiny-seed/1", folder, tmp_path / "r.json") == predictions(
+        tracked["out"], folder, tmp_path / "l.json")
+    assert catsdogs.load("models:/tiny-seed/1").engine == catsdogs.load(tracked["out"]).engine
+
+
+def test_pyfunc_by_uri_and_scoring_server_answer_like_the_api(tracked: dict[str, str],
+                                                              tmp_path: Path) -> None:
+    """What ``mlflow models serve`` runs: the scoring app, fed base64 image bytes as JSON, "unknown" too."""
     from fastapi.testclient import TestClient
     from mlflow.pyfunc import scoring_server
 
-    from catsdogs.infer.predictor import Predictor
-
     folder = images(tmp_path / "imgs")
-    files = sorted(folder.glob("*.jpg"))
-    predictor = Predictor.from_run(tracked["out"])
-    want = {p.name: predictor.predict_arrays(np.stack([predictor.decode(p.read_bytes())]))[0]
-            for p in files if p.name != "broken.jpg"}
+    rocket = next(a for name, a in sample_photos() if name == "rocket")
+    (folder / "rocket.png").write_bytes(png_bytes(rocket))
+    files = sorted(folder.glob("*.*"))
+    want = {Path(p.path).name: p for p in catsdogs.load(tracked["out"]).predict(files)}
+    assert want["rocket.png"].label == "unknown"  # no cat, no dog: the run's detector rejects it
     mlflow.set_tracking_uri(tracked["uri"])
     model = mlflow.pyfunc.load_model("models:/tiny-seed/1")
     import pandas as pd
@@ -177,13 +188,16 @@ def test_pyfunc_by_uri_and_scoring_server_classify_image_bytes(tracked: dict[str
     assert response.status_code == 200, response.text
     served = response.json()["predictions"]
     for i, path in enumerate(files):
-        if path.name == "broken.jpg":
-            assert direct["error"][i] == served[i]["error"] == "not_an_image"
+        expected = want[path.name]
+        assert direct["error"][i] == served[i]["error"] == expected.error
+        if expected.error:
+            assert expected.error == "not_an_image"
             continue
-        assert direct["error"][i] == "" and served[i]["error"] == ""
-        for k, name in enumerate(predictor.classes):
-            assert direct[f"p_{name}"][i] == pytest.approx(float(want[path.name][k]), abs=1e-6)
-            assert served[i][f"p_{name}"] == pytest.approx(float(want[path.name][k]), abs=1e-6)
+        assert direct["label"][i] == served[i]["label"] == expected.label
+        assert direct["ood_score"][i] == pytest.approx(expected.ood_score, abs=1e-6)
+        for name in expected.classes:
+            assert direct[f"p_{name}"][i] == pytest.approx(expected.probabilities[name], abs=1e-6)
+            assert served[i][f"p_{name}"] == pytest.approx(expected.probabilities[name], abs=1e-6)
 
 
 def test_frozen_head_logs_its_one_epoch_and_model(live: MlflowServer, tmp_path: Path) -> None:
@@ -191,7 +205,8 @@ def test_frozen_head_logs_its_one_epoch_and_model(live: MlflowServer, tmp_path: 
     make_shards(shards, counts={"train": 60, "val": 20, "test": 20}, size=32, shard_rows=25)
     out = tmp_path / "frozen"
     assert cli(["train", "--data", str(shards), "--out", str(out), "--model", "effnet_lite0", "--freeze",
-                "backbone", "--batch-size", "32", "--threads", "1", "--tracking-uri", live.uri]) == 0
+                "backbone", "--batch-size", "32", "--threads", "1", "--tracking-uri", live.uri,
+                "--register", "tiny-frozen", "--int8-max-drop", "100"]) == 0
     client = MlflowClient(live.uri)
     run = client.get_run(json.loads((out / rundir.MLFLOW_LINK_NAME).read_text())["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["freeze"] == "backbone"
@@ -199,6 +214,14 @@ def test_frozen_head_logs_its_one_epoch_and_model(live: MlflowServer, tmp_path: 
     assert [m.step for m in history] == [1]
     assert run.data.metrics["C"] > 0 and run.data.metrics["best_val_acc"] == history[0].value
     assert "model/MLmodel" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+
+    # The registered model carries the run's engine (graphs and int8 check) and runs it: on another
+    # machine, without the shards to calibrate and check one, a models:/ copy would fall back to fp32.
+    downloaded = catsdogs.load("models:/tiny-frozen/1", tracking_uri=live.uri)
+    local = sorted(p.name for p in (out / rundir.ENGINE_DIR).iterdir())
+    copied = sorted(p.name for p in (Path(downloaded.predictor.path).parent / rundir.ENGINE_DIR).iterdir())
+    assert rundir.INT8_GUARD_NAME in local and copied == local
+    assert downloaded.engine == catsdogs.load(out).engine  # int8, or its fp32 runtime if refused: recorded
 
 
 def test_tune_logs_the_study_with_each_trial_nested(live: MlflowServer, shards: Path, tmp_path: Path) -> None:

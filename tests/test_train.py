@@ -233,6 +233,34 @@ def test_existing_run_needs_resume_and_matching_settings(tiny: Path, tmp_path: P
     capsys.readouterr()
     assert cli(args(tiny, run, "--epochs", "1")) == 2
     err = capsys.readouterr().err
-    assert "--resume" in err and "--out" in err
+    assert "--resume" in err and "--overwrite" in err and "--out" in err
     assert cli(args(tiny, run, "--epochs", "1", "--resume", "--lr", "0.5")) == 2
     assert "--lr was 0.001" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_typed_value_even_when_it_is_the_default(tiny: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert cli(args(tiny, run, "--epochs", "1", "--max-steps", "2", "--lr", "0.01")) == 0
+    capsys.readouterr()
+    # 0.001 is --lr's default: it was typed all the same, and this run was trained at 0.01.
+    assert cli(args(tiny, run, "--epochs", "1", "--resume", "--lr", str(TrainConfig().lr))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--lr was 0.01" in err and "now 0.001" in err and len(err.splitlines()) == 1
+    assert cli(args(tiny, run, "--epochs", "2", "--resume")) == 0  # untyped: the run's own lr goes on
+    state = load_checkpoint(run / rundir.LAST_CKPT)
+    assert state[ckpt.CKPT_TRAIN_CONFIG]["lr"] == 0.01 and state[ckpt.CKPT_EPOCH] == 2
+
+
+def test_overwrite_replaces_a_finished_run_not_with_resume(tiny: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert cli(args(tiny, run, "--epochs", "2")) == 0
+    (run / rundir.EVAL_DIR).mkdir()
+    (run / rundir.EVAL_DIR / rundir.REPORT_NAME).write_text("stale report of the old model")
+    capsys.readouterr()
+    assert cli(args(tiny, run, "--epochs", "1", "--resume", "--overwrite")) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli(args(tiny, run, "--epochs", "1", "--overwrite")) == 0
+    assert len(rows(run)) == 1 and not (run / rundir.EVAL_DIR).exists()
+    assert load_checkpoint(run / rundir.LAST_CKPT)[ckpt.CKPT_TRAIN_CONFIG]["overwrite"] is False

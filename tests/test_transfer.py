@@ -10,11 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from catsdogs import checkpoint as ckpt
 from catsdogs import rundir, schema
+from catsdogs.checkpoint import load_checkpoint
+from catsdogs.cli import main as cli
 from catsdogs.config import TrainConfig
 from catsdogs.errors import ConfigError
 from catsdogs.infer.predictor import Predictor
 from catsdogs.shards.manifest import load_manifest
+from catsdogs.train.contract import model_config
 from catsdogs.train.frozen import fit_head, train_frozen
 from tests.fixtures import make_shards
 
@@ -45,7 +49,9 @@ def test_frozen_backbone_run_loads_in_predictor(tmp_path: Path) -> None:
     rows = list(csv.DictReader(open(out / rundir.METRICS_CSV)))
     assert float(rows[0]["val_acc"]) == pytest.approx(metrics["val_acc"])
 
-    pred = Predictor.from_run(out)
+    # The engine the head was fitted on (the default int8 one, behind its guard): the same val accuracy.
+    engine = load_checkpoint(out / rundir.BEST_CKPT)[ckpt.CKPT_ENGINE]
+    pred = Predictor.from_run(out, backend=engine)
     assert pred.classes == ["Cat", "Dog"] and pred.size == 32
     assert pred.mean == (127.5,) * 3  # the pretrained normalisation, not the data statistics
     manifest = load_manifest(data)
@@ -84,3 +90,52 @@ def test_extract_features_resizes_to_the_models_size(tmp_path: Path) -> None:
     with torch.no_grad():
         np.testing.assert_allclose(feats[:6], model.features(t).numpy(), atol=1e-3)
         np.testing.assert_allclose(feats[6:], model.features(t.flip(-1)).numpy(), atol=1e-3)
+
+
+def frozen_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--out", str(out), "--model", "effnet_lite0", "--freeze",
+            "backbone", "--backend", "torch", "--batch-size", "32", "--threads", "1", "--depth", "2", *extra]
+
+
+def test_frozen_head_follows_the_loops_run_folder_contract(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "shards"
+    make_shards(data, counts={"train": 40, "val": 16, "test": 8}, size=32, shard_rows=20)
+    out = tmp_path / "run"
+    assert cli(frozen_args(data, out)) == 0
+    state = load_checkpoint(out / rundir.BEST_CKPT)
+    cfg = TrainConfig(**state[ckpt.CKPT_TRAIN_CONFIG])
+    assert state[ckpt.CKPT_MODEL_CONFIG] == model_config(cfg, 2, 32)  # the loop's, --depth included
+    assert state[ckpt.CKPT_MODEL_CONFIG]["depth"] == 2
+    first = (out / rundir.BEST_CKPT).stat().st_mtime_ns
+    capsys.readouterr()
+
+    assert cli(frozen_args(data, out)) == 2  # a finished run is not clobbered
+    err = capsys.readouterr().err.strip()
+    assert "--resume" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert cli(frozen_args(data, out, "--resume")) == 0  # complete: nothing to do
+    assert "complete" in capsys.readouterr().err
+    assert (out / rundir.BEST_CKPT).stat().st_mtime_ns == first
+    assert cli(frozen_args(data, out, "--resume", "--lr", "0.5")) == 2  # the head has no learning rate
+    assert "--lr" in capsys.readouterr().err
+    assert cli(frozen_args(data, out, "--overwrite")) == 0
+    assert (out / rundir.BEST_CKPT).stat().st_mtime_ns != first
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (("--distributed", "2"), "--distributed"),
+    (("--epochs", "3"), "--epochs"),
+    (("--lr", "0.001"), "--lr"),  # the default value, typed: still refused
+])
+def test_frozen_head_refuses_flags_it_cannot_apply(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   extra: tuple[str, ...], needle: str) -> None:
+    out = tmp_path / "run"
+    assert cli(frozen_args(tmp_path / "missing", out, *extra)) == 2  # before any work, even on bad --data
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "drop " + needle in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_the_loop_refuses_frozen_only_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--backend", "onnx"]) == 2
+    assert "--backend applies to the frozen-backbone feature pass only" in capsys.readouterr().err

@@ -9,7 +9,6 @@ the traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import os
 import sys
@@ -17,9 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import catsdogs
 from catsdogs import __version__
 from catsdogs import config as cfgmod
 from catsdogs.errors import CatsdogsError
+from catsdogs.extras import install_hint
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,15 @@ COMMANDS: dict[str, Command] = {
 """Every sub-command by name; the section of a config file with the same name configures it."""
 
 
+EPILOG = """\
+Start with 'make run' (downloads the photos and runs the default preset), or step by step:
+  catsdogs download --output data
+  catsdogs run --data data/PetImages --out runs/first
+  catsdogs predict photos/ --run runs/first
+  catsdogs serve --run runs/first
+'catsdogs COMMAND --help' lists every flag with its default; README.md has the rest."""
+
+
 def _parse_kv(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -68,15 +78,14 @@ def _parse_kv(text: str) -> tuple[str, str]:
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per dataclass field; defaults are suppressed so we know what was given."""
+    """Add one flag per setting; defaults are suppressed so that only what was typed reaches the config."""
     docs = cfgmod.field_docs(cls)
     # The command's own flags first, shared ones (TrackingConfig's) after them in --help.
     own = set(cls.__dict__.get("__annotations__", {}))
-    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
-        typ = f.type if isinstance(f.type, str) else str(f.type)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    for f in sorted(cfgmod.settings_of(cls), key=lambda f: f.name not in own):
+        typ, _optional = cfgmod.type_of(f)
         # argparse %-formats help strings: a literal "%" (as in "99 %") must be doubled.
-        helptext = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
+        helptext = cfgmod.help_text(f, docs.get(f.name, "")).replace("%", "%%")
         name = cfgmod.flag(f.name)
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": helptext}
         if typ.startswith("list"):
@@ -84,7 +93,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
                                 help=helptext)
         elif typ.startswith("dict"):
             parser.add_argument(name, action="append", type=_parse_kv, metavar="KEY=VALUE", **kw)
-        elif typ in ("bool", "bool | None"):  # None: unset, the run's recorded setting applies
+        elif typ == "bool":  # --tta / --no-tta; an inference one left out is the run's recorded setting
             parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
         else:
             conv = {"int": int, "float": float}.get(typ, str)
@@ -93,7 +102,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with one sub-command per stage."""
-    parser = argparse.ArgumentParser(prog="catsdogs", description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="catsdogs", description=catsdogs.__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in COMMANDS.items():
@@ -118,7 +129,7 @@ def resolve(command: str, args: argparse.Namespace) -> Any:
     if "spark_conf" in given:
         given["spark_conf"] = dict(given["spark_conf"])
     layers = [cfgmod.read_config_file(args.config, command)] if args.config else []
-    return cfgmod.build_config(cls, *layers, given)
+    return cfgmod.build_config(cls, *layers, typed=given)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,6 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"catsdogs {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:  # an optional extra is not installed: say which one
+        hint = install_hint(exc, args.command)
+        if debug or hint is None:
+            raise
+        print(f"catsdogs {args.command}: error: {hint}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"catsdogs {args.command}: interrupted", file=sys.stderr)
         return 130

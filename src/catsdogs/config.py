@@ -1,69 +1,160 @@
 """Typed configuration for every command.
 
 Each command has one dataclass. The string literal under each field is its documentation: the CLI
-turns it into the flag's ``--help`` text, so flags, config files and docs never drift apart. Each
-field's rules sit in its :func:`setting` next to it: the choices (imported from the module that
-defines them), bounds, and what a required field is for. Cross-field rules are a class's
-``check`` method. Resolution order: dataclass default < config file (``--config``, TOML or JSON) <
-explicit flag. The resolved config is saved next to every output (``config.json``).
+turns it into the flag's ``--help`` text (adding the choices and the default), so flags, config files
+and docs never drift apart. Each field's rules sit in its :func:`setting` next to it: the choices
+(imported from the light module that defines them), bounds, and what a required field is for.
+Cross-field rules are a class's ``check`` method. Groups of settings that several commands share
+(:class:`ComputeConfig`, :class:`EngineConfig`, :class:`InferenceConfig`, :class:`TrackingConfig`) are
+declared once and inherited.
+
+Resolution order: dataclass default < config file (``--config``, TOML or JSON; relative paths in it are
+relative to the file's own folder) < explicit flag. :func:`build_config` also records which settings
+were given at all (:attr:`Config.given`), so a later stage can tell "typed 0.001" from "left at the
+default 0.001": a given value always wins over a checkpoint or a preset, and an untyped one never
+overrides anything. A ``None`` default means "not given: take it from the run, the preset or the
+stage" (as timm's ``resolve_data_config``). The resolved config is saved next to every output
+(``config.json``).
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib
+import functools
 import inspect
 import json
+import os
+import sys
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 from catsdogs import rundir, schema
+from catsdogs.devices import AUTO, DEVICES
 from catsdogs.download.source import MAX_UNPACKED_BYTES
 from catsdogs.engines.names import CALIBRATION_IMAGES, DEFAULT_ENGINE, ENGINES, MAX_DROP_PT
 from catsdogs.errors import ConfigError
 from catsdogs.io.atomic import atomic_write_text
 from catsdogs.io.storage import SCHEMES, scheme_of
-from catsdogs.models.registry import model_names
+from catsdogs.models.ood_names import OOD_CHOICES
+from catsdogs.models.registry import model_names, pretrained_names
 from catsdogs.models.transforms import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
+from catsdogs.presets import find_config, preset_names, preset_path
 from catsdogs.shards.writer import FORMATS
 from catsdogs.track.registry import mlflow_scheme
+from catsdogs.train.names import FREEZE_MODES, FREEZE_NONE, OPTIMIZERS
 from catsdogs.train.schedule import SCHEDULES
 
 C = TypeVar("C")
 
-Choices = tuple[Any, ...] | Callable[[], tuple[Any, ...]] | str
-"""A choice list, a function returning one, or ``"module:NAME"`` of one in a module that imports
-torch (resolved only when a value is checked: importing torch costs ~1.7 s at every CLI start)."""
-
-DEVICES = "catsdogs.runtime:DEVICES"
-OPTIMIZERS = "catsdogs.train.loop:OPTIMIZERS"
-FREEZE_MODES = "catsdogs.train.launch:FREEZE_MODES"
-OOD_METHODS = "catsdogs.models.ood:OOD_METHODS"
-LABELS_FROM = "catsdogs.preprocess.listing:LABELS_FROM"
-"""By reference too: importing preprocess/ here would make every command (serve included) reach it."""
+Choices = tuple[Any, ...] | Callable[[], tuple[Any, ...]]
+"""A choice list, or a function returning one (e.g. the model registry's names), from a light module."""
 
 
 def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
             choices: Choices | None = None, gt: float | None = None, ge: float | None = None,
-            lt: float | None = None, le: float | None = None, required: str = "") -> Any:
+            lt: float | None = None, le: float | None = None, required: str = "",
+            like: type | None = None, unset: str = "") -> Any:
     """Declare a config field with its rules: allowed values, bounds, and (if required) what it is for.
 
     ``required`` is the rest of the error sentence "--FLAG is required: ...", checked by
     :func:`check_required` where the command needs the value (not at parse time: ``--resume`` takes
-    ``--data`` from the checkpoint, for example).
+    ``--data`` from the checkpoint, for example). ``like`` names the config class whose field of the
+    same name this one forwards (``catsdogs run --epochs`` is ``train --epochs``): it takes that field's
+    rules, and its own default is None (not given: the other command's default applies), so the
+    default is said once. ``unset`` says what a None default stands for, for the help text (e.g. the
+    run's recorded setting).
     """
     meta = {k: v for k, v in (("choices", choices), ("gt", gt), ("ge", ge), ("lt", lt), ("le", le),
-                              ("required", required)) if v not in (None, "")}
+                              ("required", required), ("like", like), ("unset", unset))
+            if v not in (None, "")}
     return field(default=default, default_factory=default_factory, metadata=meta)
 
 
+INTERNAL = "internal"
+"""Field metadata key of bookkeeping fields: no flag, not in config files, not in config.json."""
+
+
 @dataclass
-class TrackingConfig:
+class Config:
+    """Base of every command's settings: the bookkeeping that is not a setting itself."""
+
+    given: Mapping[str, str] | None = field(default=None, repr=False, compare=False,
+                                            metadata={INTERNAL: True})
+    """The settings that were given, each with how: :data:`TYPED` (a flag on the command line) or
+    :data:`SET` (a config file, or a command setting it for the next stage); set by :func:`build_config`.
+    None when the object was built directly: then every setting that differs from its default counts
+    as typed."""
+
+
+TYPED = "typed"
+"""A setting given by a flag the user typed."""
+SET = "set"
+"""A setting given by a config file (``--config``, ``--train-config``) or set by a command for the next."""
+
+
+def given_names(cfg: Config) -> frozenset[str]:
+    """The settings given at all (typed or set): they win over a checkpoint, a preset or a default."""
+    if cfg.given is not None:
+        return frozenset(cfg.given)
+    return _differing(cfg)
+
+
+def typed_names(cfg: Config) -> frozenset[str]:
+    """The settings the user typed as flags: one that cannot apply is refused rather than ignored."""
+    if cfg.given is not None:
+        return frozenset(k for k, how in cfg.given.items() if how == TYPED)
+    return _differing(cfg)
+
+
+def _differing(cfg: Config) -> frozenset[str]:
+    return frozenset(f.name for f in settings_of(type(cfg)) if getattr(cfg, f.name) != default_of(f))
+
+
+def settings_of(cls: type) -> list[dataclasses.Field]:  # type: ignore[type-arg]
+    """The fields of a config class that are settings (flags, config-file keys), in declaration order."""
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get(INTERNAL)]  # type: ignore[arg-type]
+
+
+def default_of(f: dataclasses.Field) -> Any:  # type: ignore[type-arg]
+    """A field's own default value (its ``default_factory`` called)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def rules_of(f: dataclasses.Field) -> dict[str, Any]:  # type: ignore[type-arg]
+    """A field's choices and bounds: its own, or those of the field it forwards (``like``)."""
+    like = f.metadata.get("like")
+    if like is not None:
+        return rules_of({g.name: g for g in dataclasses.fields(like)}[f.name])
+    return dict(f.metadata)
+
+
+def effective_default(f: dataclasses.Field) -> Any:  # type: ignore[type-arg]
+    """The value a field stands for when not given: its default, or the forwarded field's."""
+    like = f.metadata.get("like")
+    if like is not None:
+        return effective_default({g.name: g for g in dataclasses.fields(like)}[f.name])
+    return default_of(f)
+
+
+def choices_of(f: dataclasses.Field) -> tuple[Any, ...] | None:  # type: ignore[type-arg]
+    """A field's allowed values (resolving a function of them), or None when any value goes."""
+    spec = rules_of(f).get("choices")
+    if spec is None:
+        return None
+    return tuple(spec() if callable(spec) else spec)
+
+
+@dataclass
+class TrackingConfig(Config):
     """MLflow settings shared by the commands that log to or load from a tracking server."""
 
     tracking_uri: str = ""
@@ -74,7 +165,7 @@ class TrackingConfig:
 
 
 @dataclass
-class DownloadConfig:
+class DownloadConfig(Config):
     """Settings of ``catsdogs download``."""
 
     output: str = "data"
@@ -94,23 +185,24 @@ class DownloadConfig:
 
 
 @dataclass
-class PreprocessConfig:
+class PreprocessConfig(Config):
     """Settings of ``catsdogs preprocess``."""
 
     input: str = setting("", required="no input folder given; set --input to a folder with one subfolder "
                                        "per class")
     """Folder with one subfolder per class, e.g. PetImages/ with Cat/ and Dog/, or a flat folder of
     <class>.<n>.jpg files like Kaggle's train/; a path, file://, s3a:// or hdfs:// URI."""
-    labels_from: str = setting("auto", choices=LABELS_FROM)
-    """Where each image's class comes from: folder (the class subfolder), name (the file name up to
-    its first dot: cat.0.jpg is a cat) or auto (name when --input has no subfolder and every image
-    in it is named <class>.<rest>, else folder)."""
+    labels_from: str = setting(schema.LABELS_AUTO, choices=schema.LABELS_FROM)
+    """Where each image's class comes from: its class subfolder, or its file name up to the first dot
+    (cat.0.jpg is a cat); auto takes the file name when --input has no subfolder and every image in it
+    is named <class>.<rest>."""
     output: str = setting("", required="no output folder given (set --output)")
     """Folder to write the shards, files.csv and manifest.json into; a path or URI like --input."""
     size: int = setting(64, gt=0)
     """Side of the square output image in pixels."""
     resize: str = setting("stretch", choices=RESIZE_POLICIES)
-    """Aspect policy: stretch (whole photo, squeezed), crop (centre square) or pad (letterbox)."""
+    """Aspect policy: stretch keeps the whole photo, squeezed to a square; the others cut its centre
+    square or letterbox it on black."""
     val_frac: float = setting(0.1, ge=0.0, lt=1.0)
     """Fraction of each class put in the validation split."""
     test_frac: float = setting(0.1, ge=0.0, lt=1.0)
@@ -120,7 +212,8 @@ class PreprocessConfig:
     shard_rows: int = setting(1500, gt=0)
     """Maximum rows per shard (about 14 shards for 18,000 images)."""
     format: str = setting("npy", choices=FORMATS)
-    """Shard format: npy (X_part/y_part pairs) or parquet (pixels, label and split columns)."""
+    """Shard format: pairs of NumPy X_part/y_part arrays, or Parquet tables of pixels, label and split
+    (one per shard)."""
     master: str = "local[*]"
     """Spark master URL: local[*], spark://host:7077, yarn, k8s://..."""
     read_threads: int = setting(16, gt=0)
@@ -147,8 +240,53 @@ class PreprocessConfig:
                               f"{self.val_frac} + {self.test_frac}")
 
 
+RUN_SETTING = "the run's recorded setting"
+"""What an inference setting left unset means (evaluate, predict, serve and ``catsdogs.load`` alike)."""
+
+
 @dataclass
-class TrainConfig(TrackingConfig):
+class ComputeConfig(Config):
+    """Where torch computes: shared by train, evaluate, predict and serve."""
+
+    device: str = setting(AUTO, choices=DEVICES)
+    """Device of the torch computations (auto takes a CUDA GPU when there is one; the onnx and openvino
+    engines run on the CPU)."""
+    threads: int = setting(0, ge=0)
+    """Intra-op threads (0 = all cores; serve: the cores divided among its forward workers)."""
+
+
+@dataclass
+class EngineConfig(Config):
+    """The forward-pass engine (``engines/``): train's frozen feature pass, evaluate, predict and serve."""
+
+    backend: str | None = setting(None, choices=ENGINES,
+                                  unset=f"the engine the run records (a frozen run's feature engine), "
+                                        f"else {DEFAULT_ENGINE}")
+    """Engine of the forward pass (train: of the frozen-backbone feature pass). An int8 engine is used only
+    within --int8-max-drop of fp32 on the validation split, else its runtime runs in fp32 with a one-line
+    note (docs/engines.md)."""
+    int8_max_drop: float = setting(MAX_DROP_PT, ge=0.0)
+    """Largest validation-accuracy drop (percentage points) an int8 --backend may cost against fp32."""
+
+
+@dataclass
+class InferenceConfig(EngineConfig, ComputeConfig):
+    """How a trained run answers: shared by evaluate, predict, serve and the Python API (``catsdogs.load``).
+
+    Unset (None) settings are the run's own, recorded in its checkpoint by training, so every entry point
+    gives the same answer unless told otherwise.
+    """
+
+    tta: bool | None = setting(None, unset=RUN_SETTING)
+    """Average predictions over horizontal flips."""
+    reject: bool | None = setting(None, unset=RUN_SETTING)
+    """Answer "unknown" for images the run's out-of-distribution detector rejects."""
+    calibrate: bool | None = setting(None, unset=RUN_SETTING)
+    """Apply the run's fitted temperature to the probabilities."""
+
+
+@dataclass
+class TrainConfig(EngineConfig, ComputeConfig, TrackingConfig):
     """Settings of ``catsdogs train``."""
 
     data: str = setting("", required="the shards folder written by catsdogs preprocess")
@@ -159,7 +297,8 @@ class TrainConfig(TrackingConfig):
     out: str = setting("", required="the run folder for checkpoints and metrics")
     """Run folder for checkpoints, metrics.csv and config.json."""
     model: str = setting("seed", choices=model_names)
-    """Model name: seed (the classic small CNN), cnn, effnet_lite0/1/2 or effnet_lite12."""
+    """Model to train: seed is the classic small CNN, cnn a residual CNN from scratch, effnet_* start from
+    ImageNet weights (docs/models.md)."""
     epochs: int = setting(10, gt=0)
     """Number of passes over the training split."""
     batch_size: int = setting(64, gt=0)
@@ -169,9 +308,9 @@ class TrainConfig(TrackingConfig):
     weight_decay: float = setting(0.0, ge=0.0)
     """Decoupled weight decay (AdamW) or L2 (SGD)."""
     optimizer: str = setting("adam", choices=OPTIMIZERS)
-    """Optimiser: adam, adamw or sgd (Nesterov momentum 0.9)."""
+    """Optimiser (sgd: with Nesterov momentum 0.9)."""
     schedule: str = setting("constant", choices=SCHEDULES)
-    """Learning-rate schedule: constant, cosine or onecycle."""
+    """Learning-rate schedule."""
     warmup_epochs: float = setting(0.0, ge=0.0)
     """Linear warm-up length in epochs (cosine/onecycle)."""
     label_smoothing: float = setting(0.0, ge=0.0)
@@ -186,46 +325,43 @@ class TrainConfig(TrackingConfig):
     """Residual blocks per stage of the from-scratch ``cnn`` model."""
     dropout: float = setting(0.5, ge=0.0, lt=1.0)
     """Dropout before the classifier head."""
-    freeze: str = setting("none", choices=FREEZE_MODES)
-    """Transfer learning: none (fine-tune all) or backbone (train the head only)."""
-    backend: str = setting(DEFAULT_ENGINE, choices=ENGINES)
-    """Engine of the frozen-backbone feature pass (--freeze backbone): torch (eager fp32), onnx
-    (onnxruntime), openvino, or their int8 forms onnx-int8 / openvino-int8, used only within
-    --int8-max-drop of fp32 on validation (else the features are made again in fp32)."""
+    freeze: str = setting(FREEZE_NONE, choices=FREEZE_MODES)
+    """Transfer learning: backbone fits only a logistic head on features of the frozen pretrained backbone
+    (one feature pass, no backpropagation); the default fine-tunes every layer."""
     calibration_images: int = setting(CALIBRATION_IMAGES, gt=0)
     """Training images that calibrate the int8 graph's activation ranges (int8 --backend only)."""
-    int8_max_drop: float = setting(MAX_DROP_PT, ge=0.0)
-    """Largest validation-accuracy drop (percentage points) an int8 --backend may cost against fp32."""
     tta: bool = False
     """Average predictions over horizontal flips when validating; recorded in the checkpoint as the
     run's inference setting (evaluate, predict and serve follow it unless --tta/--no-tta)."""
     reject: bool = True
     """Record that images the out-of-distribution detector rejects are answered "unknown" (evaluate,
     predict and serve follow it unless --reject/--no-reject). The detector is fitted either way."""
-    ood_method: str = setting("knn", choices=OOD_METHODS)
-    """Out-of-distribution detector fitted on train features: knn, mahalanobis or energy. At the same
-    99 % validation acceptance knn rejected 100 % of generated non-pet images and 96 % of photos,
-    mahalanobis 51 % and 92 %, energy none (Lite0 features, docs/models.md)."""
-    accept_rate: float = setting(0.99, gt=0.0, le=1.0)
-    """Share of validation images the detector's threshold accepts (the rest would be "unknown")."""
+    ood_method: str = setting("auto", choices=OOD_CHOICES)
+    """Out-of-distribution detector fitted on train features: auto (concepts for the ImageNet models,
+    knn for those trained from scratch), concepts (the ImageNet concepts the training images occupy),
+    knn, mahalanobis or energy; compared on real data in docs/models.md."""
+    accept_rate: float = setting(0.995, gt=0.0, le=1.0)
+    """Share of validation images the detector's threshold accepts (the rest would be "unknown"): the
+    trade of real pets refused against other things let through. At 0.995 the default preset refused
+    0.4 % of test photos and 0.5 % of other people's pet photos; 0.99 refused 1.2 % and 13 %
+    (docs/models.md)."""
     seed: int = 0
     """Seed of weights init, data order and augmentation."""
-    threads: int = setting(0, ge=0)
-    """Torch intra-op threads (0 = all cores)."""
     workers: int = setting(0, ge=0)
     """DataLoader worker processes (0 = load in the main process)."""
     buffer_rows: int = setting(4096, gt=0)
     """Rows in the shuffle buffer: bounds loader memory (plus one shard per worker)."""
     patience: int = setting(0, ge=0)
     """Stop when validation loss has not improved for this many epochs (0 = never)."""
-    device: str = setting("auto", choices=DEVICES)
-    """auto, cpu or cuda."""
     amp: bool = True
     """Mixed precision (bfloat16) on CUDA; ignored on CPU."""
     checkpoint_every: int = setting(0, ge=0)
     """Also write last.pt every N optimiser steps (0 = only at epoch ends)."""
     resume: bool = False
-    """Continue the run in --out from its last.pt (optimizer, schedule, RNG and data order restored)."""
+    """Continue the run in --out from its last.pt (optimizer, schedule, RNG and data order restored);
+    settings not given are the run's, a given one that would change the trained model is refused."""
+    overwrite: bool = False
+    """Replace the run in --out (checkpoints, metrics, engine graphs, evaluation) instead of refusing it."""
     distributed: int = setting(0, ge=0)
     """Train with N processes through Spark's TorchDistributor (0 = single process). With --freeze
     backbone: run the feature pass as N Spark tasks on --master (docs/cluster.md)."""
@@ -242,21 +378,16 @@ class TrainConfig(TrackingConfig):
     """With tracking on: register the trained model in the MLflow model registry under this name (a new
     version each run); load it back with --run models:/NAME/VERSION."""
 
-
-@dataclass
-class EngineConfig:
-    """The forward-pass engine of evaluate, predict and serve (``engines/``)."""
-
-    backend: str = setting(DEFAULT_ENGINE, choices=ENGINES)
-    """Engine of every forward pass: torch (eager fp32), onnx (onnxruntime), openvino, or their int8
-    forms onnx-int8 / openvino-int8, used only within --int8-max-drop of fp32 on validation."""
-    int8_max_drop: float = setting(MAX_DROP_PT, ge=0.0)
-    """Largest validation-accuracy drop (percentage points) an int8 --backend may cost against fp32;
-    beyond it the same runtime runs in fp32, with a one-line note."""
+    def check(self) -> None:
+        """The concepts detector needs ImageNet heads: refused before any work for a scratch model."""
+        if self.ood_method == "concepts" and self.model not in pretrained_names():
+            raise ConfigError(f"--ood-method concepts needs a model with ImageNet weights "
+                              f"({', '.join(pretrained_names())}); --model {self.model} has none "
+                              f"(use --ood-method knn, or auto)")
 
 
 @dataclass
-class SparkConfig:
+class SparkConfig(Config):
     """Where the forward passes of evaluate, predict and audit run (``catsdogs.cluster``)."""
 
     master: str = ""
@@ -267,7 +398,7 @@ class SparkConfig:
 
 
 @dataclass
-class EvaluateConfig(EngineConfig, SparkConfig, TrackingConfig):
+class EvaluateConfig(InferenceConfig, SparkConfig, TrackingConfig):
     """Settings of ``catsdogs evaluate``."""
 
     run: str = setting("", required="the run folder written by 'catsdogs train'")
@@ -277,22 +408,12 @@ class EvaluateConfig(EngineConfig, SparkConfig, TrackingConfig):
     cache_dir: str = ""
     """Local copy of remote --data (default: $CATSDOGS_CACHE, else ~/.cache/catsdogs)."""
     split: str = setting("test", choices=schema.SPLITS)
-    """Split to evaluate: test, val or train."""
+    """Split to evaluate."""
     out: str = ""
     """Folder for the report (default: RUN/eval)."""
     batch_size: int = setting(64, gt=0)
     """Images per forward pass. Activations grow with it: with 256, `make run` of effnet_lite12 at
     260 px peaked at 8 GB RSS; with 64 at 2.5 GB (docs/models.md)."""
-    tta: bool | None = None
-    """Average predictions over horizontal flips (default: the run's recorded setting)."""
-    reject: bool | None = None
-    """Answer "unknown" for images the run's detector rejects (default: the run's recorded setting)."""
-    calibrate: bool | None = None
-    """Apply the run's fitted temperature to the probabilities (default: the run's recorded setting)."""
-    device: str = setting("auto", choices=DEVICES)
-    """auto, cpu or cuda."""
-    threads: int = setting(0, ge=0)
-    """Torch intra-op threads (0 = all cores)."""
     checkpoint: str = rundir.BEST_CKPT
     """Checkpoint file name inside the run folder."""
     grid: int = setting(16, gt=0)
@@ -300,7 +421,7 @@ class EvaluateConfig(EngineConfig, SparkConfig, TrackingConfig):
 
 
 @dataclass
-class PredictConfig(EngineConfig, SparkConfig, TrackingConfig):
+class PredictConfig(InferenceConfig, SparkConfig, TrackingConfig):
     """Settings of ``catsdogs predict``."""
 
     paths: list[str] = field(default_factory=list)
@@ -313,16 +434,6 @@ class PredictConfig(EngineConfig, SparkConfig, TrackingConfig):
     written whole or not at all (default: print CSV to stdout)."""
     batch_size: int = setting(64, gt=0)
     """Images per forward pass."""
-    tta: bool | None = None
-    """Average predictions over horizontal flips (default: the run's recorded setting)."""
-    reject: bool | None = None
-    """Answer "unknown" for images the run's detector rejects (default: the run's recorded setting)."""
-    calibrate: bool | None = None
-    """Apply the run's fitted temperature to the probabilities (default: the run's recorded setting)."""
-    device: str = setting("auto", choices=DEVICES)
-    """auto, cpu or cuda."""
-    threads: int = setting(0, ge=0)
-    """Torch intra-op threads (0 = all cores)."""
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, gt=0)
     """Images with more pixels than this are rejected as decompression bombs."""
     explain: str = ""
@@ -332,7 +443,7 @@ class PredictConfig(EngineConfig, SparkConfig, TrackingConfig):
 
 
 @dataclass
-class ServeConfig(EngineConfig, TrackingConfig):
+class ServeConfig(InferenceConfig, TrackingConfig):
     """Settings of ``catsdogs serve``."""
 
     run: str = setting("", required="the run folder (or .pt checkpoint) with the trained model")
@@ -362,14 +473,6 @@ class ServeConfig(EngineConfig, TrackingConfig):
     workers: int = setting(0, ge=0)
     """Forward passes run in parallel (0 = torch on CPU: one per core, since its batch-1 forward barely
     uses a second core; onnx or CUDA: 1, since they parallelise one image well)."""
-    threads: int = setting(0, ge=0)
-    """Intra-op threads per forward worker (0 = cores / workers)."""
-    tta: bool | None = None
-    """Average predictions over horizontal flips (default: the run's recorded setting)."""
-    reject: bool | None = None
-    """Answer "unknown" for images the run's detector rejects (default: the run's recorded setting)."""
-    calibrate: bool | None = None
-    """Apply the run's fitted temperature to the probabilities (default: the run's recorded setting)."""
     api_key_file: str = ""
     """File holding the API key (one line, e.g. from `python -c "import secrets;
     print(secrets.token_urlsafe(32))"`); else $CATSDOGS_API_KEY. With a key, every endpoint but /healthz,
@@ -409,15 +512,15 @@ class ServeConfig(EngineConfig, TrackingConfig):
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(Config):
     """Settings of ``catsdogs export``."""
 
     run: str = setting("", required="the run folder (or .pt checkpoint) to export")
     """Run folder (or a .pt checkpoint) to export."""
     format: str = setting("onnx", choices=tuple(rundir.EXPORT_NAMES))
-    """onnx or torchscript."""
+    """Export format."""
     output: str = ""
-    """Output file (default: RUN/model.onnx or RUN/model.ts)."""
+    """Output file; empty: the format's file in the run folder (model.onnx, model.ts)."""
 
 
 @dataclass
@@ -431,18 +534,19 @@ class RunConfig(TrackingConfig):
     """Run folder; shards go to OUT/shards unless --shards is given."""
     shards: str = ""
     """Shards folder (default OUT/shards); reused when made from the same input and settings."""
-    model: str = setting("seed", choices=model_names)
-    """Model name (see ``catsdogs train --help``)."""
-    size: int = setting(64, gt=0)
+    model: str | None = setting(None, like=TrainConfig)
+    """Model to train (``catsdogs train --help`` describes them)."""
+    size: int | None = setting(None, like=PreprocessConfig)
     """Image side in pixels for preprocessing."""
-    epochs: int = setting(10, gt=0)
+    epochs: int | None = setting(None, like=TrainConfig)
     """Training epochs."""
     train_config: str = ""
-    """Optional TOML/JSON file with further train settings (e.g. written by ``catsdogs tune``)."""
-    master: str = "local[*]"
+    """Optional TOML/JSON file of train settings (e.g. written by ``catsdogs tune``), or a preset's
+    name; the run's own --model, --epochs and --seed, when given, win over it."""
+    master: str | None = setting(None, like=PreprocessConfig)
     """Spark master URL for preprocessing; a cluster master (spark://, yarn, k8s://) also runs the frozen
     feature pass and evaluate on its executors."""
-    seed: int = 0
+    seed: int | None = setting(None, like=TrainConfig)
     """Training seed."""
     register: str = ""
     """With tracking on: register the trained model in the MLflow model registry under this name."""
@@ -506,10 +610,10 @@ class AuditConfig(SparkConfig):
     chunk_rows: int = setting(1024, gt=0)
     """Rows per block of the chunked similarity product: memory is chunk_rows x images x 4 bytes
     (75 MB for 18,000 images)."""
-    accept_rate: float = setting(TrainConfig.accept_rate, gt=0.0, le=1.0)
-    """Outliers: share of validation images the fitted detector's threshold accepts, as in train
-    --accept-rate (whose default it shares); the images scoring above it are reported. Not used with a
-    --run detector, whose own threshold is."""
+    accept_rate: float = setting(0.99, gt=0.0, le=1.0)
+    """Outliers: share of validation images the audit's kNN detector (fitted on train) accepts; the images
+    scoring above it are reported (on the dev data: 152 flagged, 18 of the top 20 non-pets,
+    docs/audit.md). Not used with a --run detector, whose own threshold is."""
     blank_std: float = setting(8.0, ge=0.0)
     """Images whose pixel standard deviation (0..255 units, shard pixels) is below this are
     near-blank."""
@@ -529,8 +633,23 @@ def field_docs(cls: type) -> dict[str, str]:
     docs: dict[str, str] = {}
     # Base classes first (shared fields such as TrackingConfig's), so a subclass could re-document one.
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        body = ast.parse(inspect.getsource(klass)).body[0].body  # type: ignore[attr-defined]
-        for node, nxt in zip(body, body[1:], strict=False):
+        docs.update(_module_field_docs(klass.__module__).get(klass.__qualname__, {}))
+    return docs
+
+
+@functools.cache
+def _module_field_docs(module: str) -> dict[str, dict[str, str]]:
+    """Field docstrings of every top-level class of a module, from one parse of its source.
+
+    Once per module: ``inspect.getsource(cls)`` re-parses the whole file for every class, which made
+    building the parser (every ``--help`` and flag error) take ~1.7 s instead of ~0.1 s.
+    """
+    found: dict[str, dict[str, str]] = {}
+    for klass in ast.parse(inspect.getsource(sys.modules[module])).body:
+        if not isinstance(klass, ast.ClassDef):
+            continue
+        docs = found.setdefault(klass.name, {})
+        for node, nxt in zip(klass.body, klass.body[1:], strict=False):
             if (
                 isinstance(node, ast.AnnAssign)
                 and isinstance(node.target, ast.Name)
@@ -539,7 +658,38 @@ def field_docs(cls: type) -> dict[str, str]:
                 and isinstance(nxt.value.value, str)
             ):
                 docs[node.target.id] = nxt.value.value.strip()
-    return docs
+    return found
+
+
+def states_default(doc: str) -> bool:
+    """True when a field's docstring already says what its default is ("default: ...", "(default ...")."""
+    return "default:" in doc or "(default " in doc
+
+
+def help_text(f: dataclasses.Field, doc: str) -> str:  # type: ignore[type-arg]
+    """A flag's help: its docstring, then the choices and the default, each said once.
+
+    The choices come from the field's choice list, never from the docstring; the default is left out
+    when the docstring says it (computed defaults such as "$MLFLOW_TRACKING_URI, else tracking off").
+    """
+    parts = []
+    choices = choices_of(f)
+    if choices is not None:
+        parts.append("one of: " + ", ".join(map(str, choices)))
+    if not states_default(doc):
+        parts.append("default: " + default_text(f))
+    return f"{doc} ({'; '.join(parts)})" if parts else doc
+
+
+def default_text(f: dataclasses.Field) -> str:  # type: ignore[type-arg]
+    """What a flag's default is, in words: the value, the forwarded command's, or what unset means."""
+    like = f.metadata.get("like")
+    if like is not None:
+        command = like.__name__.removesuffix("Config").lower()
+        return f"{effective_default(f)!r}, as catsdogs {command} {flag(f.name)}"
+    if default_of(f) is None and f.metadata.get("unset"):
+        return str(f.metadata["unset"])
+    return repr(default_of(f))
 
 
 def flag(name: str) -> str:
@@ -548,10 +698,17 @@ def flag(name: str) -> str:
 
 
 def read_config_file(path: str | Path, section: str | None = None) -> dict[str, Any]:
-    """Read a TOML or JSON config file; take ``[section]`` when present, else the top level."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist (fix --config)")
+    """Read a TOML or JSON config file, or a preset by name; take ``[section]`` when present, else the top.
+
+    Relative paths in a file (:data:`FILE_PATH_FIELDS`) are relative to the file's own folder, so a
+    config names the files next to it from whatever folder the command runs in; a bare preset name
+    (``train_config = "seed"``) stays a name.
+    """
+    found = find_config(str(path))
+    if found is None:
+        raise ConfigError(f"config file {str(path)!r} does not exist and is no preset "
+                          f"({', '.join(preset_names())}) (fix --config)")
+    p = found
     try:
         data = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -559,15 +716,34 @@ def read_config_file(path: str | Path, section: str | None = None) -> dict[str, 
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a table/object of settings")
     if section and isinstance(data.get(section), dict):
-        return dict(data[section])
-    return data
+        data = dict(data[section])
+    return {k: relative_to(p.parent, v) if k.replace("-", "_") in FILE_PATH_FIELDS else v
+            for k, v in data.items()}
 
 
-def build_config(cls: type[C], *layers: dict[str, Any]) -> C:
-    """Build ``cls`` from dict layers (later wins), rejecting unknown keys and wrong types."""
-    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+def relative_to(folder: Path, value: Any) -> Any:
+    """Resolve a relative local path ``value`` against ``folder``; URIs, absolute and empty ones stay."""
+    if not isinstance(value, str) or not value or value.startswith("~") or os.path.isabs(value):
+        return value
+    if mlflow_scheme(value) or scheme_of(value):
+        return value
+    beside = folder / value
+    if not beside.exists() and preset_path(value) is not None:
+        return value  # a preset's name; a file of that name beside the config would win, as in find_config
+    return str(beside)
+
+
+def build_config(cls: type[C], *layers: Mapping[str, Any], typed: Mapping[str, Any] | None = None
+                 ) -> C:
+    """Build ``cls`` from dict layers (later wins), then ``typed`` flags; reject unknown keys, wrong types.
+
+    Every key counts as given (:attr:`Config.given`): ``typed`` ones as :data:`TYPED`, the layers' (a
+    config file, or what a command sets on purpose for the next stage) as :data:`SET`.
+    """
+    names = {f.name: f for f in settings_of(cls)}
     merged: dict[str, Any] = {}
-    for layer in layers:
+    given: dict[str, str] = {}
+    for layer, how in [*((layer, SET) for layer in layers), (typed or {}, TYPED)]:
         for key, value in layer.items():
             key = key.replace("-", "_")
             if key not in names:
@@ -575,7 +751,8 @@ def build_config(cls: type[C], *layers: dict[str, Any]) -> C:
                     f"unknown setting {key!r} for {cls.__name__}; known: {', '.join(sorted(names))}"
                 )
             merged[key] = _coerce(key, value, names[key])
-    cfg = cls(**merged)
+            given[key] = how
+    cfg = cls(**merged, given=given)
     for key in PATH_FIELDS:
         value = getattr(cfg, key, None)
         if isinstance(value, str) and value:
@@ -588,6 +765,8 @@ def build_config(cls: type[C], *layers: dict[str, Any]) -> C:
 
 PATH_FIELDS = ("input", "output", "data", "out", "run", "shards", "train_config", "cache_dir", "exclude")
 """Settings holding a folder or file; they accept plain paths and ``file://`` URIs."""
+FILE_PATH_FIELDS = (*PATH_FIELDS, "api_key_file", "explain")
+"""Settings holding a path, resolved against a config file's folder when the file names them."""
 
 REMOTE_FIELDS: dict[str, tuple[str, ...]] = {
     "PreprocessConfig": ("input", "output"),
@@ -638,13 +817,20 @@ def local_path(value: str, flag_name: str, remote_ok: bool = False, mlflow_ok: b
     return value
 
 
+def type_of(f: dataclasses.Field) -> tuple[str, bool]:  # type: ignore[type-arg]
+    """A field's type name without ``| None``, and whether None ("not given") is allowed."""
+    typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    base = typ.removesuffix(" | None")
+    return base, base != typ
+
+
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:  # type: ignore[type-arg]
     """Coerce a config-file value to the field's type, with an error naming the flag."""
-    typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    typ, optional = type_of(f)
     try:
-        if typ == "bool | None" and value is None:
+        if optional and value is None:
             return None
-        if typ in ("bool", "bool | None") and not isinstance(value, bool):
+        if typ == "bool" and not isinstance(value, bool):
             if str(value).lower() in {"1", "true", "yes", "on"}:
                 return True
             if str(value).lower() in {"0", "false", "no", "off"}:
@@ -659,14 +845,6 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:  # type: ignore[
     except (TypeError, ValueError):
         raise ConfigError(f"{flag(key)} expects {typ}, got {value!r}") from None
     return value
-
-
-def _choices(spec: Choices) -> tuple[Any, ...]:
-    """Resolve a field's choices (a tuple, a function, or a ``"module:NAME"`` reference)."""
-    if isinstance(spec, str):
-        module, name = spec.split(":")
-        return tuple(getattr(importlib.import_module(module), name))
-    return tuple(spec() if callable(spec) else spec)
 
 
 def _interval(meta: dict[str, Any]) -> str:
@@ -696,10 +874,12 @@ def _bound_error(meta: dict[str, Any], value: float) -> str | None:
 
 def validate(cfg: Any) -> None:
     """Check every field's declared choices and bounds, then the class's own ``check``."""
-    for f in dataclasses.fields(cfg):
-        meta, value = f.metadata, getattr(cfg, f.name)
-        if "choices" in meta:
-            choices = _choices(meta["choices"])
+    for f in settings_of(type(cfg)):
+        meta, value = rules_of(f), getattr(cfg, f.name)
+        if value is None:  # not given: the run's, the preset's or the next stage's default applies
+            continue
+        choices = choices_of(f)
+        if choices is not None:
             if value not in choices:
                 raise ConfigError(f"unknown {flag(f.name)} {value!r}: {flag(f.name)} must be one of "
                                   f"{', '.join(map(str, choices))}")
@@ -726,8 +906,9 @@ def check_required(cfg: Any) -> None:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Return a JSON-ready dict of a config dataclass."""
-    return dataclasses.asdict(cfg)
+    """Return a JSON-ready dict of a config dataclass's settings (bookkeeping fields left out)."""
+    full = dataclasses.asdict(cfg)
+    return {f.name: full[f.name] for f in settings_of(type(cfg))}
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

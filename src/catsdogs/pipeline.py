@@ -29,15 +29,19 @@ from catsdogs.config import (
     TrainConfig,
     build_config,
     check_required,
+    given_names,
     read_config_file,
     save_config,
+    typed_names,
 )
 from catsdogs.download.source import DATA_DIR
 from catsdogs.errors import ConfigError, InputError, OutputExistsError, SchemaError
 from catsdogs.preprocess.listing import scan_input
+from catsdogs.presets import find_config, preset_names
 from catsdogs.rundir import BEST_CKPT, LAST_CKPT, RunDir
 from catsdogs.shards.manifest import load_manifest
 from catsdogs.spark import is_local
+from catsdogs.train.names import FREEZE_BACKBONE
 
 CONTENT_KEYS: tuple[str, ...] = ("size", "resize", "val_frac", "test_frac", "seed", "shard_rows", "format",
                                  "max_pixels", "labels_from")
@@ -63,10 +67,26 @@ def check_data(data: str) -> Path:
     return path.resolve()
 
 
+FORWARDED: dict[type, tuple[str, ...]] = {PreprocessConfig: ("size", "master"),
+                                          TrainConfig: ("model", "epochs", "seed")}
+"""RunConfig settings that are another command's (``setting(like=...)``), by that command's config."""
+
+
+def forwarded(cfg: RunConfig, target: type, typed: bool) -> dict[str, Any]:
+    """The run's given settings for ``target`` that were ``typed`` (flags), or set (its --config file).
+
+    None is "not given": the stage's own default applies. Typed ones stay typed for the stage, so one
+    that cannot apply there (``--epochs`` for a frozen backbone) is refused, not ignored.
+    """
+    names = typed_names(cfg) if typed else given_names(cfg) - typed_names(cfg)
+    return {k: getattr(cfg, k) for k in FORWARDED[target] if getattr(cfg, k) is not None and k in names}
+
+
 def preprocess_config(cfg: RunConfig, data: Path, shards: Path) -> PreprocessConfig:
-    """Return the preprocessing settings of this run (defaults except input, output, size, master)."""
-    return build_config(PreprocessConfig, {"input": str(data), "output": str(shards), "size": cfg.size,
-                                           "master": cfg.master})
+    """Return the preprocessing settings of this run (defaults except input, output and the given ones)."""
+    return build_config(PreprocessConfig, {"input": str(data), "output": str(shards),
+                                           **forwarded(cfg, PreprocessConfig, typed=False)},
+                        typed=forwarded(cfg, PreprocessConfig, typed=True))
 
 
 def reuse_reason(shards: Path, wanted: PreprocessConfig) -> str | None:
@@ -103,32 +123,30 @@ def cluster_master(cfg: RunConfig) -> dict[str, str]:
     Their forward passes then run there too; a local master keeps them in this process (as fast here,
     without a JVM).
     """
-    return {} if is_local(cfg.master) else {"master": cfg.master}
+    return {} if cfg.master is None or is_local(cfg.master) else {"master": cfg.master}
 
 
 def train_config(cfg: RunConfig, shards: Path, out: Path) -> TrainConfig:
-    """Build the TrainConfig: defaults < --train-config file < run flags that differ from defaults.
+    """Build the TrainConfig: defaults < --train-config file < the run's given --model/--epochs/--seed.
 
-    Without a file every run flag (model, epochs, seed) applies; with one, a run flag left at its
-    default does not override the file (so a tuned ``epochs`` survives unless --epochs is changed).
+    A run setting that was given (typed, or in the run's --config) wins over the file whatever its
+    value; one not given never overrides it (so a tuned ``epochs`` survives unless --epochs is given).
     """
     layers: list[dict[str, Any]] = []
-    defaults = RunConfig()
     if cfg.train_config:
-        path = Path(cfg.train_config).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"--train-config {cfg.train_config!r} does not exist (fix --train-config)")
+        path = find_config(cfg.train_config)
+        if path is None:
+            raise ConfigError(f"--train-config {cfg.train_config!r} does not exist and is no preset "
+                              f"({', '.join(preset_names())}) (fix --train-config)")
         try:
             layers.append(read_config_file(path, "train"))
         except ConfigError as exc:
             raise ConfigError(f"{exc} (fix --train-config)") from None
-    run_flags = {k: getattr(cfg, k) for k in ("model", "epochs", "seed")
-                 if not cfg.train_config or getattr(cfg, k) != getattr(defaults, k)}
-    layers.append(run_flags)
+    layers.append(forwarded(cfg, TrainConfig, typed=False))
     layers.append({"data": str(shards), "out": str(out), "tracking_uri": cfg.tracking_uri,
                    "experiment": cfg.experiment, "register": cfg.register, **cluster_master(cfg)})
     try:
-        return build_config(TrainConfig, *layers)
+        return build_config(TrainConfig, *layers, typed=forwarded(cfg, TrainConfig, typed=True))
     except ConfigError as exc:
         raise ConfigError(f"{exc} (in --train-config {cfg.train_config!r})" if cfg.train_config
                           else str(exc)) from None
@@ -142,11 +160,13 @@ def main(cfg: RunConfig) -> int:
     from catsdogs.evaluate import command as evaluate
     from catsdogs.preprocess import command as preprocess
     from catsdogs.train import launch as train
+    from catsdogs.train.contract import check_applicable
 
     out = Path(cfg.out).expanduser().resolve()
     shards = Path(cfg.shards).expanduser().resolve() if cfg.shards else out / "shards"
     pre_cfg = preprocess_config(cfg, data, shards)
     tr_cfg = train_config(cfg, shards, out)  # before any work: a bad file fails fast
+    check_applicable(tr_cfg)  # likewise a flag that cannot apply (--epochs with a frozen backbone)
     out.mkdir(parents=True, exist_ok=True)
     run = RunDir(out)
     save_config(cfg, run.run_config)
@@ -165,12 +185,15 @@ def main(cfg: RunConfig) -> int:
         if code:
             return code
 
+    how = "a head on frozen features" if tr_cfg.freeze == FREEZE_BACKBONE else f"{tr_cfg.epochs} epochs"
     if resume:
-        print(f"[2/3] train: resuming the run in {out} from {LAST_CKPT} "
-              f"(up to {tr_cfg.epochs} epochs)", flush=True)
+        print(f"[2/3] train: resuming the run in {out} from {LAST_CKPT} ({how})", flush=True)
     else:
-        print(f"[2/3] train: {tr_cfg.model} for {tr_cfg.epochs} epochs into {out}", flush=True)
-    code = train.main(dataclasses.replace(tr_cfg, resume=resume))
+        print(f"[2/3] train: {tr_cfg.model}, {how}, into {out}", flush=True)
+    # A frozen-backbone pass computes the test split's features too, with the engine it already
+    # compiled, and caches them for the evaluation below (engines/feature_cache.py); training never
+    # reads them.
+    code = train.main(dataclasses.replace(tr_cfg, resume=resume), cache_splits=(EvaluateConfig().split,))
     if code:
         return code
 

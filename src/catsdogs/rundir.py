@@ -7,7 +7,8 @@ The one module that spells the run folder's layout; every stage asks it for path
     RUN/best.pt, RUN/last.pt   checkpoints                   (train; catsdogs.checkpoint)
     RUN/metrics.csv            one row per epoch             (train; read by evaluate)
     RUN/model.onnx, model.ts   exports                       (export)
-    RUN/engine/                features.onnx, features-int8.onnx + .guard.json (--backend engines)
+    RUN/engine/                features.onnx (+ .sources.json), features-int8.onnx + .guard.json
+                               (--backend engines); features/<split>.<engine>.npz (feature cache)
     RUN/eval/                  metrics.json, report.html ... (evaluate; shown by serve)
     RUN/mlflow.json            the MLflow run it was logged to (train with tracking; read by evaluate)
 
@@ -20,6 +21,7 @@ import csv
 import io
 import json
 import math
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,10 @@ INT8_GUARD_NAME = "features-int8.guard.json"
 FEATURE_SHARDS_DIR = "feature-shards"
 """Parquet feature shards a frozen-backbone run's Spark tasks write when the features are too big to
 collect (``catsdogs.cluster.shardjob``); read back by the driver and deleted once the head is fitted."""
+FEATURES_SOURCES_NAME = "features.sources.json"
+"""Which checkpoints the fp32 graph was made from, so loading one of them needs no export (no tracing)."""
+FEATURE_CACHE_DIR = "features"
+"""Pooled features of whole shard splits, one file per split and engine, keyed by digests."""
 EXPORT_NAMES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.ts"}
 """Default file of each ``catsdogs export --format``; the keys are the format choices."""
 
@@ -132,9 +138,29 @@ class RunDir:
     def feature_shards(self) -> Path:
         return self.root / FEATURE_SHARDS_DIR
 
+    @property
+    def features_sources(self) -> Path:
+        return self.engine_dir / FEATURES_SOURCES_NAME
+
+    def feature_cache(self, split: str, engine: str) -> Path:
+        """The cached features of shard split ``split`` made by engine ``engine``."""
+        return self.engine_dir / FEATURE_CACHE_DIR / f"{split}.{engine}.npz"
+
     def export(self, fmt: str) -> Path:
         """Return the default export file of ``fmt`` (onnx or torchscript)."""
         return self.root / EXPORT_NAMES[fmt]
+
+    def clear_training(self) -> None:
+        """Delete what training and the stages after it wrote (``train --overwrite``).
+
+        The checkpoints, metrics.csv, config.json, the MLflow link, the engine graphs, the evaluation and
+        the exports go; what ``catsdogs run`` keeps beside them (its shards/ and run_config.json) stays.
+        """
+        for path in (self.best, self.last, self.metrics, self.config, self.mlflow_link,
+                     *(self.export(fmt) for fmt in EXPORT_NAMES)):
+            path.unlink(missing_ok=True)
+        for folder in (self.engine_dir, self.eval_dir):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def read_config(self) -> dict[str, Any]:
         """Return the run's saved TrainConfig as a dict ({} when absent or unreadable)."""

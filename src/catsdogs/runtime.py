@@ -13,14 +13,12 @@ import random
 import numpy as np
 import torch
 
+from catsdogs.devices import AUTO, CUDA
 from catsdogs.errors import ConfigError
 
 # glibc mallopt parameters (malloc.h). Training allocates and frees the same multi-MB activation
 # buffers every step; above the default 128 KiB mmap threshold each one is a fresh mmap + page faults
 # + munmap, which measured as much system time as compute. Keeping them in the heap removes that.
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-"""Values of ``--device``: auto takes a CUDA GPU when there is one."""
-
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_BYTES = 512 * 1024 * 1024  # largest block kept in the heap instead of mmap
@@ -60,9 +58,9 @@ def set_threads(threads: int) -> int:
 
 def select_device(name: str) -> torch.device:
     """Resolve ``--device auto|cpu|cuda``; asking for cuda without a GPU is a user error."""
-    if name == "auto":
+    if name == AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    if name == CUDA and not torch.cuda.is_available():
         raise ConfigError("--device cuda was given but no CUDA GPU is available; use --device cpu")
     return torch.device(name)
 
@@ -74,7 +72,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup(threads: int = 0, device: str = "auto", seed: int | None = None) -> torch.device:
+def setup(threads: int = 0, device: str = AUTO, seed: int | None = None) -> torch.device:
     """Apply allocator tuning, thread count and seed; return the device to run on."""
     tune_malloc()
     set_threads(threads)

@@ -36,3 +36,10 @@ IGNORED_NAMES: frozenset[str] = frozenset({"thumbs.db", "desktop.ini", ".ds_stor
 """OS clutter that is ignored (and counted) without trying to decode it."""
 
 FILES_CSV_COLUMNS: tuple[str, ...] = ("path", "split", "shard", "row", "label")
+
+LABELS_AUTO = "auto"
+LABELS_FOLDER = "folder"
+LABELS_NAME = "name"
+LABELS_FROM: tuple[str, ...] = (LABELS_AUTO, LABELS_FOLDER, LABELS_NAME)
+"""Where a file's class comes from (``--labels-from``): auto, its class folder, or its name. Here, not in
+preprocess/listing.py which reads them: the config takes the choices, and serve must not reach preprocess/."""

@@ -27,9 +27,10 @@ METHOD = "knn"
 """Method of the detector the audit fits itself: the train default (it rejected every generated non-pet
 at 99 % validation acceptance, docs/models.md), and the one whose training rows can be left out of
 their own score exactly (a bank of rows; the Mahalanobis means and covariance pool every row)."""
-FEATURE_METHODS: tuple[str, ...] = ("knn", "mahalanobis")
+FEATURE_METHODS: tuple[str, ...] = ("concepts", "knn", "mahalanobis")
 """Detector methods that score features alone (energy needs the run's head's logits): a run's detector
-of another method is replaced by one fitted here."""
+of another method is replaced by one fitted here. A concepts detector flags the photos whose ImageNet
+concepts lie outside the training set's (a non-pet), with no training row of its own to leave out."""
 
 
 @dataclass
@@ -72,7 +73,7 @@ def score(detector: Detector, features: np.ndarray, in_bank: np.ndarray, chunk_r
     ``in_bank`` marks the rows that may sit in the detector's bank (training images); they skip their
     own entry. A detector that needs logits (energy) cannot score features alone and is refused.
     """
-    if detector.method not in ("knn", "mahalanobis"):
+    if detector.method not in FEATURE_METHODS:
         raise ValueError(f"the audit scores features; a {detector.method!r} detector needs the run's logits")
     out = np.zeros(len(features), dtype=np.float64)
     empty = torch.zeros(0, 0)

@@ -15,7 +15,6 @@ moved (S3, HDFS). A killed driver leaves no file under the output's name.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -32,9 +31,9 @@ from catsdogs.cluster.session import NEEDED, run_job, runtime_modules, spark_ses
 from catsdogs.cluster.ship import PredictorSpec, Shipment
 from catsdogs.config import PredictConfig, check_required
 from catsdogs.errors import ConfigError, InputError, OutputExistsError
+from catsdogs.infer.load import load_predictor
 from catsdogs.infer.predict import (
     Input,
-    PredictionRow,
     check_output,
     expand_paths,
     is_candidate,
@@ -42,10 +41,9 @@ from catsdogs.infer.predict import (
     summary,
     write_rows,
 )
+from catsdogs.infer.prediction import Prediction
 from catsdogs.infer.predictor import Predictor
 from catsdogs.io import storage
-from catsdogs.runtime import setup
-from catsdogs.track.registry import local_run
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -68,45 +66,26 @@ CONTENT_COLUMNS: tuple[str, ...] = ("content", "image", "bytes")
 """Binary columns of a table taken as the image bytes (``content`` is what Spark's binaryFile writes)."""
 PATH_COLUMN = "path"
 """String column of a table naming each image (read from it when the table holds no bytes)."""
-_SCALARS = {"str": "string", "float | None": "double", "float": "double", "int": "bigint",
-            "int | None": "bigint", "bool": "boolean"}
-
-
-def row_fields() -> list[tuple[str, str, bool]]:
-    """``(field, Spark type, JSON-encoded)`` of every :class:`PredictionRow` field, in order.
-
-    Scalars keep their type; anything else (the per-class probabilities, any field added later) travels
-    as JSON text and is decoded on the driver, so every field local predict fills reaches the output.
-    """
-    out = []
-    for f in dataclasses.fields(PredictionRow):
-        typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        out.append((f.name, _SCALARS.get(typ, "string"), typ not in _SCALARS))
-    return out
+ROW_DDL = "path string, error string, record string"
+"""A task's answer per input: the row's name and error (readable in Spark's UI and logs), and the whole
+:meth:`~catsdogs.infer.prediction.Prediction.to_dict` record as JSON text, so every field local predict
+fills (``looks_like`` and any added later) reaches the driver without a schema change."""
 
 
 def result_ddl() -> str:
-    """Spark DDL of a task's output rows: the sort keys, the answering process, the row's fields."""
-    cols = ["_input int", "_order bigint", "_host string", "_pid int"]
-    return ", ".join(cols + [f"{name} {typ}" for name, typ, _ in row_fields()])
+    """Spark DDL of a task's output rows: the sort keys, the answering process, the row itself."""
+    return "_input int, _order bigint, _host string, _pid int, " + ROW_DDL
 
 
-def _frame(keys: pd.DataFrame, rows: list[PredictionRow]) -> pd.DataFrame:
+def _frame(keys: pd.DataFrame, rows: list[Prediction]) -> pd.DataFrame:
     """Output rows of one batch as a pandas frame matching :func:`result_ddl`."""
     import pandas as pd
 
-    data: dict[str, Any] = {"_input": keys["_input"].to_numpy(np.int32),
-                            "_order": keys["_order"].to_numpy(np.int64),
-                            "_host": socket.gethostname(), "_pid": np.int32(os.getpid())}
-    for name, typ, encoded in row_fields():
-        values = [getattr(r, name) for r in rows]
-        if encoded:
-            data[name] = [None if v is None else json.dumps(v) for v in values]
-        elif typ == "double":
-            data[name] = np.array([np.nan if v is None else v for v in values], np.float64)
-        else:
-            data[name] = values
-    return pd.DataFrame(data)
+    return pd.DataFrame({"_input": keys["_input"].to_numpy(np.int32),
+                         "_order": keys["_order"].to_numpy(np.int64),
+                         "_host": socket.gethostname(), "_pid": np.int32(os.getpid()),
+                         "path": [r.path for r in rows], "error": [r.error for r in rows],
+                         "record": [json.dumps(r.to_dict()) for r in rows]})
 
 
 def _inputs(batch: pd.DataFrame) -> list[Input]:
@@ -252,27 +231,16 @@ def _input_frame(spark: SparkSession, files: list[tuple[int, str, str]], tables:
     return out, total
 
 
-def to_rows(table: Any) -> tuple[list[PredictionRow], set[tuple[str, int]]]:
-    """Rows of the collected Arrow table in input order, and the executor processes that answered."""
+def to_rows(table: Any, classes: list[str]) -> tuple[list[Prediction], set[tuple[str, int]]]:
+    """Predictions of the collected Arrow table in input order, and the executor processes that answered."""
     records = table.to_pylist()
     records.sort(key=lambda r: (r["_input"], r["_order"]))
-    fields = row_fields()
-    rows = []
-    for rec in records:
-        values = {}
-        for name, typ, encoded in fields:
-            v = rec[name]
-            if encoded:
-                v = None if v is None else json.loads(v)
-            elif typ == "double" and v is not None and math.isnan(v):
-                v = None
-            values[name] = v
-        rows.append(PredictionRow(**values))
+    rows = [Prediction.from_dict(json.loads(r["record"]), classes) for r in records]
     return rows, {(str(r["_host"]), int(r["_pid"])) for r in records}
 
 
 def predict_on_spark(spark: SparkSession, cfg: PredictConfig, predictor: Predictor, api: str = "pandas"
-                     ) -> tuple[list[PredictionRow], set[tuple[str, int]]]:
+                     ) -> tuple[list[Prediction], set[tuple[str, int]]]:
     """Classify ``cfg.paths`` as Spark tasks with ``predictor`` (shipped); rows in input order."""
     if api not in APIS:
         raise ValueError(f"api must be one of {APIS}, got {api!r}")
@@ -291,7 +259,7 @@ def predict_on_spark(spark: SparkSession, cfg: PredictConfig, predictor: Predict
         tasks = frame.rdd.getNumPartitions()
         table = run_job(spark, cfg.master, result.toArrow, "catsdogs predict",
                         progress=(total, tasks, "predict"))
-    return to_rows(table)
+    return to_rows(table, list(predictor.classes))
 
 
 def main(cfg: PredictConfig, api: str = "pandas") -> int:
@@ -302,11 +270,8 @@ def main(cfg: PredictConfig, api: str = "pandas") -> int:
                           "files)")
     check_target(cfg.output)
     check_required(cfg)
-    run = local_run(cfg.run, cfg.tracking_uri)
-    device = setup(cfg.threads, cfg.device)
-    predictor = Predictor.from_run(run, device, tta=cfg.tta, reject=cfg.reject, calibrate=cfg.calibrate,
-                                   backend=cfg.backend, threads=cfg.threads, int8_max_drop=cfg.int8_max_drop)
-    modules = NEEDED + runtime_modules(cfg.backend)
+    predictor = load_predictor(cfg.run, cfg, tracking_uri=cfg.tracking_uri)
+    modules = NEEDED + runtime_modules(predictor.backend)
     start = time.perf_counter()
     with spark_session(cfg.master, "catsdogs-predict", cfg.spark_conf, modules) as spark:
         rows, processes = predict_on_spark(spark, cfg, predictor, api)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ import torch.nn.functional as F
 
 from catsdogs.models.transforms import normalize
 from catsdogs.shards.manifest import Manifest
-from catsdogs.shards.reader import iter_batches
+from catsdogs.shards.reader import iter_batches, load_rows
 
 
 def split_batches(root: str | Path, manifest: Manifest, split: str, mean: tuple[float, ...],
@@ -29,11 +32,101 @@ def split_batches(root: str | Path, manifest: Manifest, split: str, mean: tuple[
             return
         rows, y = rows[:limit - seen], y[:limit - seen]
         seen += len(y)
+        yield normalized(rows, mean, std, size), np.asarray(y, dtype=np.int64)
+
+
+PREFETCH = 2
+"""Batches read and normalised ahead of the engine: one in flight per inference stream."""
+_END = object()
+
+
+def prefetched(items: Iterable[np.ndarray], depth: int = PREFETCH) -> Iterator[np.ndarray]:
+    """Iterate ``items`` from a background thread, ``depth`` ahead; its exceptions are raised here.
+
+    Shard reads and normalising then overlap the engine's forward pass.
+    """
+    buf: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def fill() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buf.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buf.put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            buf.put(exc)
+
+    thread = threading.Thread(target=fill, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buf.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join()
+
+
+def normalized(rows: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], size: int | None = None
+               ) -> np.ndarray:
+    """uint8 NHWC rows -> contiguous float32 NCHW, normalised (and resized) as in training.
+
+    Written channel by channel straight into the NCHW buffer the engine reads: the same float32
+    ``(x - mean) / std`` as ``models.transforms.normalize`` without its channels_last intermediate and
+    the copy back to NCHW (two passes over a 52 MB batch fewer).
+    """
+    if size is not None and size != rows.shape[1]:
         x = normalize(torch.from_numpy(np.ascontiguousarray(rows)), mean, std)
-        if size is not None and size != x.shape[-1]:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-        x = x.contiguous()
-        yield x.numpy(), np.asarray(y, dtype=np.int64)
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        return x.contiguous().numpy()
+    out = np.empty((rows.shape[0], rows.shape[3], rows.shape[1], rows.shape[2]), np.float32)
+    for c in range(rows.shape[3]):
+        np.subtract(rows[..., c], np.float32(mean[c]), out=out[:, c], dtype=np.float32)
+        np.divide(out[:, c], np.float32(std[c]), out=out[:, c])
+    return out
+
+
+@dataclass(frozen=True)
+class SplitImages:
+    """One shard split as an engine sees it: normalised batches in shard order, or chosen rows."""
+
+    root: Path
+    manifest: Manifest
+    split: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    batch_size: int = 64
+    size: int | None = None
+
+    def __len__(self) -> int:
+        return self.manifest.split_rows(self.split)
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every row in order, as ``(x, y)`` batches (see :func:`split_batches`)."""
+        return split_batches(self.root, self.manifest, self.split, self.mean, self.std, self.batch_size,
+                             size=self.size)
+
+    def take(self, index: np.ndarray) -> Iterator[np.ndarray]:
+        """The rows at ``index`` (positions in split order), normalised, in batches, in that order."""
+        rows = np.cumsum([0] + [s.rows for s in self.manifest.split_shards(self.split)])
+        index = np.asarray(index, dtype=np.int64)
+        shard = np.searchsorted(rows, index, side="right") - 1
+        for i in range(0, len(index), self.batch_size):
+            part = slice(i, i + self.batch_size)
+            within = index[part] - rows[shard[part]]
+            images = load_rows(self.root, self.manifest, self.split, shard[part], within)
+            yield normalized(images, self.mean, self.std, self.size)
 
 
 def calibration_images(root: str | Path, manifest: Manifest, mean: tuple[float, ...], std: tuple[float, ...],

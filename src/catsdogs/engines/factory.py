@@ -1,8 +1,11 @@
 """``create_engine``: build the engine a ``--backend`` name asks for, exporting and quantising once.
 
 The fp32 feature graph is exported from the model in hand and compared by digest with the cached
-``RUN/engine/features.onnx``; the int8 graph is rebuilt only when its recorded source digest differs.
-So a frozen-backbone run's graphs, made during training, are reused by evaluate, predict and serve.
+``RUN/engine/features.onnx`` -- unless the caller names where the weights come from (``source``: the
+checkpoint's SHA-256) and the graph's sidecar records that it was made from them, or passes the digest
+of the graph it already holds: then nothing is traced. The int8 graph is rebuilt only when its recorded
+source digest differs. So a frozen-backbone run's graphs, made during training, are reused by evaluate,
+predict and serve without tracing the model again.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from catsdogs.engines import graph
 from catsdogs.engines.base import Engine
 from catsdogs.engines.eager import TorchEngine
 from catsdogs.engines.names import ENGINES, ONNX, OPENVINO, TORCH, is_quantized, runtime_of
-from catsdogs.engines.quantize import CALIBRATION_METHOD, quantize_graph
+from catsdogs.engines.quantize import CALIBRATION_METHOD, quantize_graph, saturating_cpu
 from catsdogs.errors import ConfigError
 from catsdogs.rundir import RunDir
 
@@ -34,19 +37,39 @@ class EngineUnavailable(RuntimeError):
     """An int8 engine cannot be built here (no calibration images and no cached int8 graph)."""
 
 
-def ensure_fp32_graph(model: nn.Module, size: int, run: RunDir) -> tuple[str, bool]:
+def ensure_fp32_graph(model: nn.Module, size: int, run: RunDir, source: str = "",
+                      known: str = "") -> tuple[str, bool]:
     """Export ``model.features`` to ``RUN/engine/features.onnx`` unless an identical one is cached.
 
-    Returns the graph's digest and whether it was (re)written.
+    ``source`` (a checkpoint's SHA-256) skips the export when the sidecar records the cached graph as
+    made from it; ``known`` (a graph digest this process got from an earlier call for the same model)
+    skips it while the file still holds that graph. After an export, ``source`` is recorded. Returns
+    the graph's digest and whether it was (re)written.
     """
+    path = run.features_graph
+    sidecar = run.features_sources
+    cached = graph.known_digest(path, sidecar, source)
+    if cached:
+        return cached, False
+    if known and graph.read_metadata(path).get("graph_sha256") == known:
+        return known, False
+    t0 = time.perf_counter()
     proto = graph.export_features(model, size)
     digest = graph.graph_digest(proto)
-    path = run.features_graph
-    if graph.read_metadata(path).get("graph_sha256") == digest:
-        return digest, False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    graph.save_graph(proto, path, {"graph_sha256": digest, "size": size, "precision": "fp32"})
-    return digest, True
+    log.info("feature graph traced in %.1f s", time.perf_counter() - t0)
+    wrote = graph.read_metadata(path).get("graph_sha256") != digest
+    if wrote:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        graph.save_graph(proto, path, {"graph_sha256": digest, "size": size, "precision": "fp32"})
+    if source:
+        graph.record_source(path, sidecar, digest, source)
+    return digest, wrote
+
+
+def record_checkpoint(run: RunDir, fp32_sha256: str, checkpoint_sha256: str) -> None:
+    """Record that the checkpoint with ``checkpoint_sha256`` exports to the current fp32 graph."""
+    if run.features_graph.is_file() and fp32_sha256:
+        graph.record_source(run.features_graph, run.features_sources, fp32_sha256, checkpoint_sha256)
 
 
 def ensure_int8_graph(source_digest: str, run: RunDir, calibration: Calibration | None,
@@ -71,37 +94,44 @@ def ensure_int8_graph(source_digest: str, run: RunDir, calibration: Calibration 
     digest = graph.graph_digest(proto)
     graph.save_graph(proto, path, {"graph_sha256": digest, "source_sha256": source_digest,
                                    "calibration_rows": calibration_rows or rows, "calibrated_on": rows,
-                                   "calibration_method": CALIBRATION_METHOD, "precision": "int8"})
+                                   "calibration_method": CALIBRATION_METHOD, "precision": "int8",
+                                   "weights_7bit": saturating_cpu()})
     log.info("int8 graph: %d calibration images in %.1f s", rows, time.perf_counter() - t0)
     return digest
 
 
 def create_engine(name: str, model: nn.Module, size: int, run: RunDir, *, threads: int = 0,
                   device: torch.device | str = "cpu", calibration: Calibration | None = None,
-                  calibration_rows: int = 0) -> Engine:
+                  calibration_rows: int = 0, source: str = "", fp32_sha256: str = "") -> Engine:
     """Return the engine ``name`` (one of ``ENGINES``) for ``model`` at ``size`` px, graphs under ``run``.
 
-    Raises :class:`EngineUnavailable` for an int8 engine that can be neither loaded nor calibrated.
+    ``source`` / ``fp32_sha256``: see :func:`ensure_fp32_graph` (they spare the export). Raises
+    :class:`EngineUnavailable` for an int8 engine that can be neither loaded nor calibrated.
     """
     if name not in ENGINES:
         raise ConfigError(f"--backend must be one of {', '.join(ENGINES)}, got {name!r}")
     runtime = runtime_of(name)
     if runtime == TORCH:
         return TorchEngine(model, device)
-    digest, _ = ensure_fp32_graph(model, size, run)
+    digest, _ = ensure_fp32_graph(model, size, run, source, fp32_sha256)
     path = run.features_graph
+    engine_digest = digest
     if is_quantized(name):
-        ensure_int8_graph(digest, run, calibration, calibration_rows)
+        engine_digest = ensure_int8_graph(digest, run, calibration, calibration_rows)
         path = run.int8_graph
+    engine: Engine
     if runtime == ONNX:
         from catsdogs.engines.onnx_runtime import OnnxEngine  # lazy: loads onnxruntime
 
-        return OnnxEngine(name, path, threads)
-    if runtime == OPENVINO:
+        engine = OnnxEngine(name, path, threads)
+    elif runtime == OPENVINO:
         from catsdogs.engines.openvino_runtime import OpenVinoEngine  # lazy: loads OpenVINO
 
-        return OpenVinoEngine(name, path, threads)
-    raise ConfigError(f"--backend {name!r} has no runtime here")  # unreachable while ENGINES agrees
+        engine = OpenVinoEngine(name, path, threads)
+    else:
+        raise ConfigError(f"--backend {name!r} has no runtime here")  # unreachable while ENGINES agrees
+    engine.fp32_sha256, engine.graph_sha256 = digest, engine_digest
+    return engine
 
 
 def int8_digest(run: RunDir) -> str:

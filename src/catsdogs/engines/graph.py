@@ -3,6 +3,10 @@
 Both runtimes read this one file (OpenVINO reads ONNX directly), and the int8 graph is quantised from
 it, so every engine computes the same function. Its metadata holds the SHA-256 of the exported graph
 (weights and shapes): a cached file is reused only when a fresh export is byte-identical.
+
+Tracing Lite1 + Lite2 takes seconds, so a sidecar (``RUN/engine/features.sources.json``) records which
+checkpoints (by SHA-256) the graph on disk was made from, with the file's size and mtime: loading one of
+those checkpoints reuses the graph without exporting it again.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import copy
 import hashlib
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from catsdogs.io.atomic import atomic_write_bytes
+from catsdogs.io.atomic import atomic_write_bytes, atomic_write_text
 from catsdogs.models.effnet import fold_for_inference
 
 INPUT_NAME = "images"
@@ -108,3 +113,43 @@ def read_json_property(path: Path, key: str) -> dict[str, Any]:
             except (json.JSONDecodeError, TypeError):
                 return {}
     return {}
+
+
+def _stamp(path: Path) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _read_sources(sidecar: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def known_digest(path: Path, sidecar: Path, source: str) -> str:
+    """The digest of the graph at ``path`` if the sidecar records it as made from ``source``, else ''.
+
+    '' also when the file changed since the sidecar was written (size or mtime differ) or is gone.
+    """
+    data = _read_sources(sidecar)
+    digest = str(data.get("sources", {}).get(source, "")) if source else ""
+    if not digest or digest != data.get("graph_sha256"):
+        return ""
+    try:
+        return digest if _stamp(path) == data.get("stamp") else ""
+    except OSError:
+        return ""
+
+
+def record_source(path: Path, sidecar: Path, digest: str, source: str) -> None:
+    """Record that the graph at ``path`` (digest ``digest``) is what ``source`` (a checkpoint) exports to.
+
+    Sources of an older graph are dropped: only the current file can be reused.
+    """
+    data = _read_sources(sidecar)
+    sources = data.get("sources", {}) if data.get("graph_sha256") == digest else {}
+    sources[source] = digest
+    atomic_write_text(sidecar, json.dumps({"graph_sha256": digest, "stamp": _stamp(path),
+                                           "sources": sources}, indent=2, sort_keys=True) + "\n")

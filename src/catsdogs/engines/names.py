@@ -17,6 +17,15 @@ DEFAULT_ENGINE = OPENVINO + INT8_SUFFIX
 fitted on its features stays within the guard; where its guard refuses, OpenVINO fp32 runs instead."""
 
 
+def engine_for(given: str | None, recorded: str | None = None) -> str:
+    """The engine to run: the one asked for, else the one the run records, else :data:`DEFAULT_ENGINE`.
+
+    The one rule for train (no run yet: the default) and evaluate, predict, serve and the Python API
+    (the run's engine: ``infer.engine.recorded_engine``).
+    """
+    return given or recorded or DEFAULT_ENGINE
+
+
 def is_quantized(name: str) -> bool:
     """Return True for an int8 engine name."""
     return name.endswith(INT8_SUFFIX)
@@ -30,6 +39,11 @@ def runtime_of(name: str) -> str:
 MAX_DROP_PT = 0.1
 """Largest validation-accuracy drop (percentage points) an int8 engine may cost against fp32 (the
 guard, ``engines/guard.py``): about 2 of the 1,800 validation images of the dev data."""
+MAX_UNKNOWN_RISE_PT = 1.0
+"""Most the share of validation images answered "unknown" may rise (percentage points) on an int8 engine
+against fp32: the run's detector was thresholded on fp32 (or recorded) features, and features that moved
+too far would refuse real photos. A tiny from-scratch CNN's features moved by more than its whole kNN
+threshold on an AVX2 machine, and every photo became unknown."""
 CALIBRATION_IMAGES = 256
 """Training images that set the int8 activation ranges: 4 batches of 64. MinMax ranges of the bounded
 (ReLU6) activations settle within a few hundred images (docs/benchmarks/engines.md)."""

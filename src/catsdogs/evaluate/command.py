@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import math
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,9 +24,11 @@ from tqdm import tqdm
 from catsdogs import schema
 from catsdogs.checkpoint import CKPT_TRAIN_CONFIG
 from catsdogs.config import EvaluateConfig, check_required, save_config, to_dict
+from catsdogs.engines import feature_cache
 from catsdogs.errors import ConfigError, InputError
 from catsdogs.evaluate import plots
 from catsdogs.evaluate.metrics import (
+    answered_curve,
     compute_metrics,
     expected_calibration_error,
     jsonable,
@@ -35,11 +38,12 @@ from catsdogs.evaluate.metrics import (
 )
 from catsdogs.evaluate.report import ReportData, write_report
 from catsdogs.infer.explain import Explainer, overlay
+from catsdogs.infer.load import load_predictor
 from catsdogs.infer.predictor import Predictor
 from catsdogs.io import storage
 from catsdogs.io.atomic import atomic_write_text
+from catsdogs.io.checksum import sha256_file
 from catsdogs.rundir import EVAL_DIR, EVAL_METRICS_NAME, REPORT_NAME, RunDir, read_history
-from catsdogs.runtime import setup
 from catsdogs.shards.cache import cache_folder, fetch_manifest, local_shards, partial_copy
 from catsdogs.shards.manifest import Manifest, load_manifest
 from catsdogs.shards.reader import iter_batches, load_rows
@@ -50,11 +54,12 @@ from catsdogs.track.registry import tracking_uri
 OUTPUT_FILES: tuple[str, ...] = (
     EVAL_METRICS_NAME, "classification_report.txt", "predictions.csv", "confusion_matrix.png",
     "roc_curve.png", "reliability.png", "loss_curve.png", "accuracy_curve.png", "misclassified.png",
-    REPORT_NAME,
+    "answered.png", REPORT_NAME,
     schema.CONFIG_NAME,
 )
 """Everything evaluate writes into its output folder."""
 
+ANSWERED_CAPTION = "Share answered vs accuracy among answered (the \"unknown\" threshold)"
 MISTAKES_CAPTION = "Most confidently wrong images"
 
 
@@ -122,7 +127,7 @@ def spark_predict_split(cfg: EvaluateConfig, predictor: Predictor, source: str, 
     from catsdogs.cluster.work import AnswerWork
 
     data = source if storage.is_remote(source) else str(Path(source).resolve())
-    modules = NEEDED + runtime_modules(cfg.backend)
+    modules = NEEDED + runtime_modules(predictor.backend)
     with spark_session(cfg.master, "catsdogs-evaluate", cfg.spark_conf, modules) as spark, \
             Shipment(spark.sparkContext) as shipment:
         work = AnswerWork(shipment.predictor(predictor, cfg.threads))
@@ -138,6 +143,40 @@ def spark_predict_split(cfg: EvaluateConfig, predictor: Predictor, source: str, 
         known=np.concatenate([r["known"] for r in parts]))
 
 
+def cached_predict_split(predictor: Any, cfg: EvaluateConfig, data: Path, manifest: Manifest) -> Predictions:
+    """``predict_split`` with the split's features read from the run's cache when it holds them.
+
+    The cache (``engines/feature_cache.py``) is checked before any engine is built; on a miss the pass
+    runs as usual and its features are saved for the next evaluation. Flip TTA needs the mirrored
+    images' features, which are not cached: it always runs the engine.
+    """
+    if predictor.settings.tta or predictor.device.type != "cpu":
+        return predict_split(predictor, data, manifest, cfg.split, cfg.batch_size)
+    run = RunDir(predictor.path.parent)
+    path = run.feature_cache(cfg.split, predictor.backend)  # --backend, else the run's engine
+    base = feature_cache.base_key(data, manifest, cfg.split, sha256_file(predictor.path), predictor.backend,
+                                  cfg.int8_max_drop, predictor.mean, predictor.std, predictor.size)
+    hit = feature_cache.load(path, base, run.engine_dir)
+    if hit is not None:
+        print(f"catsdogs: {cfg.split} features of {hit.engine} reused from {path}", file=sys.stderr)
+        predictor.engine = feature_cache.ReplayEngine(cached=hit.feats, facts=hit.facts, name=hit.engine)
+        preds = predict_split(predictor, data, manifest, cfg.split, cfg.batch_size)
+        if not np.array_equal(preds.labels, hit.labels):
+            raise RuntimeError(f"feature cache {path} does not follow the shards' order; delete it")
+        return preds
+    recorder = feature_cache.RecordingEngine(predictor.feature_engine)
+    predictor.engine = recorder
+    try:
+        preds = predict_split(predictor, data, manifest, cfg.split, cfg.batch_size)
+    finally:
+        predictor.engine = recorder.inner
+    try:
+        feature_cache.save(path, recorder.recorded(), preds.labels, base, recorder.inner)
+    except OSError:
+        pass  # a read-only run folder: evaluating again computes the features again
+    return preds
+
+
 def confidence_metrics(preds: Predictions, predictor: Any) -> dict[str, Any]:
     """ECE before/after temperature scaling, the share answered "unknown", accuracy among the rest."""
     raw = preds.raw if preds.raw is not None else preds.probs
@@ -150,6 +189,7 @@ def confidence_metrics(preds: Predictions, predictor: Any) -> dict[str, Any]:
         "temperature": predictor.temperature if predictor.settings.calibrate else 1.0,
         "reject": predictor.settings.reject,
         "ood_method": predictor.detector.method if predictor.detector is not None else None,
+        "ood_threshold": predictor.detector.threshold if predictor.detector is not None else None,
         "engine": predictor.feature_engine.name,
         "unknown_share": 1.0 - n_known / max(1, len(known)),
         "accepted": n_known,
@@ -214,11 +254,28 @@ def write_plots(out: Path, preds: Predictions, metrics: dict[str, Any], classes:
         "Accuracy per epoch": ("accuracy_curve.png", plots.history_figure(
             history["epoch"], history.get("train_acc", []), history.get("val_acc", []),
             "Accuracy", "Accuracy per epoch")),
+        ANSWERED_CAPTION: ("answered.png", answered_plot(preds, metrics, split)),
         MISTAKES_CAPTION: ("misclassified.png", plots.mistakes_figure(
             images, [classes[i] for i in preds.labels[mistakes]], [classes[i] for i in pred[mistakes]],
             [float(preds.probs[i, pred[i]]) for i in mistakes], metrics["errors"], n, overlays)),
     }
     return {caption: plots.save_figure(fig, out / name) for caption, (name, fig) in figs.items()}
+
+
+def answered_plot(preds: Predictions, metrics: dict[str, Any], split: str) -> Any:
+    """The share-answered / accuracy-among-answered trade-off of the detector, with the run's point."""
+    threshold = metrics.get("ood_threshold")
+    title = f"Answered vs right \u2014 {split}"
+    if threshold is None or preds.scores is None or np.isnan(preds.scores).all():
+        return plots.message_figure(title, "This run has no out-of-distribution detector: it answers every "
+                                           "image with a class.")
+    known = preds.known if preds.known is not None else np.ones(len(preds.labels), dtype=bool)
+    flat = ~known & (preds.scores <= threshold)  # rejected within the threshold: a flat image
+    correct = preds.probs.argmax(axis=1) == preds.labels
+    shares, accuracies = answered_curve(preds.scores, correct, flat)
+    point = ((float(known.mean()), float(metrics["accuracy_accepted"]))
+             if metrics.get("reject") and known.any() else None)
+    return plots.answered_figure(shares, accuracies, point, title)
 
 
 def explain_mistakes(predictor: Predictor, images: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -248,11 +305,8 @@ def write_predictions(path: Path, preds: Predictions, classes: list[str]) -> Non
 def main(cfg: EvaluateConfig) -> int:
     """Evaluate a run on one split of its shards and write metrics, plots and report.html."""
     check_required(cfg)
-    device = setup(cfg.threads, cfg.device)
-    predictor = Predictor.from_run(cfg.run, device, cfg.checkpoint, tta=cfg.tta, reject=cfg.reject,
-                                   calibrate=cfg.calibrate, backend=cfg.backend, threads=cfg.threads,
-                                   int8_max_drop=cfg.int8_max_drop,
-                                   shards=cfg.data)  # CheckpointError if none
+    # CheckpointError if none; --data also calibrates and checks an int8 engine.
+    predictor = load_predictor(cfg.run, cfg, checkpoint=cfg.checkpoint, shards=cfg.data)
     run_dir, source, data, out, train_cfg = resolve_paths(cfg, copy=not cfg.master)
     manifest = fetch_manifest(source) if cfg.master else load_manifest(data, "--data")
     check_compatible(manifest, predictor, data)
@@ -262,7 +316,7 @@ def main(cfg: EvaluateConfig) -> int:
     if cfg.master:
         preds = spark_predict_split(cfg, predictor, source, manifest)
     else:
-        preds = predict_split(predictor, data, manifest, cfg.split, cfg.batch_size)
+        preds = cached_predict_split(predictor, cfg, data, manifest)
     classes = list(manifest.classes)
     metrics, report_text = compute_metrics(preds.labels, preds.probs, classes)
     metrics.update(confidence_metrics(preds, predictor))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,8 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+
+from catsdogs.io.jsonable import jsonable
 
 
 def roc_curves(labels: np.ndarray, probs: np.ndarray, classes: list[str]
@@ -83,23 +84,6 @@ def most_confident_mistakes(labels: np.ndarray, probs: np.ndarray, k: int) -> np
     return wrong[np.argsort(-conf, kind="stable")[:k]]
 
 
-def jsonable(obj: Any) -> Any:
-    """Convert numpy scalars/arrays and NaN inside nested containers to JSON-ready values."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return jsonable(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, str | int | float | bool):
-        return obj
-    return str(obj)
-
-
 ECE_BINS = 15
 """Equal-width confidence bins for ECE and the reliability diagram (Guo et al. 2017 use 15)."""
 
@@ -127,3 +111,20 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int 
     conf, acc, counts = reliability_bins(labels, probs, bins)
     ok = counts > 0
     return float(np.sum(counts[ok] * np.abs(acc[ok] - conf[ok])) / counts.sum())
+
+
+def answered_curve(scores: np.ndarray, correct: np.ndarray, flat: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Share answered and accuracy among the answered for every threshold on the OOD ``scores``.
+
+    Images are answered lowest score first (most like training); ``flat`` ones (answered "unknown"
+    whatever the threshold) never are. Returns ``(shares, accuracies)`` of equal length, share ascending.
+    """
+    n = len(scores)
+    keep = np.ones(n, dtype=bool) if flat is None else ~np.asarray(flat, dtype=bool)
+    s = np.nan_to_num(np.asarray(scores, dtype=np.float64)[keep], nan=0.0)
+    ok = np.asarray(correct, dtype=np.float64)[keep][np.argsort(s, kind="stable")]
+    if not len(ok):
+        return np.zeros(0), np.zeros(0)
+    answered = np.arange(1, len(ok) + 1)
+    return answered / max(n, 1), np.cumsum(ok) / answered

@@ -189,3 +189,30 @@ def reliability_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarra
     bottom.set_xlabel("Confidence (probability of the predicted class)")
     bottom.grid(alpha=0.3)
     return fig
+
+
+def answered_figure(shares: np.ndarray, accuracies: np.ndarray, point: tuple[float, float] | None,
+                    title: str = "Share answered vs accuracy among answered") -> Figure:
+    """Plot accuracy among the answered images against the share answered, as the threshold moves.
+
+    The "unknown" threshold trades the two: answering fewer images leaves the easier ones. ``point`` is
+    the run's own operating point (share, accuracy), marked; None without a detector.
+    """
+    fig = Figure(figsize=(6.4, 4.4), layout="tight")
+    ax = fig.add_subplot()
+    ax.plot(100 * shares, 100 * accuracies, color=_TRAIN_COLOR, linewidth=1.8)
+    if point is not None:
+        ax.plot([100 * point[0]], [100 * point[1]], marker="o", markersize=8, color=_VAL_COLOR,
+                label=f"this run: {100 * point[0]:.1f} % answered, {100 * point[1]:.2f} % right")
+        ax.legend(loc="lower left", fontsize=9)
+    # From half answered: below that no product operating point lies, and the first few images (all
+    # right) would stretch the axis over nothing.
+    ax.set_xlim(50.0, 100.5)
+    shown = shares >= 0.5
+    if shown.any():
+        ax.set_ylim(max(0.0, 100 * float(accuracies[shown].min()) - 0.5), 100.2)
+    ax.set_xlabel("Images answered with a class (%)")
+    ax.set_ylabel("Accuracy among them (%)")
+    ax.set_title(title, fontsize=12, fontweight="bold")
+    ax.grid(alpha=0.3)
+    return fig

@@ -14,8 +14,9 @@ from torch import nn
 
 from catsdogs import checkpoint as ckpt
 from catsdogs.engines.base import Engine
-from catsdogs.engines.batches import calibration_images, split_batches
+from catsdogs.engines.batches import SplitImages, calibration_images
 from catsdogs.engines.eager import TorchEngine
+from catsdogs.engines.guard import Accepts
 from catsdogs.engines.names import CALIBRATION_IMAGES, TORCH
 from catsdogs.engines.select import guarded_engine
 from catsdogs.errors import CatsdogsError
@@ -26,6 +27,18 @@ from catsdogs.shards.manifest import Manifest, load_manifest
 
 BATCH = 64
 """Images per forward pass of calibration and the guard (the feature pass's batch)."""
+
+
+def recorded_engine(state: dict[str, Any]) -> str | None:
+    """The engine a run records, which its inference runs unless ``--backend`` says; None: none recorded.
+
+    A frozen-backbone run records the engine its head, detector and temperature were fitted on. A run that
+    records none gets ``engines.names.DEFAULT_ENGINE`` (``engine_for``): an int8 engine only behind its
+    guard, which also bounds the rise of "unknown" on validation, since the loop fits its detector on
+    torch features.
+    """
+    engine = state.get(ckpt.CKPT_ENGINE)
+    return str(engine) if engine else None
 
 
 def run_shards(shards: str, meta: dict[str, Any], run: RunDir, size: int) -> tuple[Path, Manifest] | None:
@@ -49,10 +62,11 @@ def run_shards(shards: str, meta: dict[str, Any], run: RunDir, size: int) -> tup
 
 def load_engine(name: str, model: nn.Module, size: int, mean: tuple[float, ...], std: tuple[float, ...],
                 checkpoint: Path, meta: dict[str, Any], device: torch.device, *, threads: int = 0,
-                max_drop_pt: float, shards: str = "") -> Engine:
+                max_drop_pt: float, shards: str = "", accepts: Accepts | None = None) -> Engine:
     """Build engine ``name`` for a loaded checkpoint; graphs are cached in its run folder's engine/.
 
     Non-torch engines run on the CPU: on a CUDA device the model stays in torch (with a note).
+    ``accepts`` (the run's detector) makes the int8 guard also bound the rise of "unknown" answers.
     """
     if name == TORCH:
         return TorchEngine(model, device)
@@ -66,10 +80,11 @@ def load_engine(name: str, model: nn.Module, size: int, mean: tuple[float, ...],
     if found is not None:
         root, manifest = found
         calibration = lambda: calibration_images(root, manifest, mean, std, CALIBRATION_IMAGES, BATCH)  # noqa: E731
-        validation = lambda: split_batches(root, manifest, "val", mean, std, BATCH)  # noqa: E731
+        validation = SplitImages(root, manifest, "val", mean, std, BATCH)
     try:
         return guarded_engine(name, model, size, run, sha256_file(checkpoint), threads=threads,
-                              calibration=calibration, validation=validation, max_drop_pt=max_drop_pt)
+                              calibration=calibration, validation=validation, max_drop_pt=max_drop_pt,
+                              accepts=accepts)
     except OSError as exc:  # a read-only run folder cannot hold the graphs
         print(f"catsdogs: --backend {name} needs to write {run.engine_dir} ({exc.strerror}); using torch",
               file=sys.stderr)

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -29,16 +29,19 @@ from catsdogs import schema
 from catsdogs.config import PredictConfig, check_required, save_config
 from catsdogs.errors import ConfigError, ImageDecodeError, InputError
 from catsdogs.infer.explain import explain_files
-from catsdogs.infer.predictor import Predictor
+from catsdogs.infer.load import load_predictor
+from catsdogs.infer.prediction import Prediction
+from catsdogs.infer.predictor import Predictor, format_looks_like
 from catsdogs.io import storage
 from catsdogs.io.atomic import atomic_open
-from catsdogs.runtime import cores, setup
-from catsdogs.track.registry import local_run
+from catsdogs.models.transforms import DEFAULT_MAX_PIXELS
+from catsdogs.runtime import cores
 
-CSV_COLUMNS: tuple[str, ...] = ("path", "label", "probability", "error", "ood_score")
+CSV_COLUMNS: tuple[str, ...] = ("path", "label", "probability", "error", "ood_score", "looks_like")
 """``label`` is ``unknown`` for an image the run's detector rejects (``probability`` is still that of
 the most likely class); ``ood_score`` is the detector's score (higher = less like the training photos,
-empty without a detector)."""
+empty without a detector); ``looks_like`` names, for an unknown image, the ImageNet concepts it looks
+like instead (``badger 41 %, lesser panda 12 %``; empty for runs trained without ImageNet weights)."""
 OUTPUT_FORMATS: tuple[str, ...] = (".csv", ".json", ".parquet")
 """``--output`` types: CSV (:data:`CSV_COLUMNS`), JSON (every field), Parquet (CSV's columns, typed)."""
 _GLOB_CHARS = frozenset("*?[")
@@ -46,18 +49,6 @@ _GLOB_CHARS = frozenset("*?[")
 _MAX_DECODE_WORKERS = 4
 # Batches decoded ahead of the model: bounds memory to ~(depth + 1) * batch_size images.
 _PREFETCH_BATCHES = 2
-
-
-@dataclass
-class PredictionRow:
-    """One output row: the predicted label (or ``unknown``) and its probability, or why it failed."""
-
-    path: str
-    label: str = ""
-    probability: float | None = None
-    error: str = ""
-    probabilities: dict[str, float] | None = None
-    ood_score: float | None = None
 
 
 def is_candidate(path: Path) -> bool:
@@ -124,8 +115,20 @@ class Input:
     content: bytes | None = None
 
 
-def read_input(item: Path | Input) -> bytes | str:
-    """Return the bytes of one input, or the failure reason (as preprocess's skipped list names it)."""
+Item = Path | tuple[str, bytes] | Input
+"""One input: a file, an in-memory image's name and encoded bytes (the Python API), or a
+:class:`Input` of a Spark task (``predict --master``)."""
+
+
+def name_of(item: Item) -> str:
+    """The name a row carries: the file's path as given, or the in-memory image's or Input's name."""
+    if isinstance(item, Path):
+        return str(item)
+    return item.name if isinstance(item, Input) else item[0]
+
+
+def read_item(item: Item) -> bytes | str:
+    """The encoded bytes of one input, or why it cannot be read (as preprocess's skipped list names it)."""
     if isinstance(item, Input):
         if item.content is not None:
             return item.content
@@ -135,15 +138,18 @@ def read_input(item: Path | Input) -> bytes | str:
             except OSError:
                 return "unreadable"
         item = Path(item.uri)
+    if not isinstance(item, Path):
+        return item[1]
     try:
         return item.read_bytes()
     except OSError:
+        # Same reasons as preprocess's skipped list, so both stages name a bad file alike.
         return "broken_link" if item.is_symlink() and not item.exists() else "unreadable"
 
 
-def _decode(predictor: Predictor, item: Path | Input, max_pixels: int) -> np.ndarray | str:
+def _decode(predictor: Predictor, item: Item, max_pixels: int) -> np.ndarray | str:
     """Read and decode one input; return the image array or the failure reason."""
-    data = read_input(item)
+    data = read_item(item)
     if isinstance(data, str):
         return data
     try:
@@ -152,26 +158,27 @@ def _decode(predictor: Predictor, item: Path | Input, max_pixels: int) -> np.nda
         return exc.reason
 
 
-def _batched(items: Sequence[Path | Input], n: int) -> Iterator[Sequence[Path | Input]]:
+def _batched(items: Sequence[Item], n: int) -> Iterator[Sequence[Item]]:
     for start in range(0, len(items), n):
         yield items[start:start + n]
 
 
-def predict_files(predictor: Predictor, files: Sequence[Path | Input], batch_size: int = 64,
-                  tta: bool | None = None, max_pixels: int = 89_478_485, workers: int = 2,
-                  progress: bool = True) -> list[PredictionRow]:
-    """Classify ``files`` in batches, decoding ahead in ``workers`` threads; one row per file.
+def predict_files(predictor: Predictor, files: Sequence[Item], batch_size: int = 64, tta: bool | None = None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2, progress: bool = True
+                  ) -> list[Prediction]:
+    """Classify ``files`` (or in-memory images) in batches, decoding ahead in ``workers`` threads.
 
-    ``tta`` None follows the predictor's (the run's) setting. Also the work of each Spark task of
-    ``predict --master`` (:mod:`catsdogs.cluster.predict`), on :class:`Input` items.
+    One :class:`Prediction` per input, in order; ``tta`` None follows the predictor's (the run's) setting.
+    Also the work of each Spark task of ``predict --master`` (:mod:`catsdogs.cluster.predict`), on
+    :class:`Input` items.
     """
-    rows: list[PredictionRow] = []
-    classes = predictor.classes
+    rows: list[Prediction] = []
+    classes = tuple(predictor.classes)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool, \
             tqdm(total=len(files), unit="img", file=sys.stderr, disable=not progress,
                  desc="predict") as bar:
         chunks = _batched(files, batch_size)
-        pending: deque[tuple[Sequence[Path | Input], list[Future[np.ndarray | str]]]] = deque()
+        pending: deque[tuple[Sequence[Item], list[Future[np.ndarray | str]]]] = deque()
 
         def submit_next() -> None:
             chunk = next(chunks, None)
@@ -186,48 +193,44 @@ def predict_files(predictor: Predictor, files: Sequence[Path | Input], batch_siz
             decoded = [f.result() for f in futures]
             good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
             answers = predictor.answer(np.stack([decoded[i] for i in good]), tta=tta) if good else None
-            chunk_rows = [PredictionRow(path=p.name if isinstance(p, Input) else str(p),
-                                        error="" if isinstance(d, np.ndarray) else d)
-                          for p, d in zip(chunk, decoded, strict=True)]
+            chunk_rows = [Prediction(path=name_of(p), error="" if isinstance(d, np.ndarray) else d,
+                                     classes=classes) for p, d in zip(chunk, decoded, strict=True)]
             for k, i in enumerate(good):
                 assert answers is not None  # nosec B101 # type narrowing of an invariant, not input checking
-                a = answers[k]
-                chunk_rows[i].label = a.label(classes)
-                chunk_rows[i].probability = float(a.probs.max())
-                chunk_rows[i].probabilities = {c: float(p) for c, p in zip(classes, a.probs, strict=True)}
-                chunk_rows[i].ood_score = None if np.isnan(a.score) else a.score
+                chunk_rows[i].answer = answers[k]
             rows.extend(chunk_rows)
             bar.update(len(chunk))
     return rows
 
 
-def write_csv(rows: Iterable[PredictionRow], fh: IO[str]) -> None:
+def write_csv(rows: Iterable[Prediction], fh: IO[str]) -> None:
     """Write rows as CSV with the columns of :data:`CSV_COLUMNS`."""
     w = csv.writer(fh, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for r in rows:
         w.writerow([r.path, r.label, "" if r.probability is None else f"{r.probability:.6f}", r.error,
-                    "" if r.ood_score is None else f"{r.ood_score:.6g}"])
+                    "" if r.ood_score is None else f"{r.ood_score:.6g}", format_looks_like(r.looks_like)])
 
 
-def write_parquet(rows: Sequence[PredictionRow], fh: IO[bytes]) -> None:
+def write_parquet(rows: Sequence[Prediction], fh: IO[bytes]) -> None:
     """Write rows as Parquet: the columns of :data:`CSV_COLUMNS`, typed (probabilities as doubles)."""
     import pyarrow as pa  # lazy: only Parquet output needs it (~0.75 s at import)
     import pyarrow.parquet as pq
 
-    values = [asdict(r) for r in rows]
-    table = pa.Table.from_pylist([{k: v[k] for k in CSV_COLUMNS} for v in values], schema=pa.schema(
+    values = [{"path": r.path, "label": r.label, "probability": r.probability, "error": r.error,
+               "ood_score": r.ood_score, "looks_like": format_looks_like(r.looks_like)} for r in rows]
+    table = pa.Table.from_pylist(values, schema=pa.schema(
         [(k, pa.float64() if k in ("probability", "ood_score") else pa.string()) for k in CSV_COLUMNS]))
     pq.write_table(table, fh)
 
 
-def write_json(rows: Iterable[PredictionRow], fh: IO[str]) -> None:
+def write_json(rows: Iterable[Prediction], fh: IO[str]) -> None:
     """Write rows as a JSON list (with per-class probabilities for decoded images)."""
-    json.dump([asdict(r) for r in rows], fh, indent=1)
+    json.dump([r.to_dict() for r in rows], fh, indent=1)
     fh.write("\n")
 
 
-def write_rows(rows: Sequence[PredictionRow], output: str) -> None:
+def write_rows(rows: Sequence[Prediction], output: str) -> None:
     """Write rows to ``output`` (format from its extension) or CSV to stdout.
 
     Atomically: a local file appears under its name only once complete (temporary file + rename), an
@@ -264,7 +267,7 @@ def check_output(output: str) -> None:
         raise ConfigError(f"--output {output!r} is a folder; give a {', '.join(OUTPUT_FORMATS)} file name")
 
 
-def summary(rows: Sequence[PredictionRow], seconds: float) -> str:
+def summary(rows: Sequence[Prediction], seconds: float) -> str:
     """Return the one-line summary: counts of images, errors and labels, and throughput."""
     errors = sum(1 for r in rows if r.error)
     counts: dict[str, int] = {}
@@ -283,10 +286,7 @@ def main(cfg: PredictConfig) -> int:
     check_explain(cfg.explain)
     files = expand_paths(cfg.paths)
     check_required(cfg)
-    run = local_run(cfg.run, cfg.tracking_uri)  # models:/ or runs:/ -> a downloaded run folder
-    device = setup(cfg.threads, cfg.device)
-    predictor = Predictor.from_run(run, device, tta=cfg.tta, reject=cfg.reject, calibrate=cfg.calibrate,
-                                   backend=cfg.backend, threads=cfg.threads, int8_max_drop=cfg.int8_max_drop)
+    predictor = load_predictor(cfg.run, cfg, tracking_uri=cfg.tracking_uri)
     workers = min(_MAX_DECODE_WORKERS, cores())
     start = time.perf_counter()
     rows = predict_files(predictor, files, batch_size=cfg.batch_size,
@@ -304,7 +304,7 @@ def check_explain(folder: str) -> None:
         raise ConfigError(f"--explain {folder!r} is a file; give a folder for the heatmaps")
 
 
-def write_explanations(predictor: Predictor, files: Sequence[Path], rows: Sequence[PredictionRow],
+def write_explanations(predictor: Predictor, files: Sequence[Path], rows: Sequence[Prediction],
                        cfg: PredictConfig) -> None:
     """Write the --explain folder: a heatmap of the top class of every decoded file, and the config."""
     classes = predictor.classes

@@ -24,18 +24,25 @@ from torch import nn
 
 from catsdogs import checkpoint as ckpt
 from catsdogs.checkpoint import build_from_checkpoint, load_checkpoint
+from catsdogs.devices import AUTO
 from catsdogs.engines.base import Engine
 from catsdogs.engines.eager import TorchEngine
-from catsdogs.engines.names import MAX_DROP_PT, TORCH
-from catsdogs.infer.engine import load_engine
+from catsdogs.engines.names import MAX_DROP_PT, engine_for
+from catsdogs.infer.engine import load_engine, recorded_engine
 from catsdogs.models.effnet import fold_for_inference
 from catsdogs.models.heads import probabilities
 from catsdogs.models.ood import MIN_SIDE, Detector, flat_images
 from catsdogs.models.transforms import DEFAULT_MAX_PIXELS, hflip, load_image, normalize
 from catsdogs.rundir import BEST_CKPT, resolve_checkpoint
+from catsdogs.runtime import select_device
 
 UNKNOWN = "unknown"
 """The label of an image the detector rejects: it looks like none of the trained classes."""
+
+
+def format_looks_like(concepts: list[tuple[str, float]]) -> str:
+    """One line for people: ``badger 41 %, lesser panda 12 %`` (empty when nothing is named)."""
+    return ", ".join(f"{name} {100 * p:.0f} %" for name, p in concepts)
 
 
 @dataclass
@@ -68,12 +75,16 @@ class Answers:
     """``(n,)`` bool: False where the image is answered "unknown"."""
     raw: np.ndarray | None = None
     """``(n, C)`` probabilities before temperature scaling (only when asked for, by evaluate)."""
+    looks_like: list[list[tuple[str, float]]] = field(default_factory=list)
+    """Per image, the ImageNet concepts it looks like, ``[(name, probability), ...]``: filled for the
+    images answered "unknown" by a run with ImageNet weights, empty otherwise (and for flat images)."""
 
     def __len__(self) -> int:
         return len(self.probs)
 
     def __getitem__(self, k: int) -> Answer:
-        return Answer(self.probs[k], float(self.scores[k]), bool(self.known[k]))
+        return Answer(self.probs[k], float(self.scores[k]), bool(self.known[k]),
+                      self.looks_like[k] if self.looks_like else [])
 
 
 @dataclass
@@ -83,6 +94,8 @@ class Answer:
     probs: np.ndarray
     score: float
     known: bool
+    looks_like: list[tuple[str, float]] = field(default_factory=list)
+    """What an "unknown" image looks like instead: ImageNet concepts and their probabilities."""
 
     def label(self, classes: list[str]) -> str:
         """The predicted class, or ``unknown`` when rejected."""
@@ -112,17 +125,20 @@ class Predictor:
     """Runs ``model.features`` (``--backend``); None: built at first use by ``make_engine``."""
     make_engine: Callable[[], Engine] | None = None
     """Builds the ``--backend`` engine; None: torch eager on ``model``."""
+    backend: str = ""
+    """The engine ``--backend`` resolved to (``engines.names.engine_for``), before it is built."""
 
     @classmethod
-    def from_run(cls, run: str | Path, device: torch.device | str = "cpu", name: str = BEST_CKPT,
+    def from_run(cls, run: str | Path, device: torch.device | str = AUTO, name: str = BEST_CKPT,
                  tta: bool | None = None, reject: bool | None = None,
-                 calibrate: bool | None = None, backend: str = TORCH, threads: int = 0,
+                 calibrate: bool | None = None, backend: str | None = None, threads: int = 0,
                  int8_max_drop: float = MAX_DROP_PT, shards: str = "") -> Predictor:
         """Load the checkpoint of a run folder (or a .pt file) and rebuild its model.
 
         ``tta``, ``reject`` and ``calibrate`` override the run's recorded inference settings (None: the
         run's). A run without a detector (trained before it existed) answers as before, with a note.
-        ``backend`` names the engine of the feature pass (``engines.names.ENGINES``); an int8 engine
+        ``backend`` names the engine of the feature pass (``engines.names.ENGINES``; None: the engine the
+        run's answers were fitted on, ``infer.engine.recorded_engine``, as for the CLI); an int8 engine
         runs only behind its accuracy guard, checked on the validation split of ``shards`` (default:
         the shards the run was trained on) when none is recorded.
         """
@@ -134,8 +150,12 @@ class Predictor:
         if detector is None and reject is not False:
             note = (f"catsdogs: {path} has no out-of-distribution detector (trained before it existed); "
                     f"every image gets a class, none is 'unknown'")
+        elif detector is not None and detector.legacy and reject is not False:
+            note = (f"catsdogs: {path} has the old 'unknown' detector ({detector.method}, fitted on the look "
+                    f"of the training photos, not on what they show); it answers as before, without 'looks "
+                    f"like'; retrain the run for the ImageNet-concepts detector")
         settings.reject = settings.reject and detector is not None
-        device = torch.device(device)
+        device = select_device(device) if isinstance(device, str) else device
         model = build_from_checkpoint(state)
         # Inference only: BatchNorm folded into the convolutions (same outputs, one op less per conv).
         model = fold_for_inference(model).to(device).to(memory_format=torch.channels_last)
@@ -148,13 +168,15 @@ class Predictor:
         size, mean, std = int(state[ckpt.CKPT_IMAGE]["size"]), tuple(norm["mean"]), tuple(norm["std"])
         # Built at the first answer, not here: a user error found after loading (a wrong --data, say)
         # stays the only line, before any export, calibration or validation check.
+        backend = engine_for(backend, recorded_engine(state))
         make_engine = partial(load_engine, backend, model, size, mean, std, path, meta, device,
-                              threads=threads, max_drop_pt=int8_max_drop, shards=shards)
+                              threads=threads, max_drop_pt=int8_max_drop, shards=shards,
+                              accepts=None if detector is None else partial(_accepts, detector, model))
         return cls(model=model, classes=list(state[ckpt.CKPT_CLASSES]), size=int(image["size"]),
                    resize=str(image.get("resize", "stretch")), mean=tuple(norm["mean"]),
                    std=tuple(norm["std"]), device=device, checkpoint=meta, path=path, settings=settings,
                    detector=detector, temperature=float(state.get(ckpt.CKPT_TEMPERATURE, 1.0)), note=note,
-                   make_engine=make_engine)
+                   make_engine=make_engine, backend=backend)
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return logits and (when the model exposes them) the features feeding its final layer."""
@@ -208,10 +230,18 @@ class Predictor:
             scores = self.detector.score(f, logits).cpu().numpy().astype(np.float32)
             if self.settings.reject:
                 known = self.detector.known(scores)
+        looks_like: list[list[tuple[str, float]]] = [[] for _ in range(n)]
         if self.settings.reject:
-            known &= ~flat_images(arr)
+            flat = flat_images(arr)
+            known &= ~flat
+            # A flat image shows nothing: naming the concept ImageNet's head guesses for it would mislead.
+            named = np.nonzero(~known & ~flat)[0]
+            if feats is not None and self.detector is not None and self.detector.has_concepts and len(named):
+                for i, concepts in zip(named, self.detector.looks_like(feats[torch.as_tensor(named)]),
+                                       strict=True):
+                    looks_like[i] = concepts
         return Answers(probs.cpu().numpy().astype(np.float32), scores, known,
-                       None if raw is None else raw.cpu().numpy().astype(np.float32))
+                       None if raw is None else raw.cpu().numpy().astype(np.float32), looks_like)
 
     def predict_arrays(self, images: np.ndarray | torch.Tensor, tta: bool | None = None) -> np.ndarray:
         """Return probabilities ``(n, C)`` for a uint8 NHWC batch of already-resized images."""
@@ -242,8 +272,17 @@ class Predictor:
             "engine": self.feature_engine.describe(),
             "inference": {"tta": self.settings.tta, "reject": self.settings.reject,
                           "calibrate": self.settings.calibrate, "temperature": self.temperature,
-                          "detector": self.detector.method if self.detector is not None else None},
+                          "detector": self.detector.method if self.detector is not None else None,
+                          "looks_like": bool(self.detector is not None and self.detector.has_concepts)},
         }
+
+
+@torch.inference_mode()
+def _accepts(detector: Detector, model: nn.Module, features: np.ndarray) -> np.ndarray:
+    """The images of ``features`` the detector answers with a class (for the int8 guard)."""
+    net: Any = model
+    f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    return detector.known(detector.score(f, net.classify(f)).numpy())
 
 
 def _image_size(data: bytes) -> tuple[int, int]:

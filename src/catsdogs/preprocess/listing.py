@@ -30,10 +30,7 @@ IGNORED_OUTSIDE = "outside_class_folder"
 IGNORED_BAD_NAME = "name_not_utf8"
 IGNORED_NO_CLASS = "no_class_in_name"
 
-LABELS_FOLDER = "folder"
-LABELS_NAME = "name"
-LABELS_FROM: tuple[str, ...] = ("auto", LABELS_FOLDER, LABELS_NAME)
-"""Where a file's class comes from (``--labels-from``): auto, its class folder, or its name."""
+LABELS_AUTO, LABELS_FOLDER, LABELS_NAME = schema.LABELS_AUTO, schema.LABELS_FOLDER, schema.LABELS_NAME
 
 UNMATCHED_EXAMPLES = 20
 """Paths of ``--exclude`` that match no input file, quoted in the manifest (the rest are counted)."""
@@ -146,7 +143,7 @@ def _require_classes(classes: list[str], where: str, by_name: bool = False, flat
 
 def _use_names(labels_from: str, class_dirs: list[str], top_files: Iterable[str]) -> bool:
     """Decide the layout: names when asked, or (auto) no subfolder and every top image is ``<class>.``."""
-    if labels_from != "auto":
+    if labels_from != LABELS_AUTO:
         return labels_from == LABELS_NAME
     images = [n for n in top_files if _classify_name(n) is None]
     return not class_dirs and bool(images) and all(class_from_name(n) for n in images)
@@ -173,7 +170,7 @@ def _no_images(class_dir: str) -> InputError:
                       f"({', '.join(sorted(schema.IMAGE_EXTENSIONS))}) (fix --input)")
 
 
-def scan_input(input_dir: str | Path, labels_from: str = "auto") -> Listing:
+def scan_input(input_dir: str | Path, labels_from: str = LABELS_AUTO) -> Listing:
     """List classes (sorted subfolder names, or name prefixes) and image candidates under ``input_dir``.
 
     Raises :class:`InputError` (naming ``--input``) for a missing input, a file, fewer than two
@@ -217,7 +214,7 @@ def scan_input(input_dir: str | Path, labels_from: str = "auto") -> Listing:
     return Listing(root=root, classes=classes, candidates=candidates, ignored=ignored)
 
 
-def scan_remote(uri: str, labels_from: str = "auto") -> Listing:
+def scan_remote(uri: str, labels_from: str = LABELS_AUTO) -> Listing:
     """List classes and image candidates under a remote ``uri`` (s3a://, hdfs://), like :func:`scan_input`.
 
     Object stores have no folders of their own: a class is the first component of a file's key (or,

@@ -1,8 +1,9 @@
 """``catsdogs serve``: a FastAPI app that classifies uploaded photos, with a web page at ``/``.
 
 Endpoints: ``POST /predict`` (multipart field ``file``), ``POST /predict/batch`` (field ``files``),
-``GET /healthz``, ``GET /model``, ``GET /stats``, ``GET /report`` (the run's evaluation report) and
-the OpenAPI docs at ``/docs``. Every refusal is JSON ``{"error": code, "detail": message}``:
+``GET /healthz``, ``GET /model``, ``GET /stats``, ``GET /metrics`` (Prometheus), ``GET /report`` (the
+run's evaluation report) and the OpenAPI docs at ``/docs`` and ``/redoc`` (served offline). Every refusal
+is JSON ``{"error": code, "detail": message}``:
 
 * 413 ``payload_too_large``: body over ``--max-bytes`` (declared or actually sent); a body of at most
   ``--drain-bytes`` is read to its end first, so clients that send it all before reading see the 413;
@@ -24,12 +25,14 @@ import base64
 import dataclasses
 import errno
 import json
+import signal
 import socket
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -48,13 +51,17 @@ from catsdogs import __version__
 from catsdogs.config import ServeConfig, check_required
 from catsdogs.errors import ConfigError, ImageDecodeError
 from catsdogs.infer.explain import Explainer, explain_upload
-from catsdogs.infer.predictor import Answer
+from catsdogs.infer.prediction import Prediction
+from catsdogs.infer.predictor import UNKNOWN, Answer
 from catsdogs.rundir import RunDir
 from catsdogs.runtime import cores
 from catsdogs.serve.auth import check_exposure, load_api_key
 from catsdogs.serve.backends import Backend, load_backend, on_cuda, plan_workers
 from catsdogs.serve.batcher import MicroBatcher
 from catsdogs.serve.connections import uvicorn_config
+from catsdogs.serve.disclosure import public, public_report
+from catsdogs.serve.docs import create_documented_app
+from catsdogs.serve.metrics import CONTENT_TYPE, METRICS_PATH, MetricsMiddleware, ServeMetrics
 from catsdogs.serve.security import install_security
 from catsdogs.serve.uploads import ApiError, Part, parse_multipart, read_body
 from catsdogs.track.registry import local_run
@@ -86,6 +93,15 @@ class ExplanationOut(BaseModel):
     height: int
 
 
+class ConceptOut(BaseModel):
+    """An ImageNet concept an "unknown" photo looks like."""
+
+    concept: str
+    """ImageNet class name, e.g. ``badger``."""
+    probability: float
+    """Its ImageNet probability (0..1)."""
+
+
 class PredictionOut(BaseModel):
     """The prediction for one image."""
 
@@ -96,6 +112,9 @@ class PredictionOut(BaseModel):
     probabilities: dict[str, float]
     ood_score: float | None = None
     """Out-of-distribution score (higher = less like the training photos); null without a detector."""
+    looks_like: list[ConceptOut] = []
+    """For ``unknown``: the ImageNet concepts the photo looks like instead, most likely first (empty for
+    known classes and for runs trained without ImageNet weights)."""
     model: dict[str, Any]
     explanation: ExplanationOut | None = None
 
@@ -108,6 +127,7 @@ class BatchItemOut(BaseModel):
     probability: float | None = None
     probabilities: dict[str, float] | None = None
     ood_score: float | None = None
+    looks_like: list[ConceptOut] | None = None
     error: str | None = None
     detail: str | None = None
 
@@ -144,6 +164,8 @@ class Serving:
     """Grad-CAM on the backend's PyTorch model; None when the backend has none."""
     explain_pool: ThreadPoolExecutor | None = None
     """One thread: explanations run one at a time, off the event loop and outside the batcher."""
+    metrics: ServeMetrics | None = None
+    """Counts each answer by label for /metrics."""
 
     async def explain(self, part: Part, probs: dict[str, float]) -> dict[str, Any]:
         """Return the ``explanation`` field for an already classified part (its most probable class)."""
@@ -169,11 +191,11 @@ class Serving:
             raise ApiError(400, exc.reason, exc.detail or exc.reason) from None
 
     def result(self, answer: Answer) -> dict[str, Any]:
-        """Turn one image's answer into the response fields (label ``unknown`` when rejected)."""
-        classes = self.backend.classes
-        return {"label": answer.label(classes), "probability": float(np.max(answer.probs)),
-                "probabilities": {c: float(p) for c, p in zip(classes, answer.probs, strict=True)},
-                "ood_score": None if np.isnan(answer.score) else answer.score}
+        """One image's response fields (label ``unknown`` when rejected), as predict and the API give them."""
+        fields = Prediction(path="", answer=answer, classes=self.backend.classes).fields()
+        if self.metrics is not None:
+            self.metrics.answered(fields["label"])
+        return fields
 
     async def classify(self, part: Part, timing: dict[str, float] | None = None) -> dict[str, Any]:
         """Check, decode and classify one uploaded part; add the seconds spent to ``timing``."""
@@ -219,13 +241,14 @@ def _error(status: int, error: str, detail: str) -> JSONResponse:
 
 def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
     """Build the app; the model is ``predictor`` or loaded once from ``cfg.run`` in the lifespan."""
+    metrics = ServeMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         backend = predictor if predictor is not None else load_backend(cfg)
         # Warm up once so the first request does not pay lazy initialisation.
         backend.predict_arrays(np.zeros((1, backend.size, backend.size, 3), dtype=np.uint8))
-        workers, _threads = plan_workers(cfg, on_cuda(backend))
+        workers, _threads = plan_workers(cfg, backend.name, on_cuda(backend))
         batcher = MicroBatcher(backend.answer, cfg.max_batch, cfg.batch_wait_ms, workers)
         pool = ThreadPoolExecutor(max_workers=min(_MAX_DECODE_THREADS, cores() + 1),
                                   thread_name_prefix="decode")
@@ -235,20 +258,26 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
         explainer = Explainer(torch_model) if torch_model is not None else None
         explain_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explain")
         await batcher.start()
+        metrics.model_loaded(desc, backend.name, backend.classes, UNKNOWN)
+        metrics.watch(batcher)
         app.state.serving = Serving(cfg=cfg, backend=backend, batcher=batcher, decode_pool=pool,
-                                    model_info=info, explainer=explainer, explain_pool=explain_pool)
+                                    model_info=info, explainer=explainer, explain_pool=explain_pool,
+                                    metrics=metrics)
         try:
             yield
         finally:
+            metrics.watch(None)
             await batcher.stop()
             pool.shutdown(wait=False, cancel_futures=True)
             explain_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="catsdogs", version=__version__, lifespan=lifespan,
-                  description="Classify photos with a trained catsdogs run. Upload an image as multipart "
-                              "form field `file` (or several as `files` for /predict/batch).")
+    app = create_documented_app(
+        title="catsdogs", version=__version__, lifespan=lifespan,
+        description="Classify photos with a trained catsdogs run. Upload an image as multipart "
+                    "form field `file` (or several as `files` for /predict/batch).")
     _add_error_handlers(app)
     install_security(app, cfg)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)  # outermost
 
     async def read_parts(request: Request) -> list[Part]:
         body = await read_body(request, cfg.max_bytes, cfg.body_timeout_s, cfg.drain_bytes)
@@ -303,11 +332,11 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
         serving: Serving = request.app.state.serving
         desc = serving.backend.describe()
         report = run_folder(cfg).report
-        return {**desc, "tta": desc.get("inference", {}).get("tta"), "eval_metrics": eval_metrics(cfg),
-                "report": report.is_file(),
-                "batching": {"max_batch": cfg.max_batch, "batch_wait_ms": cfg.batch_wait_ms},
-                "limits": {"max_bytes": cfg.max_bytes, "max_pixels": cfg.max_pixels,
-                           "max_files": cfg.max_files}}
+        return public({**desc, "tta": desc.get("inference", {}).get("tta"), "eval_metrics": eval_metrics(cfg),
+                       "report": report.is_file(),
+                       "batching": {"max_batch": cfg.max_batch, "batch_wait_ms": cfg.batch_wait_ms},
+                       "limits": {"max_bytes": cfg.max_bytes, "max_pixels": cfg.max_pixels,
+                                  "max_files": cfg.max_files}})
 
     @app.get("/stats")
     async def stats(request: Request) -> dict[str, Any]:
@@ -315,16 +344,25 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
         batcher = request.app.state.serving.batcher
         return {**batcher.stats.as_dict(), "workers": batcher.workers, "threads": torch.get_num_threads()}
 
+    @app.get(METRICS_PATH, response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics: requests and latency per route and status, answers per label, batches."""
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
     @app.get("/report", include_in_schema=True, response_model=None,
              responses={200: {"content": {"text/html": {}}, "description": "The HTML report"},
                         404: {"model": ErrorBody, "description": "No report yet (no_report)"}})
-    async def report() -> FileResponse | JSONResponse:
+    async def report() -> HTMLResponse | JSONResponse:
         """The run's HTML evaluation report (RUN/eval/report.html), or 404 if not evaluated yet."""
         path = run_folder(cfg).report
-        if not path.is_file():
+        try:
+            page = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
             return _error(404, "no_report", "this run has no evaluation report yet; run 'catsdogs evaluate' "
                                             "on it to write one")
-        return FileResponse(path, media_type="text/html")
+        return HTMLResponse(public_report(page))  # the paths it records, as names
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -381,8 +419,26 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+@contextmanager
+def _clean_sigterm() -> Iterator[None]:
+    """Make SIGTERM end the server with exit 0 once uvicorn has let requests in flight finish.
+
+    uvicorn answers SIGTERM with its graceful shutdown, then raises the signal again under the handler
+    it found. The default one killed the process (status -15, no "stopped" line) outside a container and
+    is ignored by PID 1 inside one; a handler that does nothing makes both a clean exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only; uvicorn installs no handler here either
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(cfg: ServeConfig) -> int:
-    """Run ``catsdogs serve``: bind the port, load the model, serve until interrupted."""
+    """Run ``catsdogs serve``: bind the port, load the model, serve until interrupted or SIGTERM."""
     check_required(cfg)
     check_exposure(cfg, load_api_key(cfg))  # an open API on a public address stops here, before binding
     # models:/ or runs:/ -> a downloaded run folder, once: the report and metrics routes read it too.
@@ -396,7 +452,8 @@ def main(cfg: ServeConfig) -> int:
         print(f"catsdogs serve: http://{host}:{cfg.port}/ (model {backend.describe().get('name')}, "
               f"backend {backend.name}, API docs at /docs)", file=sys.stderr, flush=True)
         try:
-            server.run(sockets=[sock])
+            with _clean_sigterm():
+                server.run(sockets=[sock])
         except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
             pass
     finally:

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from catsdogs.config import ServeConfig, flag
 from catsdogs.errors import ConfigError
+from catsdogs.serve.docs import ASSETS_PREFIX, DOCS_PATH, OAUTH2_REDIRECT_PATH, REDOC_PATH
 from catsdogs.serve.replies import send_error
 
 API_KEY_ENV = "CATSDOGS_API_KEY"
@@ -27,13 +28,13 @@ MIN_KEY_CHARS = 16
 """Shortest key accepted: 16 characters of token_urlsafe carry 96 bits, beyond online guessing at any
 rate this server answers (a shorter key is a typo or a password, not a generated key)."""
 
-OPEN_PATHS = frozenset({"/healthz", "/", "/index.html", "/docs", "/docs/oauth2-redirect", "/redoc",
+OPEN_PATHS = frozenset({"/healthz", "/", "/index.html", DOCS_PATH, OAUTH2_REDIRECT_PATH, REDOC_PATH,
                         "/openapi.json"})
 """Paths served without a key: the load balancer's health check, the page (it asks for the key) and
-the API description. Everything else, unknown paths included, needs the key."""
+the API description. Everything else, unknown paths and /metrics included, needs the key."""
 
-OPEN_PREFIXES = ("/static/",)
-"""Path prefixes served without a key: the page's script and style sheet."""
+OPEN_PREFIXES = ("/static/", f"{ASSETS_PREFIX}/")
+"""Path prefixes served without a key: the page's script and style sheet, the docs' bundles."""
 
 
 def is_open(path: str) -> bool:

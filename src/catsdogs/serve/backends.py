@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 from catsdogs.config import ServeConfig
 from catsdogs.engines.names import TORCH
+from catsdogs.infer.load import load_predictor
 from catsdogs.infer.predictor import Answers, Predictor
 from catsdogs.models.transforms import DEFAULT_MAX_PIXELS
-from catsdogs.runtime import cores, select_device, setup
+from catsdogs.runtime import cores, set_threads
 
 
 class Backend(Protocol):
@@ -74,24 +74,25 @@ def on_cuda(backend: Backend) -> bool:
     return isinstance(predictor, Predictor) and predictor.device.type == "cuda"
 
 
-def plan_workers(cfg: ServeConfig, on_cuda: bool) -> tuple[int, int]:
+def plan_workers(cfg: ServeConfig, backend: str, on_cuda: bool) -> tuple[int, int]:
     """Return ``(forward workers, intra-op threads per worker)`` from ``--workers`` / ``--threads``.
 
     Defaults follow what each engine does with one image on CPU (measured, docs/benchmarks.md):
     torch's batch-1 forward barely uses a second thread, so it gets one single-threaded worker per
     core; onnxruntime and OpenVINO parallelise one image well, so they get one worker with every core.
-    A GPU gets one worker.
+    A GPU gets one worker. ``backend`` is the engine the run is served with.
     """
-    workers = cfg.workers or (1 if on_cuda or cfg.backend != TORCH else cores())
+    workers = cfg.workers or (1 if on_cuda or backend != TORCH else cores())
     threads = cfg.threads or max(1, cores() // workers)
     return workers, threads
 
 
 def load_backend(cfg: ServeConfig) -> Backend:
-    """Load the run's model with its ``--backend`` engine (graphs built once into RUN/engine/)."""
-    device = select_device("auto") if cfg.backend == TORCH else torch.device("cpu")
-    _workers, threads = plan_workers(cfg, device.type == "cuda")
-    setup(threads, device.type)
-    return PredictorBackend(Predictor.from_run(cfg.run, device, tta=cfg.tta, reject=cfg.reject,
-                                               calibrate=cfg.calibrate, backend=cfg.backend, threads=threads,
-                                               int8_max_drop=cfg.int8_max_drop))
+    """Load the run's model with its engine (graphs built once into RUN/engine/), threads per worker."""
+    # The onnx/openvino engines run one worker (unless --workers) with all its cores: their threads are
+    # fixed when built; torch's are set per process below, once the engine is known.
+    engine_threads = cfg.threads or max(1, cores() // (cfg.workers or 1))
+    predictor = load_predictor(cfg.run, cfg, engine_threads=engine_threads)
+    _workers, threads = plan_workers(cfg, predictor.backend, predictor.device.type == "cuda")
+    set_threads(threads)
+    return PredictorBackend(predictor)

@@ -76,6 +76,11 @@ class MicroBatcher:
         self._executor: ThreadPoolExecutor | None = None
         self._incoming = 0
 
+    @property
+    def queued(self) -> int:
+        """Images submitted and waiting for a forward worker (the queue depth of /metrics)."""
+        return self._queue.qsize() if self._queue is not None else 0
+
     async def start(self) -> None:
         """Start the dispatcher task on the running event loop."""
         self._queue = asyncio.Queue()

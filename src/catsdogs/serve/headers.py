@@ -5,7 +5,8 @@ referrer, and no ``Server`` header. Three policies: the web page may load only t
 style sheet and API (plus the ``blob:`` preview of the chosen photo); API answers may load nothing;
 other HTML (the API docs, the evaluation report) may run only the inline scripts and styles it was
 served with, allowed by their SHA-256 hashes, which the middleware computes from the body it passes
-on, and for the docs the Swagger UI files from its CDN.
+on, and files of this server (the docs' Swagger UI and ReDoc bundles, :mod:`catsdogs.serve.docs`).
+No policy names another origin.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from catsdogs.serve.docs import REDOC_PATH
+
 PAGE_PATHS = frozenset({"/", "/index.html"})
 """The web page; its files under ``/static/`` get the same policy."""
-
-DOCS_CDN = "https://cdn.jsdelivr.net"
-"""Where FastAPI's /docs and /redoc pages load Swagger UI and ReDoc from."""
 
 PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
             "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
@@ -54,14 +54,25 @@ def inline_hashes(html: bytes) -> tuple[list[str], list[str]]:
     return scripts, styles
 
 
-def hashed_html_csp(html: bytes, path: str) -> str:
-    """The policy of a generated HTML page: its own inline code by hash; the docs also get the CDN."""
+EMPTY_STYLE = "'sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU='"
+"""The hash of an empty inline style. ReDoc (styled-components) adds empty ``<style>`` elements and fills
+them through the CSSOM (``insertRule``), which style-src does not govern; without this hash the first
+element is refused and ReDoc stops with its error 17. It allows empty style elements only."""
+
+REDOC_EXTRA = {"style-src": [EMPTY_STYLE], "worker-src": ["blob:"]}
+"""What ReDoc needs beyond the docs' policy: empty styles (above) and its search index, a worker that
+its own bundle starts from a ``blob:`` URL (only script already running on the page can make one)."""
+
+
+def hashed_html_csp(html: bytes, extra: dict[str, list[str]] | None = None) -> str:
+    """The policy of a generated HTML page: this server's files and its own inline code by hash."""
     scripts, styles = inline_hashes(html)
-    cdn = [DOCS_CDN] if path.startswith(("/docs", "/redoc")) else []
-    script_src = " ".join(["'self'", *cdn, *scripts])
-    style_src = " ".join(["'self'", *cdn, *styles])
-    return (f"default-src 'none'; script-src {script_src}; style-src {style_src}; "
-            f"img-src 'self' data:; font-src {' '.join(['data:', *cdn])}; connect-src 'self'; "
+    more = extra or {}
+    script_src = " ".join(["'self'", *scripts])
+    style_src = " ".join(["'self'", *styles, *more.get("style-src", [])])
+    workers = f"worker-src {' '.join(more['worker-src'])}; " if "worker-src" in more else ""
+    return (f"default-src 'none'; script-src {script_src}; style-src {style_src}; {workers}"
+            f"img-src 'self' data:; font-src 'self' data:; connect-src 'self'; "
             f"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
@@ -111,7 +122,7 @@ class SecurityHeadersMiddleware:
             if message.get("more_body", False):
                 return
             body = b"".join(chunks)
-            csp = hashed_html_csp(body, path)
+            csp = hashed_html_csp(body, REDOC_EXTRA if path == REDOC_PATH else None)
             await send(_with_headers(start, {**COMMON_HEADERS, "content-security-policy": csp}))
             await send({"type": "http.response.body", "body": body})
 

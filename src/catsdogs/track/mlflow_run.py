@@ -155,14 +155,16 @@ class TrackedRun:
             self._call(f"uploading {Path(folder).name}/", lambda: self._client.log_artifacts(
                 self.run_id, str(folder), artifact_path))
 
-    def log_model(self, run_folder: str | Path, checkpoint: str | Path) -> bool:
-        """Upload the run's model as an MLflow pyfunc under ``model/``; return True when it was logged."""
-        def send() -> bool:
-            from catsdogs.track.pyfunc import save_pyfunc  # imports mlflow.pyfunc and torch
+    def log_model(self, save: Callable[[Path], object]) -> bool:
+        """Upload a model folder under ``model/``; return True when it was logged.
 
+        ``save(dest)`` writes the folder (:func:`catsdogs.track.pyfunc.save_pyfunc`, which the caller binds:
+        the model knows the stages, this facade must not).
+        """
+        def send() -> bool:
             with tempfile.TemporaryDirectory(prefix="catsdogs-pyfunc-") as tmp:
                 dest = Path(tmp) / MODEL_ARTIFACT_PATH
-                save_pyfunc(Path(run_folder), Path(checkpoint), dest)
+                save(dest)
                 self._client.log_artifacts(self.run_id, str(dest), MODEL_ARTIFACT_PATH)
             return True
         return bool(self._call("uploading the model", send))

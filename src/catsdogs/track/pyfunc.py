@@ -1,14 +1,16 @@
-"""catsdogs' model as an MLflow pyfunc: image bytes in, class probabilities out.
+"""catsdogs' model as an MLflow pyfunc: image bytes in, the answers of ``catsdogs predict`` out.
 
-It applies catsdogs' own preprocessing through :class:`catsdogs.infer.predictor.Predictor` (decode with
-the checkpoint's size, resize policy and normalisation, then the forward pass), so loading the model
-by URI (``mlflow.pyfunc.load_model("models:/NAME/1")``) or serving it (``mlflow models serve -m
-models:/NAME/1 --env-manager local``) classifies raw JPEG/PNG bytes exactly like ``catsdogs predict``.
+A thin wrapper of the Python API (:func:`catsdogs.load` on the model's artifacts folder, which is an
+ordinary run folder), so loading the model by URI (``mlflow.pyfunc.load_model("models:/NAME/1")``) or
+serving it (``mlflow models serve -m models:/NAME/1 --env-manager local``) answers raw JPEG/PNG bytes
+exactly like ``catsdogs predict``: the same decoding, the run's recorded settings ("unknown" included)
+and the run's engine, whose graphs and int8 check travel in the artifact (``engine/``).
 
 Input: a DataFrame with an ``image`` column of bytes (over HTTP: base64 strings, which the signature's
-``binary`` type tells MLflow's scoring server to decode). Output: one row per image with ``label``,
-``probability``, one ``p_<class>`` column per class, and ``error`` (the reason an image could not be
-decoded; its other columns are then empty).
+``binary`` type tells MLflow's scoring server to decode). Output: one row per image with ``label`` (a
+class or ``unknown``, as ``catsdogs predict`` answers), ``probability``, one ``p_<class>`` column per
+class, ``ood_score``, ``looks_like`` (what an unknown image looks like, as predict's CSV says it) and
+``error`` (the reason an image could not be decoded; its other columns are then empty).
 
 The model is saved as MLflow "model from code" (:mod:`catsdogs.track._pyfunc_entry`), not a pickle:
 loading it runs catsdogs' code from the installed package, never unpickles an object. The
@@ -23,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import importlib.metadata
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,20 +37,20 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
-from catsdogs import checkpoint as ckpt
-from catsdogs import schema
-from catsdogs.checkpoint import load_checkpoint
+from catsdogs.api import Model, load
 from catsdogs.errors import ImageDecodeError
-from catsdogs.infer.predictor import Predictor
+from catsdogs.infer.prediction import Prediction
+from catsdogs.infer.predictor import format_looks_like
+from catsdogs.rundir import RunDir
 
 IMAGE_COLUMN = "image"
 """Input column holding each image's encoded bytes."""
 CHECKPOINT_ARTIFACT = "checkpoint"
 CONFIG_ARTIFACT = "config"
-"""Artifact keys: the run's checkpoint and config.json, copied into the model's ``artifacts/`` folder
-under their own names, so that folder is an ordinary run folder (see :mod:`catsdogs.track.registry`)."""
-PREDICT_BATCH = 64
-"""Images per forward pass, as ``catsdogs predict --batch-size`` defaults to."""
+ENGINE_ARTIFACT = "engine"
+"""Artifact keys: the run's checkpoint, config.json and engine/ (graphs and the int8 check), copied into
+the model's ``artifacts/`` folder under their own names, so that folder is an ordinary run folder (see
+:mod:`catsdogs.track.registry`)."""
 REQUIREMENTS: tuple[str, ...] = ("torch", "numpy", "pillow", "pandas", "mlflow-skinny")
 """Packages the model needs besides catsdogs itself, pinned at save time to the versions installed."""
 ENTRY = Path(__file__).with_name("_pyfunc_entry.py")
@@ -55,18 +58,20 @@ ENTRY = Path(__file__).with_name("_pyfunc_entry.py")
 
 
 class CatsdogsModel(mlflow.pyfunc.PythonModel):
-    """Pyfunc wrapper around a :class:`Predictor` loaded from the model's checkpoint artifact."""
+    """Pyfunc wrapper around :func:`catsdogs.load` of the model's artifacts folder (a run folder)."""
 
-    predictor: Predictor
+    model: Model
 
     def load_context(self, context: Any) -> None:
-        self.predictor = Predictor.from_run(Path(context.artifacts[CHECKPOINT_ARTIFACT]), "cpu")
+        # The artifacts folder holds the checkpoint, config.json and engine/: an ordinary run folder, so
+        # the run's recorded settings and engine apply, as for catsdogs predict.
+        self.model = load(Path(context.artifacts[CHECKPOINT_ARTIFACT]).parent)
 
     # pd.DataFrame is the one hint MLflow passes through untouched (no schema inferred from it): the
     # signature saved with the model states the contract.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
                 ) -> pd.DataFrame:
-        return classify(self.predictor, images_of(model_input))
+        return classify(self.model, images_of(model_input))
 
 
 def images_of(model_input: Any) -> list[Any]:
@@ -94,37 +99,44 @@ def _as_bytes(value: Any) -> bytes:
     raise ImageDecodeError("not_bytes", f"expected image bytes, got {type(value).__name__}")
 
 
-def classify(predictor: Predictor, images: Sequence[Any]) -> pd.DataFrame:
-    """Decode, resize and classify encoded images; one output row per input, failures carry ``error``."""
-    classes = predictor.classes
-    arrays: list[np.ndarray] = []
-    ok: list[int] = []
-    errors = [""] * len(images)
+def classify(model: Model, images: Sequence[Any]) -> pd.DataFrame:
+    """One output row per input, as :meth:`Model.predict` answers it; failures carry ``error``.
+
+    Columns: ``label`` (a class or ``unknown``), ``probability``, ``p_<class>``, ``ood_score``,
+    ``looks_like`` (predict's CSV text), ``error``, then any further field of the predictor's answer.
+    """
+    rows: list[Prediction] = []
+    encoded: list[bytes] = []
+    where: list[int] = []
     for i, value in enumerate(images):
         try:
-            arrays.append(predictor.decode(_as_bytes(value)))
-            ok.append(i)
+            encoded.append(_as_bytes(value))
+            where.append(i)
+            rows.append(Prediction(path=""))
         except ImageDecodeError as exc:
-            errors[i] = exc.reason
-    probs = np.full((len(images), len(classes)), np.nan, dtype=np.float64)
-    for start in range(0, len(arrays), PREDICT_BATCH):
-        batch = np.stack(arrays[start:start + PREDICT_BATCH])
-        probs[ok[start:start + PREDICT_BATCH]] = predictor.predict_arrays(batch)
-    best = np.nan_to_num(probs, nan=-1.0).argmax(axis=1)
-    out = pd.DataFrame({
-        "label": [classes[k] if not errors[i] else "" for i, k in enumerate(best)],
-        "probability": [probs[i, k] for i, k in enumerate(best)],
-    })
-    for k, name in enumerate(classes):
-        out[f"p_{name}"] = probs[:, k]
-    out["error"] = errors
+            rows.append(Prediction(path="", error=exc.reason))
+    answered = model.predict(encoded) if encoded else []
+    for i, prediction in zip(where, answered, strict=True):  # type: ignore[arg-type]
+        rows[i] = prediction
+    out = pd.DataFrame({"label": [r.label for r in rows],
+                        "probability": [np.nan if r.probability is None else r.probability for r in rows]})
+    for name in model.classes:
+        out[f"p_{name}"] = [np.nan if r.probabilities is None else r.probabilities[name] for r in rows]
+    out["ood_score"] = [np.nan if r.ood_score is None else r.ood_score for r in rows]
+    out["looks_like"] = [format_looks_like(r.looks_like) for r in rows]
+    out["error"] = [r.error for r in rows]
+    extra = [r.extras() for r in rows]
+    for key in dict.fromkeys(k for e in extra for k in e):
+        out[key] = [e.get(key) for e in extra]
     return out
 
 
 def signature(classes: Sequence[str]) -> ModelSignature:
     """The model's input/output schema; ``binary`` makes the scoring server base64-decode the input."""
     outputs = [ColSpec("string", "label"), ColSpec("double", "probability"),
-               *(ColSpec("double", f"p_{c}") for c in classes), ColSpec("string", "error")]
+               *(ColSpec("double", f"p_{c}") for c in classes), ColSpec("double", "ood_score"),
+               ColSpec("string", "looks_like"),
+               ColSpec("string", "error")]
     return ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]), outputs=Schema(outputs))
 
 
@@ -134,12 +146,21 @@ def requirements() -> list[str]:
 
 
 def save_pyfunc(run_folder: Path, checkpoint: Path, dest: Path) -> Path:
-    """Save the run's model as an MLflow pyfunc folder at ``dest``; return it."""
-    classes = list(load_checkpoint(checkpoint)[ckpt.CKPT_CLASSES])
+    """Save the run's model as an MLflow pyfunc folder at ``dest``; return it.
+
+    The run's engine is built first (graphs exported, an int8 one calibrated and checked on the run's
+    validation split, while its shards are at hand), so the model carries ``engine/`` and a models:/
+    download answers like the run folder, on the same engine.
+    """
+    model = load(checkpoint)
+    classes = model.classes
+    print(f"catsdogs: the logged model runs on the {model.engine} engine", file=sys.stderr, flush=True)
     artifacts = {CHECKPOINT_ARTIFACT: str(checkpoint)}
-    config = run_folder / schema.CONFIG_NAME
-    if config.is_file():
-        artifacts[CONFIG_ARTIFACT] = str(config)
+    run = RunDir(run_folder)
+    if run.config.is_file():
+        artifacts[CONFIG_ARTIFACT] = str(run.config)
+    if run.engine_dir.is_dir():
+        artifacts[ENGINE_ARTIFACT] = str(run.engine_dir)
     with warnings.catch_warnings():
         # "no input example" and similar advice: the signature above states the contract.
         warnings.simplefilter("ignore", UserWarning)

@@ -20,8 +20,10 @@ from torch import nn
 
 from catsdogs.checkpoint import confidence_entries
 from catsdogs.config import TrainConfig
+from catsdogs.errors import ConfigError
 from catsdogs.models.calibration import fit_temperature
-from catsdogs.models.ood import calibrate_threshold, fit_detector
+from catsdogs.models.imagenet import heads_of_model
+from catsdogs.models.ood import fit_detector, resolve_method
 from catsdogs.shards.manifest import Manifest
 from catsdogs.train.features import extract_features
 
@@ -54,18 +56,28 @@ def feature_pass(model: nn.Module, root: str | Path, manifest: Manifest, split: 
 def fit_confidence(cfg: TrainConfig, num_classes: int, train_feats: np.ndarray, train_labels: np.ndarray,
                    val_feats: np.ndarray, val_logits: np.ndarray, val_labels: np.ndarray
                    ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Fit detector (train), threshold and temperature (val); return checkpoint entries and metrics."""
-    detector = fit_detector(cfg.ood_method, train_feats, train_labels, num_classes, cfg.seed)
+    """Fit detector (train), threshold and temperature (val); return checkpoint entries and metrics.
+
+    The backbone's ImageNet heads (EfficientNet-Lite models) go into the detector whatever its method,
+    so answers can name what a rejected photo looks like; a model trained from scratch has none.
+    """
+    heads = heads_of_model(cfg.model)
+    try:
+        method = resolve_method(cfg.ood_method, heads is not None)
+    except ValueError:
+        raise ConfigError(f"--ood-method {cfg.ood_method} needs a model with ImageNet weights; --model "
+                          f"{cfg.model} has none (use --ood-method knn, or auto)") from None
+    detector = fit_detector(method, train_feats, train_labels, num_classes, cfg.seed, imagenet=heads)
     vf = torch.from_numpy(np.ascontiguousarray(val_feats, dtype=np.float32))
     vl = torch.from_numpy(np.ascontiguousarray(val_logits, dtype=np.float32))
+    detector.calibrate(vf, vl, cfg.accept_rate)
     val_scores = detector.score(vf, vl).numpy() if len(val_labels) else np.zeros(0)
-    calibrate_threshold(detector, val_scores, cfg.accept_rate)
     temperature = fit_temperature(val_logits, val_labels)
     accepted = float(detector.known(val_scores).mean()) if len(val_scores) else float("nan")
     metrics = {"temperature": temperature, "ood_threshold": detector.threshold,
                "val_accepted": accepted}
     log.info("confidence: %s detector, threshold %.4g accepts %.4f of val; temperature %.3f",
-             cfg.ood_method, detector.threshold, accepted, temperature)
+             method, detector.threshold, accepted, temperature)
     entries = confidence_entries(detector.to_state(), temperature,
                                  {"tta": cfg.tta, "reject": cfg.reject, "calibrate": True})
     return entries, metrics

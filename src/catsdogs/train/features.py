@@ -7,36 +7,30 @@ temperature) and the audit, so every feature pass reads shards and normalises th
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from catsdogs.engines.base import Engine
+from catsdogs.engines.batches import normalized, prefetched
 from catsdogs.engines.eager import TorchEngine
-from catsdogs.models.transforms import hflip, normalize
 from catsdogs.shards.manifest import Manifest
 from catsdogs.shards.reader import iter_batches
 
 
-@torch.inference_mode()
 def batch_features(engine: Engine, rows: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],
-                   flip: bool = False, device: torch.device | str = "cpu", size: int | None = None
-                   ) -> tuple[np.ndarray, np.ndarray | None]:
+                   flip: bool = False, size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Features ``(n, d)`` float32 of one uint8 NHWC batch, and of its mirror images with ``flip``.
 
-    The one normalisation of every feature pass, in this process or in a Spark task
+    The normalisation and mirroring of :func:`extract_features`, for one batch in a Spark task
     (:mod:`catsdogs.cluster.work`): so both give the same features for the same rows.
     """
-    x = normalize(torch.from_numpy(rows), mean, std).to(device)
-    if size is not None and size != x.shape[-1]:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-        x = x.contiguous(memory_format=torch.channels_last)
-    f = engine.features(x).float().cpu().numpy()
-    return f, engine.features(hflip(x)).float().cpu().numpy() if flip else None
+    x = normalized(rows, mean, std, size)
+    return engine.run(x), engine.run(np.ascontiguousarray(x[..., ::-1])) if flip else None
 
 
 @torch.inference_mode()
@@ -66,21 +60,33 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
     labels = np.zeros(total, np.int64)
     bar = tqdm(total=total, desc=f"{desc} {split} ({engine.name})", unit="img", disable=not progress,
                file=sys.stderr)
+
+    def inputs() -> Iterator[np.ndarray]:
+        """Shard read + normalise (in the prefetch thread, while the engine runs the previous batch)."""
+        seen = 0
+        for _pos, _start, rows, y in iter_batches(root, manifest, split, batch_size):
+            if seen >= total:
+                return
+            rows, y = rows[:total - seen], y[:total - seen]
+            labels[seen:seen + len(y)] = y
+            seen += len(y)
+            x = normalized(rows, mean, std, size)
+            yield x
+            if flip:
+                yield np.ascontiguousarray(x[..., ::-1])
+
     seen = 0
-    for _pos, _start, rows, y in iter_batches(root, manifest, split, batch_size):
-        if seen >= total:
-            break
-        rows, y = rows[:total - seen], y[:total - seen]
-        f, g = batch_features(engine, rows, mean, std, flip=flip, device=device, size=size)
+    out = engine.stream(prefetched(inputs()))
+    for f in out:
+        n = len(f)
         if feats is None:
             feats = np.zeros((total, f.shape[1]), np.float32)
             flipped = np.zeros_like(feats) if flip else None
-        feats[seen:seen + len(y)] = f
-        if flipped is not None and g is not None:
-            flipped[seen:seen + len(y)] = g
-        labels[seen:seen + len(y)] = y
-        seen += len(y)
-        bar.update(len(rows))
+        feats[seen:seen + n] = f
+        if flipped is not None:
+            flipped[seen:seen + n] = next(out)
+        seen += n
+        bar.update(n)
     bar.close()
     f = feats[:seen] if feats is not None else np.zeros((0, 0), np.float32)
     y = labels[:seen]

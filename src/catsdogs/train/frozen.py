@@ -4,7 +4,9 @@ The pretrained backbone never changes, so its pooled features are computed ONCE 
 streaming pass over the shards, batched), and only the linear head is trained on them: a logistic
 regression that takes seconds instead of epochs of backbone forward passes. The result is written
 as an ordinary checkpoint of the full model (backbone + head), so evaluate/predict/serve load it
-like any trained run.
+like any trained run. The run folder follows the loop's contract (:mod:`catsdogs.train.contract`): an
+existing run is refused without ``--resume`` (nothing left to do: the head is fitted in one go) or
+``--overwrite``, and the checkpoint's model config is the loop's.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from torch import nn
 
-from catsdogs.checkpoint import CKPT_ENGINE, build_checkpoint, save_checkpoint
+from catsdogs.checkpoint import CKPT_ENGINE, CKPT_METRICS, build_checkpoint, save_checkpoint
 from catsdogs.config import TrainConfig, require, save_config, to_dict
+from catsdogs.engines import feature_cache
 from catsdogs.engines.base import Engine
-from catsdogs.engines.batches import calibration_images
-from catsdogs.engines.factory import create_engine, int8_digest
-from catsdogs.engines.guard import GuardResult, check, save_record
-from catsdogs.engines.names import is_quantized, runtime_of
+from catsdogs.engines.batches import SplitImages, calibration_images
+from catsdogs.engines.factory import create_engine, record_checkpoint
+from catsdogs.engines.guard import GuardResult, save_record, screened_check
+from catsdogs.engines.names import engine_for, is_quantized, runtime_of
+from catsdogs.engines.select import reference_features
 from catsdogs.errors import ConfigError, InputError
 from catsdogs.io import storage
 from catsdogs.io.checksum import sha256_file
@@ -41,6 +45,7 @@ from catsdogs.shards.cache import fetch_manifest, local_shards, partial_copy
 from catsdogs.shards.manifest import Manifest, load_manifest
 from catsdogs.spark import is_local
 from catsdogs.train.confidence import fit_confidence
+from catsdogs.train.contract import claim, model_config, model_kwargs
 from catsdogs.train.features import extract_features
 
 if TYPE_CHECKING:
@@ -84,25 +89,33 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
     return torch.tensor(coef, dtype=torch.float32), torch.tensor(bias, dtype=torch.float32), metrics
 
 
-def train_frozen(cfg: TrainConfig, size: int | None = None) -> dict[str, float]:
+def train_frozen(cfg: TrainConfig, size: int | None = None, cache_splits: tuple[str, ...] = ()
+                 ) -> dict[str, float]:
     """Train only the head of a pretrained ``cfg.model`` on frozen features; write the run folder.
 
     Writes ``best.pt`` and ``last.pt`` (full model, normal checkpoint format), ``config.json`` and
-    ``metrics.csv`` into ``cfg.out``; returns the validation metrics. The feature pass runs in this
-    process, or as Spark tasks on the executors (:func:`on_spark`); the head is fitted here either way.
+    ``metrics.csv`` into ``cfg.out``; returns the validation metrics (those recorded in the checkpoint
+    when ``--resume`` finds the run complete). The features of ``cache_splits`` are computed by the same
+    engine and written to the run's feature cache (for evaluate) -- never read here. The feature pass
+    runs in this process, or as Spark tasks on the executors (:func:`on_spark`); the head is fitted here.
     """
+    cfg, state = claim(cfg)
+    if state is not None:  # a frozen run is complete once last.pt exists: nothing to continue
+        print(f"catsdogs train: --resume: the frozen-backbone run in {cfg.out} is complete; nothing to do "
+              f"(--overwrite fits it again)", file=sys.stderr)
+        return dict(state.get(CKPT_METRICS, {}))
     if cfg.model not in pretrained_names():
         raise ConfigError(f"--freeze backbone needs a pretrained --model ({', '.join(pretrained_names())}), "
                           f"got {cfg.model!r}; use --freeze none to train it from scratch")
     require(cfg, "out", "data")
     if not on_spark(cfg):
-        return _train_frozen(cfg, size)
+        return _train_frozen(cfg, size, cache_splits=cache_splits)
     from catsdogs.cluster.session import NEEDED, runtime_modules, spark_session  # lazy: pyspark
 
     check_spark_plan(cfg, fetch_manifest(cfg.data))  # before the JVM starts: a wrong value is the only line
-    modules = NEEDED + runtime_modules(cfg.backend)
+    modules = NEEDED + runtime_modules(engine_for(cfg.backend))
     with spark_session(cfg.master, "catsdogs-train", cfg.spark_conf, modules) as spark:
-        return _train_frozen(cfg, size, spark)
+        return _train_frozen(cfg, size, spark)  # no feature cache: the driver may hold no test shard
 
 
 def on_spark(cfg: TrainConfig) -> bool:
@@ -128,8 +141,8 @@ def executor_data(cfg: TrainConfig) -> str:
     return cfg.data if storage.is_remote(cfg.data) else str(Path(cfg.data).resolve())
 
 
-def _train_frozen(cfg: TrainConfig, size: int | None = None, spark: SparkSession | None = None
-                  ) -> dict[str, float]:
+def _train_frozen(cfg: TrainConfig, size: int | None = None, spark: SparkSession | None = None,
+                  cache_splits: tuple[str, ...] = ()) -> dict[str, float]:
     """:func:`train_frozen` itself; with ``spark``, the feature passes run there."""
     t0 = time.perf_counter()
     device = setup(cfg.threads, cfg.device, cfg.seed)
@@ -144,33 +157,55 @@ def _train_frozen(cfg: TrainConfig, size: int | None = None, spark: SparkSession
         raise InputError(f"shards {cfg.data!r} have no train rows (fix --data)")
     size = size or manifest.size
     num_classes = len(manifest.classes)
-    model = create_model(cfg.model, num_classes, size, dropout=cfg.dropout, width=cfg.width,
-                        pretrained=True)
+    model = create_model(cfg.model, num_classes, size, pretrained=True, **model_kwargs(cfg))
     model = model.to(device).to(memory_format=torch.channels_last)
     mean, std = input_normalization(cfg.model, tuple(manifest.mean), tuple(manifest.std))
     run = RunDir(Path(cfg.out))
     calibration = lambda: calibration_images(data, manifest, mean, std,  # noqa: E731
                                              cfg.calibration_images, cfg.batch_size, size)
-    engine = create_engine(cfg.backend, model, size, run, threads=cfg.threads, device=device,
+    stages: dict[str, float] = {}
+    clock = Stopwatch(stages)
+    backend = engine_for(cfg.backend)  # the engine asked for (train has no run to record one yet)
+    engine = create_engine(backend, model, size, run, threads=cfg.threads, device=device,
                            calibration=calibration, calibration_rows=cfg.calibration_images)
+    clock.lap("engine_seconds")  # model load, graph export and int8 calibration when not cached
     feats = frozen_features(cfg, model, data, manifest, mean, std, device, engine, spark=spark, size=size)
+    clock.lap("feature_pass_seconds")
     feature_s = time.perf_counter() - t0
     w, b, metrics = fit_head(*feats["train"], *feats["val"], num_classes=num_classes, seed=cfg.seed)
+    clock.lap("head_seconds")
     record: GuardResult | None = None
     if is_quantized(engine.name):
-        # The guard: the same head on fp32 validation features must score within --int8-max-drop.
-        reference = create_engine(runtime_of(engine.name), model, size, run, threads=cfg.threads)
-        ref_val = features_of(cfg, model, data, manifest, mean, std, device, reference, {"val": False},
-                              spark, size)["val"]
-        record = check(engine.name, linear(w, b), ref_val[0], feats["val"][0], feats["val"][1],
-                       cfg.int8_max_drop)
-        log.info("int8 guard: val acc %.4f (int8) vs %.4f (fp32)", record.int8_acc, record.fp32_acc)
+        # The guard: the same head on fp32 validation features must score within --int8-max-drop. Only
+        # the images whose prediction could flip run in fp32 (engines/guard.py: screened_check); on Spark
+        # the executors compute every validation image's (the driver may hold no validation shard).
+        reference = create_engine(runtime_of(engine.name), model, size, run, threads=cfg.threads,
+                                  fp32_sha256=engine.fp32_sha256)
+        ref_val: tuple[np.ndarray, np.ndarray] | None = None
+        if spark is not None:
+            ref_val = features_of(cfg, model, data, manifest, mean, std, device, reference, {"val": False},
+                                  spark, size)["val"]
+            fp32_val = ref_val[0]
+            fp32_features: Callable[[np.ndarray], np.ndarray] = lambda index: fp32_val[index]  # noqa: E731
+        else:
+            fp32_features = reference_features(reference, SplitImages(data, manifest, "val", mean, std,
+                                                                      cfg.batch_size, size))
+        record = screened_check(engine.name, linear(w, b), *feats["val"], fp32_features, cfg.int8_max_drop)
+        log.info("int8 guard: val acc %.4f (int8) vs %.4f (fp32), %d of %d images in fp32",
+                 record.int8_acc, record.fp32_acc, record.fp32_rows, record.rows)
         if not record.passed:
             print(record.refusal(), file=sys.stderr)
             feats = frozen_features(cfg, model, data, manifest, mean, std, device, reference, ref_val, spark,
                                     size)
             w, b, metrics = fit_head(*feats["train"], *feats["val"], num_classes=num_classes, seed=cfg.seed)
             engine = reference
+        clock.lap("int8_check_seconds")
+    # With the final engine (int8, or fp32 after a refusal), while it is compiled: for evaluate only.
+    cached = {split: extract_features(model, data, manifest, split, mean, std, cfg.batch_size, device=device,
+                                      size=size, engine=engine)
+              for split in cache_splits
+              if split not in ("train", "val") and manifest.split_rows(split)}
+    clock.lap("cached_features_seconds")
     head: nn.Linear = model._fc  # type: ignore[assignment]
     if head.out_features != num_logits(num_classes) or w.shape != head.weight.shape:
         raise RuntimeError(f"head shape {tuple(head.weight.shape)} does not match fitted {tuple(w.shape)}")
@@ -181,19 +216,45 @@ def _train_frozen(cfg: TrainConfig, size: int | None = None, spark: SparkSession
     val_logits = feats["val"][0] @ w.numpy().T + b.numpy()
     entries, conf_metrics = fit_confidence(cfg, num_classes, *feats["train"], feats["val"][0], val_logits,
                                            feats["val"][1])
+    clock.lap("confidence_seconds")
     seconds = time.perf_counter() - t0
-    metrics.update({"feature_seconds": feature_s, "seconds": seconds, **conf_metrics})
+    metrics.update({"feature_seconds": feature_s, "seconds": seconds, **conf_metrics, **stages})
     entries[CKPT_ENGINE] = engine.name
     write_run(cfg, model.cpu().to(memory_format=torch.contiguous_format), manifest, size, mean, std,
               metrics, entries)
+    checkpoint_sha256 = sha256_file(run.best)
+    # evaluate, predict and serve load this checkpoint: its graph is the one on disk, no tracing needed.
+    record_checkpoint(run, engine.fp32_sha256, checkpoint_sha256)
     if record is not None and record.passed:
         # Recorded with the int8 graph, keyed by this checkpoint: evaluate, predict and serve reuse it.
-        record.checkpoint_sha256, record.graph_sha256 = sha256_file(run.best), int8_digest(run)
+        record.checkpoint_sha256, record.graph_sha256 = checkpoint_sha256, engine.graph_sha256
         save_record(run.int8_guard, record)
-    log.info("frozen-backbone head (%s features): val_acc=%.4f val_loss=%.4f in %.1f s", engine.name,
-             metrics["val_acc"],
-             metrics["val_loss"], seconds)
+        engine.guard = record.to_dict()
+    for split, (split_feats, split_labels) in cached.items():
+        base = feature_cache.base_key(data, manifest, split, checkpoint_sha256, backend,
+                                      cfg.int8_max_drop, mean, std, size)
+        feature_cache.save(run.feature_cache(split, backend), split_feats, split_labels, base, engine)
+    clock.lap("write_seconds")
+    rows = sum(len(f[1]) for f in feats.values()) + sum(len(f[1]) for f in cached.values())
+    print(f"catsdogs: frozen head ({engine.name} features) in {time.perf_counter() - t0:.0f} s: "
+          + ", ".join(f"{k.removesuffix('_seconds').replace('_', ' ')} {v:.1f} s" for k, v in stages.items())
+          + f"; {rows:,} images through the engine"
+          + (f"; int8 check: {record.fp32_rows or record.rows} of {record.rows} validation images in fp32"
+             if record is not None else ""), file=sys.stderr)
     return metrics
+
+
+class Stopwatch:
+    """Seconds between successive ``lap`` calls, recorded by name (one line of stage timings)."""
+
+    def __init__(self, into: dict[str, float]) -> None:
+        self.into = into
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.into[name] = self.into.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 def frozen_features(cfg: TrainConfig, model: nn.Module, data: Path, manifest: Manifest,
@@ -230,16 +291,10 @@ def features_of(cfg: TrainConfig, model: nn.Module, data: Path, manifest: Manife
     for split, flip in splits.items():
         ts = time.perf_counter()
         feats[split] = extract_features(model, data, manifest, split, mean, std, cfg.batch_size,
-                                        flip=flip, device=device, engine=engine)
+                                        flip=flip, device=device, engine=engine, size=size)
         log.info("features %s (%s): %d rows in %.1f s", split, engine.name, len(feats[split][1]),
                  time.perf_counter() - ts)
     return feats
-
-
-def model_config(cfg: TrainConfig, num_classes: int, size: int) -> dict[str, Any]:
-    """The checkpoint's ``model_config`` of a frozen-backbone run (``create_model`` arguments)."""
-    return {"name": cfg.model, "num_classes": num_classes, "size": size, "dropout": cfg.dropout,
-            "width": cfg.width}
 
 
 def linear(w: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -29,20 +29,19 @@ import torch.distributed as dist
 
 from catsdogs import runtime
 from catsdogs.config import TrainConfig, require
-from catsdogs.errors import ConfigError, OutputExistsError
+from catsdogs.errors import ConfigError
 from catsdogs.rundir import RunDir, read_metrics
 from catsdogs.runtime import select_device
 from catsdogs.shards.cache import fetch_manifest, local_shards
 from catsdogs.shards.manifest import load_manifest
 from catsdogs.spark import get_spark, is_local
 from catsdogs.track.mlflow_run import ending
+from catsdogs.train.contract import check_applicable, claim, planned
 from catsdogs.train.ddp import backend_for
 from catsdogs.train.frozen import train_frozen
 from catsdogs.train.loop import train_worker
+from catsdogs.train.names import FREEZE_BACKBONE
 from catsdogs.train.tracking import finish_training_run, log_epoch, open_training_run
-
-FREEZE_MODES: tuple[str, ...] = ("none", "backbone")
-"""Values of ``--freeze``: fine-tune everything, or fit only the head on frozen backbone features."""
 
 
 @dataclass(frozen=True)
@@ -69,9 +68,10 @@ def plan_launch(cfg: TrainConfig, cores: int | None = None) -> LaunchPlan:
     n = cfg.distributed
     if n < 1:
         raise ConfigError(f"--distributed must be >= 1 to launch distributed training, got {n}")
-    if cfg.freeze == "backbone":
+    if cfg.freeze == FREEZE_BACKBONE:
         raise ConfigError("--freeze backbone --distributed N runs the feature pass as N Spark tasks "
                           "(train.frozen), not N DDP processes; launch it through catsdogs train")
+    check_applicable(cfg)
     device = select_device(cfg.device)
     local = is_local(cfg.master)
     use_gpu = device.type == "cuda"
@@ -88,13 +88,7 @@ def plan_launch(cfg: TrainConfig, cores: int | None = None) -> LaunchPlan:
 
 def preflight(cfg: TrainConfig) -> None:
     """Fail on the driver for mistakes every rank would hit (bad --data/--out, too few shards)."""
-    require(cfg, "out")
-    if not cfg.resume:  # a resumed run may take --data from its checkpoint
-        require(cfg, "data")
-    last = RunDir(Path(cfg.out)).last
-    if last.is_file() and not cfg.resume:
-        raise OutputExistsError(f"run folder {cfg.out!r} already has {last.name}; pass --resume "
-                                f"to continue it or choose a new --out")
+    require(cfg, "out", "data")  # after claim(): a resumed run has its --data from the checkpoint
     if cfg.data:
         # In local mode the ranks share this machine: fetch remote shards once, here, so the N
         # ranks find them cached instead of downloading them N times at once.
@@ -138,6 +132,11 @@ def _gpu_discovery_conf(n: int) -> dict[str, str]:
 
 def train_distributed(cfg: TrainConfig) -> list[dict[str, str]]:
     """Run ``--distributed N`` training; return rank 0's metrics rows read from the run folder."""
+    # The run-folder contract once, here: --overwrite clears the folder before any rank starts, and a
+    # resumed run's settings (--distributed included) come from its checkpoint.
+    cfg, state = claim(cfg)
+    if state is None:
+        cfg = dataclasses.replace(cfg, resume=False)  # said once, here: the ranks start a new run
     plan = plan_launch(cfg)
     preflight(cfg)
     # Lazy: pyspark costs ~1 s at import and single-process training never needs it.
@@ -175,12 +174,24 @@ def train_distributed(cfg: TrainConfig) -> list[dict[str, str]]:
     return rows
 
 
-def main(cfg: TrainConfig) -> int:
-    """Entry point of ``catsdogs train``: frozen head, N DDP processes, or the loop in this process."""
-    if cfg.freeze == "backbone":
+def main(cfg: TrainConfig, cache_splits: tuple[str, ...] = ()) -> int:
+    """Entry point of ``catsdogs train``: frozen head, N DDP processes, or the loop in this process.
+
+    Given flags that cannot apply are refused first, on the settings a ``--resume`` would continue with.
+    ``cache_splits``: with ``--freeze backbone``, splits whose features the feature pass also computes
+    and caches for the evaluation that follows (``catsdogs run``: test); training never reads them.
+    """
+    plan = planned(cfg)
+    check_applicable(plan)
+    if plan.freeze == FREEZE_BACKBONE:
+        claimed, state = claim(cfg)
+        if state is not None:
+            train_frozen(cfg)  # says that the run is complete
+            return 0
+        cfg = dataclasses.replace(claimed, resume=False)  # a new run: nothing left to resume or replace
         tracked = open_training_run(cfg)
         with ending(tracked):
-            metrics = train_frozen(cfg)
+            metrics = train_frozen(cfg, cache_splits=cache_splits)
             log_epoch(tracked, {"epoch": 1, **metrics})
             # The loop's final names (one column across runs), plus the head's own facts.
             finish_training_run(tracked, cfg, {"best_val_loss": metrics["val_loss"],
@@ -189,7 +200,7 @@ def main(cfg: TrainConfig) -> int:
                                                "feature_seconds": metrics["feature_seconds"]})
         print(f"best checkpoint: {RunDir(Path(cfg.out)).best} (val_acc {metrics['val_acc']:.4f})")
         return 0
-    if cfg.distributed:
+    if plan.distributed:
         train_distributed(cfg)
         return 0
     train_worker(cfg, 0, 1)

@@ -5,11 +5,12 @@ files) streams batches from :mod:`catsdogs.train.stream`, augments them (:mod:`c
 normalises them on the fly and takes optimiser steps; every epoch it validates, appends a row to
 ``RUN/metrics.csv`` and writes ``best.pt`` (lowest val loss) and ``last.pt`` atomically.
 
-Run folder rules: a folder that already holds ``last.pt`` is refused unless ``--resume`` is given
-(then training continues from it); ``--resume`` on a folder without ``last.pt`` starts from scratch,
-so ``catsdogs train --resume ...`` can simply be re-run after any crash or preemption. On resume,
-settings not given on the command line (left at their default) are taken from the checkpoint;
-settings that would change the trained model (model, lr, batch size, seed, ...) must match.
+Run folder rules (:mod:`catsdogs.train.contract`, shared with the frozen-backbone head): a folder that
+already holds ``last.pt`` is refused unless ``--resume`` (then training continues from it) or
+``--overwrite`` is given; ``--resume`` on a folder without ``last.pt`` starts from scratch, so
+``catsdogs train --resume ...`` can simply be re-run after any crash or preemption. On resume, settings
+not given are taken from the checkpoint; given settings that would change the trained model (model,
+lr, batch size, seed, ...) must match.
 
 Resume is exact: ``last.pt`` carries the weights, optimiser, schedule step, EMA, every RNG state
 (torch, NumPy, Python, augmentation) and the number of batches consumed in the current epoch, and the
@@ -40,8 +41,8 @@ from tqdm import tqdm
 
 from catsdogs import checkpoint as ckpt
 from catsdogs.checkpoint import build_checkpoint, build_from_checkpoint, load_checkpoint, save_checkpoint
-from catsdogs.config import TrainConfig, flag, require, save_config, to_dict
-from catsdogs.errors import CheckpointError, ConfigError, OutputExistsError
+from catsdogs.config import TrainConfig, require, save_config, to_dict
+from catsdogs.errors import CheckpointError, ConfigError
 from catsdogs.models.factory import create_model
 from catsdogs.models.heads import log_probs, loss_fn, predictions
 from catsdogs.models.registry import input_normalization
@@ -53,8 +54,10 @@ from catsdogs.shards.manifest import Manifest, load_manifest
 from catsdogs.track.mlflow_run import TrackedRun, ending
 from catsdogs.train.augment import augment_batch
 from catsdogs.train.confidence import TRAIN_FEATURE_ROWS, feature_pass, fit_confidence
+from catsdogs.train.contract import claim, model_config, model_kwargs
 from catsdogs.train.ddp import all_reduce_sum, check_replicas
 from catsdogs.train.ema import EMA
+from catsdogs.train.names import OPTIMIZERS
 from catsdogs.train.schedule import lr_at
 from catsdogs.train.stream import split_stream
 from catsdogs.train.tracking import finish_training_run, log_epoch, open_training_run
@@ -63,11 +66,6 @@ AUGMENT_MAX_SHIFT = 4
 """Largest random translation in pixels (6% of a 64 px image), reflect-padded."""
 AUGMENT_SEED_OFFSET = 7919
 """Added to --seed for the augmentation generator so it is independent of weight init."""
-PER_INVOCATION = frozenset({"resume", "max_steps", "out", "tracking_uri", "experiment", "register"})
-"""Settings that belong to one command invocation and are never taken over from the checkpoint."""
-RESUME_CHANGEABLE = frozenset({"master", "spark_conf", "epochs", "checkpoint_every", "workers", "threads",
-                               "device", "patience", "amp"})
-"""Settings a resumed run may change (others would silently make a different model)."""
 
 
 def rng_state(augment_gen: torch.Generator) -> dict[str, Any]:
@@ -100,15 +98,6 @@ def set_rng_state(state: dict[str, Any], augment_gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """Model keyword arguments taken from the config (builders ignore the ones they do not use)."""
-    return {"dropout": cfg.dropout, "width": cfg.width, "depth": cfg.depth}
-
-
-OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
-"""Values of ``--optimizer`` (built by :func:`make_optimizer`)."""
-
-
 def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     """Build the optimiser named by ``--optimizer``.
 
@@ -124,31 +113,6 @@ def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
-
-
-def resolve_resume_config(cfg: TrainConfig, saved: dict[str, Any]) -> TrainConfig:
-    """Merge the command line with the config saved in ``last.pt`` for ``--resume``.
-
-    A setting left at its default is taken from the checkpoint; one given explicitly must match it
-    unless it is harmless to change (:data:`RESUME_CHANGEABLE`).
-    """
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    merged = to_dict(cfg)
-    for name, new in to_dict(cfg).items():
-        if name in PER_INVOCATION or name not in saved:
-            continue
-        old = saved[name]
-        if name == "data":
-            if new and old and Path(new).resolve() != Path(old).resolve():
-                raise ConfigError(f"--resume: the run was trained on --data {old!r}, not {new!r}; "
-                                  f"drop --data or start a new --out")
-            merged[name] = new or old
-        elif new == defaults.get(name):
-            merged[name] = old
-        elif new != old and name not in RESUME_CHANGEABLE:
-            raise ConfigError(f"--resume: {flag(name)} was {old!r} in the run being resumed, now {new!r}; "
-                              f"drop {flag(name)} or start a new --out")
-    return TrainConfig(**merged)
 
 
 @dataclass
@@ -185,9 +149,7 @@ class Trainer:
         self.out = self.run.root
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
-        resume_state = self._resume_state(cfg)
-        if resume_state is not None:
-            cfg = resolve_resume_config(cfg, resume_state[ckpt.CKPT_TRAIN_CONFIG])
+        cfg, resume_state = self._resume_state(cfg)
         require(cfg, "data")  # after the merge: a resumed run may take --data from its checkpoint
         self.cfg = cfg
         self.device = setup(cfg.threads, cfg.device, cfg.seed)
@@ -202,8 +164,7 @@ class Trainer:
                                      num_workers=cfg.workers)
         self.val_ds = split_stream(self.data, m, "val", cfg.batch_size, shuffle=False, rank=rank,
                                    world_size=world_size, num_workers=cfg.workers)
-        self.model_config = {"name": cfg.model, "num_classes": self.num_classes, "size": m.size,
-                             **model_kwargs(cfg)}
+        self.model_config = model_config(cfg, self.num_classes, m.size)
         model = create_model(cfg.model, self.num_classes, m.size, **model_kwargs(cfg))
         # channels_last: the fast layout for CPU (oneDNN) and CUDA (tensor core) convolutions.
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
@@ -229,24 +190,13 @@ class Trainer:
             self._restore(resume_state)
 
     # ------------------------------------------------------------------ state in/out
-    def _resume_state(self, cfg: TrainConfig) -> dict[str, Any] | None:
-        """Load ``last.pt`` for ``--resume``, or refuse to overwrite an existing run."""
-        last = self.run.last
-        if not last.is_file():
-            if cfg.resume and self.is_main:
-                print(f"catsdogs train: --resume: no {last} yet, starting a new run", file=sys.stderr)
-            return None
-        if not cfg.resume:
-            raise OutputExistsError(f"run folder {str(self.out)!r} already has {last.name}; pass "
-                                    f"--resume to continue it or choose a new --out")
-        if self.is_main:  # half-written checkpoints of a killed save (io.atomic.atomic_open), never loaded
-            for tmp in self.out.glob(".*.pt.*.tmp"):
-                tmp.unlink(missing_ok=True)
-        state = load_checkpoint(last)
-        if "progress" not in state or "optimizer" not in state:
-            raise CheckpointError(f"{str(last)!r} was not written by a resumable 'catsdogs train' run; "
-                                  f"choose a new --out")
-        return state
+    def _resume_state(self, cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
+        """Apply the run-folder contract; return the config and ``last.pt``'s state when resuming."""
+        cfg, state = claim(cfg, self.is_main)
+        if state is not None and ("progress" not in state or "optimizer" not in state):
+            raise CheckpointError(f"{str(self.run.last)!r} was not written by a resumable 'catsdogs train' "
+                                  f"run; choose a new --out")
+        return cfg, state
 
     def _restore(self, state: dict[str, Any]) -> None:
         """Load weights, optimiser, EMA, progress and RNG states from a ``last.pt`` dict."""

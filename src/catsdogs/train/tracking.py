@@ -57,6 +57,13 @@ def log_epoch(tracked: TrackedRun, row: Mapping[str, Any]) -> None:
     tracked.log_metrics({k: row[k] for k in EPOCH_METRICS if k in row}, step=int(row["epoch"]))
 
 
+def _save_model(run: RunDir, dest: Path) -> None:
+    """Write the run's model as an MLflow pyfunc folder (with its engine) at ``dest``."""
+    from catsdogs.track.pyfunc import save_pyfunc  # imports mlflow.pyfunc and torch: only with tracking on
+
+    save_pyfunc(run.root, run.best, dest)
+
+
 def finish_training_run(tracked: TrackedRun, cfg: TrainConfig, final: Mapping[str, Any],
                         log_model: bool = True) -> None:
     """Log the final metrics, config.json, metrics.csv and the model (registered with ``--register``)."""
@@ -68,7 +75,7 @@ def finish_training_run(tracked: TrackedRun, cfg: TrainConfig, final: Mapping[st
     tracked.log_artifact(run.metrics)
     if not log_model or not run.best.is_file():
         return
-    if tracked.log_model(run.root, run.best) and cfg.register:
+    if tracked.log_model(lambda dest: _save_model(run, dest)) and cfg.register:
         version = tracked.register(cfg.register)
         if version:
             print(f"catsdogs train: registered as models:/{cfg.register}/{version}", file=sys.stderr,

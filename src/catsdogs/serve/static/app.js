@@ -87,6 +87,13 @@ function showResult(result) {
   $("label").textContent = unknown ? "Neither" : result.label;
   $("probability").textContent = unknown ? "" : pct(result.probability);
   $("prob-bar").style.width = unknown ? "0%" : pct(result.probability);
+  // What an "unknown" photo looks like instead (ImageNet concepts); absent for scratch-trained runs.
+  const concepts = unknown && result.looks_like ? result.looks_like : [];
+  const looksLike = $("looks-like");
+  looksLike.hidden = concepts.length === 0;
+  looksLike.textContent = concepts.length
+    ? "Looks like: " + concepts.map((c) => c.concept + " " + Math.round(100 * c.probability) + " %").join(", ")
+    : "";
   const note = $("unknown-note");
   note.hidden = !unknown;
   note.textContent = unknown

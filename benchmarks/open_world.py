@@ -1,0 +1,336 @@
+"""Open-world answers: which "neither" detector, and where its operating point sits (issue 22).
+
+Every candidate detector is fitted on the TRAIN split's features of one trained run (the features its
+own engine computes, as training does), thresholded on VALIDATION at an accept rate, and then only
+measured on the held-out and check sets:
+
+* PetImages test (answered share, accuracy among answered);
+* ``../shared/data/pets-other`` (Oxford-IIIT cats and dogs from other cameras: answered share, right);
+* ``../shared/data/not-pets/raccoon`` (share "unknown");
+* scikit-image's non-pet photos and the generated images of ``tests/ood_set.py`` (share "unknown");
+* its scoring cost in ms per image on top of the shared feature pass.
+
+Images go through the product's own decode (``Predictor.decode``) and flat-image rule. Features are
+cached per checkpoint and engine under ``--cache`` (a second run re-scores in seconds).
+
+Usage: ``.venv/bin/python -m benchmarks.open_world [--run RUN] [--fragment NAME]``; without --run,
+make run's default run folder. Prints a markdown report and writes docs/benchmarks/NAME.md
+(default ``open_world_<model>``; ``--fragment ""`` skips writing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks._common import DEFAULT_RUN, REAL_DATA, heavy_lock, machine, write_fragment
+from catsdogs.checkpoint import CKPT_ENGINE, CKPT_MODEL_CONFIG, CKPT_TRAIN_CONFIG
+from catsdogs.engines.names import DEFAULT_ENGINE
+from catsdogs.errors import ImageDecodeError
+from catsdogs.infer.predictor import Predictor
+from catsdogs.models.heads import probabilities
+from catsdogs.models.imagenet import imagenet_heads, imagenet_names, imagenet_probabilities
+from catsdogs.models.ood import CONCEPTS, calibrate_threshold, fit_detector, flat_images
+from catsdogs.models.registry import REGISTRY
+from catsdogs.models.transforms import normalize
+from catsdogs.shards.manifest import load_manifest
+from catsdogs.train.features import extract_features
+from tests.ood_set import generated_images, png_bytes, sample_photos
+
+CHECK_ROOT = REAL_DATA.parent
+PETS_OTHER = CHECK_ROOT / "pets-other"
+RACCOON = CHECK_ROOT / "not-pets" / "raccoon"
+GENERATED = {"per_kind": 10, "size": 160, "seed": 0}
+"""The generated OOD images, as benchmarks/ood_answer.py makes them (80 images)."""
+ACCEPT_RATES = (0.99, 0.995, 0.998)
+VAL_CURVE = (0.95, 0.98, 0.99, 0.995, 0.998, 1.0)
+"""Validation accept rates of the operating-point table."""
+"""Validation accept rates every candidate is reported at."""
+
+
+@dataclass
+class Split:
+    """Features (what the engine returns), labels (-1: none) and the flat-image mask of one image set."""
+
+    f: np.ndarray
+    y: np.ndarray
+    flat: np.ndarray
+    names: list[str]
+
+
+def _cache_key(pred: Predictor, engine: str) -> str:
+    return hashlib.sha256(f"{pred.path.resolve()}:{pred.path.stat().st_mtime_ns}:{engine}".encode()
+                          ).hexdigest()[:16]
+
+
+def _save(path: Path, s: Split) -> None:
+    np.savez(path, f=s.f, y=s.y, flat=s.flat, names=np.array(s.names, dtype=object))
+
+
+def _load(path: Path) -> Split:
+    z = np.load(path, allow_pickle=True)  # our own cache file
+    return Split(z["f"], z["y"], z["flat"], list(z["names"]))
+
+
+@torch.inference_mode()
+def folder_split(pred: Predictor, folder: Path, label_of: Callable[[Path], int]) -> Split:
+    """Decode every image file under ``folder`` as predict does; return their features."""
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    arrays, labels, names = [], [], []
+    for p in paths:
+        try:
+            arrays.append(pred.decode(p.read_bytes()))
+        except ImageDecodeError:
+            continue
+        labels.append(label_of(p))
+        names.append(str(p.relative_to(folder)))
+    return _arrays_split(pred, np.stack(arrays), np.array(labels), names)
+
+
+@torch.inference_mode()
+def _arrays_split(pred: Predictor, arrays: np.ndarray, labels: np.ndarray, names: list[str]) -> Split:
+    feats = []
+    for i in range(0, len(arrays), 32):
+        x = normalize(torch.from_numpy(np.ascontiguousarray(arrays[i:i + 32])), pred.mean, pred.std)
+        feats.append(pred.feature_engine.features(x).float().numpy())
+    return Split(np.concatenate(feats), labels, flat_images(arrays), names)
+
+
+def items_split(pred: Predictor, items: list[tuple[str, np.ndarray]]) -> Split:
+    """Encode each generated/sample image as PNG and decode it the product's way."""
+    arrays = np.stack([pred.decode(png_bytes(a)) for _, a in items])
+    return _arrays_split(pred, arrays, np.full(len(items), -1), [n for n, _ in items])
+
+
+def load_sets(pred: Predictor, data: Path, cache: Path) -> dict[str, Split]:
+    """Features of train/val/test and of every check set (cached)."""
+    manifest = load_manifest(data)
+    out: dict[str, Split] = {}
+    classes = {c.lower(): i for i, c in enumerate(pred.classes)}
+    makers: dict[str, Callable[[], Split]] = {}
+    for split in ("train", "val", "test"):
+        def shard_split(split: str = split) -> Split:
+            f, y = extract_features(pred.model, data, manifest, split, pred.mean, pred.std, 64,
+                                    engine=pred.feature_engine)
+            return Split(f, y, np.zeros(len(y), bool), [])
+        makers[split] = shard_split
+    if PETS_OTHER.is_dir():
+        makers["pets-other"] = lambda: folder_split(pred, PETS_OTHER,
+                                                    lambda p: classes.get(p.parent.name.lower(), -1))
+    if RACCOON.is_dir():
+        makers["raccoon"] = lambda: folder_split(pred, RACCOON, lambda p: -1)
+    if sample_photos():
+        makers["skimage"] = lambda: items_split(pred, sample_photos())
+    makers["generated"] = lambda: items_split(pred, generated_images(**GENERATED))
+    cache.mkdir(parents=True, exist_ok=True)
+    for name, make in makers.items():
+        path = cache / f"{name}.npz"
+        if path.is_file():
+            out[name] = _load(path)
+            continue
+        t0 = time.perf_counter()
+        out[name] = make()
+        _save(path, out[name])
+        print(f"{name}: {len(out[name].y)} images in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
+              flush=True)
+    # Flat images in the shards are rare but real: the product answers them unknown too.
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Candidates: each returns a scoring function (features -> score, higher = less like training).
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def cand_detector(method: str) -> Callable[..., Scorer]:
+    """A product detector (``catsdogs.models.ood``), fitted and calibrated exactly as training does."""
+    def fit(train: Split, ctx: dict) -> Scorer:
+        heads = ctx["imagenet"] if method == CONCEPTS else None
+        det = fit_detector(method, train.f, train.y, ctx["num_classes"], 0, imagenet=heads)
+        det.calibrate(ctx["val_f"], ctx["head"](ctx["val_f"]), 0.99)  # references; thresholds set below
+        return lambda f: det.score(f, ctx["head"](f))
+    return fit
+
+
+def cand_imagenet_msp(train: Split, ctx: dict) -> Scorer:
+    w, b = ctx["imagenet"]
+    return lambda f: -imagenet_probabilities(f, w, b).max(dim=1).values
+
+
+def cand_imagenet_energy(train: Split, ctx: dict) -> Scorer:
+    w, b = ctx["imagenet"]
+
+    def score(f: torch.Tensor) -> torch.Tensor:
+        m = w.shape[0]
+        z = torch.einsum("nmd,mkd->nmk", f.float().reshape(len(f), m, -1), w) + b
+        return -torch.logsumexp(z, dim=2).mean(dim=1)
+    return score
+
+
+def cand_concept_mass(min_share: float) -> Callable[..., Scorer]:
+    """1 - the probability on ImageNet classes that are top-1 for >= ``min_share`` of a class's images."""
+    def fit(train: Split, ctx: dict) -> Scorer:
+        w, b = ctx["imagenet"]
+        p = imagenet_probabilities(torch.from_numpy(train.f), w, b)
+        top = p.argmax(dim=1)
+        mask = torch.zeros(p.shape[1], dtype=torch.bool)
+        yt = torch.as_tensor(train.y)
+        for c in range(ctx["num_classes"]):
+            counts = torch.bincount(top[yt == c], minlength=p.shape[1]).float()
+            mask |= counts >= max(1.0, min_share * float((yt == c).sum()))
+        ctx["mass_set"] = mask
+        return lambda f: 1.0 - imagenet_probabilities(f, w, b)[:, mask].sum(dim=1)
+    return fit
+
+
+def cand_concept_xent(train: Split, ctx: dict) -> Scorer:
+    """The concepts detector's concept half alone (cross-entropy with the closest class's profile)."""
+    det = fit_detector(CONCEPTS, train.f, train.y, ctx["num_classes"], 0, imagenet=ctx["imagenet"])
+    return det.concept_score
+
+
+CANDIDATES: dict[str, Callable[..., Scorer]] = {
+    "knn (the look; default before)": cand_detector("knn"),
+    "mahalanobis": cand_detector("mahalanobis"),
+    "energy (user head)": cand_detector("energy"),
+    "ImageNet max probability": cand_imagenet_msp,
+    "ImageNet energy": cand_imagenet_energy,
+    "ImageNet mass on the training top-1 concepts": cand_concept_mass(0.001),
+    "ImageNet concept cross-entropy": cand_concept_xent,
+    "**concepts** (cross-entropy + knn, validation percentiles averaged)": cand_detector(CONCEPTS),
+}
+PRODUCT = next(name for name in CANDIDATES if name.startswith("**concepts**"))
+
+
+def evaluate(scorer: Scorer, sets: dict[str, Split], accept: float, head: Callable, ctx: dict
+             ) -> dict[str, float]:
+    """Threshold on val at ``accept``; the figures of every set."""
+    scores = {k: scorer(torch.from_numpy(s.f)).numpy() for k, s in sets.items() if k != "train"}
+    thr = calibrate_threshold(ctx["dummy"], scores["val"], accept).threshold
+    row: dict[str, float] = {}
+    for name, s in sets.items():
+        if name == "train":
+            continue
+        known = (scores[name] <= thr) & ~s.flat
+        row[f"{name}:answered"] = float(known.mean())
+        if (s.y >= 0).any():
+            pred = probabilities(head(torch.from_numpy(s.f))).argmax(1).numpy()
+            ok = pred == s.y
+            row[f"{name}:right"] = float(ok[known].mean()) if known.any() else math.nan
+            row[f"{name}:acc_all"] = float(ok.mean())
+    return row
+
+
+def val_tail_sheet(scores: np.ndarray, data: Path, path: Path, n: int = 24, cols: int = 6) -> Path:
+    """Draw the ``n`` validation photos with the highest scores as one PNG (to look at the tail)."""
+    from PIL import Image, ImageDraw
+
+    from catsdogs.shards.reader import iter_batches
+
+    manifest = load_manifest(data)
+    rows = np.concatenate([r for _, _, r, _ in iter_batches(data, manifest, "val", 256)])
+    order = np.argsort(-scores, kind="stable")[:n]
+    side = 150
+    sheet = Image.new("RGB", (cols * (side + 10), -(-n // cols) * (side + 22)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, i in enumerate(order):
+        x, y = (k % cols) * (side + 10), (k // cols) * (side + 22)
+        sheet.paste(Image.fromarray(rows[i]).resize((side, side)), (x + 5, y + 5))
+        draw.text((x + 5, y + side + 7), f"#{k} score {scores[i]:.3f}", fill="black")
+    sheet.save(path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", default=str(DEFAULT_RUN))
+    parser.add_argument("--data", default="", help="shards (default: the run's own --data)")
+    parser.add_argument("--cache", default="/tmp/catsdogs-bench/open_world")
+    parser.add_argument("--fragment", default=None)
+    args = parser.parse_args()
+    if not Path(args.run).is_dir() and not Path(args.run).is_file():
+        print(f"skipped: no trained run at {args.run} (make run, or give --run)")
+        return
+    pred = Predictor.from_run(args.run, "cpu", backend=DEFAULT_ENGINE)
+    meta = pred.checkpoint
+    engine = str(meta.get(CKPT_ENGINE, DEFAULT_ENGINE))
+    model_name = str(meta[CKPT_MODEL_CONFIG]["name"])
+    data = Path(args.data or meta[CKPT_TRAIN_CONFIG]["data"])
+    cache = Path(args.cache) / _cache_key(pred, engine)
+    if all((cache / f"{name}.npz").is_file() for name in ("train", "val", "test")):
+        sets = load_sets(pred, data, cache)  # cached: a re-score, no heavy feature pass
+    else:
+        with heavy_lock():
+            sets = load_sets(pred, data, cache)
+    head_model = pred.model
+    head = lambda f: head_model.classify(f)  # noqa: E731
+    variants = tuple(REGISTRY[model_name].kwargs.get("variants", ()))
+    ctx = {"num_classes": len(pred.classes), "head": head, "imagenet": imagenet_heads(variants),
+           "val_f": torch.from_numpy(sets["val"].f), "dummy": fit_detector("energy", sets["train"].f[:1],
+                                                                          sets["train"].y[:1], 2)}
+    names = imagenet_names()
+    lines = [f"## Open-world detectors: {model_name} ({engine} features)", "",
+             f"Command: `.venv/bin/python -m benchmarks.open_world --run {args.run}`. Machine: {machine()}.",
+             "Fitted on train, thresholded on val at the accept rate; every other column only measured. "
+             "answered = share given Cat/Dog; right = accuracy among answered; unknown = 1 - answered.", "",
+             "| detector | val accept | test answered | test right | pets-other answered | pets-other right "
+             "| raccoon unknown | skimage unknown | generated unknown | ms/image |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    with torch.inference_mode():
+        for cname, make in CANDIDATES.items():
+            scorer = make(sets["train"], ctx)
+            x = torch.from_numpy(sets["val"].f)
+            t0 = time.perf_counter()
+            scorer(x)
+            ms = (time.perf_counter() - t0) * 1000 / len(x)
+            for accept in ACCEPT_RATES:
+                r = evaluate(scorer, sets, accept, head, ctx)
+                def g(k: str, unknown: bool = False, r: dict = r) -> str:
+                    if k not in r:
+                        return "-"
+                    v = 1 - r[k] if unknown else r[k]
+                    return f"{100 * v:.1f} %"
+                lines.append(f"| {cname} | {accept:.1%} | {g('test:answered')} | {g('test:right')} | "
+                             f"{g('pets-other:answered')} | {g('pets-other:right')} | "
+                             f"{g('raccoon:answered', True)} | {g('skimage:answered', True)} | "
+                             f"{g('generated:answered', True)} | {ms:.3f} |")
+            print("\n".join(lines[-len(ACCEPT_RATES):]), flush=True)
+    # The operating point is chosen on validation alone: its own trade of share answered against accuracy.
+    product = CANDIDATES[PRODUCT](sets["train"], ctx)
+    vs = product(torch.from_numpy(sets["val"].f)).numpy()
+    vok = probabilities(head(torch.from_numpy(sets["val"].f))).argmax(1).numpy() == sets["val"].y
+    lines += ["", "The product detector on VALIDATION only (what the operating point is chosen on):", "",
+              "| val accept rate | val answered | val right among answered | val right, all |",
+              "|---|---|---|---|"]
+    for accept in VAL_CURVE:
+        thr = calibrate_threshold(ctx["dummy"], vs, accept).threshold
+        known = vs <= thr
+        lines.append(f"| {accept:.1%} | {known.mean():.2%} | {vok[known].mean():.2%} | {vok.mean():.2%} |")
+    sheet = val_tail_sheet(vs, data, cache / "val_tail.png")
+    lines += ["", f"The 24 validation photos the product detector finds least like a pet, most unlike "
+              f"first, are drawn in `{sheet}` (not committed: they are the data's photos)."]
+    if "mass_set" in ctx:
+        mask = ctx["mass_set"]
+        pets = set(range(151, 269)) | set(range(281, 286))
+        others = [names[i] for i in mask.nonzero().flatten().tolist() if i not in pets]
+        lines += ["", f"The training top-1 concepts (>= 0.1 % of a class): {int(mask.sum())} ImageNet "
+                  f"classes; those not a dog breed or a domestic cat: {', '.join(others)}"]
+    report = "\n".join(lines)
+    print(report)
+    frag = args.fragment if args.fragment is not None else f"open_world_{model_name}"
+    if frag:
+        print(f"wrote {write_fragment(frag, report)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

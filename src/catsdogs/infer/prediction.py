@@ -1,0 +1,125 @@
+"""One input's answer as every entry point gives it: predict's rows, serve's JSON, the Python API, the pyfunc.
+
+A :class:`Prediction` wraps the predictor's own per-image :class:`~catsdogs.infer.predictor.Answer`
+instead of copying its numbers into a parallel structure, so whatever the answer holds (the label,
+probabilities and out-of-distribution score today, any field the predictor adds later) reaches every
+entry point the same way: :meth:`Prediction.to_dict` adds each further answer field under its own name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from catsdogs.infer.predictor import UNKNOWN, Answer
+from catsdogs.io.jsonable import jsonable
+
+CORE_FIELDS: frozenset[str] = frozenset({"probs", "score", "known", "looks_like"})
+"""Answer fields read through the properties below (label, probability, probabilities, ood_score,
+looks_like)."""
+
+
+@dataclass
+class Prediction:
+    """What catsdogs says about one input: its label (a class or ``unknown``), or why it could not say."""
+
+    path: str
+    """The input as given: a file's path, or ``<bytes k>`` / ``<image k>`` / ``<array k>`` for the k-th
+    in-memory input of a Python call."""
+    error: str = ""
+    """Why the input could not be classified (``empty_file``, ``not_an_image``, ``corrupt``, ...); empty
+    when it was."""
+    answer: Answer | None = None
+    """The predictor's own answer for the image (None with an error)."""
+    classes: Sequence[str] = ()
+    """The run's class names, in the order of the answer's probabilities."""
+
+    @property
+    def label(self) -> str:
+        """The most likely class, ``unknown`` when the run's detector rejects the image, '' on error."""
+        return self.answer.label(list(self.classes)) if self.answer is not None else ""
+
+    @property
+    def probability(self) -> float | None:
+        """Probability of the most likely class (also when the label is ``unknown``)."""
+        return float(np.max(self.answer.probs)) if self.answer is not None else None
+
+    @property
+    def probabilities(self) -> dict[str, float] | None:
+        """Every class's probability."""
+        if self.answer is None:
+            return None
+        return {c: float(p) for c, p in zip(self.classes, self.answer.probs, strict=True)}
+
+    @property
+    def ood_score(self) -> float | None:
+        """The detector's out-of-distribution score (higher = less like training); None without one."""
+        if self.answer is None or np.isnan(self.answer.score):
+            return None
+        return float(self.answer.score)
+
+    @property
+    def looks_like(self) -> list[tuple[str, float]]:
+        """For an ``unknown`` image, the ImageNet concepts it looks like: ``(name, probability)``.
+
+        Most likely first; empty otherwise, and for runs without ImageNet weights.
+        """
+        found = getattr(self.answer, "looks_like", None) if self.answer is not None else None
+        return [(str(c), float(p)) for c, p in found or []]
+
+    def extras(self) -> dict[str, Any]:
+        """The answer's further fields (beyond label, probabilities and score), JSON-ready."""
+        if self.answer is None:
+            return {}
+        found = ({f.name: getattr(self.answer, f.name) for f in dataclasses.fields(self.answer)}
+                 if dataclasses.is_dataclass(self.answer) else dict(vars(self.answer)))
+        return {k: jsonable(v) for k, v in found.items() if k not in CORE_FIELDS and not k.startswith("_")}
+
+    def fields(self) -> dict[str, Any]:
+        """The answer as JSON-ready fields: label, probability, probabilities, ood_score and the extras."""
+        return {"label": self.label, "probability": self.probability, "probabilities": self.probabilities,
+                "ood_score": self.ood_score,
+                "looks_like": [{"concept": c, "probability": p} for c, p in self.looks_like],
+                **self.extras()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """One JSON record, as ``catsdogs predict --output x.json`` writes it."""
+        out = self.fields()
+        return {"path": self.path, "label": out.pop("label"), "probability": out.pop("probability"),
+                "error": self.error, **out}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any], classes: Sequence[str]) -> Prediction:
+        """The Prediction a :meth:`to_dict` record describes: its inverse for every :class:`Answer` field.
+
+        ``predict --master`` sends each task's predictions to the driver as these records (JSON text
+        in a Spark row), so the driver writes the very rows local predict writes.
+        """
+        classes = tuple(classes)
+        if record.get("error") or record.get("probabilities") is None:
+            return cls(path=record["path"], error=record.get("error", ""), classes=classes)
+        score = record.get("ood_score")
+        answer = Answer(probs=np.array([record["probabilities"][c] for c in classes], np.float64),
+                        score=float("nan") if score is None else float(score),
+                        known=record["label"] != UNKNOWN,
+                        looks_like=[(str(c["concept"]), float(c["probability"]))
+                                    for c in record.get("looks_like") or []])
+        return cls(path=record["path"], answer=answer, classes=classes)
+
+    def __getattr__(self, name: str) -> Any:
+        """Further answer fields by name (e.g. ``prediction.looks_like`` once the predictor answers it)."""
+        if name.startswith("_") or name in ("answer", "classes"):
+            raise AttributeError(name)
+        answer = self.__dict__.get("answer")
+        if answer is not None and hasattr(answer, name):
+            return getattr(answer, name)
+        raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
+
+
+def predictions(names: Sequence[str], answers: Any, classes: Sequence[str]) -> list[Prediction]:
+    """One :class:`Prediction` per row of a batch's :class:`~catsdogs.infer.predictor.Answers`."""
+    return [Prediction(path=name, answer=answers[k], classes=tuple(classes)) for k, name in enumerate(names)]

@@ -1,0 +1,340 @@
+"""Docs that cannot rot: the snippets of README.md and docs/ run, and every path they name exists.
+
+Every ``python`` and shell (``bash``/``sh``) snippet runs here, in a folder that holds what the docs
+call ``runs/quick`` (a small trained run), ``shards``, ``photos/`` and ``cat.jpg``, unless the line
+before its fence marks it as one that cannot run here::
+
+    <!-- cluster only: needs a Spark cluster and shared storage -->
+    <!-- not run by the tests: the whole pipeline on the real data (minutes) -->
+
+A marked snippet is still checked: each ``catsdogs`` command in it must name a real sub-command and
+real flags, each ``make`` target and ``python -m`` module of the project must exist, and a Python
+snippet must compile and import only what exists. TOML snippets must be valid configs.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import catsdogs
+from catsdogs import cli
+from catsdogs.config import build_config
+from tests.fixtures import jpeg_bytes, make_shards, synthetic_image
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+SHELL = frozenset({"bash", "sh", "shell"})
+PYTHON = frozenset({"python", "py"})
+MARK = re.compile(r"<!--\s*(cluster only|not run by the tests):\s*(\S.*?)\s*-->")
+FENCE = re.compile(r"^(\s*)```\s*([\w+-]*)")
+SNIPPET_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Snippet:
+    """One fenced code block of a doc."""
+
+    doc: Path
+    line: int
+    lang: str
+    code: str
+    mark: str
+    """Why it is not run ('' when it is)."""
+
+    @property
+    def id(self) -> str:
+        return f"{self.doc.relative_to(ROOT)}:{self.line}"
+
+
+def snippets(doc: Path) -> list[Snippet]:
+    """The fenced blocks of ``doc``, with the mark on the line before each fence."""
+    lines = doc.read_text().splitlines()
+    found: list[Snippet] = []
+    i = 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, lang, start = len(m.group(1)), m.group(2).lower(), i
+        body: list[str] = []
+        i += 1
+        while i < len(lines) and not lines[i].strip().startswith("```"):
+            body.append(lines[i][indent:])
+            i += 1
+        before = next((lines[k] for k in range(start - 1, -1, -1) if lines[k].strip()), "")
+        mark = MARK.search(before)
+        found.append(Snippet(doc, start + 1, lang, "\n".join(body) + "\n",
+                             f"{mark.group(1)}: {mark.group(2)}" if mark else ""))
+        i += 1
+    return found
+
+
+ALL = [s for doc in DOCS for s in snippets(doc)]
+CODE = [s for s in ALL if s.lang in SHELL | PYTHON]
+RUN = [s for s in CODE if not s.mark]
+
+
+def test_the_docs_have_snippets_to_check() -> None:
+    assert len(CODE) > 15 and any(s.doc.name == "README.md" and not s.mark and s.lang in PYTHON for s in CODE)
+    assert all(s.mark.startswith(("cluster only:", "not run by the tests:")) for s in CODE if s.mark)
+
+
+# ------------------------------------------------------------------------------- running them
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the names the docs use: shards/, runs/quick (trained), photos/, cat.jpg."""
+    root = tmp_path_factory.mktemp("docs")
+    make_shards(root / "shards", size=32)
+    assert cli.main(["train", "--data", str(root / "shards"), "--out", str(root / "runs" / "quick"),
+                     "--epochs", "1", "--threads", "1", "--batch-size", "32"]) == 0
+    (root / "photos").mkdir()
+    for i in range(3):
+        (root / "photos" / f"{i}.jpg").write_bytes(jpeg_bytes(synthetic_image(i % 2, 48, seed=70 + i)))
+    (root / "cat.jpg").write_bytes(jpeg_bytes(synthetic_image(0, 64, seed=99)))
+    assert catsdogs.load(root / "runs" / "quick").engine  # the run's engine graphs, once, in this process
+    return root
+
+
+@pytest.mark.parametrize("snippet", RUN, ids=lambda s: s.id)
+def test_every_unmarked_snippet_runs(snippet: Snippet, sandbox: Path) -> None:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    argv = [sys.executable, "-c", snippet.code] if snippet.lang in PYTHON else \
+        ["bash", "-euo", "pipefail", "-c", snippet.code]
+    out = subprocess.run(argv, cwd=sandbox, env=env, capture_output=True, text=True,
+                         timeout=SNIPPET_TIMEOUT_S)
+    assert out.returncode == 0, f"{snippet.id} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+
+
+# ------------------------------------------------------------------------------- checking them
+
+ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+WRAPPERS = frozenset({"sudo", "env", "exec", "time", "nohup"})
+SEPARATORS = frozenset({";", "&&", "||", "|", "&", "(", ")"})
+
+
+def commands(code: str) -> list[list[str]]:
+    """The simple commands of a shell snippet, as words (continuations joined, comments dropped)."""
+    out: list[list[str]] = []
+    for line in code.replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        try:
+            words = list(lexer)
+        except ValueError:  # an unbalanced quote inside $(...): not a command line to check
+            continue
+        current: list[str] = []
+        for word in [*words, ";"]:
+            if word in SEPARATORS:
+                if current:
+                    out.append(current)
+                current = []
+            else:
+                current.append(word)
+    return out
+
+
+def program(words: list[str]) -> list[str]:
+    """The command without leading variable assignments, sudo/env, ``flock LOCK`` and ``timeout N``."""
+    while words:
+        if ASSIGNMENT.match(words[0]) or words[0] in WRAPPERS:
+            words = words[1:]
+        elif words[0] in ("flock", "timeout") and len(words) > 2:
+            words = words[2:]
+        else:
+            break
+    return words
+
+
+def subparsers() -> dict[str, object]:
+    action = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    return dict(action.choices)  # type: ignore[arg-type]
+
+
+def catsdogs_problems(words: list[str]) -> list[str]:
+    """What is wrong with one ``catsdogs ...`` command: an unknown sub-command or flag."""
+    args = [w.strip("[]") for w in words[1:]]
+    if not args or args[0] in ("--help", "-h", "--version"):
+        return []
+    parsers = subparsers()
+    if args[0] not in parsers:
+        return [f"no sub-command {args[0]!r}"]
+    known = {o for a in parsers[args[0]]._actions for o in a.option_strings}  # type: ignore[attr-defined]
+    return [f"{args[0]}: no flag {w.split('=')[0]}" for w in args[1:]
+            if w.startswith("--") and w.split("=")[0] not in known]
+
+
+MAKE_TARGETS = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
+
+
+def module_file(name: str) -> Path | None:
+    """The file of a project module (``catsdogs.x``, ``benchmarks.x``, ``tests.x``), or None."""
+    base = ROOT / "src" if name.split(".")[0] == "catsdogs" else ROOT
+    path = base.joinpath(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def top_level_names(path: Path) -> set[str]:
+    """Names a module defines or imports at its top level (and its PEP 562 API names)."""
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+            for t in node.targets:
+                if isinstance(t, ast.Name) and t.id == "_API" and isinstance(node.value, ast.Dict):
+                    names |= {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+            if node.target.id == "_API" and isinstance(node.value, ast.Dict):
+                names |= {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+PROJECT = ("catsdogs", "benchmarks", "tests")
+
+
+def reference_problem(dotted: str) -> str:
+    """What is wrong with a reference to a project module or a name in one ('' when it exists)."""
+    parts = dotted.split(".")
+    for k in range(len(parts), 0, -1):
+        path = module_file(".".join(parts[:k]))
+        if path is None:
+            continue
+        rest = parts[k:]
+        if rest and rest[0] not in top_level_names(path) and module_file(".".join(parts[:k + 1])) is None:
+            return f"{'.'.join(parts[:k])} has no {rest[0]!r}"
+        return ""
+    return f"no module {'.'.join(parts[:2])!r}"
+
+
+def shell_problems(code: str) -> list[str]:
+    problems: list[str] = []
+    for words in map(program, commands(code)):
+        if not words:
+            continue
+        exe = Path(words[0]).name
+        if exe == "catsdogs":
+            problems += catsdogs_problems(words)
+        elif exe == "make":
+            problems += [f"no make target {w!r}" for w in words[1:]
+                         if not w.startswith("-") and "=" not in w and w not in MAKE_TARGETS]
+        elif exe.startswith("python") and "-m" in words:
+            module = words[words.index("-m") + 1]
+            if module.split(".")[0] in PROJECT:
+                problems += list(filter(None, [reference_problem(module)]))
+                if module == "catsdogs.cli":
+                    problems += catsdogs_problems(["catsdogs", *words[words.index("-m") + 2:]])
+    return problems
+
+
+def python_problems(code: str) -> list[str]:
+    try:
+        tree = ast.parse(code)
+    except SyntaxError as exc:
+        return [f"does not compile: {exc}"]
+    problems: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            problems += [reference_problem(a.name) for a in node.names if a.name.split(".")[0] in PROJECT]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PROJECT:
+            problems += [reference_problem(f"{node.module}.{a.name}") for a in node.names]
+    return [p for p in problems if p]
+
+
+@pytest.mark.parametrize("snippet", CODE, ids=lambda s: s.id)
+def test_every_snippet_names_only_what_exists(snippet: Snippet) -> None:
+    found = python_problems(snippet.code) if snippet.lang in PYTHON else shell_problems(snippet.code)
+    assert not found, f"{snippet.id}: {found}"
+
+
+def test_the_checks_catch_rot() -> None:
+    wrong = catsdogs_problems(["catsdogs", "train", "--data", "x", "--epoch", "3"])
+    assert wrong == ["train: no flag --epoch"]
+    assert catsdogs_problems(["catsdogs", "fit"]) == ["no sub-command 'fit'"]
+    assert shell_problems("FOO=1 make runn\n") == ["no make target 'runn'"]
+    assert python_problems("from catsdogs.cluster import standalone_cluster\n") == [
+        "catsdogs.cluster has no 'standalone_cluster'"]
+    assert python_problems("from catsdogs.cluster.standalone import standalone_cluster\n") == []
+    assert reference_problem("catsdogs.train.stream.nope") == "catsdogs.train.stream has no 'nope'"
+
+
+@pytest.mark.parametrize("snippet", [s for s in ALL if s.lang == "toml"], ids=lambda s: s.id)
+def test_toml_snippets_are_valid_configs(snippet: Snippet) -> None:
+    data = tomllib.loads(snippet.code)
+    for command, table in (data.items() if all(isinstance(v, dict) for v in data.values()) else
+                           [("train", data)]):
+        build_config(cli.COMMANDS[command].config, table)
+
+
+# ------------------------------------------------------------------------------- named paths
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+CODE_SPAN = re.compile(r"`([^`\n]+)`")
+REPO_PATH = re.compile(r"^(?:src|tests|benchmarks|configs|docs)/[\w./*-]+"
+                       r"|^(?:Makefile|pyproject\.toml|README\.md)$")
+MODULE_REF = re.compile(r"^(?:catsdogs(?:\.\w+){2,}|benchmarks(?:\.\w+)+)$")
+"""``catsdogs.<module>.<name>`` or deeper (``catsdogs.<word>`` is also how MLflow tags are spelled)."""
+
+
+def named_problems(doc: Path) -> list[str]:
+    """Links, repository paths (``src/...``, ``tests/x.py::test_y``) and module references that are gone."""
+    text = doc.read_text()
+    problems: list[str] = []
+    for target in LINK.findall(text):
+        if target.startswith(("http://", "https://", "mailto:", "#")):
+            continue
+        if not (doc.parent / target.split("#")[0]).exists():
+            problems.append(f"link {target}")
+    for span in CODE_SPAN.findall(text):
+        token = span.strip().rstrip(".,:;)")
+        path, _, test = token.partition("::")
+        if REPO_PATH.match(path):
+            hits = list(ROOT.glob(path.rstrip("/"))) if "*" in path else [ROOT / path.rstrip("/")]
+            if not hits or not all(h.exists() for h in hits):
+                problems.append(f"path {path}")
+            elif test:
+                name = test.split("[")[0].rstrip(".").removesuffix("...").rstrip("_")
+                if not re.search(rf"^def {re.escape(name)}", hits[0].read_text(), re.M):
+                    problems.append(f"test {token}")
+        elif MODULE_REF.match(token):
+            problem = reference_problem(token)
+            if problem:
+                problems.append(f"{token}: {problem}")
+    return problems
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: str(d.relative_to(ROOT)))
+def test_every_path_a_doc_names_exists(doc: Path) -> None:
+    assert not named_problems(doc)
+
+
+def test_no_doc_names_another_default_detector_than_the_config() -> None:
+    """README once said Mahalanobis was the default while the config said knn."""
+    from catsdogs.config import TrainConfig
+    from catsdogs.models.ood_names import OOD_METHODS
+
+    default = TrainConfig().ood_method
+    claim = re.compile(rf"\b({'|'.join(OOD_METHODS)})\b\W{{0,3}} (?:by default|is the default)", re.I)
+    wrong = [(d.name, m.group(0)) for d in DOCS for m in claim.finditer(d.read_text())
+             if m.group(1).lower() != default]
+    assert not wrong
