@@ -84,7 +84,7 @@ def host_pip_settings(python: str = sys.executable) -> dict[str, dict[str, str]]
 
 
 def local_paths(settings: dict[str, dict[str, str]]) -> list[Path]:
-    """The existing local files and folders the settings name (file:// URLs included), sorted."""
+    """The existing local folders the settings name or hold their files (file:// URLs included), sorted."""
     found: set[Path] = set()
     for values in settings.values():
         for key, value in values.items():
@@ -95,7 +95,10 @@ def local_paths(settings: dict[str, dict[str, str]]) -> list[Path]:
                 if path is None or not path.exists():
                     continue
                 # A file:// index URL names .../simple; mount the index folder that holds its files too.
-                found.add(path.parent if item.startswith("file://") and path.name == "simple" else path)
+                # A file is mounted by its folder: podman leaves every mount point in the RUN layers, and
+                # a file's would stay as an empty file of that name (the test finds none below /run/host-pip).
+                folder = path.is_file() or (item.startswith("file://") and path.name == "simple")
+                found.add(path.parent if folder else path)
     return sorted(found)
 
 
