@@ -49,7 +49,7 @@ PRESET = [
     "--int8-max-drop",
     "100",
 ]
-"""configs/effnet_lite12_frozen.toml's train section (default --backend openvino-int8), at 32 calibration
+"""the effnet_lite12_frozen preset's train section (default --backend openvino-int8), at 32 calibration
 images instead of 256 (the int8 calibration costs ~1 s per image at 260 px on these cores). The guard is
 opened wide: on 40 validation images one image is 2.5 points, and both sides must run int8 here (the
 guard itself is tested in test_engines)."""

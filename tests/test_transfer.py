@@ -123,7 +123,6 @@ def test_frozen_head_follows_the_loops_run_folder_contract(tmp_path: Path,
 
 
 @pytest.mark.parametrize(("extra", "needle"), [
-    (("--distributed", "2"), "--distributed"),
     (("--epochs", "3"), "--epochs"),
     (("--lr", "0.001"), "--lr"),  # the default value, typed: still refused
 ])

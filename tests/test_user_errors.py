@@ -161,7 +161,7 @@ CASES: list[Case] = [
      lambda w: ["predict", "--run", str(w.run)], ("no input given", "PATHS")),
     ("predict-bad-output-extension",
      lambda w: ["predict", w.p("img.jpg"), "--run", str(w.run), "--output", w.p("out.xlsx")],
-     ("--output", ".csv or .json")),
+     ("--output", ".csv, .json, .parquet")),
     ("serve-run-without-checkpoint",
      lambda w: ["serve", "--run", w.p("run_without_ckpt"), "--port", str(free_port())],
      ("has no best.pt", "--run")),
