@@ -31,7 +31,8 @@ from catsdogs.config import InferenceConfig, build_config
 from catsdogs.errors import ImageDecodeError, InputError
 from catsdogs.infer.explain import Explainer, overlay, to_original
 from catsdogs.infer.load import load_predictor
-from catsdogs.infer.predict import Item, expand_paths, predict_files, read_item
+from catsdogs.infer.predict import Input as Named
+from catsdogs.infer.predict import Item, expand_paths, name_of, predict_files, read_item
 from catsdogs.infer.prediction import Prediction
 from catsdogs.infer.predictor import Predictor
 from catsdogs.models.transforms import DEFAULT_MAX_PIXELS, load_rgb
@@ -138,7 +139,7 @@ class Model:
         return out if many else out[0]
 
     def _explain_one(self, item: Item, label: str | None, max_pixels: int) -> Explanation:
-        name = item[0] if isinstance(item, tuple) else str(item)
+        name = name_of(item)
         data = read_item(item)
         try:
             if isinstance(data, str):
@@ -168,7 +169,7 @@ def _as_items(image: Input, k: int) -> list[Item]:
     if isinstance(image, str | Path):
         return list(expand_paths([str(image)]))
     if isinstance(image, bytes | bytearray | memoryview):
-        return [(f"<bytes {k}>", bytes(image))]
+        return [Named(f"<bytes {k}>", content=bytes(image))]
     if isinstance(image, Image.Image):
         return [_encoded(f"<image {k}>", image)]
     if isinstance(image, np.ndarray):
@@ -180,11 +181,11 @@ def _as_items(image: Input, k: int) -> list[Item]:
                      f"{type(image).__name__}")
 
 
-def _encoded(name: str, image: Image.Image) -> tuple[str, bytes]:
+def _encoded(name: str, image: Image.Image) -> Named:
     """A PIL image as lossless PNG bytes (its EXIF orientation kept), decoded then exactly like a file."""
     buf = io.BytesIO()
     if image.mode not in PNG_MODES:
         image = image.convert("RGB")
     exif = image.getexif()
     image.save(buf, format="PNG", compress_level=1, **({"exif": exif} if exif else {}))
-    return name, buf.getvalue()
+    return Named(name, content=buf.getvalue())

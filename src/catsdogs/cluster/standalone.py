@@ -155,6 +155,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _signal_alive(pids: set[int], sig: signal.Signals) -> None:
+    """Send ``sig`` to each of ``pids`` still alive (one that ends meanwhile is skipped)."""
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
 def tagged_pids(tag: str) -> list[int]:
     """Return pids of live JVMs started with ``-Dcatsdogs.cluster=<tag>`` (this cluster's daemons)."""
     marker = f"-Dcatsdogs.cluster={tag}".encode()
@@ -283,20 +293,10 @@ def stop_cluster(cluster: Cluster, grace: float = 15.0) -> None:
             pass  # the pid sweep below still ends it
     pids = set(cluster.pids.values()) | set(leftover_pids(cluster))
     deadline = time.monotonic() + grace
-    for pid in pids:
-        if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
+    _signal_alive(pids, signal.SIGTERM)
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.2)
-    for pid in pids:
-        if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    _signal_alive(pids, signal.SIGKILL)
 
 
 @contextmanager

@@ -106,7 +106,10 @@ def expand_paths(patterns: Sequence[str]) -> list[Path]:
 
 @dataclass(frozen=True)
 class Input:
-    """One image to answer that is not a plain local file: a remote URI, or bytes from a Parquet table."""
+    """One image that is not a plain local file: named encoded bytes, or a URI a Spark task reads.
+
+    The bytes come from the Python API's in-memory images or a Parquet table's column.
+    """
 
     name: str
     """What its output row's ``path`` says."""
@@ -115,16 +118,13 @@ class Input:
     content: bytes | None = None
 
 
-Item = Path | tuple[str, bytes] | Input
-"""One input: a file, an in-memory image's name and encoded bytes (the Python API), or a
-:class:`Input` of a Spark task (``predict --master``)."""
+Item = Path | Input
+"""One input: a local file, or an :class:`Input` (named bytes, or a URI on ``predict --master``)."""
 
 
 def name_of(item: Item) -> str:
-    """The name a row carries: the file's path as given, or the in-memory image's or Input's name."""
-    if isinstance(item, Path):
-        return str(item)
-    return item.name if isinstance(item, Input) else item[0]
+    """The name a row carries: the file's path as given, or the Input's name."""
+    return str(item) if isinstance(item, Path) else item.name
 
 
 def read_item(item: Item) -> bytes | str:
@@ -138,8 +138,6 @@ def read_item(item: Item) -> bytes | str:
             except OSError:
                 return "unreadable"
         item = Path(item.uri)
-    if not isinstance(item, Path):
-        return item[1]
     try:
         return item.read_bytes()
     except OSError:
@@ -208,8 +206,16 @@ def write_csv(rows: Iterable[Prediction], fh: IO[str]) -> None:
     w = csv.writer(fh, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for r in rows:
-        w.writerow([r.path, r.label, "" if r.probability is None else f"{r.probability:.6f}", r.error,
-                    "" if r.ood_score is None else f"{r.ood_score:.6g}", format_looks_like(r.looks_like)])
+        v = csv_values(r)
+        p, s = v["probability"], v["ood_score"]
+        v["probability"], v["ood_score"] = "" if p is None else f"{p:.6f}", "" if s is None else f"{s:.6g}"
+        w.writerow([v[k] for k in CSV_COLUMNS])
+
+
+def csv_values(r: Prediction) -> dict[str, str | float | None]:
+    """One row's :data:`CSV_COLUMNS`, typed (None where empty): what CSV formats and Parquet stores."""
+    return {"path": r.path, "label": r.label, "probability": r.probability, "error": r.error,
+            "ood_score": r.ood_score, "looks_like": format_looks_like(r.looks_like)}
 
 
 def write_parquet(rows: Sequence[Prediction], fh: IO[bytes]) -> None:
@@ -217,9 +223,7 @@ def write_parquet(rows: Sequence[Prediction], fh: IO[bytes]) -> None:
     import pyarrow as pa  # lazy: only Parquet output needs it (~0.75 s at import)
     import pyarrow.parquet as pq
 
-    values = [{"path": r.path, "label": r.label, "probability": r.probability, "error": r.error,
-               "ood_score": r.ood_score, "looks_like": format_looks_like(r.looks_like)} for r in rows]
-    table = pa.Table.from_pylist(values, schema=pa.schema(
+    table = pa.Table.from_pylist([csv_values(r) for r in rows], schema=pa.schema(
         [(k, pa.float64() if k in ("probability", "ood_score") else pa.string()) for k in CSV_COLUMNS]))
     pq.write_table(table, fh)
 
