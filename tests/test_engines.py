@@ -136,3 +136,19 @@ def test_guard_refuses_int8_features_that_turn_validation_images_unknown() -> No
     # Records written before the detector was checked have no acceptance: only accuracy decides.
     legacy = GuardResult("openvino-int8", 0.99, 0.99, 200, 0.1)
     assert legacy.passed
+
+
+def test_openvino_pins_threads_only_when_it_owns_every_core(run_dir: Path) -> None:
+    # Two one-thread engines in two processes (Spark executors) pinned from core 0 up shared one core
+    # (docs/cluster.md): an engine with fewer threads than cores must leave placement to the OS.
+    from catsdogs.engines.openvino_runtime import OpenVinoEngine
+    from catsdogs.runtime import cores
+
+    graph = Predictor.from_run(run_dir, backend="openvino").feature_engine.path  # exports the fp32 graph
+    one = OpenVinoEngine("openvino", graph, threads=1)
+    assert one.compiled.get_property("ENABLE_CPU_PINNING") is (cores() <= 1)
+    assert one._streams().get_property("ENABLE_CPU_PINNING") is (cores() <= 1)
+    every = OpenVinoEngine("openvino", graph, threads=cores())
+    assert every.compiled.get_property("ENABLE_CPU_PINNING") is True
+    x = np.ascontiguousarray(_images().transpose(0, 3, 1, 2), dtype=np.float32)
+    np.testing.assert_allclose(one.run(x), every.run(x), atol=1e-5)
