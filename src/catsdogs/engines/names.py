@@ -44,6 +44,9 @@ MAX_UNKNOWN_RISE_PT = 1.0
 against fp32: the run's detector was thresholded on fp32 (or recorded) features, and features that moved
 too far would refuse real photos. A tiny from-scratch CNN's features moved by more than its whole kNN
 threshold on an AVX2 machine, and every photo became unknown."""
-CALIBRATION_IMAGES = 256
-"""Training images that set the int8 activation ranges: 4 batches of 64. MinMax ranges of the bounded
-(ReLU6) activations settle within a few hundred images (docs/benchmarks/engines.md)."""
+CALIBRATION_IMAGES = 64
+"""Training images that set the int8 activation ranges: one batch of 64. MinMax ranges of the bounded
+(ReLU6) activations settle early: on the default preset's validation split 64, 128 and 256 images gave
+99.17 %, 99.17 % and 99.11 % (same head) and the same mean cosine to fp32 features (0.9887, 0.9886,
+0.9885), while calibration costs ~50 ms per image (the augmented graph): 64 images build the engine in
+13.8 s, 256 in 23.8 s (docs/engines.md). The int8 guard still checks every run."""

