@@ -3,7 +3,8 @@
 On ``--photos`` real photos at the default preset's 260 px (effnet_lite12, openvino-int8):
 
 1. the distributed feature pass (``catsdogs.cluster.features.spark_features``, one task per shard of
-   250 images) on a standalone cluster of 1, then 2 workers with one core each: images/s of the job
+   250 images) on a standalone cluster of 1, then 2 workers with one core each, each worker pinned to
+   its own CPU (so "one core" is one core, not a scheduling count): images/s of the job
    (the engine build in each executor process included; the JVM and executor start-up before it not);
 2. the same pass in this process (today's ``extract_features``, 2 threads) against the Spark code on
    ``local[2]``: whether local mode should use the Spark path;
@@ -121,7 +122,7 @@ def feature_passes(data: Path, calibration: int) -> dict[str, float]:
     reference = None
     for workers in (1, 2):
         with (
-            standalone_cluster(workers=workers, cores_per_worker=1, memory="2g") as c,
+            standalone_cluster(workers=workers, cores_per_worker=1, memory="2g", pin=True) as c,
             spark_session(c.master_url, "bench-cluster", c.client_conf(), modules) as spark,
         ):
             feats, report = spark_features(

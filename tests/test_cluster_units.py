@@ -11,7 +11,7 @@ import pytest
 from catsdogs.cluster import predict as cpredict
 from catsdogs.cluster import session
 from catsdogs.cluster.shardjob import Item, group_items, read_feature_shard, write_feature_shard
-from catsdogs.cluster.standalone import free_port
+from catsdogs.cluster.standalone import ClusterError, free_port, worker_cpus
 from catsdogs.errors import ConfigError, OutputExistsError
 from catsdogs.infer.predict import Input, read_item, write_rows
 from catsdogs.infer.prediction import Prediction
@@ -142,3 +142,11 @@ def test_outputs_are_written_whole_and_never_replaced(tmp_path: Path) -> None:
         assert storage.read_bytes("s3a://preds/run1/rows.csv").decode().startswith("path,label,probability")
         with pytest.raises(OutputExistsError):
             cpredict.check_target("s3a://preds/run1/rows.csv")
+
+
+def test_pinned_workers_get_disjoint_cpus_and_too_many_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    assert worker_cpus(2, 1) == [{0}, {1}]
+    assert worker_cpus(2, 2) == [{0, 1}, {2, 3}]
+    with pytest.raises(ClusterError, match="needs 6 CPUs, this machine offers 4"):
+        worker_cpus(3, 2)

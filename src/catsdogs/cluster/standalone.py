@@ -239,10 +239,24 @@ def wait_for_workers(cluster: Cluster, timeout: float = 60.0) -> dict:  # type: 
                        f"{_log_tail(cluster)}")
 
 
+def worker_cpus(workers: int, cores_per_worker: int) -> list[set[int]]:
+    """The CPUs each worker is pinned to: its own ``cores_per_worker`` of this process's CPUs, in order."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if workers * cores_per_worker > len(cpus):
+        raise ClusterError(f"pinning {workers} workers x {cores_per_worker} cores needs "
+                           f"{workers * cores_per_worker} CPUs, this machine offers {len(cpus)}; "
+                           f"start fewer workers or do not pin")
+    return [set(cpus[i * cores_per_worker:(i + 1) * cores_per_worker]) for i in range(workers)]
+
+
 def start_cluster(work_dir: Path, workers: int = 2, cores_per_worker: int = 1, memory: str = "1g",
-                  timeout: float = 60.0) -> Cluster:
+                  timeout: float = 60.0, pin: bool = False) -> Cluster:
     """Start a master and ``workers`` workers in ``work_dir``; return once all workers registered.
 
+    With ``pin`` each worker daemon, and so every executor and Python worker it starts, runs on its own
+    CPUs only (:func:`worker_cpus`): a one-core worker is then one core, as on a one-core machine. Without
+    it Spark's cores are only a scheduling count, and a "one-core" executor's helper threads (shard
+    reads, normalisation) use the machine's other cores, which flatters a one-worker baseline.
     On any failure the daemons already started are stopped before the error propagates.
     """
     if workers < 1 or cores_per_worker < 1:
@@ -263,13 +277,15 @@ def start_cluster(work_dir: Path, workers: int = 2, cores_per_worker: int = 1, m
         cluster.pids["master"] = int(_pid_file(cluster, MASTER_CLASS, 1).read_text())
         # Workers start in parallel: spark-daemon.sh sleeps ~2.5 s per daemon to check it lived.
         procs = []
-        for i in range(1, workers + 1):
+        placement = worker_cpus(workers, cores_per_worker) if pin else [None] * workers
+        for i, cpus in enumerate(placement, start=1):
             script = Path(env["SPARK_HOME"]) / "sbin" / "spark-daemon.sh"
             procs.append(subprocess.Popen(  # nosec B603 B607 # pyspark's spark-daemon.sh
                 ["bash", str(script), "start", WORKER_CLASS, str(i), "--host", HOST,
                  "--webui-port", str(free_port()), "--cores", str(cores_per_worker), "--memory", memory,
                  "--work-dir", str(work_dir / "work"), cluster.master_url],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                preexec_fn=None if cpus is None else (lambda cpus=cpus: os.sched_setaffinity(0, cpus))))
         for i, proc in enumerate(procs, start=1):
             out, _ = proc.communicate(timeout=60)
             if proc.returncode != 0 or "failed to launch" in out:
@@ -301,16 +317,18 @@ def stop_cluster(cluster: Cluster, grace: float = 15.0) -> None:
 
 @contextmanager
 def standalone_cluster(workers: int = 2, cores_per_worker: int = 1, memory: str = "1g",
-                       work_dir: str | Path | None = None, timeout: float = 60.0) -> Iterator[Cluster]:
+                       work_dir: str | Path | None = None, timeout: float = 60.0,
+                       pin: bool = False) -> Iterator[Cluster]:
     """Run a standalone master + ``workers`` workers for the ``with`` block; always stop them.
 
-    Without ``work_dir`` a temporary folder is used and removed afterwards (logs included).
+    Without ``work_dir`` a temporary folder is used and removed afterwards (logs included). ``pin``: each
+    worker on its own CPUs (:func:`start_cluster`).
     """
     tmp = None
     if work_dir is None:
         tmp = tempfile.mkdtemp(prefix="catsdogs-cluster-")
         work_dir = tmp
-    cluster = start_cluster(Path(work_dir), workers, cores_per_worker, memory, timeout)
+    cluster = start_cluster(Path(work_dir), workers, cores_per_worker, memory, timeout, pin)
     try:
         yield cluster
     finally:
