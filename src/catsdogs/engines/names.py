@@ -46,7 +46,8 @@ too far would refuse real photos. A tiny from-scratch CNN's features moved by mo
 threshold on an AVX2 machine, and every photo became unknown."""
 CALIBRATION_IMAGES = 64
 """Training images that set the int8 activation ranges: one batch of 64. MinMax ranges of the bounded
-(ReLU6) activations settle early: on the default preset's validation split 64, 128 and 256 images gave
-99.17 %, 99.17 % and 99.11 % (same head) and the same mean cosine to fp32 features (0.9887, 0.9886,
-0.9885), while calibration costs ~50 ms per image (the augmented graph): 64 images build the engine in
-13.8 s, 256 in 23.8 s (docs/engines.md). The int8 guard still checks every run."""
+(ReLU6) activations settle early. On the default preset's VALIDATION split, 64 / 128 / 256 images gave
+99.17 / 99.17 / 99.11 % with a 256-image run's head and 99.28 / 99.28 / 99.33 % with a 64-image run's,
+and the same mean cosine to fp32 features (0.9887 / 0.9886 / 0.9885), while calibration costs ~50 ms
+per image (the augmented graph): the engine builds in 14-15 s with 64, 22-24 s with 256
+(``python -m benchmarks.calibration``). The int8 guard still checks every run."""
