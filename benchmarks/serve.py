@@ -425,13 +425,15 @@ def analysis(results: list[dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from catsdogs.config import ServeConfig  # the server's own defaults
+
     parser.add_argument("--run", default="", help="run folder to serve (default: untrained 64x64 seed run)")
     parser.add_argument("--requests", type=int, default=1000, help="requests at concurrency 1 (2x at 16)")
     parser.add_argument("--seconds", type=float, default=30.0, help="time limit per load level")
     parser.add_argument("--images", type=int, default=200, help="distinct JPEGs cycled through")
     parser.add_argument("--backends", default="torch,onnx")
     parser.add_argument("--threads", default="0,1", help="server --threads values to compare (0 = all cores)")
-    parser.add_argument("--batch-wait-ms", type=float, default=2.0)
+    parser.add_argument("--batch-wait-ms", type=float, default=ServeConfig().batch_wait_ms)
     parser.add_argument("--workers", type=int, default=0, help="server --workers (0 = one per core)")
     parser.add_argument("--component-samples", type=int, default=300)
     parser.add_argument("--fragment", default="serve", help="name of the docs/benchmarks fragment to write")
