@@ -424,9 +424,9 @@ def analysis(results: list[dict[str, Any]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     from catsdogs.config import ServeConfig  # the server's own defaults
 
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", default="", help="run folder to serve (default: untrained 64x64 seed run)")
     parser.add_argument("--requests", type=int, default=1000, help="requests at concurrency 1 (2x at 16)")
     parser.add_argument("--seconds", type=float, default=30.0, help="time limit per load level")

@@ -468,8 +468,9 @@ class ServeConfig(InferenceConfig, TrackingConfig):
     """Largest micro-batch of concurrent requests run as one forward pass."""
     batch_wait_ms: float = setting(2.0, ge=0.0)
     """How long the batcher waits for more requests once one is queued, in milliseconds. 6 ms was tried
-    on the default preset at c=16 (0.86x and 0.64x of the engine's rate in two runs, against 0.77x with
-    2 ms): within the noise of a 15 s load test, so the default stays."""
+    on the default preset at c=16 (0.86x and 0.64x of the engine's rate in two runs, against 0.77x and
+    0.73x with 2 ms; ``python -m benchmarks.serve --run RUN --requests 150 --seconds 15 --threads 0
+    --backends openvino-int8 --batch-wait-ms 6``): within the noise of a 15 s load test, so 2 stays."""
     max_files: int = setting(64, gt=0)
     """Most files accepted by one /predict/batch request (more gets 413)."""
     workers: int = setting(0, ge=0)

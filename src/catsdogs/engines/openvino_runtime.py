@@ -47,9 +47,16 @@ def pinning(threads: int) -> bool:
 
     OpenVINO pins by default, and each process pins from core 0 up, so two one-thread engines in two
     processes (two Spark executors, or ``local[2]``'s two Python workers) share one core and the other
-    idles: measured here, 2 processes x 1 thread gave 13.2 it/s each pinned, 24 unpinned (26 alone).
+    idles: two processes x 1 thread ran 13.4 it/s each pinned, 25.9 unpinned, 26.0 alone
+    (``python -m benchmarks.probes pinning``).
     """
     return threads >= cores()
+
+
+def compile_config(hint: str, threads: int, **extra: Any) -> dict[str, Any]:
+    """OpenVINO CPU settings for ``threads`` inference threads: fp32 precision, pinning by :func:`pinning`."""
+    return {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads,
+            "ENABLE_CPU_PINNING": pinning(threads), "INFERENCE_PRECISION_HINT": PRECISION_FP32, **extra}
 
 
 STREAM_BATCH = 8
@@ -73,9 +80,7 @@ class OpenVinoEngine(Engine):
         core = shared_core()
         self._model = core.read_model(str(path))
         # LATENCY: one stream using every thread, for one batch at a time (serving, evaluate).
-        self.compiled = core.compile_model(self._model, "CPU", {
-            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads,
-            "ENABLE_CPU_PINNING": pinning(self.threads), "INFERENCE_PRECISION_HINT": PRECISION_FP32})
+        self.compiled = core.compile_model(self._model, "CPU", compile_config("LATENCY", self.threads))
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()
         self._throughput: Any = None
@@ -105,10 +110,8 @@ class OpenVinoEngine(Engine):
     def _streams(self) -> Any:
         if self._throughput is None:
             streams = max(1, min(STREAMS, self.threads))
-            self._throughput = shared_core().compile_model(self._model, "CPU", {
-                "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams,
-                "INFERENCE_NUM_THREADS": self.threads, "ENABLE_CPU_PINNING": pinning(self.threads),
-                "INFERENCE_PRECISION_HINT": PRECISION_FP32})
+            self._throughput = shared_core().compile_model(
+                self._model, "CPU", compile_config("THROUGHPUT", self.threads, NUM_STREAMS=streams))
         return self._throughput
 
     def stream(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:

@@ -57,14 +57,12 @@ def tensor_ranges(fp32_path: Path, batches: Iterable[np.ndarray], total: int = 0
     """MinMax ranges of the tensors to quantise, from one streamed pass over ``batches`` (TensorsData)."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
 
-    from catsdogs.engines.openvino_runtime import PRECISION_FP32, shared_core
+    from catsdogs.engines.openvino_runtime import compile_config, shared_core
 
     with tempfile.TemporaryDirectory(prefix="catsdogs-calib-") as tmp:
         path, names = _augmented(fp32_path, Path(tmp))
         core = shared_core()
-        compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": cores(),
-            "INFERENCE_PRECISION_HINT": PRECISION_FP32})
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", compile_config("LATENCY", cores()))
         request = compiled.create_infer_request()
         ports = {compiled.output(name): name for name in names}
         low = {n: np.inf for n in names}
