@@ -6,9 +6,12 @@ default thread pinning and without it, against one alone. ``pixels``: the flat-i
 PetImages photos decoded at 260 px, each against the implementation it replaced (kept here as the
 reference and checked equal). ``openvino --graph G``: one int8 (or fp32) feature graph under the stream
 and request-size settings that were tried (``G``: a run's ``engine/features-int8.onnx``).
+``layers --graph G``: where the int8 graph's time goes, by kind of layer (OpenVINO's per-layer
+counters), each kind's GOP/s against the machine's measured int8 peaks (``benchmarks.engines``).
 ``predict-steps PREDICT-ARGS``: the time of each step of ``catsdogs predict ... --master M``.
 
-    .venv/bin/python -m benchmarks.probes [pinning] [pixels] [openvino --graph RUN/engine/features-int8.onnx]
+    .venv/bin/python -m benchmarks.probes [pinning] [pixels]
+    .venv/bin/python -m benchmarks.probes openvino layers --graph RUN/engine/features-int8.onnx
     .venv/bin/python -m benchmarks.probes predict-steps PHOTOS --run RUN --output OUT.csv --master 'local[2]'
 """
 
@@ -144,6 +147,71 @@ def openvino(graph: Path) -> list[str]:
     return rows
 
 
+LAYER_BATCH = 16
+"""Images per request of the layers probe (the feature pass's two 8-image streams, as one request)."""
+LAYER_REPEATS = 5
+
+
+def _conv_ops(graph: Path) -> dict[str, float]:
+    """Operations (2 per multiply-add) of one image in the convolutions of ``graph``, by kind."""
+    from catsdogs.engines.openvino_runtime import shared_core
+
+    model = shared_core().read_model(str(graph))
+    model.reshape([1, 3, SIZE, SIZE])
+    ops: dict[str, float] = {}
+    for node in model.get_ordered_ops():
+        kind = node.get_type_name()
+        if kind not in ("Convolution", "GroupConvolution"):
+            continue
+        w = list(node.input(1).get_shape())  # [out, in, kh, kw]; grouped: [groups, out, in, kh, kw]
+        h, wd = list(node.output(0).get_shape())[2:]
+        per_output = int(np.prod(w[-3:]))  # multiply-adds of one output value
+        outputs = (w[0] * w[1] if kind == "GroupConvolution" else w[0]) * h * wd
+        name = "depthwise" if kind == "GroupConvolution" else ("1x1" if w[-2:] == [1, 1] else "stem (3x3)")
+        ops[name] = ops.get(name, 0.0) + 2.0 * per_output * outputs
+    return ops
+
+
+def layers(graph: Path) -> list[str]:
+    """Time and GOP/s of each kind of layer of ``graph`` (one all-core request of LAYER_BATCH images)."""
+    from benchmarks.engines import peak_gops
+    from catsdogs.engines.openvino_runtime import compile_config, shared_core
+    from catsdogs.runtime import cores
+
+    ops = _conv_ops(graph)
+    core = shared_core()
+    compiled = core.compile_model(core.read_model(str(graph)), "CPU",
+                                  compile_config("LATENCY", cores(), PERF_COUNT=True))
+    request = compiled.create_infer_request()
+    x = np.random.default_rng(0).standard_normal((LAYER_BATCH, 3, SIZE, SIZE)).astype(np.float32)
+    request.infer({0: x})
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for _ in range(LAYER_REPEATS):
+        request.infer({0: x}, share_inputs=True)
+        for p in request.profiling_info:
+            kind = ("1x1" if "1x1" in p.exec_type else "depthwise" if "_dw_" in p.exec_type else "stem (3x3)"
+                    if p.node_type == "Convolution" else f"other ({p.node_type})")
+            seconds[kind] = seconds.get(kind, 0.0) + p.real_time.total_seconds() / LAYER_REPEATS
+    wall = (time.perf_counter() - t0) / LAYER_REPEATS
+    peak = peak_gops()
+    conv_peak = peak["kernels"]["OpenVINO 1x1 conv int8 (QDQ)"]
+    total = sum(seconds.values())
+    rows = [f"{LAYER_BATCH} images per request, {cores()} threads: {LAYER_BATCH / wall:.1f} images/s "
+            f"({sum(ops.values()) / 1e9:.2f} GOP per image); int8 peak {peak['int8']:.0f} GOP/s "
+            f"({peak['best']['int8']}), OpenVINO int8 1x1 conv {conv_peak:.0f} GOP/s.", "",
+            "| layers | share of time | GOP per image | GOP/s | % of the int8 peak |",
+            "|---|---|---|---|---|"]
+    for kind, sec in sorted(seconds.items(), key=lambda kv: -kv[1]):
+        if sec / total < 0.005:
+            continue
+        gop = ops.get(kind, 0.0) / 1e9
+        rate = gop * LAYER_BATCH / sec if gop else 0.0
+        rows.append(f"| {kind} | {100 * sec / total:.1f} % | {gop:.2f} | "
+                    + (f"{rate:.0f} | {100 * rate / peak['int8']:.0f} % |" if gop else "- | - |"))
+    return rows
+
+
 def predict_steps(args: list[str]) -> list[str]:
     """Seconds of each step of ``catsdogs predict ARGS --master ...`` (cluster/predict.main), timestamped."""
     from contextlib import contextmanager
@@ -195,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(predict_steps(args[1:])))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("probes", nargs="*", choices=["pinning", "pixels", "openvino"], default=[])
+    parser.add_argument("probes", nargs="*", choices=["pinning", "pixels", "openvino", "layers"], default=[])
     parser.add_argument("--graph", default="", help="feature graph for the openvino probe")
     opts = parser.parse_args(args)
     chosen = opts.probes or ["pinning", "pixels"] + (["openvino"] if opts.graph else [])
@@ -205,10 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             if name == "pixels" and not REAL_DATA.is_dir():
                 print(f"real data not found at {REAL_DATA}; skipping pixels", file=sys.stderr)
                 continue
-            if name == "openvino" and not opts.graph:
-                parser.error("openvino needs --graph RUN/engine/features-int8.onnx")
-            lines = {"pinning": pinning, "pixels": pixels}[name]() if name != "openvino" else openvino(
-                Path(opts.graph))
+            if name in ("openvino", "layers") and not opts.graph:
+                parser.error(f"{name} needs --graph RUN/engine/features-int8.onnx")
+            lines = {"pinning": pinning, "pixels": pixels, "openvino": openvino, "layers": layers}[name](
+                *((Path(opts.graph),) if name in ("openvino", "layers") else ()))
             print("\n".join(lines) + "\n", flush=True)
     return 0
 
