@@ -402,3 +402,19 @@ def test_missing_run_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         port = s.getsockname()[1]
     assert cli_main(["serve", "--run", str(tmp_path / "nope"), "--port", str(port)]) == 2
     assert "--run" in capsys.readouterr().err
+
+
+def test_decode_threads_yield_the_cores_to_the_forward_pass(client: TestClient) -> None:
+    import os
+
+    from catsdogs.serve.app import DECODE_NICENESS
+
+    if not hasattr(os, "setpriority"):
+        pytest.skip("no per-thread nice values on this platform")
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    pool = client.app.state.serving.decode_pool  # type: ignore[attr-defined]
+    nice = pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert nice == min(19, main + DECODE_NICENESS)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main  # the caller keeps its own
+    r = client.post("/predict", **upload(jpeg_bytes(synthetic_image(0))))
+    assert r.status_code == 200, r.text

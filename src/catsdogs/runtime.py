@@ -49,6 +49,23 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def lower_thread_priority(niceness: int) -> bool:
+    """Add ``niceness`` to the calling thread's nice value (Linux: per thread); return True if applied.
+
+    Used as a thread-pool initializer for work that may wait while a heavier thread runs.
+    """
+    import threading
+
+    if niceness <= 0 or not hasattr(os, "setpriority"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
+        return True
+    except OSError:  # a platform where the call names the process, not the thread, or is refused
+        return False
+
+
 def set_threads(threads: int) -> int:
     """Set torch intra-op threads (0 = every core available to this process); return the count."""
     n = max(1, int(threads or cores()))
