@@ -6,6 +6,7 @@ import asyncio
 import json
 import resource
 import socket
+import sys
 import threading
 import tracemalloc
 import warnings
@@ -409,8 +410,8 @@ def test_decode_threads_yield_the_cores_to_the_forward_pass(client: TestClient) 
 
     from catsdogs.serve.app import DECODE_NICENESS
 
-    if not hasattr(os, "setpriority"):
-        pytest.skip("no per-thread nice values on this platform")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread nice values are set on Linux only")
     main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     pool = client.app.state.serving.decode_pool  # type: ignore[attr-defined]
     nice = pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()

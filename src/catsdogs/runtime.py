@@ -9,6 +9,8 @@ import ctypes
 import ctypes.util
 import os
 import random
+import sys
+import threading
 
 import numpy as np
 import torch
@@ -50,19 +52,19 @@ def cores() -> int:
 
 
 def lower_thread_priority(niceness: int) -> bool:
-    """Add ``niceness`` to the calling thread's nice value (Linux: per thread); return True if applied.
+    """Add ``niceness`` to the calling thread's nice value; return True if applied (Linux only).
 
-    Used as a thread-pool initializer for work that may wait while a heavier thread runs.
+    Used as a thread-pool initializer for work that may wait while a heavier thread runs. Only Linux
+    takes a thread id where ``setpriority`` expects a process id; elsewhere the id could name another
+    process, so nothing is changed.
     """
-    import threading
-
-    if niceness <= 0 or not hasattr(os, "setpriority"):
+    if niceness <= 0 or not sys.platform.startswith("linux"):
         return False
     try:
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
         return True
-    except OSError:  # a platform where the call names the process, not the thread, or is refused
+    except OSError:  # refused (a sandbox without the syscall): the threads keep their priority
         return False
 
 
