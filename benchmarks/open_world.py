@@ -34,11 +34,12 @@ import torch
 
 from benchmarks._common import DEFAULT_RUN, REAL_DATA, heavy_lock, machine, write_fragment
 from catsdogs.checkpoint import CKPT_ENGINE, CKPT_MODEL_CONFIG, CKPT_TRAIN_CONFIG
+from catsdogs.config import TrainConfig
 from catsdogs.engines.names import DEFAULT_ENGINE
 from catsdogs.errors import ImageDecodeError
 from catsdogs.infer.predictor import Predictor
 from catsdogs.models.heads import probabilities
-from catsdogs.models.imagenet import imagenet_heads, imagenet_names, imagenet_probabilities
+from catsdogs.models.imagenet import imagenet_heads, imagenet_probabilities
 from catsdogs.models.ood import CONCEPTS, calibrate_threshold, fit_detector, flat_images
 from catsdogs.models.registry import REGISTRY
 from catsdogs.models.transforms import normalize
@@ -49,12 +50,20 @@ from tests.ood_set import generated_images, png_bytes, sample_photos
 CHECK_ROOT = REAL_DATA.parent
 PETS_OTHER = CHECK_ROOT / "pets-other"
 RACCOON = CHECK_ROOT / "not-pets" / "raccoon"
+EVERYDAY = CHECK_ROOT / "not-pets" / "everyday"
+EVERYDAY_MAMMALS = frozenset({
+    "antelope", "armadillo", "bear", "camel", "cattle", "elephant", "fox", "giant_panda", "hamster",
+    "hippopotamus", "horse", "koala_bear", "lion", "monkey", "otter", "porcupine", "rabbit", "red_panda",
+    "seal", "sheep", "skunk", "squirrel", "swine", "tiger", "whale", "zebra"})
+"""The everyday set's mammal categories (file names ``<category>_<id>.jpg``): 129 photos."""
 GENERATED = {"per_kind": 10, "size": 160, "seed": 0}
 """The generated OOD images, as benchmarks/ood_answer.py makes them (80 images)."""
 ACCEPT_RATES = (0.99, 0.995, 0.998)
+"""Validation accept rates every candidate is reported at."""
 VAL_CURVE = (0.95, 0.98, 0.99, 0.995, 0.998, 1.0)
 """Validation accept rates of the operating-point table."""
-"""Validation accept rates every candidate is reported at."""
+FRONTIER_DIR = Path(__file__).resolve().parents[1] / "docs" / "images"
+"""Where the frontier PNG goes (``open_world_frontier_<model>.png``)."""
 
 
 @dataclass
@@ -128,6 +137,8 @@ def load_sets(pred: Predictor, data: Path, cache: Path) -> dict[str, Split]:
                                                     lambda p: classes.get(p.parent.name.lower(), -1))
     if RACCOON.is_dir():
         makers["raccoon"] = lambda: folder_split(pred, RACCOON, lambda p: -1)
+    if EVERYDAY.is_dir():
+        makers["everyday"] = lambda: folder_split(pred, EVERYDAY, lambda p: -1)
     if sample_photos():
         makers["skimage"] = lambda: items_split(pred, sample_photos())
     makers["generated"] = lambda: items_split(pred, generated_images(**GENERATED))
@@ -142,8 +153,73 @@ def load_sets(pred: Predictor, data: Path, cache: Path) -> dict[str, Split]:
         _save(path, out[name])
         print(f"{name}: {len(out[name].y)} images in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
               flush=True)
+    if "everyday" in out:
+        e = out["everyday"]
+        keep = np.array([n.rsplit("_", 1)[0] in EVERYDAY_MAMMALS for n in e.names])
+        names = [n for n, k in zip(e.names, keep, strict=True) if k]
+        out["mammals"] = Split(e.f[keep], e.y[keep], e.flat[keep], names)
     # Flat images in the shards are rare but real: the product answers them unknown too.
     return out
+
+
+def held_out_class(make: Callable[..., Scorer], sets: dict[str, Split], ctx: dict, accept: float
+                   ) -> tuple[float, float]:
+    """The selection test, on TRAIN/VAL only: fit on one class, reject the other's validation photos.
+
+    For each class c: the candidate is fitted on c's training photos alone, thresholded on c's validation
+    photos at ``accept``; the figure is the share of the other classes' validation photos rejected, and
+    the AUROC of c's against theirs. Returns both, averaged over the classes.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    rejected, aurocs = [], []
+    tr, va = sets["train"], sets["val"]
+    for c in range(ctx["num_classes"]):
+        mine, vmine = tr.y == c, va.y == c
+        sub = Split(tr.f[mine], np.zeros(int(mine.sum()), np.int64), tr.flat[mine], [])
+        local = {**ctx, "num_classes": 1, "val_f": torch.from_numpy(va.f[vmine])}
+        scorer = make(sub, local)
+        inside = scorer(torch.from_numpy(va.f[vmine])).numpy()
+        outside = scorer(torch.from_numpy(va.f[~vmine])).numpy()
+        thr = (scorer.threshold_at(accept) if hasattr(scorer, "threshold_at")
+               else calibrate_threshold(ctx["dummy"], inside, accept).threshold)
+        rejected.append(float((outside > thr).mean()))
+        aurocs.append(float(roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(outside))],
+                                          np.r_[inside, outside])))
+    return float(np.mean(rejected)), float(np.mean(aurocs))
+
+
+def frontier_png(scorer: Scorer, sets: dict[str, Split], ctx: dict, chosen: float, path: Path,
+                 title: str) -> Path:
+    """Share of pets answered against share of not-pets rejected as the validation accept rate moves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = np.r_[np.linspace(0.9, 0.99, 10), np.linspace(0.991, 1.0, 10)]
+    pets = [k for k in ("val", "test", "pets-other") if k in sets]
+    others = [k for k in ("everyday", "mammals", "raccoon", "skimage", "generated") if k in sets]
+    rows = [evaluate(scorer, sets, float(a), ctx["head"], ctx) for a in rates]
+    pick = evaluate(scorer, sets, chosen, ctx["head"], ctx)
+    fig, axes = plt.subplots(1, len(pets), figsize=(5 * len(pets), 4.4), sharey=True)
+    for ax, pet in zip(np.atleast_1d(axes), pets, strict=True):
+        for other in others:
+            x = [100 * r[f"{pet}:answered"] for r in rows]
+            y = [100 * (1 - r[f"{other}:answered"]) for r in rows]
+            line, = ax.plot(x, y, marker=".", label=other)
+            ax.plot(100 * pick[f"{pet}:answered"], 100 * (1 - pick[f"{other}:answered"]), "o", ms=9,
+                    mfc="none", color=line.get_color())
+        ax.set_xlabel(f"{pet}: % answered Cat/Dog")
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("% of not-pets answered 'unknown'")
+    np.atleast_1d(axes)[0].legend(loc="lower left", fontsize=8)
+    fig.suptitle(f"{title}: the open-world frontier (circles: validation accept rate {chosen:.1%})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -157,8 +233,14 @@ def cand_detector(method: str) -> Callable[..., Scorer]:
     def fit(train: Split, ctx: dict) -> Scorer:
         heads = ctx["imagenet"] if method == CONCEPTS else None
         det = fit_detector(method, train.f, train.y, ctx["num_classes"], 0, imagenet=heads)
-        det.calibrate(ctx["val_f"], ctx["head"](ctx["val_f"]), 0.99)  # references; thresholds set below
-        return lambda f: det.score(f, ctx["head"](f))
+        vf = ctx["val_f"]
+        det.calibrate(vf, ctx["head"](vf), 0.99)  # references; thresholds set below
+
+        def score(f: torch.Tensor) -> torch.Tensor:
+            return det.score(f, ctx["head"](f))
+        # The threshold exactly as training sets it (the concepts method's leave-one-out validation scores).
+        score.threshold_at = lambda accept: det.calibrate(vf, ctx["head"](vf), accept).threshold  # type: ignore
+        return score
     return fit
 
 
@@ -177,37 +259,59 @@ def cand_imagenet_energy(train: Split, ctx: dict) -> Scorer:
     return score
 
 
-def cand_concept_mass(min_share: float) -> Callable[..., Scorer]:
-    """1 - the probability on ImageNet classes that are top-1 for >= ``min_share`` of a class's images."""
-    def fit(train: Split, ctx: dict) -> Scorer:
-        w, b = ctx["imagenet"]
-        p = imagenet_probabilities(torch.from_numpy(train.f), w, b)
-        top = p.argmax(dim=1)
-        mask = torch.zeros(p.shape[1], dtype=torch.bool)
-        yt = torch.as_tensor(train.y)
-        for c in range(ctx["num_classes"]):
-            counts = torch.bincount(top[yt == c], minlength=p.shape[1]).float()
-            mask |= counts >= max(1.0, min_share * float((yt == c).sum()))
-        ctx["mass_set"] = mask
-        return lambda f: 1.0 - imagenet_probabilities(f, w, b)[:, mask].sum(dim=1)
-    return fit
-
-
-def cand_concept_xent(train: Split, ctx: dict) -> Scorer:
-    """The concepts detector's concept half alone (cross-entropy with the closest class's profile)."""
+def cand_owned_mass(train: Split, ctx: dict) -> Scorer:
+    """The concepts detector's "what is it" half alone: -log of the mass under the owned WordNet nodes."""
     det = fit_detector(CONCEPTS, train.f, train.y, ctx["num_classes"], 0, imagenet=ctx["imagenet"])
-    return det.concept_score
+    return lambda f: det.what_score(det.imagenet_probabilities(f))
+
+
+def cand_previous_concepts(train: Split, ctx: dict) -> Scorer:
+    """The concepts detector before the WordNet nodes: cross-entropy with each class's mean ImageNet
+    distribution (floor 1e-4) and the knn look, their validation percentiles averaged."""
+    det = fit_detector(CONCEPTS, train.f, train.y, ctx["num_classes"], 0, imagenet=ctx["imagenet"])
+    probs = det.imagenet_probabilities(torch.from_numpy(train.f))
+    y = torch.as_tensor(train.y)
+    logq = torch.stack([(probs[y == c].double().mean(0) + 1e-4).log().float()
+                        for c in range(ctx["num_classes"])])
+    concept = lambda f: -(det.imagenet_probabilities(f) @ logq.T).max(dim=1).values  # noqa: E731
+    vf = ctx["val_f"]
+    ref_c, ref_l = concept(vf).sort().values, det._knn(vf, None).sort().values
+    pct = lambda ref, x: torch.searchsorted(ref, x.contiguous()).float() / len(ref)  # noqa: E731
+    return lambda f: 0.5 * (pct(ref_c, concept(f)) + pct(ref_l, det._knn(f, None)))
+
+
+def cand_floor(train: Split, ctx: dict) -> Scorer:
+    """Reject only when both say no: the smaller of the owned mass's and the look's validation percentiles."""
+    det = fit_detector(CONCEPTS, train.f, train.y, ctx["num_classes"], 0, imagenet=ctx["imagenet"])
+    vf = ctx["val_f"]
+    what = lambda f: det.what_score(det.imagenet_probabilities(f))  # noqa: E731
+    ref_w, ref_l = what(vf).sort().values, det._knn(vf, None).sort().values
+    pct = lambda ref, x: torch.searchsorted(ref, x.contiguous()).float() / len(ref)  # noqa: E731
+    return lambda f: torch.minimum(pct(ref_w, what(f)), pct(ref_l, det._knn(f, None)))
+
+
+def cand_concept_knn(train: Split, ctx: dict) -> Scorer:
+    """kNN (k=10, cosine) on the square root of the ImageNet distribution (the concept vector)."""
+    w, b = ctx["imagenet"]
+    g = torch.Generator().manual_seed(0)
+    keep = torch.randperm(len(train.f), generator=g)[:4096]
+    bank = torch.nn.functional.normalize(imagenet_probabilities(torch.from_numpy(train.f[keep.numpy()]), w, b)
+                                         .sqrt(), dim=1)
+    return lambda f: 1 - (torch.nn.functional.normalize(imagenet_probabilities(f, w, b).sqrt(), dim=1)
+                          @ bank.T).topk(10, dim=1).values[:, -1]
 
 
 CANDIDATES: dict[str, Callable[..., Scorer]] = {
-    "knn (the look; default before)": cand_detector("knn"),
+    "knn (the look)": cand_detector("knn"),
     "mahalanobis": cand_detector("mahalanobis"),
     "energy (user head)": cand_detector("energy"),
     "ImageNet max probability": cand_imagenet_msp,
     "ImageNet energy": cand_imagenet_energy,
-    "ImageNet mass on the training top-1 concepts": cand_concept_mass(0.001),
-    "ImageNet concept cross-entropy": cand_concept_xent,
-    "**concepts** (cross-entropy + knn, validation percentiles averaged)": cand_detector(CONCEPTS),
+    "kNN on the concept vector": cand_concept_knn,
+    "owned WordNet mass (what it is)": cand_owned_mass,
+    "previous concepts (cross-entropy + knn percentiles averaged)": cand_previous_concepts,
+    "floor: owned mass or knn (reject only when both say no)": cand_floor,
+    "**concepts** (owned mass and knn, Fisher-combined)": cand_detector(CONCEPTS),
 }
 PRODUCT = next(name for name in CANDIDATES if name.startswith("**concepts**"))
 
@@ -216,7 +320,8 @@ def evaluate(scorer: Scorer, sets: dict[str, Split], accept: float, head: Callab
              ) -> dict[str, float]:
     """Threshold on val at ``accept``; the figures of every set."""
     scores = {k: scorer(torch.from_numpy(s.f)).numpy() for k, s in sets.items() if k != "train"}
-    thr = calibrate_threshold(ctx["dummy"], scores["val"], accept).threshold
+    thr = (scorer.threshold_at(accept) if hasattr(scorer, "threshold_at")
+           else calibrate_threshold(ctx["dummy"], scores["val"], accept).threshold)
     row: dict[str, float] = {}
     for name, s in sets.items():
         if name == "train":
@@ -278,14 +383,17 @@ def main() -> None:
     ctx = {"num_classes": len(pred.classes), "head": head, "imagenet": imagenet_heads(variants),
            "val_f": torch.from_numpy(sets["val"].f), "dummy": fit_detector("energy", sets["train"].f[:1],
                                                                           sets["train"].y[:1], 2)}
-    names = imagenet_names()
     lines = [f"## Open-world detectors: {model_name} ({engine} features)", "",
              f"Command: `.venv/bin/python -m benchmarks.open_world --run {args.run}`. Machine: {machine()}.",
              "Fitted on train, thresholded on val at the accept rate; every other column only measured. "
-             "answered = share given Cat/Dog; right = accuracy among answered; unknown = 1 - answered.", "",
-             "| detector | val accept | test answered | test right | pets-other answered | pets-other right "
+             "answered = share given Cat/Dog; right = accuracy among answered; unknown = 1 - answered. "
+             "held-out class = the selection test on train/val only (fit on one class, share of the other "
+             "class's validation photos rejected at that accept rate; AUROC over both), "
+             "`benchmarks.open_world.held_out_class`.", "",
+             "| detector | val accept | held-out class rejected (AUROC) | test answered | test right "
+             "| pets-other answered | pets-other right | everyday unknown | its mammals unknown "
              "| raccoon unknown | skimage unknown | generated unknown | ms/image |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     with torch.inference_mode():
         for cname, make in CANDIDATES.items():
             scorer = make(sets["train"], ctx)
@@ -295,36 +403,42 @@ def main() -> None:
             ms = (time.perf_counter() - t0) * 1000 / len(x)
             for accept in ACCEPT_RATES:
                 r = evaluate(scorer, sets, accept, head, ctx)
+                held, auroc = held_out_class(make, sets, ctx, accept)
+
                 def g(k: str, unknown: bool = False, r: dict = r) -> str:
                     if k not in r:
                         return "-"
                     v = 1 - r[k] if unknown else r[k]
                     return f"{100 * v:.1f} %"
-                lines.append(f"| {cname} | {accept:.1%} | {g('test:answered')} | {g('test:right')} | "
+                lines.append(f"| {cname} | {accept:.1%} | {100 * held:.1f} % ({auroc:.4f}) | "
+                             f"{g('test:answered')} | {g('test:right')} | "
                              f"{g('pets-other:answered')} | {g('pets-other:right')} | "
+                             f"{g('everyday:answered', True)} | {g('mammals:answered', True)} | "
                              f"{g('raccoon:answered', True)} | {g('skimage:answered', True)} | "
                              f"{g('generated:answered', True)} | {ms:.3f} |")
             print("\n".join(lines[-len(ACCEPT_RATES):]), flush=True)
-    # The operating point is chosen on validation alone: its own trade of share answered against accuracy.
-    product = CANDIDATES[PRODUCT](sets["train"], ctx)
+    # The operating point is chosen on train/val alone: validation's share answered against the held-out
+    # class's rejection; the product asks at most 0.5 % of validation photos "unknown".
+    make = CANDIDATES[PRODUCT]
+    product = make(sets["train"], ctx)
     vs = product(torch.from_numpy(sets["val"].f)).numpy()
     vok = probabilities(head(torch.from_numpy(sets["val"].f))).argmax(1).numpy() == sets["val"].y
-    lines += ["", "The product detector on VALIDATION only (what the operating point is chosen on):", "",
-              "| val accept rate | val answered | val right among answered | val right, all |",
+    lines += ["", "The product detector on TRAIN/VALIDATION only (what the operating point is chosen on):",
+              "",
+              "| val accept rate | val answered | val right among answered | held-out class rejected |",
               "|---|---|---|---|"]
     for accept in VAL_CURVE:
-        thr = calibrate_threshold(ctx["dummy"], vs, accept).threshold
-        known = vs <= thr
-        lines.append(f"| {accept:.1%} | {known.mean():.2%} | {vok[known].mean():.2%} | {vok.mean():.2%} |")
-    sheet = val_tail_sheet(vs, data, cache / "val_tail.png")
-    lines += ["", f"The 24 validation photos the product detector finds least like a pet, most unlike "
-              f"first, are drawn in `{sheet}` (not committed: they are the data's photos)."]
-    if "mass_set" in ctx:
-        mask = ctx["mass_set"]
-        pets = set(range(151, 269)) | set(range(281, 286))
-        others = [names[i] for i in mask.nonzero().flatten().tolist() if i not in pets]
-        lines += ["", f"The training top-1 concepts (>= 0.1 % of a class): {int(mask.sum())} ImageNet "
-                  f"classes; those not a dog breed or a domestic cat: {', '.join(others)}"]
+        known = vs <= product.threshold_at(accept)
+        held, _auroc = held_out_class(make, sets, ctx, accept)
+        lines.append(f"| {accept:.1%} | {known.mean():.2%} | {vok[known].mean():.2%} | {held:.1%} |")
+    png = frontier_png(product, sets, ctx, TrainConfig.accept_rate,
+                       FRONTIER_DIR / f"open_world_frontier_{model_name}.png", model_name)
+    lines += ["", f"The frontier (share of pets answered against share of not-pets rejected, as the "
+              f"validation accept rate moves; circles at the default {TrainConfig.accept_rate:.1%}): "
+              f"`docs/images/{png.name}`."]
+    val_tail_sheet(vs, data, cache / "val_tail.png")
+    lines += ["", "The 24 validation photos the product detector finds least like a pet are drawn in "
+              "`val_tail.png` under `--cache` (not committed: they are the data's photos)."]
     report = "\n".join(lines)
     print(report)
     frag = args.fragment if args.fragment is not None else f"open_world_{model_name}"

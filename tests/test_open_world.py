@@ -29,12 +29,12 @@ from catsdogs.models.ood import (
     CONCEPTS,
     DETECTOR_VERSION,
     Detector,
-    calibrate_threshold,
-    concept_log_profile,
     fit_detector,
+    owned_concepts,
     resolve_method,
 )
 from catsdogs.models.registry import PRETRAINED_MEAN, PRETRAINED_STD
+from catsdogs.models.taxonomy import node_name, owned_node
 from catsdogs.models.transforms import normalize
 from catsdogs.serve.app import create_app
 from catsdogs.shards.manifest import load_manifest
@@ -52,17 +52,20 @@ def _heads(members: int = 2, d: int = 4, seed: int = 0) -> tuple[torch.Tensor, t
     return torch.randn(members, NUM_CLASSES, d, generator=g), torch.zeros(members, NUM_CLASSES)
 
 
-def test_concept_profile_is_each_classs_mean_imagenet_distribution() -> None:
-    probs = torch.zeros(110, NUM_CLASSES)
-    probs[:100, 281], probs[:100, 285] = 0.9, 0.1  # class 0: tabby, a little Egyptian cat
-    probs[100:, 366] = 1.0  # class 1, ten rows only: its one concept counts as much
-    labels = torch.tensor([0] * 100 + [1] * 10)
-    logq = concept_log_profile(probs, labels, 3, eps=1e-4)
-    assert logq.shape == (3, NUM_CLASSES)
-    assert logq[0, 281].exp() == pytest.approx(0.9 + 1e-4, rel=1e-5)
-    assert logq[1, 366].exp() == pytest.approx(1.0 + 1e-4, rel=1e-5)
-    assert logq[0, 366].exp() == pytest.approx(1e-4, rel=1e-3)  # never seen: the floor, not -inf
-    torch.testing.assert_close(logq[2], (probs.double().mean(0) + 1e-4).log().float())  # no rows: all
+def test_each_class_owns_the_smallest_wordnet_node_that_most_of_its_photos_fall_under() -> None:
+    names = imagenet_names()
+    tabby, siamese, pug, beagle, laptop = (names.index(n) for n in ("tabby", "Siamese cat", "pug", "beagle",
+                                                                      "laptop"))
+    probs = torch.zeros(20, NUM_CLASSES)
+    # class 0: 7 tabbies, 2 Siamese, 1 laptop (a cat on a keyboard); class 1: 5 pugs, 5 beagles.
+    for row, concept in enumerate([tabby] * 7 + [siamese, siamese, laptop] + [pug] * 5 + [beagle] * 5):
+        probs[row, concept] = 1.0
+    labels = torch.tensor([0] * 10 + [1] * 10)
+    nodes, owned = owned_concepts(probs, labels, 2, share=0.8)
+    assert [node_name(n) for n in nodes] == ["domestic cat", "dog"]
+    assert owned[0, tabby] and owned[0, siamese] and not owned[0, laptop]  # the background is not owned
+    assert owned[1, pug] and owned[1, beagle] and int(owned[1].sum()) == 118  # every breed, not just these
+    assert node_name(owned_node(torch.tensor([tabby] * 9 + [laptop]), 0.95)) != "domestic cat"  # 90 % < 95 %
 
 
 def _concept_detector(n: int = 400, seed: int = 0) -> tuple[Detector, torch.Tensor, np.ndarray]:
@@ -77,23 +80,53 @@ def _concept_detector(n: int = 400, seed: int = 0) -> tuple[Detector, torch.Tens
     return det, val, labels
 
 
-def test_concepts_score_fuses_the_concept_and_the_look_by_validation_percentile() -> None:
+def test_concepts_score_adds_the_surprise_of_what_it_shows_and_of_how_it_looks() -> None:
     det, val, _ = _concept_detector()
     p = det.imagenet_probabilities(val)
-    logq = det.params["concept_logq"]
-    by_hand = -(p @ logq.T).max(dim=1).values  # cross-entropy with the closest class's profile
-    torch.testing.assert_close(det.concept_score(val), by_hand)
+    owned = det.params["owned"].any(dim=0)
+    what = -(p.double()[:, owned].sum(dim=1) + 1e-12).log().float()  # mass under the owned nodes
+    torch.testing.assert_close(det.what_score(p), what)
     # The ensemble's members vote equally: the mean of each block's own softmax.
     w = det.params["imagenet_weight"].float()
     mine = (torch.softmax(val[:, :4] @ w[0].T, 1) + torch.softmax(val[:, 4:] @ w[1].T, 1)) / 2
     torch.testing.assert_close(p, mine, atol=1e-5, rtol=1e-4)
     scores = det.score(val, torch.zeros(200, 1))
-    ranks = lambda ref, x: torch.searchsorted(ref, x.contiguous()).float() / len(ref)  # noqa: E731
-    look = ranks(det.params["val_look"], det._knn(val, None))
-    torch.testing.assert_close(scores, 0.5 * (ranks(det.params["val_concept"], by_hand) + look))
-    assert 0.0 <= float(scores.min()) and float(scores.max()) < 1.0
+
+    def surprise(ref: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # -log conformal p-value
+        at_least = (ref[None, :] >= x[:, None]).sum(dim=1)
+        return -((1.0 + at_least) / (len(ref) + 1.0)).log()
+    by_hand = surprise(det.params["val_what"], what) + surprise(det.params["val_look"], det._knn(val, None))
+    torch.testing.assert_close(scores, by_hand.float())
+    assert 0.0 <= float(scores.min()) and float(scores.max()) <= 2 * np.log(201) + 1e-4
     assert det.known(scores.numpy()).mean() >= 0.95  # the threshold accepts the asked share of val
     assert det.known(scores.numpy()).mean() < 1.0
+
+
+def test_a_confident_concept_no_class_owns_is_unknown_even_when_it_looks_like_training() -> None:
+    """A synthetic head where the concept is known: feature 0 is 'tabby', feature 1 'printer'."""
+    names = imagenet_names()
+    tabby, printer = names.index("tabby"), names.index("printer")
+    w = torch.zeros(1, NUM_CLASSES, 3)
+    w[0, tabby, 0], w[0, printer, 1] = 12.0, 12.0
+    rng = np.random.default_rng(0)
+    cats = np.c_[np.ones(300), rng.normal(0, 0.05, 300), rng.normal(1, 0.05, 300)].astype(np.float32)
+    det = fit_detector(CONCEPTS, cats, np.zeros(300, int), 1, imagenet=(w, torch.zeros(1, NUM_CLASSES)))
+    assert [node_name(n) for n in det.owned_nodes] == ["tabby"]  # every training photo is a tabby
+    val = torch.from_numpy(np.c_[np.ones(200), rng.normal(0, 0.05, 200), rng.normal(1, 0.05, 200)]
+                           .astype(np.float32))
+    det.calibrate(val, torch.zeros(200, 1), 0.99)
+    # A printer that looks like the training photos: its features are a cat's (feature 2) bar the concept.
+    printer_photo = torch.tensor([[0.0, 1.0, 1.0]])
+    assert float(det._knn(printer_photo, None)) < 0.5  # the look alone would let it through
+    assert not det.known(det.score(printer_photo, torch.zeros(1, 1)).numpy())[0]
+    assert det.known(det.score(val[:1], torch.zeros(1, 1)).numpy())[0]
+    (said,) = det.looks_like(printer_photo, np.array([False]))
+    assert said[0][0] == "printer"
+    # Answered anyway (--no-reject): the answer still names the strong concept its class does not own.
+    both = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]])  # tabby and printer alike; a plain cat
+    mixed, cat = det.looks_like(both, np.array([True, True]))
+    assert [c for c, _ in mixed] == ["printer"] and mixed[0][1] == pytest.approx(0.5, abs=0.01)
+    assert cat == []  # an owned concept is the answer itself, not something it looks like
 
 
 def test_looks_like_names_the_top_concepts_and_drops_faint_ones() -> None:
@@ -155,11 +188,11 @@ def test_operating_point_is_fitted_on_validation_only(photo_run: tuple[Path, Pat
     manifest = load_manifest(shards)
     from catsdogs.shards.reader import iter_batches
 
-    scores = []
-    for _pos, _start, rows, _y in iter_batches(shards, manifest, "val", 64):
-        feats = pred.feature_engine.features(normalize(torch.from_numpy(rows), pred.mean, pred.std))
-        scores.append(det.score(feats, torch.zeros(len(rows), 1)).numpy())
-    again = calibrate_threshold(Detector(CONCEPTS, {}), np.concatenate(scores), det.accept_rate)
+    feats = [pred.feature_engine.features(normalize(torch.from_numpy(rows), pred.mean, pred.std))
+             for _pos, _start, rows, _y in iter_batches(shards, manifest, "val", 64)]
+    val = torch.cat(feats)
+    # (the leave-one-out validation scores, Detector.calibrate: no validation photo counts itself)
+    again = Detector.from_state(det.to_state()).calibrate(val, torch.zeros(len(val), 1), det.accept_rate)
     assert det.threshold == pytest.approx(again.threshold, abs=1e-4)
 
 
@@ -279,3 +312,21 @@ def test_pyfunc_and_cli_agree_on_a_rocket_and_a_cat(photo_run: tuple[Path, Path,
         assert float(got["probability"][i]) == pytest.approx(float(cli[name]["probability"]), abs=1e-5)
     assert list(got["label"]) == [UNKNOWN, "Cat"]
     assert got["looks_like"][0].startswith("drilling platform")
+
+
+def test_a_run_with_the_old_concepts_detector_is_refused_in_one_line_that_says_how_to_recreate_it(
+        photo_run: tuple[Path, Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = load_checkpoint(photo_run[0] / "best.pt")
+    state[ckpt.CKPT_OOD] = {**state[ckpt.CKPT_OOD], "version": 2}  # written before the WordNet detector
+    old = tmp_path / "old"
+    old.mkdir()
+    save_checkpoint(old / "best.pt", state)
+    with pytest.raises(ConfigError, match="re-create the run with 'catsdogs train'"):
+        Predictor.from_run(old)
+    photo = tmp_path / "cat.png"
+    photo.write_bytes(png_bytes(photo_variant(0, PHOTO_SIZE, seed=5)))
+    assert cli_main(["predict", str(photo), "--run", str(old)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "older 'unknown' detector (concepts version 2)" in err[0]
+    cat = np.stack([photo_variant(0, PHOTO_SIZE, seed=5)])
+    assert Predictor.from_run(old, reject=False).answer(cat).known[0]

@@ -40,8 +40,9 @@ from catsdogs.runtime import cores
 CSV_COLUMNS: tuple[str, ...] = ("path", "label", "probability", "error", "ood_score", "looks_like")
 """``label`` is ``unknown`` for an image the run's detector rejects (``probability`` is still that of
 the most likely class); ``ood_score`` is the detector's score (higher = less like the training photos,
-empty without a detector); ``looks_like`` names, for an unknown image, the ImageNet concepts it looks
-like instead (``badger 41 %, lesser panda 12 %``; empty for runs trained without ImageNet weights)."""
+empty without a detector); ``looks_like`` names the ImageNet concepts the image looks like: for an
+unknown image what it shows instead (``badger 41 %, lesser panda 12 %``), for a class a strong concept no
+class owns (``hamster 61 %``, usually empty); empty for runs trained without ImageNet weights."""
 OUTPUT_FORMATS: tuple[str, ...] = (".csv", ".json", ".parquet")
 """``--output`` types: CSV (:data:`CSV_COLUMNS`), JSON (every field), Parquet (CSV's columns, typed)."""
 _GLOB_CHARS = frozenset("*?[")

@@ -64,9 +64,10 @@ class Prediction:
 
     @property
     def looks_like(self) -> list[tuple[str, float]]:
-        """For an ``unknown`` image, the ImageNet concepts it looks like: ``(name, probability)``.
+        """The ImageNet concepts the image looks like: ``(name, probability)``, most likely first.
 
-        Most likely first; empty otherwise, and for runs without ImageNet weights.
+        For ``unknown``, what it shows instead; for a class, any strong concept no class owns ("Cat,
+        looks like: hamster 61 %"); empty for runs without ImageNet weights.
         """
         found = getattr(self.answer, "looks_like", None) if self.answer is not None else None
         return [(str(c), float(p)) for c, p in found or []]

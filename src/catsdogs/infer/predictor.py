@@ -28,6 +28,7 @@ from catsdogs.devices import AUTO
 from catsdogs.engines.base import Engine
 from catsdogs.engines.eager import TorchEngine
 from catsdogs.engines.names import MAX_DROP_PT, engine_for
+from catsdogs.errors import ConfigError
 from catsdogs.infer.engine import load_engine, recorded_engine
 from catsdogs.models.effnet import fold_for_inference
 from catsdogs.models.heads import probabilities
@@ -76,8 +77,9 @@ class Answers:
     raw: np.ndarray | None = None
     """``(n, C)`` probabilities before temperature scaling (only when asked for, by evaluate)."""
     looks_like: list[list[tuple[str, float]]] = field(default_factory=list)
-    """Per image, the ImageNet concepts it looks like, ``[(name, probability), ...]``: filled for the
-    images answered "unknown" by a run with ImageNet weights, empty otherwise (and for flat images)."""
+    """Per image, the ImageNet concepts it looks like, ``[(name, probability), ...]`` (run with ImageNet
+    weights): for "unknown", its top concepts; for a class, strong concepts no class owns (often none);
+    empty for flat images and runs without ImageNet weights."""
 
     def __len__(self) -> int:
         return len(self.probs)
@@ -95,7 +97,7 @@ class Answer:
     score: float
     known: bool
     looks_like: list[tuple[str, float]] = field(default_factory=list)
-    """What an "unknown" image looks like instead: ImageNet concepts and their probabilities."""
+    """What the image looks like (ImageNet concepts and their probabilities), as in :class:`Answers`."""
 
     def label(self, classes: list[str]) -> str:
         """The predicted class, or ``unknown`` when rejected."""
@@ -150,6 +152,11 @@ class Predictor:
         if detector is None and reject is not False:
             note = (f"catsdogs: {path} has no out-of-distribution detector (trained before it existed); "
                     f"every image gets a class, none is 'unknown'")
+        elif detector is not None and detector.outdated and reject is not False:
+            raise ConfigError(f"{path} was trained with an older 'unknown' detector ({detector.method} "
+                              f"version {detector.version}) that answered printers and hamsters as pets; "
+                              f"re-create the run with 'catsdogs train' or 'catsdogs run' and --overwrite "
+                              f"(or answer without it: --no-reject)")
         elif detector is not None and detector.legacy and reject is not False:
             note = (f"catsdogs: {path} has the old 'unknown' detector ({detector.method}, fitted on the look "
                     f"of the training photos, not on what they show); it answers as before, without 'looks "
@@ -225,21 +232,25 @@ class Predictor:
             raw = (raw + probabilities(flipped)) / 2 if raw is not None else None
         scores = np.full(n, np.nan, dtype=np.float32)
         known = np.ones(n, dtype=bool)
-        if self.detector is not None and (feats is not None or self.detector.method == "energy"):
+        det = self.detector
+        # One ImageNet head pass serves both the score and "looks like" (no second forward).
+        concepts = det.imagenet_probabilities(feats) if det is not None and det.has_concepts and \
+            feats is not None else None
+        if det is not None and (feats is not None or det.method == "energy"):
             f = feats if feats is not None else logits
-            scores = self.detector.score(f, logits).cpu().numpy().astype(np.float32)
+            scores = det.score(f, logits, imagenet=concepts).cpu().numpy().astype(np.float32)
             if self.settings.reject:
-                known = self.detector.known(scores)
+                known = det.known(scores)
+        flat = flat_images(arr) if self.settings.reject else np.zeros(n, bool)
+        known &= ~flat
         looks_like: list[list[tuple[str, float]]] = [[] for _ in range(n)]
-        if self.settings.reject:
-            flat = flat_images(arr)
-            known &= ~flat
-            # A flat image shows nothing: naming the concept ImageNet's head guesses for it would mislead.
-            named = np.nonzero(~known & ~flat)[0]
-            if feats is not None and self.detector is not None and self.detector.has_concepts and len(named):
-                for i, concepts in zip(named, self.detector.looks_like(feats[torch.as_tensor(named)]),
-                                       strict=True):
-                    looks_like[i] = concepts
+        # A flat image shows nothing: naming the concept ImageNet's head guesses for it would mislead.
+        named = np.nonzero(~flat)[0]
+        if det is not None and concepts is not None and feats is not None and len(named):
+            rows = torch.as_tensor(named)
+            for i, said in zip(named, det.looks_like(feats[rows], known[named], imagenet=concepts[rows]),
+                               strict=True):
+                looks_like[i] = said
         return Answers(probs.cpu().numpy().astype(np.float32), scores, known,
                        None if raw is None else raw.cpu().numpy().astype(np.float32), looks_like)
 

@@ -25,14 +25,23 @@ CLASSES_FILE = "imagenet_classes.tsv"
 
 
 @cache
-def imagenet_names() -> tuple[str, ...]:
-    """Return the 1000 ImageNet class names in head order: each synset's first lemma ("tabby")."""
+def _classes() -> tuple[tuple[str, str], ...]:
+    """``(synset, first lemma)`` of the 1000 ImageNet classes in head order."""
     text = resources.files("catsdogs.models").joinpath(CLASSES_FILE).read_text(encoding="utf-8")
     rows = [line.split("\t", 1) for line in text.splitlines() if line and not line.startswith("#")]
-    names = tuple(lemmas.split(",")[0].strip() for _synset, lemmas in rows)
-    if len(names) != NUM_CLASSES:
-        raise RuntimeError(f"{CLASSES_FILE} holds {len(names)} classes, expected {NUM_CLASSES}")
-    return names
+    if len(rows) != NUM_CLASSES:
+        raise RuntimeError(f"{CLASSES_FILE} holds {len(rows)} classes, expected {NUM_CLASSES}")
+    return tuple((synset, lemmas.split(",")[0].strip()) for synset, lemmas in rows)
+
+
+def imagenet_names() -> tuple[str, ...]:
+    """Return the 1000 ImageNet class names in head order: each synset's first lemma ("tabby")."""
+    return tuple(name for _synset, name in _classes())
+
+
+def imagenet_synsets() -> tuple[str, ...]:
+    """Return the 1000 ImageNet classes' WordNet synsets in head order ("n02123045")."""
+    return tuple(synset for synset, _name in _classes())
 
 
 def imagenet_head(variant: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,16 +7,20 @@ validation images is accepted (:func:`calibrate_threshold`). Higher scores mean 
 
 Methods (values of ``train --ood-method``), compared on real data in docs/models.md:
 
-* ``concepts``: what the photo shows, then how it looks. The backbone's own ImageNet-1k head
+* ``concepts``: what the photo shows, and how it looks. The backbone's own ImageNet-1k head
   (:mod:`catsdogs.models.imagenet`, on the same pooled features) gives the photo's ImageNet
-  distribution ``p``; each user class ``c`` has the mean distribution ``q_c`` of its TRAINING images
-  (dog breeds and domestic cats for PetImages, plus the cages and sofas they sit in). The concept score
-  is the cross-entropy ``-max_c sum_j p_j log(q_cj + eps)``: high when the photo's concepts are ones the
-  training photos never show (a raccoon's grey fox and badger, a rocket's drilling platform). It is
-  fused with the ``knn`` score (the look) by averaging the two scores' percentiles on VALIDATION,
-  so neither scale dominates; other people's pugs and Sphynx cats keep their concept, a logo or a cage
-  without a pet loses both. Needs ImageNet weights (EfficientNet-Lite models); measured against every
-  other candidate in docs/models.md.
+  distribution ``p``. Each user class owns the smallest WordNet node under which most of its TRAINING
+  photos' top-1 concepts fall (:func:`catsdogs.models.taxonomy.owned_node`: "dog" for PetImages' dogs,
+  "domestic cat" for its cats), so a concept every photo shares (the breeds) is owned and one a few
+  photos show as background (sofas, laptops) is not. "What is it" is the photo's mass under the owned
+  nodes; "does it look like training" is the ``knn`` score. Each is turned into a conformal p-value
+  against VALIDATION (the share of validation photos scoring at least as high), and the two are
+  combined by Fisher's rule (``-log p_what - log p_look``): a photo is answered only when the two
+  together are not extreme, so a printer (no owned mass at all) is "neither" however much it looks
+  like a PetImages photo, and another person's pug (owned mass, an unfamiliar look) is answered. The
+  choice of this rule, its share and its k were made on a held-out-class test on TRAIN/VALIDATION
+  (fit on one class, reject the other's validation photos), measured in docs/models.md. Needs
+  ImageNet weights (EfficientNet-Lite models).
 * ``mahalanobis``: squared Mahalanobis distance to the nearest class mean under one shared,
   Ledoit-Wolf-shrunk covariance (Lee et al. 2018). Parameters: whitened class means and the
   whitening matrix, ``(C, d)`` + ``(d, d)``.
@@ -41,18 +45,29 @@ import torch.nn.functional as F
 
 from catsdogs.models.imagenet import imagenet_names, imagenet_probabilities
 from catsdogs.models.ood_names import AUTO, CONCEPTS, OOD_CHOICES, OOD_METHODS  # noqa: F401 - re-exported
+from catsdogs.models.taxonomy import node_mask, owned_node
 
-DETECTOR_VERSION = 2
-"""Version of a detector's checkpoint entry. 2: ImageNet concepts ("looks like") when the model has
-them. Entries without a version were fitted before, on the look of the training photos alone."""
-CONCEPT_EPS = 1e-4
-"""Floor added to a class's mean ImageNet probability before its log: a concept no training photo shows
-costs log(1e-4) = -9.2 nats per unit of probability instead of minus infinity (the Lite heads are soft:
-every photo puts some mass on every class). 1e-5 and 1e-3 measured within one raccoon of it."""
+DETECTOR_VERSION = 3
+"""Version of a detector's checkpoint entry. 3: the concepts method asks what the photo shows (owned
+WordNet nodes) and how it looks, combined by Fisher's rule. 2: concepts was a cross-entropy with each
+class's mean ImageNet distribution, averaged with the look's percentile (refused now: it let printers
+and hamsters through). Entries without a version were fitted on the look of the training photos alone."""
+CONCEPTS_SINCE = 3
+"""The oldest detector version whose ``concepts`` method this code scores; an older one is refused."""
+OWN_SHARE = 0.8
+"""Share of a class's training photos whose top-1 ImageNet concept must lie under the node it owns.
+Chosen on the held-out-class test (train/val only, docs/models.md): 0.8 gives PetImages' dogs "dog"
+(96.5 % of them) and its cats "domestic cat" (81.4 %); 0.5 gave the dogs "hunting dog", which leaves
+pugs and chihuahuas out (held-out-class AUROC 0.9947 against 0.9949)."""
 LOOKS_LIKE_TOP = 3
 """Most ImageNet concepts named in an answer's ``looks_like``."""
 LOOKS_LIKE_MIN = 0.05
-"""Concepts under this ImageNet probability are left out of ``looks_like`` (the first one always shows)."""
+"""Concepts under this ImageNet probability are left out of an unknown answer's ``looks_like`` (the first
+one always shows)."""
+LOOKS_LIKE_STRONG = 0.25
+"""A Cat/Dog answer names a concept its classes do not own only from this ImageNet probability up
+("Cat 67 %, looks like: hamster 61 %"). The Lite ensemble's heads are soft: 0.9 % of PetImages
+validation photos have a non-owned concept above 0.2, 0.1 % above 0.3."""
 KNN_K = 10
 """Neighbour rank for the kNN score (k=10: less noisy than k=1, still local)."""
 KNN_BANK_ROWS = 4096
@@ -69,6 +84,8 @@ training images out of sample (``Detector.score(..., leave_out=...)``)."""
 MIN_SIDE = 16
 """Images with a side under this many pixels hold no recognisable subject; they are answered unknown."""
 _EPS = 1e-6
+_TINY = 1e-12
+"""Added to an owned mass before its log: no real photo's mass is 0 in float64, but a test head's may be."""
 _FIT_CHUNK = 4096
 """Training rows per ImageNet-probability block while fitting concepts (4096 x 1000 float32 = 16 MB)."""
 
@@ -86,25 +103,27 @@ class Detector:
     threshold: float = math.inf
     accept_rate: float = 1.0
     version: int = DETECTOR_VERSION
+    owned_nodes: tuple[str, ...] = ()
+    """Per user class, the WordNet synset of the ImageNet concepts it owns (with ImageNet heads)."""
     _float_params: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     """float32 copies of float16 parameters per device (not saved: rebuilt from ``params``)."""
 
     @torch.inference_mode()
-    def score(self, features: torch.Tensor, logits: torch.Tensor,
-              leave_out: torch.Tensor | None = None) -> torch.Tensor:
+    def score(self, features: torch.Tensor, logits: torch.Tensor, leave_out: torch.Tensor | None = None,
+              imagenet: torch.Tensor | None = None) -> torch.Tensor:
         """Return the ``(n,)`` OOD score of a batch (higher = less like the training images).
 
         ``leave_out`` (bool ``(n,)``, knn only) marks rows that may be in the kNN bank themselves (training
         images): for those, a bank row within :data:`SELF_COSINE_GAP` of the query is taken to be the
         image itself and skipped, so the score is out of sample. The other methods ignore it: one image
-        moves a class mean over thousands of training rows negligibly.
+        moves a class mean over thousands of training rows negligibly. ``imagenet`` is the batch's
+        :meth:`imagenet_probabilities` when the caller has them already (no second head pass).
         """
         f = features.float()
         if self.method == CONCEPTS:
-            concept = self.concept_score(f)
-            look = self._knn(f, leave_out)
-            return 0.5 * (_percentile(self.params["val_concept"], concept)
-                          + _percentile(self.params["val_look"], look))
+            p = self.imagenet_probabilities(f) if imagenet is None else imagenet
+            return (_surprise(self.params["val_what"], self.what_score(p))
+                    + _surprise(self.params["val_look"], self._knn(f, leave_out)))
         if self.method == "mahalanobis":
             z = f @ self.params["whiten"].to(f.device)
             return torch.cdist(z, self.params["means"].to(f.device)).square().min(dim=1).values
@@ -126,11 +145,10 @@ class Detector:
         rank = torch.where(own, min(k, top.shape[1] - 1), k - 1)
         return 1.0 - top.gather(1, rank[:, None]).squeeze(1)
 
-    @torch.inference_mode()
-    def concept_score(self, features: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy (nats) of each photo's ImageNet distribution with its closest class's."""
-        p = self.imagenet_probabilities(features)
-        return -(p @ self.params["concept_logq"].to(p.device, torch.float32).T).max(dim=1).values
+    def what_score(self, imagenet: torch.Tensor) -> torch.Tensor:
+        """``-log`` of each photo's ImageNet mass under the nodes its classes own (nats; 0 = all owned)."""
+        owned = self.params["owned"].to(imagenet.device).any(dim=0)
+        return -(imagenet.double()[:, owned].sum(dim=1) + _TINY).log().float()
 
     def calibrate(self, val_features: torch.Tensor, val_logits: torch.Tensor, accept_rate: float) -> Detector:
         """Fit what comes from VALIDATION, then the threshold that accepts ``accept_rate`` of it.
@@ -140,9 +158,13 @@ class Detector:
         ``accept_rate`` quantile of its own validation scores (:func:`calibrate_threshold`).
         """
         f = val_features.float()
-        if self.method == CONCEPTS:
-            self.params["val_concept"] = self.concept_score(f).sort().values.contiguous()
-            self.params["val_look"] = self._knn(f, None).sort().values.contiguous()
+        if self.method == CONCEPTS and len(f):
+            what, look = self.what_score(self.imagenet_probabilities(f)), self._knn(f, None)
+            self.params["val_what"] = what.sort().values.contiguous()
+            self.params["val_look"] = look.sort().values.contiguous()
+            scores = (_surprise(self.params["val_what"], what, own=True)
+                      + _surprise(self.params["val_look"], look, own=True)).numpy()
+            return calibrate_threshold(self, scores, accept_rate)
         scores = self.score(f, val_logits).numpy() if len(f) else np.zeros(0)
         return calibrate_threshold(self, scores, accept_rate)
 
@@ -154,7 +176,12 @@ class Detector:
     @property
     def legacy(self) -> bool:
         """True for a detector fitted before version 2 (on the look of the training photos alone)."""
-        return self.version < DETECTOR_VERSION
+        return self.version < 2
+
+    @property
+    def outdated(self) -> bool:
+        """True for a ``concepts`` detector older than this code scores (:data:`CONCEPTS_SINCE`)."""
+        return self.method == CONCEPTS and self.version < CONCEPTS_SINCE
 
     @torch.inference_mode()
     def imagenet_probabilities(self, features: torch.Tensor) -> torch.Tensor:
@@ -164,19 +191,35 @@ class Detector:
                                       self.params["imagenet_bias"].to(f.device, torch.float32))
 
     @torch.inference_mode()
-    def looks_like(self, features: torch.Tensor, top: int = LOOKS_LIKE_TOP,
-                   min_probability: float = LOOKS_LIKE_MIN) -> list[list[tuple[str, float]]]:
-        """Return each image's nearest ImageNet concepts, ``[(name, probability), ...]``, most likely first.
+    def looks_like(self, features: torch.Tensor, known: np.ndarray | None = None,
+                   imagenet: torch.Tensor | None = None) -> list[list[tuple[str, float]]]:
+        """Return what each image looks like, ``[(ImageNet concept, probability), ...]``, most likely first.
 
-        At most ``top`` of them, those under ``min_probability`` left out but the first; empty lists
-        without ImageNet heads (a model trained from scratch knows no concepts, so it names none).
+        For an unknown image (``known`` False, or not given): its top :data:`LOOKS_LIKE_TOP` concepts, those
+        under :data:`LOOKS_LIKE_MIN` left out but the first. For an answered one: the concepts its classes
+        do not own from :data:`LOOKS_LIKE_STRONG` up ("Cat, looks like: hamster 61 %"), often none. Empty
+        lists without ImageNet heads (a model trained from scratch knows no concepts, so it names none).
+        ``imagenet`` is the batch's :meth:`imagenet_probabilities` when the caller has them already.
         """
+        n = len(features)
         if not self.has_concepts:
-            return [[] for _ in range(len(features))]
+            return [[] for _ in range(n)]
         names = imagenet_names()
-        values, indices = self.imagenet_probabilities(features).topk(top, dim=1)
-        return [[(names[i], float(p)) for k, (p, i) in enumerate(zip(pv.tolist(), iv.tolist(), strict=True))
-                 if k == 0 or p >= min_probability] for pv, iv in zip(values, indices, strict=True)]
+        p = self.imagenet_probabilities(features) if imagenet is None else imagenet
+        answered = np.zeros(n, bool) if known is None else np.asarray(known, bool)
+        foreign = p.clone()
+        if "owned" in self.params:
+            foreign[:, self.params["owned"].to(p.device).any(dim=0)] = 0.0
+        else:  # no owned nodes recorded: nothing is known to be foreign
+            foreign.zero_()
+        out: list[list[tuple[str, float]]] = []
+        for k in range(n):
+            source, floor = (foreign[k], LOOKS_LIKE_STRONG) if answered[k] else (p[k], LOOKS_LIKE_MIN)
+            values, indices = source.topk(LOOKS_LIKE_TOP)
+            out.append([(names[i], float(v)) for r, (v, i) in enumerate(zip(values.tolist(), indices.tolist(),
+                                                                             strict=True))
+                        if v >= floor or (r == 0 and not answered[k])])
+        return out
 
     def _float(self, name: str, device: torch.device) -> torch.Tensor:
         """A float16 parameter in float32 on ``device``, converted once per detector.
@@ -197,14 +240,15 @@ class Detector:
         """The checkpoint entry: plain tensors, floats and strings."""
         params = {k: v.cpu().contiguous() for k, v in self.params.items()}
         return {"method": self.method, "params": params, "threshold": float(self.threshold),
-                "accept_rate": float(self.accept_rate), "version": int(self.version)}
+                "accept_rate": float(self.accept_rate), "version": int(self.version),
+                "owned_nodes": list(self.owned_nodes)}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> Detector:
         """Rebuild a detector from its checkpoint entry (one without a version is a legacy detector)."""
         return cls(method=str(state["method"]), params=dict(state["params"]),
                    threshold=float(state["threshold"]), accept_rate=float(state["accept_rate"]),
-                   version=int(state.get("version", 1)))
+                   version=int(state.get("version", 1)), owned_nodes=tuple(state.get("owned_nodes", ())))
 
 
 def resolve_method(requested: str, has_imagenet: bool) -> str:
@@ -219,18 +263,20 @@ def resolve_method(requested: str, has_imagenet: bool) -> str:
     return requested
 
 
-def concept_log_profile(imagenet_probs: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                        eps: float = CONCEPT_EPS) -> torch.Tensor:
-    """Return ``(C, 1000)``: per user class, the log of its training images' mean ImageNet distribution.
+def owned_concepts(imagenet_probs: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                   share: float = OWN_SHARE) -> tuple[tuple[str, ...], torch.Tensor]:
+    """Per user class, the WordNet node it owns and the ``(C, 1000)`` bool mask of ImageNet classes under it.
 
-    Per class, so a small class keeps its own concepts however rare it is; a class without training
-    rows gets the all-classes mean.
+    Learnt from TRAINING photos only: the smallest node under which ``share`` of a class's photos' top-1
+    concepts fall (:func:`catsdogs.models.taxonomy.owned_node`). A class without training rows owns
+    what all rows together own.
     """
-    rows = []
+    top1 = imagenet_probs.argmax(dim=1)
+    nodes = []
     for c in range(num_classes):
-        members = imagenet_probs[labels == c]
-        rows.append((members if len(members) else imagenet_probs).double().mean(dim=0))
-    return (torch.stack(rows) + eps).log().float()
+        members = top1[labels == c]
+        nodes.append(owned_node(members if len(members) else top1, share))
+    return tuple(nodes), torch.stack([node_mask(n) for n in nodes])
 
 
 def _knn_bank(features: torch.Tensor, seed: int) -> torch.Tensor:
@@ -240,12 +286,19 @@ def _knn_bank(features: torch.Tensor, seed: int) -> torch.Tensor:
     return F.normalize(features[keep].float(), dim=1).half()
 
 
-def _percentile(reference: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Share (0..1) of the sorted ``reference`` scores below each score: its validation percentile."""
+def _surprise(reference: torch.Tensor, scores: torch.Tensor, own: bool = False) -> torch.Tensor:
+    """``-log`` of each score's conformal p-value against the sorted VALIDATION ``reference`` scores.
+
+    The p-value is ``(1 + #reference >= score) / (n + 1)``: 1 for a score below every validation photo's,
+    ``1 / (n + 1)`` above all of them (7.5 nats at n = 1,800), so no score is infinitely surprising.
+    ``own``: the scores are the reference's own rows, each left out of its own count (leave-one-out), so
+    the threshold set on them holds for photos the reference has never seen.
+    """
     ref = reference.to(scores.device, torch.float32)
-    if not len(ref):
-        return torch.zeros_like(scores, dtype=torch.float32)
-    return torch.searchsorted(ref, scores.float().contiguous()).float() / len(ref)
+    at_least = len(ref) - torch.searchsorted(ref, scores.float().contiguous())
+    if own:
+        return -(at_least.float().clamp_min(1.0) / len(ref)).log()
+    return -((1.0 + at_least.float()) / (len(ref) + 1.0)).log()
 
 
 def _full_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -291,24 +344,26 @@ def fit_detector(method: str, features: np.ndarray | torch.Tensor, labels: np.nd
     if imagenet is not None:
         # float16 weights: half the checkpoint bytes (5 MB for Lite1 + Lite2); logits move by < 1e-2.
         heads = {"imagenet_weight": imagenet[0].half(), "imagenet_bias": imagenet[1].float()}
+    nodes: tuple[str, ...] = ()
+    if heads:
+        reader = Detector(method, heads)
+        probs = torch.cat([reader.imagenet_probabilities(chunk) for chunk in f.float().split(_FIT_CHUNK)])
+        nodes, heads["owned"] = owned_concepts(probs, y, num_classes)
     if method == CONCEPTS:
         if not heads:
             raise ValueError("the concepts detector needs the model's ImageNet heads")
-        det = Detector(method, heads)
-        probs = torch.cat([det.imagenet_probabilities(chunk) for chunk in f.float().split(_FIT_CHUNK)])
-        det.params["concept_logq"] = concept_log_profile(probs, y, num_classes)
-        det.params["bank"] = _knn_bank(f, seed)
-        return det
+        return Detector(method, {**heads, "bank": _knn_bank(f, seed)}, owned_nodes=nodes)
     if method == "mahalanobis":
         means = torch.stack([f[y == c].mean(0) if (y == c).any() else f.mean(0) for c in range(num_classes)])
         cov, _shrink = ledoit_wolf(f - means[y])
         evals, evecs = torch.linalg.eigh(cov)
         whiten = evecs / evals.clamp_min(_EPS).sqrt()  # x @ whiten: unit covariance
-        return Detector(method, {"whiten": whiten.float(), "means": (means @ whiten).float(), **heads})
+        return Detector(method, {"whiten": whiten.float(), "means": (means @ whiten).float(), **heads},
+                        owned_nodes=nodes)
     if method == "knn":
-        return Detector(method, {"bank": _knn_bank(f, seed), **heads})
+        return Detector(method, {"bank": _knn_bank(f, seed), **heads}, owned_nodes=nodes)
     if method == "energy":
-        return Detector(method, dict(heads))
+        return Detector(method, dict(heads), owned_nodes=nodes)
     raise ValueError(f"unknown OOD method {method!r}; expected one of {OOD_METHODS}")
 
 

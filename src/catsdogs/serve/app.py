@@ -121,8 +121,9 @@ class PredictionOut(BaseModel):
     ood_score: float | None = None
     """Out-of-distribution score (higher = less like the training photos); null without a detector."""
     looks_like: list[ConceptOut] = []
-    """For ``unknown``: the ImageNet concepts the photo looks like instead, most likely first (empty for
-    known classes and for runs trained without ImageNet weights)."""
+    """The ImageNet concepts the photo looks like, most likely first: for ``unknown``, what it shows
+    instead; for a class, a strong concept no class owns ("hamster"), usually none. Empty for runs
+    trained without ImageNet weights."""
     model: dict[str, Any]
     explanation: ExplanationOut | None = None
 

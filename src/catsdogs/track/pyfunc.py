@@ -9,7 +9,7 @@ and the run's engine, whose graphs and int8 check travel in the artifact (``engi
 Input: a DataFrame with an ``image`` column of bytes (over HTTP: base64 strings, which the signature's
 ``binary`` type tells MLflow's scoring server to decode). Output: one row per image with ``label`` (a
 class or ``unknown``, as ``catsdogs predict`` answers), ``probability``, one ``p_<class>`` column per
-class, ``ood_score``, ``looks_like`` (what an unknown image looks like, as predict's CSV says it) and
+class, ``ood_score``, ``looks_like`` (what the image looks like, as predict's CSV says it) and
 ``error`` (the reason an image could not be decoded; its other columns are then empty).
 
 The model is saved as MLflow "model from code" (:mod:`catsdogs.track._pyfunc_entry`), not a pickle:

@@ -87,12 +87,14 @@ function showResult(result) {
   $("label").textContent = unknown ? "Neither" : result.label;
   $("probability").textContent = unknown ? "" : pct(result.probability);
   $("prob-bar").style.width = unknown ? "0%" : pct(result.probability);
-  // What an "unknown" photo looks like instead (ImageNet concepts); absent for scratch-trained runs.
-  const concepts = unknown && result.looks_like ? result.looks_like : [];
+  // What the photo looks like (ImageNet concepts): instead of a class for "unknown", and beside the class
+  // when a strong concept the classes do not own is also there; absent for scratch-trained runs.
+  const concepts = result.looks_like || [];
   const looksLike = $("looks-like");
   looksLike.hidden = concepts.length === 0;
   looksLike.textContent = concepts.length
-    ? "Looks like: " + concepts.map((c) => c.concept + " " + Math.round(100 * c.probability) + " %").join(", ")
+    ? (unknown ? "Looks like: " : "Also looks like: ") +
+      concepts.map((c) => c.concept + " " + Math.round(100 * c.probability) + " %").join(", ")
     : "";
   const note = $("unknown-note");
   note.hidden = !unknown;
