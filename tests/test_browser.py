@@ -290,8 +290,8 @@ def test_page_names_what_an_unknown_photo_looks_like(request: pytest.FixtureRequ
             assert label_box and line_box and line_box["y"] > label_box["y"]
             assert line_box["y"] < (page.locator("#bars").bounding_box() or {"y": 1e9})["y"]
             page.screenshot(path=str(tmp_path / "page-looks-like.png"), full_page=True)
-            known = next((q for q, a in answers if a["label"] != "unknown"), None)
-            if known is not None:  # a photo given a class shows no "looks like" line
+            known = next((q for q, a in answers if a["label"] != "unknown" and not a["looks_like"]), None)
+            if known is not None:  # a photo given a class, with no strong other concept, shows no line
                 page.set_input_files("#file-input", str(known))
                 page.wait_for_selector("#looks-like", state="hidden", timeout=30_000)
 
@@ -353,3 +353,56 @@ def test_api_docs_load_offline_under_a_csp_that_names_no_other_origin(run_dir: P
     assert all("cdn.redoc.ly" in m or "inline style" in m for m in refused), refused
     assert (tmp_path / "docs.png").stat().st_size > 20_000
     assert (tmp_path / "redoc.png").stat().st_size > 20_000
+
+
+EVERYDAY = REAL_DATA.parent / "not-pets" / "everyday"
+
+
+@pytest.mark.skipif(not (EVERYDAY.is_dir() and REAL_DATA.is_dir()),
+                    reason=f"check photos not found at {EVERYDAY} (the development data)")
+def test_a_hamster_and_a_printer_are_neither_and_a_forced_cat_says_what_else_it_looks_like(
+        request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Screenshots of a hamster and a printer (answered "Neither"), and of the hamster answered anyway
+    (--no-reject): the class, with "Also looks like: hamster" in the CSV, the JSON and the page."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (make browser) to run the browser test")
+    import csv
+
+    from catsdogs.cli import main as cli_main
+
+    run = request.getfixturevalue("real_run")
+    hamster, printer = sorted(EVERYDAY.glob("hamster_*.jpg"))[0], sorted(EVERYDAY.glob("printer_*.jpg"))[0]
+    engine = str(load_checkpoint(run / "best.pt")[ckpt.CKPT_ENGINE])
+    with serve_live(ServeConfig(run=str(run), backend=engine)) as url:
+        for photo in (hamster, printer):
+            api = httpx.post(f"{url}/predict", timeout=120,
+                             files={"file": (photo.name, photo.read_bytes(), "image/jpeg")}).json()
+            assert api["label"] == "unknown" and api["looks_like"], api
+            with page_on(url, height=820) as page:
+                page.set_input_files("#file-input", str(photo))
+                page.wait_for_selector("#looks-like:not([hidden])", timeout=30_000)
+                assert page.inner_text("#label") == "Neither"
+                assert page.inner_text("#looks-like").startswith("Looks like: ")
+                page.screenshot(path=str(tmp_path / f"page-{photo.stem}.png"), full_page=True)
+    with serve_live(ServeConfig(run=str(run), backend=engine, reject=False)) as url:
+        api = httpx.post(f"{url}/predict", timeout=120,
+                         files={"file": (hamster.name, hamster.read_bytes(), "image/jpeg")}).json()
+        assert api["label"] in ("Cat", "Dog") and api["looks_like"], api
+        assert "hamster" in {c["concept"] for c in api["looks_like"]}
+        with page_on(url, height=820) as page:
+            page.set_input_files("#file-input", str(hamster))
+            page.wait_for_selector("#looks-like:not([hidden])", timeout=30_000)
+            assert page.inner_text("#label") == api["label"]
+            assert page.inner_text("#looks-like").startswith("Also looks like: hamster ")
+            page.screenshot(path=str(tmp_path / "page-hamster-answered.png"), full_page=True)
+    for out in (tmp_path / "p.csv", tmp_path / "p.json"):
+        assert cli_main(["predict", str(hamster), "--run", str(run), "--no-reject", "--backend", engine,
+                         "--output", str(out)]) == 0
+    (row,) = csv.DictReader((tmp_path / "p.csv").open())
+    assert row["label"] == api["label"] and row["looks_like"].startswith("hamster ")
+    import json
+
+    (record,) = json.loads((tmp_path / "p.json").read_text())
+    assert record["looks_like"][0]["concept"] == "hamster" and record["label"] == api["label"]
+    for name in ("page-" + hamster.stem, "page-" + printer.stem, "page-hamster-answered"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000
