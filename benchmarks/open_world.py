@@ -162,17 +162,18 @@ def load_sets(pred: Predictor, data: Path, cache: Path) -> dict[str, Split]:
     return out
 
 
-def held_out_class(make: Callable[..., Scorer], sets: dict[str, Split], ctx: dict, accept: float
-                   ) -> tuple[float, float]:
+def held_out_class(make: Callable[..., Scorer], sets: dict[str, Split], ctx: dict,
+                   accepts: tuple[float, ...]) -> tuple[dict[float, float], float]:
     """The selection test, on TRAIN/VAL only: fit on one class, reject the other's validation photos.
 
-    For each class c: the candidate is fitted on c's training photos alone, thresholded on c's validation
-    photos at ``accept``; the figure is the share of the other classes' validation photos rejected, and
-    the AUROC of c's against theirs. Returns both, averaged over the classes.
+    For each class c: the candidate is fitted on c's training photos alone and thresholded on c's
+    validation photos at each accept rate; the figure is the share of the other classes' validation
+    photos rejected, and the AUROC of c's against theirs. Returns both, averaged over the classes.
     """
     from sklearn.metrics import roc_auc_score
 
-    rejected, aurocs = [], []
+    rejected: dict[float, list[float]] = {a: [] for a in accepts}
+    aurocs = []
     tr, va = sets["train"], sets["val"]
     for c in range(ctx["num_classes"]):
         mine, vmine = tr.y == c, va.y == c
@@ -181,12 +182,13 @@ def held_out_class(make: Callable[..., Scorer], sets: dict[str, Split], ctx: dic
         scorer = make(sub, local)
         inside = scorer(torch.from_numpy(va.f[vmine])).numpy()
         outside = scorer(torch.from_numpy(va.f[~vmine])).numpy()
-        thr = (scorer.threshold_at(accept) if hasattr(scorer, "threshold_at")
-               else calibrate_threshold(ctx["dummy"], inside, accept).threshold)
-        rejected.append(float((outside > thr).mean()))
+        for a in accepts:
+            thr = (scorer.threshold_at(a) if hasattr(scorer, "threshold_at")
+                   else calibrate_threshold(ctx["dummy"], inside, a).threshold)
+            rejected[a].append(float((outside > thr).mean()))
         aurocs.append(float(roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(outside))],
                                           np.r_[inside, outside])))
-    return float(np.mean(rejected)), float(np.mean(aurocs))
+    return {a: float(np.mean(v)) for a, v in rejected.items()}, float(np.mean(aurocs))
 
 
 def frontier_png(scorer: Scorer, sets: dict[str, Split], ctx: dict, chosen: float, path: Path,
@@ -401,9 +403,10 @@ def main() -> None:
             t0 = time.perf_counter()
             scorer(x)
             ms = (time.perf_counter() - t0) * 1000 / len(x)
+            held_at, auroc = held_out_class(make, sets, ctx, ACCEPT_RATES)
             for accept in ACCEPT_RATES:
                 r = evaluate(scorer, sets, accept, head, ctx)
-                held, auroc = held_out_class(make, sets, ctx, accept)
+                held = held_at[accept]
 
                 def g(k: str, unknown: bool = False, r: dict = r) -> str:
                     if k not in r:
@@ -427,9 +430,10 @@ def main() -> None:
               "",
               "| val accept rate | val answered | val right among answered | held-out class rejected |",
               "|---|---|---|---|"]
+    held_at, _auroc = held_out_class(make, sets, ctx, VAL_CURVE)
     for accept in VAL_CURVE:
         known = vs <= product.threshold_at(accept)
-        held, _auroc = held_out_class(make, sets, ctx, accept)
+        held = held_at[accept]
         lines.append(f"| {accept:.1%} | {known.mean():.2%} | {vok[known].mean():.2%} | {held:.1%} |")
     png = frontier_png(product, sets, ctx, TrainConfig.accept_rate,
                        FRONTIER_DIR / f"open_world_frontier_{model_name}.png", model_name)
