@@ -75,7 +75,8 @@ def main() -> None:
         todo.extend(nouns[node][1])
     rows = sorted(keep)
     header = ("# ImageNet-1k classes and all their WordNet 3.0 hypernyms: synset<TAB>first lemma<TAB>direct "
-              "hypernyms.\n# Written by scripts/imagenet_hierarchy.py from Debian's wordnet-base (data.noun).\n"
+              "hypernyms.\n"
+              "# Written by scripts/imagenet_hierarchy.py from Debian's wordnet-base (data.noun).\n"
               + "".join(f"# {line}\n" for line in wordnet_licence(args.copyright)))
     body = "".join(f"{n}\t{nouns[n][0]}\t{' '.join(nouns[n][1])}\n" for n in rows)
     args.output.write_text(header + body, encoding="utf-8")
