@@ -41,10 +41,17 @@ def import_graph() -> dict[str, set[str]]:
             for name in names:
                 while name and name not in files:
                     name = name.rsplit(".", 1)[0] if "." in name else ""
-                # A package's __init__ holds only a docstring here, so importing it adds no arrow.
-                if name and name != mod and files[name].name != "__init__.py":
+                # A package's __init__ that holds only a docstring adds no arrow; one that re-exports
+                # names (the config package) is a module like any other.
+                if name and name != mod and (files[name].name != "__init__.py" or _imports(files[name])):
                     graph[mod].add(name)
     return graph
+
+
+def _imports(path: Path) -> bool:
+    """True when a module's top level imports anything (beyond ``from __future__``)."""
+    return any(isinstance(n, ast.Import | ast.ImportFrom) and getattr(n, "module", "") != "__future__"
+               for n in ast.parse(path.read_text()).body)
 
 
 def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
@@ -129,5 +136,13 @@ def test_cli_start_imports_neither_torch_nor_spark_nor_mlflow() -> None:
     code = ("import sys, catsdogs.cli; "
             "print(sorted(m for m in ('torch', 'pyspark', 'mlflow', 'openvino', 'onnxruntime') "
             "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_importing_the_config_imports_neither_numpy_nor_pil_nor_torch() -> None:
+    """Every ``--help`` and flag error builds the config: it must not pay for the array and image stacks."""
+    code = ("import sys, catsdogs.config; "
+            "print(sorted(m for m in ('numpy', 'PIL', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

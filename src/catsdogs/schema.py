@@ -43,3 +43,11 @@ LABELS_NAME = "name"
 LABELS_FROM: tuple[str, ...] = (LABELS_AUTO, LABELS_FOLDER, LABELS_NAME)
 """Where a file's class comes from (``--labels-from``): auto, its class folder, or its name. Here, not in
 preprocess/listing.py which reads them: the config takes the choices, and serve must not reach preprocess/."""
+
+
+RESIZE_POLICIES: tuple[str, ...] = ("stretch", "crop", "pad")
+"""How a photo becomes a square: squeeze it whole, cut its centre square, or letterbox it on black."""
+DEFAULT_MAX_PIXELS = 89_478_485
+"""Images with more pixels are refused as decompression bombs (Pillow's own default limit)."""
+SHARD_FORMATS: tuple[str, ...] = ("npy", "parquet")
+"""Shard formats: NumPy ``X_part``/``y_part`` pairs, or a Parquet table (pixels, label, split) per shard."""

@@ -16,12 +16,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from catsdogs.errors import ImageDecodeError
+from catsdogs.schema import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
 
 if TYPE_CHECKING:
     import torch
 
-RESIZE_POLICIES = ("stretch", "crop", "pad")
-DEFAULT_MAX_PIXELS = 89_478_485
 DECODE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
 """Formats Pillow may parse (JPEG also yields MPO); anything else is ``not_an_image``. This keeps
 Pillow's exotic parsers (EPS shells out to Ghostscript, PSD, FITS, ...) away from untrusted uploads."""

@@ -24,8 +24,8 @@ from catsdogs.io.atomic import atomic_open
 from catsdogs.io.checksum import sha256_file
 from catsdogs.shards.manifest import ShardInfo
 
-FORMATS: tuple[str, ...] = ("npy", "parquet")
-"""Shard formats every reader understands."""
+FORMATS = schema.SHARD_FORMATS
+"""Shard formats every reader understands (defined in :mod:`catsdogs.schema`)."""
 
 # pyarrow is imported inside the Parquet functions: ~0.75 s at import, and npy shards (the default)
 # and the config, which imports FORMATS on every CLI start, never need it.
