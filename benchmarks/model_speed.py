@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks._common import heavy_lock, machine, write_fragment
-from catsdogs.models.factory import count_parameters, create_model
+from catsdogs.models.factory import create_model
 from catsdogs.runtime import setup
 
 # (model, image size, extra kwargs): the configurations documented in docs/models.md.
@@ -69,7 +69,7 @@ def main() -> None:
         threads = setup(args.threads, "cpu", 0) and torch.get_num_threads()
         for name, size, kw in CONFIGS:
             model = create_model(name, 2, size, pretrained=False, **kw).to(memory_format=torch.channels_last)
-            row = (name, size, kw, count_parameters(model), gflops(model, size),
+            row = (name, size, kw, sum(p.numel() for p in model.parameters()), gflops(model, size),
                    images_per_s(model, size, 64, False), images_per_s(model, size, 1, False, reps=10),
                    images_per_s(model, size, 64, True))
             print(row, flush=True)

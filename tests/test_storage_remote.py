@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,14 @@ from tests.s3 import ENV as S3_ENV
 from tests.s3 import download_tree, make_bucket, s3_server
 
 pytestmark = pytest.mark.slow
+
+
+def _put(uri: str, data: bytes) -> None:
+    """Write ``data`` to a remote file through the product's own upload (a test's way to seed the store)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "object"
+        local.write_bytes(data)
+        storage.upload(local, uri)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +130,7 @@ def test_cache_refetches_a_damaged_copy_and_refuses_damaged_remote(s3: str, tmp_
     x0.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # a flipped bit in the cache
     assert Path(local_shards("s3a://pets/cached", tmp_path / "c", quiet=True)) == first
     assert x0.read_bytes() == good
-    storage.write_bytes("s3a://pets/cached/train/X_part_00000.npy", good[:-1])  # damaged at the source
+    _put("s3a://pets/cached/train/X_part_00000.npy", good[:-1])  # damaged at the source
     x0.unlink()
     with pytest.raises(SchemaError, match="sha256"):
         local_shards("s3a://pets/cached", tmp_path / "c", quiet=True)
@@ -147,7 +156,7 @@ def test_existing_output_and_failed_runs(spark: object, tree: tuple[Path, str], 
     remote = json.loads(storage.read_bytes(f"{out}/manifest.json"))
     assert remote["image"]["size"] == 8 and m.stats["kept"] == first.stats["kept"]
     # A prefix with files but no manifest is never replaced, and a whole bucket is never an output.
-    storage.write_bytes("s3a://pets/precious/thesis.tex", b"...")
+    _put("s3a://pets/precious/thesis.tex", b"...")
     with pytest.raises(OutputExistsError, match="manifest.json"):
         preprocess(cfg(uri, "s3a://pets/precious", overwrite=True), spark=spark, progress=False)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="whole bucket"):
@@ -159,7 +168,7 @@ def test_existing_output_and_failed_runs(spark: object, tree: tuple[Path, str], 
 def test_remote_input_errors_name_the_flag(s3: str, tmp_path: Path) -> None:
     from catsdogs.cli import main as cli_main
 
-    storage.write_bytes("s3a://pets/one/Cat/a.jpg", b"x")
+    _put("s3a://pets/one/Cat/a.jpg", b"x")
     cases = {"s3a://pets/empty": "holds no files", "s3a://pets/one": "two class subfolders",
              "s3a://pets/one/Cat/a.jpg": "is a file", "s3a://no-such-bucket/x": "--input"}
     for uri, words in cases.items():
@@ -291,7 +300,7 @@ def test_stale_remote_temp_prefixes_of_dead_runs_only_are_removed(spark: object,
              "other_host": f"st.tmp-elsewhere-{dead.pid}-cccc", "unrelated": "st.tmp-x"}
     try:
         for name in names.values():
-            storage.write_bytes(f"s3a://pets/{name}/train/X_part_00000.npy", b"half")
+            _put(f"s3a://pets/{name}/train/X_part_00000.npy", b"half")
         preprocess(cfg(uri, "s3a://pets/st"), spark=spark, progress=False)  # type: ignore[arg-type]
         left = {k for k, name in names.items() if storage.list_files(f"s3a://pets/{name}")}
         assert left == {"live", "other_host", "unrelated"}

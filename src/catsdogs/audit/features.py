@@ -250,7 +250,7 @@ def _spark_pass(root: Path, manifest: Manifest, bb: Backbone, batch_size: int, m
     Per split: the features, labels and :func:`_pixel_pass`'s lists, as the local passes return them.
     """
     from catsdogs.cluster.session import NEEDED, runtime_modules, spark_session  # lazy: pyspark
-    from catsdogs.cluster.shardjob import run_shards
+    from catsdogs.cluster.shardjob import in_shard_order, run_shards
     from catsdogs.cluster.ship import Shipment
 
     engine = bb.engine or TorchEngine(bb.model)
@@ -263,7 +263,7 @@ def _spark_pass(root: Path, manifest: Manifest, bb: Backbone, batch_size: int, m
                                 batch_size=batch_size, desc=f"audit features ({engine.name})")
     out = {}
     for split in splits:
-        parts = [results[(split, pos)] for pos in range(len(manifest.split_shards(split)))]
+        parts = in_shard_order(results, split, len(manifest.split_shards(split)))
         y = np.concatenate([r["labels"] for r in parts])
         lists = ([h for r in parts for h in r["hash"].tolist()], [float(v) for r in parts for v in r["std"]],
                  [r["tiny"] for r in parts], y.tolist(),

@@ -231,7 +231,6 @@ def run_shards(spark: SparkSession, master: str, data: str, manifest: Manifest, 
     return results, report
 
 
-def concat(results: dict[Key, Arrays], manifest: Manifest, split: str, name: str) -> np.ndarray:
-    """Array ``name`` of every shard of ``split`` in shard order (as a local in-order pass returns it)."""
-    parts = [results[(split, pos)][name] for pos in range(len(manifest.split_shards(split)))]
-    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+def in_shard_order(results: dict[Key, Arrays], split: str, shards: int) -> list[Arrays]:
+    """The per-shard results of ``split`` in shard order (tasks finish in any order; a local pass doesn't)."""
+    return [results[(split, pos)] for pos in range(shards)]

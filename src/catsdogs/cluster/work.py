@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from catsdogs.cluster.shardjob import in_shard_order
 from catsdogs.cluster.ship import EngineSpec, PredictorSpec
 from catsdogs.train.features import batch_features
 
@@ -66,7 +67,7 @@ class AnswerWork:
 def split_features(results: dict[tuple[str, int], Arrays], n_shards: int, split: str
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Features and labels of a split in shard order, mirrored rows appended (as ``extract_features``)."""
-    parts = [results[(split, pos)] for pos in range(n_shards)]
+    parts = in_shard_order(results, split, n_shards)
     if not parts:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     f = np.concatenate([p["features"] for p in parts]).astype(np.float32)

@@ -133,7 +133,3 @@ def create_engine(name: str, model: nn.Module, size: int, run: RunDir, *, thread
     engine.fp32_sha256, engine.graph_sha256 = digest, engine_digest
     return engine
 
-
-def int8_digest(run: RunDir) -> str:
-    """The digest of the cached int8 graph ('' when there is none)."""
-    return str(graph.read_metadata(run.int8_graph).get("graph_sha256", ""))

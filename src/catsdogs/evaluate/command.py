@@ -122,7 +122,7 @@ def spark_predict_split(cfg: EvaluateConfig, predictor: Predictor, source: str, 
     passed here) and send back only the answers, so the result is the one :func:`predict_split` gives.
     """
     from catsdogs.cluster.session import NEEDED, runtime_modules, spark_session  # lazy: pyspark
-    from catsdogs.cluster.shardjob import run_shards
+    from catsdogs.cluster.shardjob import in_shard_order, run_shards
     from catsdogs.cluster.ship import Shipment
     from catsdogs.cluster.work import AnswerWork
 
@@ -133,7 +133,7 @@ def spark_predict_split(cfg: EvaluateConfig, predictor: Predictor, source: str, 
         work = AnswerWork(shipment.predictor(predictor, cfg.threads))
         results, _ = run_shards(spark, cfg.master, data, manifest, (cfg.split,), work,
                                 batch_size=cfg.batch_size, desc=f"evaluate {cfg.split}")
-    parts = [results[(cfg.split, pos)] for pos in range(len(manifest.split_shards(cfg.split)))]
+    parts = in_shard_order(results, cfg.split, len(manifest.split_shards(cfg.split)))
     return Predictions(
         probs=np.concatenate([r["probs"] for r in parts]),
         labels=np.concatenate([r["labels"] for r in parts]),

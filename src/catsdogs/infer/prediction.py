@@ -110,17 +110,3 @@ class Prediction:
                         looks_like=[(str(c["concept"]), float(c["probability"]))
                                     for c in record.get("looks_like") or []])
         return cls(path=record["path"], answer=answer, classes=classes)
-
-    def __getattr__(self, name: str) -> Any:
-        """Further answer fields by name (e.g. ``prediction.looks_like`` once the predictor answers it)."""
-        if name.startswith("_") or name in ("answer", "classes"):
-            raise AttributeError(name)
-        answer = self.__dict__.get("answer")
-        if answer is not None and hasattr(answer, name):
-            return getattr(answer, name)
-        raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
-
-
-def predictions(names: Sequence[str], answers: Any, classes: Sequence[str]) -> list[Prediction]:
-    """One :class:`Prediction` per row of a batch's :class:`~catsdogs.infer.predictor.Answers`."""
-    return [Prediction(path=name, answer=answers[k], classes=tuple(classes)) for k, name in enumerate(names)]

@@ -170,7 +170,7 @@ class Predictor:
         norm = state[ckpt.CKPT_NORM]
         # Keep only small metadata: the weights now live in the model.
         meta = {k: v for k, v in state.items() if k not in (ckpt.CKPT_MODEL_STATE, "optimizer",
-                                                              "scheduler", "ema_state", "rng")}
+                                                              "ema_state", "rng", "progress")}
         meta.pop(ckpt.CKPT_OOD, None)  # held by the detector
         size, mean, std = int(state[ckpt.CKPT_IMAGE]["size"]), tuple(norm["mean"]), tuple(norm["std"])
         # Built at the first answer, not here: a user error found after loading (a wrong --data, say)

@@ -207,14 +207,6 @@ def _make_parent(loc: Location) -> None:
         loc.fs.create_dir(loc.path.rsplit("/", 1)[0] or "/", recursive=True)
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write ``data`` to a remote file (an S3 object appears only when the upload completes)."""
-    loc = locate(uri)
-    _make_parent(loc)
-    with loc.fs.open_output_stream(loc.path) as fh:
-        fh.write(data)
-
-
 def upload(local: str | Path, uri: str) -> None:
     """Stream a local file to ``uri`` in :data:`CHUNK_BYTES` pieces, then check the stored size.
 

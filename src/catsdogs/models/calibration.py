@@ -48,16 +48,3 @@ def fit_temperature(logits: np.ndarray | torch.Tensor, labels: np.ndarray | torc
             b = lo + g * (hi - lo)
             fb = nll(z, y, math.exp(b))
     return float(math.exp((lo + hi) / 2.0))
-
-
-def temper_probabilities(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Apply ``T`` to probabilities ``(n, C)`` (for backends that output probabilities, e.g. ONNX).
-
-    ``softmax(log p / T)`` equals ``softmax(z / T)``, and ``sigmoid(z / T)`` for one logit.
-    """
-    if temperature == 1.0 or len(probs) == 0:
-        return probs
-    lp = np.log(np.clip(probs.astype(np.float64), 1e-12, 1.0)) / temperature
-    lp -= lp.max(axis=1, keepdims=True)
-    e = np.exp(lp)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)

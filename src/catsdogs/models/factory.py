@@ -41,7 +41,3 @@ def create_from_config(model_config: Mapping[str, Any], state: Mapping[str, Any]
         model.load_state_dict(state, strict=True)
     return model
 
-
-def count_parameters(model: nn.Module) -> int:
-    """Return the number of trainable and frozen parameters (BN running stats excluded)."""
-    return sum(p.numel() for p in model.parameters())

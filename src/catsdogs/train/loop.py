@@ -230,15 +230,9 @@ class Trainer:
         if last:
             state.update({
                 "optimizer": self.optimizer.state_dict(),
-                "scheduler": {"kind": self.cfg.schedule, "step": self.p.step, "total_steps": self.total_steps,
-                              "warmup_steps": self.warmup_steps},
                 "ema_state": self.ema.state_dict() if self.ema is not None else None,
                 "rng": rng_state(self.aug_gen),
-                "step": self.p.step,
-                "batches_done": self.p.batches,
-                "best": {"val_loss": self.p.best_val_loss, "val_acc": self.p.best_val_acc,
-                         "epoch": self.p.best_epoch},
-                "early_stopping": {"bad_epochs": self.p.bad_epochs, "patience": self.cfg.patience},
+                "step": self.p.step,  # also in progress; said at the top for people reading last.pt
                 "progress": dataclasses.asdict(self.p),
             })
             if self.ema is not None:
