@@ -30,9 +30,9 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from catsdogs import __version__
@@ -62,6 +61,7 @@ from catsdogs.serve.connections import uvicorn_config
 from catsdogs.serve.disclosure import public, public_report
 from catsdogs.serve.docs import create_documented_app
 from catsdogs.serve.metrics import CONTENT_TYPE, METRICS_PATH, MetricsMiddleware, ServeMetrics
+from catsdogs.serve.schemas import ERROR_RESPONSES, BatchItemOut, ErrorBody, PredictionOut, multipart_body
 from catsdogs.serve.security import install_security
 from catsdogs.serve.uploads import ApiError, Part, parse_multipart, read_body
 from catsdogs.track.registry import local_run
@@ -81,83 +81,6 @@ openvino-int8 --component-samples 40``)."""
 EXPLAIN_SIDE = 640
 """Longest side of the overlay returned by ``/predict?explain=true``, in pixels: the page shows it at most
 ~600 px wide, and a full-size overlay of a 12 MP photo would be a ~20 MB base64 string."""
-
-
-class ErrorBody(BaseModel):
-    """A refused request."""
-
-    error: str
-    detail: str
-
-
-class ExplanationOut(BaseModel):
-    """A Grad-CAM heatmap of what drove the answer, overlaid on the photo."""
-
-    label: str
-    """The class explained (the most probable one)."""
-    overlay_png: str
-    """The photo with the heatmap overlaid: a base64 PNG, longest side at most 640 px."""
-    width: int
-    height: int
-
-
-class ConceptOut(BaseModel):
-    """An ImageNet concept an "unknown" photo looks like."""
-
-    concept: str
-    """ImageNet class name, e.g. ``badger``."""
-    probability: float
-    """Its ImageNet probability (0..1)."""
-
-
-class PredictionOut(BaseModel):
-    """The prediction for one image."""
-
-    label: str
-    """A class name, or ``unknown`` when the run's detector finds the photo unlike every class."""
-    probability: float
-    """Probability of the most likely class (also for ``unknown``)."""
-    probabilities: dict[str, float]
-    ood_score: float | None = None
-    """Out-of-distribution score (higher = less like the training photos); null without a detector."""
-    looks_like: list[ConceptOut] = []
-    """The ImageNet concepts the photo looks like, most likely first: for ``unknown``, what it shows
-    instead; for a class, a strong concept no class owns ("hamster"), usually none. Empty for runs
-    trained without ImageNet weights."""
-    model: dict[str, Any]
-    explanation: ExplanationOut | None = None
-
-
-class BatchItemOut(BaseModel):
-    """One file of a batch: a prediction, or the error that file got."""
-
-    filename: str | None = None
-    label: str | None = None
-    probability: float | None = None
-    probabilities: dict[str, float] | None = None
-    ood_score: float | None = None
-    looks_like: list[ConceptOut] | None = None
-    error: str | None = None
-    detail: str | None = None
-
-
-def _multipart_body(field: str, many: bool) -> dict[str, Any]:
-    """OpenAPI requestBody for hand-parsed multipart uploads (shown as a file picker in /docs)."""
-    binary: dict[str, Any] = {"type": "string", "format": "binary"}
-    prop = {"type": "array", "items": binary} if many else binary
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": [field], "properties": {field: prop}}}}}}
-
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody, "description": text} for code, text in (
-        (400, "Not a usable image (empty_file, not_an_image, corrupt, decompression_bomb, missing_file)"),
-        (413, "Body larger than --max-bytes, or too many files"),
-        (415, "Body is not multipart/form-data, or the part is not an image type"),
-        # FastAPI would document its own 422 body; every refusal here is {"error", "detail"}.
-        (422, "A query parameter is invalid (invalid_request), e.g. explain=maybe"),
-    )
-}
 
 
 @dataclass
@@ -251,6 +174,31 @@ def _error(status: int, error: str, detail: str) -> JSONResponse:
 def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
     """Build the app; the model is ``predictor`` or loaded once from ``cfg.run`` in the lifespan."""
     metrics = ServeMetrics()
+    app = create_documented_app(
+        title="catsdogs", version=__version__, lifespan=_lifespan(cfg, predictor, metrics),
+        description="Classify photos with a trained catsdogs run. Upload an image as multipart "
+                    "form field `file` (or several as `files` for /predict/batch).")
+    _add_error_handlers(app)
+    install_security(app, cfg)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)  # outermost
+    _prediction_routes(app, cfg)
+    _info_routes(app, cfg, metrics)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/index.html", include_in_schema=False)
+    async def index_html() -> RedirectResponse:
+        return RedirectResponse("/")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _lifespan(cfg: ServeConfig, predictor: Backend | None, metrics: ServeMetrics
+              ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The app's lifespan: load and warm the model, start the batcher and pools; stop them at the end."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -281,20 +229,18 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
             pool.shutdown(wait=False, cancel_futures=True)
             explain_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = create_documented_app(
-        title="catsdogs", version=__version__, lifespan=lifespan,
-        description="Classify photos with a trained catsdogs run. Upload an image as multipart "
-                    "form field `file` (or several as `files` for /predict/batch).")
-    _add_error_handlers(app)
-    install_security(app, cfg)
-    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)  # outermost
+    return lifespan
+
+
+def _prediction_routes(app: FastAPI, cfg: ServeConfig) -> None:
+    """``POST /predict`` and ``POST /predict/batch``."""
 
     async def read_parts(request: Request) -> list[Part]:
         body = await read_body(request, cfg.max_bytes, cfg.body_timeout_s, cfg.drain_bytes)
         return parse_multipart(body, request.headers.get("content-type", ""))
 
-    @app.post("/predict", response_model=PredictionOut, responses=_ERRORS,
-              openapi_extra=_multipart_body("file", many=False))
+    @app.post("/predict", response_model=PredictionOut, responses=ERROR_RESPONSES,
+              openapi_extra=multipart_body("file", many=False))
     async def predict(request: Request, explain: bool = False) -> JSONResponse:
         """Classify one image sent as multipart field ``file``; ``explain=true`` adds a heatmap overlay."""
         start = time.perf_counter()
@@ -311,8 +257,8 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
             timing["explain"] = time.perf_counter() - t0
         return JSONResponse(out, headers={"Server-Timing": server_timing(timing, start)})
 
-    @app.post("/predict/batch", response_model=list[BatchItemOut], responses=_ERRORS,
-              openapi_extra=_multipart_body("files", many=True))
+    @app.post("/predict/batch", response_model=list[BatchItemOut], responses=ERROR_RESPONSES,
+              openapi_extra=multipart_body("files", many=True))
     async def predict_batch(request: Request) -> JSONResponse:
         """Classify several images (multipart field ``files``); a bad file gets an error entry."""
         serving: Serving = request.app.state.serving
@@ -329,6 +275,10 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
                 return {"filename": part.filename, "error": exc.error, "detail": exc.detail}
 
         return JSONResponse(list(await asyncio.gather(*(one(p) for p in parts))))
+
+
+def _info_routes(app: FastAPI, cfg: ServeConfig, metrics: ServeMetrics) -> None:
+    """``/healthz``, ``/model``, ``/stats``, ``/metrics`` and ``/report``."""
 
     @app.get("/healthz")
     async def healthz(request: Request) -> dict[str, Any]:
@@ -373,17 +323,6 @@ def create_app(cfg: ServeConfig, predictor: Backend | None = None) -> FastAPI:
             return _error(404, "no_report", "this run has no evaluation report yet; run 'catsdogs evaluate' "
                                             "on it to write one")
         return HTMLResponse(public_report(page))  # the paths it records, as names
-
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
-
-    @app.get("/index.html", include_in_schema=False)
-    async def index_html() -> RedirectResponse:
-        return RedirectResponse("/")
-
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    return app
 
 
 def _add_error_handlers(app: FastAPI) -> None:
