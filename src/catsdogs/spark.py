@@ -17,9 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from tqdm import tqdm
-
 from catsdogs.io.storage import ENDPOINT_ENV, REGION_ENV
+from catsdogs.progress import progress_bar
 
 if TYPE_CHECKING:
     from pyspark import SparkContext
@@ -177,8 +176,8 @@ class TaskProgress:
         self._per_task = total / max(tasks, 1)
         self._tasks = tasks
         self._stop = threading.Event()
-        self.bar = tqdm(total=total, unit="img", desc=desc, file=sys.stderr, mininterval=0.5,
-                        dynamic_ncols=True, smoothing=0.1)
+        self.bar = progress_bar(total=total, unit="img", desc=desc, file=sys.stderr, mininterval=0.5,
+                                dynamic_ncols=True, smoothing=0.1)
         self._thread = threading.Thread(target=self._poll, name=f"{desc}-progress", daemon=True)
 
     def _completed_tasks(self) -> int:

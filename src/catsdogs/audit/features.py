@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from catsdogs import checkpoint as ckpt
 from catsdogs import schema
@@ -36,6 +35,7 @@ from catsdogs.errors import ConfigError, InputError
 from catsdogs.models.factory import create_model
 from catsdogs.models.ood import Detector, pixel_spread
 from catsdogs.models.registry import input_normalization
+from catsdogs.progress import progress_bar
 from catsdogs.rundir import RunDir, resolve_checkpoint
 from catsdogs.shards.manifest import Manifest
 from catsdogs.shards.reader import iter_batches, load_rows
@@ -228,7 +228,8 @@ def _pixel_pass(root: Path, manifest: Manifest, split: str, batch_size: int, pro
     labels: list[int] = []
     shards: list[int] = []
     rows: list[int] = []
-    bar = tqdm(total=manifest.split_rows(split), desc=f"pixels {split}", unit="img", disable=not progress)
+    bar = progress_bar(total=manifest.split_rows(split), desc=f"pixels {split}", unit="img",
+                       disable=not progress)
     for pos, start, x, y in iter_batches(root, manifest, split, batch_size):
         h, spread, small = pixel_facts(x)
         hashes.extend(h)

@@ -16,7 +16,8 @@ from cleanlab.filter import find_label_issues
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
-from tqdm import tqdm
+
+from catsdogs.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ def out_of_fold_probs(features: np.ndarray, labels: np.ndarray, num_classes: int
     if k < folds:
         log.warning("only %d images in the smallest class: %d folds instead of %d", smallest, k, folds)
     splits = StratifiedKFold(k, shuffle=True, random_state=seed).split(features, labels)
-    for fit_idx, held_idx in tqdm(splits, total=k, desc="K-fold heads", unit="fold", disable=not progress):
+    folds = progress_bar(splits, total=k, desc="K-fold heads", unit="fold", disable=not progress)
+    for fit_idx, held_idx in folds:
         scaler = StandardScaler().fit(features[fit_idx])
         clf = LogisticRegression(C=c, max_iter=MAX_ITER, random_state=seed)
         clf.fit(scaler.transform(features[fit_idx]), labels[fit_idx])

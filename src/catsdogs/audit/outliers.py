@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from catsdogs.models.ood import KNN_K, Detector, calibrate_threshold, fit_detector
+from catsdogs.progress import progress_bar
 
 METHOD = "knn"
 """Method of the detector the audit fits itself: the train default (it rejected every generated non-pet
@@ -77,7 +77,7 @@ def score(detector: Detector, features: np.ndarray, in_bank: np.ndarray, chunk_r
         raise ValueError(f"the audit scores features; a {detector.method!r} detector needs the run's logits")
     out = np.zeros(len(features), dtype=np.float64)
     empty = torch.zeros(0, 0)
-    bar = tqdm(total=len(features), desc="outliers", unit="img", disable=not progress)
+    bar = progress_bar(total=len(features), desc="outliers", unit="img", disable=not progress)
     for start in range(0, len(features), chunk_rows):
         f = torch.from_numpy(np.ascontiguousarray(features[start:start + chunk_rows], dtype=np.float32))
         own = torch.from_numpy(np.asarray(in_bank[start:start + chunk_rows], dtype=bool))

@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 import numpy as np
-from tqdm import tqdm
+
+from catsdogs.progress import progress_bar
 
 
 def unit_rows(x: np.ndarray, center: np.ndarray | None = None) -> np.ndarray:
@@ -32,7 +33,7 @@ def topk(query: np.ndarray, base: np.ndarray, k: int, chunk_rows: int, same: np.
     sim = np.zeros((n, k), dtype=np.float32)
     if k == 0:
         return idx, sim
-    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress)
+    bar = progress_bar(total=n, desc=desc, unit="img", disable=not progress)
     for start in range(0, n, chunk_rows):
         s = query[start:start + chunk_rows] @ base.T  # (chunk, len(base)): the only large array
         rows = np.arange(len(s))

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from catsdogs import schema
 from catsdogs.io import storage
+from catsdogs.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ def input_folder(root: Path) -> Path | None:
 def original_sizes(folder: Path, paths: np.ndarray, progress: bool = True) -> np.ndarray:
     """Return ``(n, 2)`` width and height from each file's header; ``(0, 0)`` where unreadable."""
     sizes = np.zeros((len(paths), 2), dtype=np.int64)
-    for i, rel in enumerate(tqdm(paths.tolist(), desc="original sizes", unit="img", disable=not progress)):
+    named = progress_bar(paths.tolist(), desc="original sizes", unit="img", disable=not progress)
+    for i, rel in enumerate(named):
         try:
             with Image.open(folder / rel) as img:
                 sizes[i] = img.size

@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from tqdm import tqdm
-
 from catsdogs.download.source import DATA_DIR, MAX_UNPACKED_BYTES
 from catsdogs.errors import ArchiveError, DiskFullError
 from catsdogs.io.atomic import atomic_open
 from catsdogs.io.outputs import LocalOutput
+from catsdogs.progress import progress_bar
 
 CHUNK_BYTES = 1 << 20
 """Copy size while inflating members (1 MiB)."""
@@ -153,7 +152,7 @@ def unpack(archive: Path, output: Path, max_bytes: int = MAX_UNPACKED_BYTES,
         target = LocalOutput(output / DATA_DIR, overwrite=False)
         written = 0
         try:
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="unpack",
+            with progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="unpack",
                       file=sys.stderr, disable=not progress, mininterval=0.5, dynamic_ncols=True) as bar:
                 for member in members:
                     if member.parts[0] == DATA_DIR:

@@ -26,6 +26,7 @@ from catsdogs import __version__
 from catsdogs.download.source import ENV_URL, Source
 from catsdogs.errors import ChecksumError, DiskFullError, DownloadError
 from catsdogs.io.checksum import sha256_file
+from catsdogs.progress import progress_bar
 
 CHUNK_BYTES = 1 << 20
 """Read and write size (1 MiB): few system calls per second at any line speed, little memory."""
@@ -184,8 +185,9 @@ def fetch(source: Source, dest: Path, progress: bool = True) -> Path:
     part = dest.with_name(dest.name + PART_SUFFIX)
     wait = RETRY_WAIT_S
     try:
-        with tqdm(total=source.size or None, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                  desc="download", disable=not progress, mininterval=0.5, dynamic_ncols=True) as bar:
+        with progress_bar(total=source.size or None, unit="B", unit_scale=True, unit_divisor=1024,
+                          file=sys.stderr, desc="download", disable=not progress, mininterval=0.5,
+                          dynamic_ncols=True) as bar:
             for attempt in range(1, ATTEMPTS + 1):
                 try:
                     _attempt(source, part, bar)

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from catsdogs.engines.graph import INPUT_NAME
+from catsdogs.progress import progress_bar
 from catsdogs.runtime import cores
 
 CALIBRATION_METHOD = "minmax-streaming"
@@ -67,7 +67,7 @@ def tensor_ranges(fp32_path: Path, batches: Iterable[np.ndarray], total: int = 0
         ports = {compiled.output(name): name for name in names}
         low = {n: np.inf for n in names}
         high = {n: -np.inf for n in names}
-        bar = tqdm(total=total or None, desc="int8 calibration", unit="img", file=sys.stderr)
+        bar = progress_bar(total=total or None, desc="int8 calibration", unit="img", file=sys.stderr)
         seen = 0
         for batch in batches:
             for i in range(0, len(batch), CALIBRATION_CHUNK):

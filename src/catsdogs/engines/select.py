@@ -12,13 +12,13 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from catsdogs.engines import guard
 from catsdogs.engines.base import Engine
 from catsdogs.engines.batches import SplitImages
 from catsdogs.engines.factory import Calibration, EngineUnavailable, create_engine
 from catsdogs.engines.names import MAX_DROP_PT, is_quantized, runtime_of
+from catsdogs.progress import progress_bar
 from catsdogs.rundir import RunDir
 
 
@@ -26,7 +26,7 @@ def split_features(engine: Engine, batches: Iterable[tuple[np.ndarray, np.ndarra
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Run ``engine`` over ``(x, y)`` batches; return all features and labels (progress on stderr)."""
     labels: list[np.ndarray] = []
-    bar = tqdm(desc=f"int8 check: validation ({engine.name})", unit="img", file=sys.stderr)
+    bar = progress_bar(desc=f"int8 check: validation ({engine.name})", unit="img", file=sys.stderr)
 
     def images() -> Iterator[np.ndarray]:
         for x, y in batches:
@@ -46,8 +46,8 @@ def split_features(engine: Engine, batches: Iterable[tuple[np.ndarray, np.ndarra
 def reference_features(reference: Engine, images: SplitImages) -> Callable[[np.ndarray], np.ndarray]:
     """``index -> fp32 features`` of those validation rows, with a progress bar per call."""
     def run(index: np.ndarray) -> np.ndarray:
-        bar = tqdm(total=len(index), desc=f"int8 check: chosen validation images ({reference.name})",
-                   unit="img", file=sys.stderr)
+        bar = progress_bar(total=len(index), desc=f"int8 check: chosen validation images ({reference.name})",
+                           unit="img", file=sys.stderr)
 
         def counted() -> Iterator[np.ndarray]:
             for x in images.take(index):

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from catsdogs import schema
 from catsdogs.checkpoint import CKPT_TRAIN_CONFIG
@@ -43,6 +42,7 @@ from catsdogs.infer.predictor import Predictor
 from catsdogs.io import storage
 from catsdogs.io.atomic import atomic_write_text
 from catsdogs.io.checksum import sha256_file
+from catsdogs.progress import progress_bar
 from catsdogs.rundir import EVAL_DIR, EVAL_METRICS_NAME, REPORT_NAME, RunDir, read_history
 from catsdogs.shards.cache import cache_folder, fetch_manifest, local_shards, partial_copy
 from catsdogs.shards.manifest import Manifest, load_manifest
@@ -91,7 +91,7 @@ def predict_split(predictor: Any, root: Path, manifest: Manifest, split: str, ba
     """
     n_batches = sum(math.ceil(s.rows / batch_size) for s in manifest.split_shards(split))
     probs, raw, scores, known, labels, shard, row = [], [], [], [], [], [], []
-    with tqdm(total=n_batches, desc=f"evaluate {split}", unit="batch", disable=not progress) as bar:
+    with progress_bar(total=n_batches, desc=f"evaluate {split}", unit="batch", disable=not progress) as bar:
         for pos, start, x, y in iter_batches(root, manifest, split, batch_size):
             a = predictor.answer(x, tta=tta, with_raw=True)
             probs.append(a.probs)

@@ -37,13 +37,13 @@ import torch.nn.functional as F
 from matplotlib import colormaps
 from PIL import Image
 from torch import nn
-from tqdm import tqdm
 
 from catsdogs.errors import ConfigError
 from catsdogs.infer.predictor import Predictor
 from catsdogs.io.atomic import atomic_save, atomic_write_text
 from catsdogs.models.heads import probabilities
 from catsdogs.models.transforms import load_rgb, normalize
+from catsdogs.progress import progress_bar
 
 COLORMAP = "jet"
 """Colour map of the overlays: blue = no evidence, red = most evidence (the usual Grad-CAM look)."""
@@ -231,7 +231,8 @@ def explain_files(predictor: Predictor, files: Sequence[Path], targets: Sequence
     stems = unique_stems([f for f, _ in todo])
     out.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, str]] = []
-    with tqdm(total=len(todo), unit="img", file=sys.stderr, disable=not progress, desc="explain") as bar:
+    with progress_bar(total=len(todo), unit="img", file=sys.stderr, disable=not progress,
+                      desc="explain") as bar:
         for start in range(0, len(todo), EXPLAIN_BATCH):
             batch = todo[start:start + EXPLAIN_BATCH]
             datas = [f.read_bytes() for f, _ in batch]

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
-from tqdm import tqdm
 
 from catsdogs import schema
 from catsdogs.config import PredictConfig, check_required, save_config
@@ -35,6 +34,7 @@ from catsdogs.infer.predictor import Predictor, format_looks_like
 from catsdogs.io import storage
 from catsdogs.io.atomic import atomic_open
 from catsdogs.models.transforms import DEFAULT_MAX_PIXELS
+from catsdogs.progress import progress_bar
 from catsdogs.runtime import cores
 
 CSV_COLUMNS: tuple[str, ...] = ("path", "label", "probability", "error", "ood_score", "looks_like")
@@ -174,7 +174,7 @@ def predict_files(predictor: Predictor, files: Sequence[Item], batch_size: int =
     rows: list[Prediction] = []
     classes = tuple(predictor.classes)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool, \
-            tqdm(total=len(files), unit="img", file=sys.stderr, disable=not progress,
+            progress_bar(total=len(files), unit="img", file=sys.stderr, disable=not progress,
                  desc="predict") as bar:
         chunks = _batched(files, batch_size)
         pending: deque[tuple[Sequence[Item], list[Future[np.ndarray | str]]]] = deque()

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from catsdogs.engines.base import Engine
 from catsdogs.engines.batches import normalized, prefetched
 from catsdogs.engines.eager import TorchEngine
+from catsdogs.progress import progress_bar
 from catsdogs.shards.manifest import Manifest
 from catsdogs.shards.reader import iter_batches
 
@@ -58,7 +58,7 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
     feats: np.ndarray | None = None
     flipped: np.ndarray | None = None
     labels = np.zeros(total, np.int64)
-    bar = tqdm(total=total, desc=f"{desc} {split} ({engine.name})", unit="img", disable=not progress,
+    bar = progress_bar(total=total, desc=f"{desc} {split} ({engine.name})", unit="img", disable=not progress,
                file=sys.stderr)
 
     def inputs() -> Iterator[np.ndarray]:

@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from catsdogs import checkpoint as ckpt
 from catsdogs.checkpoint import build_checkpoint, build_from_checkpoint, load_checkpoint, save_checkpoint
@@ -47,6 +46,7 @@ from catsdogs.models.factory import create_model
 from catsdogs.models.heads import log_probs, loss_fn, predictions
 from catsdogs.models.registry import input_normalization
 from catsdogs.models.transforms import hflip, normalize
+from catsdogs.progress import progress_bar
 from catsdogs.rundir import MetricsLog, RunDir
 from catsdogs.runtime import setup
 from catsdogs.shards.cache import local_shards
@@ -321,8 +321,8 @@ class Trainer:
             t0 = time.perf_counter() - p.seconds
             t_session, seen_session = time.perf_counter(), 0
             total = self.steps_per_epoch[e]
-            bar = tqdm(total=total, initial=p.batches, desc=f"epoch {e + 1}/{cfg.epochs}", unit="batch",
-                       disable=None if self.is_main else True, leave=False, file=sys.stderr)
+            bar = progress_bar(total=total, initial=p.batches, desc=f"epoch {e + 1}/{cfg.epochs}",
+                               unit="batch", disable=not self.is_main, leave=False, file=sys.stderr)
             for x, y in self._batches(e):
                 loss_sum, correct = self.train_step(x, y)
                 p.loss_sum += loss_sum
