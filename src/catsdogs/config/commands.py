@@ -80,9 +80,8 @@ class PreprocessConfig(Config):
     master: str = "local[*]"
     """Spark master URL: local[*], spark://host:7077, yarn, k8s://..."""
     read_threads: int = setting(16, gt=0)
-    """Concurrent file reads per Spark task for s3a:// or hdfs:// input, which wait on network round
-    trips, not the CPU: with 20 ms added per request, 16 threads ran 3.8x faster than 1
-    (docs/benchmarks/remote_storage.md). Local input is read by one thread."""
+    """Concurrent file reads per Spark task for s3a:// or hdfs:// input, which waits on round trips
+    (docs/benchmarks/remote_storage.md); local input is read by one thread."""
     max_pixels: int = setting(schema.DEFAULT_MAX_PIXELS, gt=0)
     """Images with more pixels than this are skipped as decompression bombs (Pillow's default)."""
     max_skip_frac: float = setting(0.5, ge=0.0, lt=1.0)
@@ -155,14 +154,11 @@ class TrainConfig(EngineConfig, ComputeConfig, TrackingConfig):
     """Record that images the out-of-distribution detector rejects are answered "unknown" (evaluate,
     predict and serve follow it unless --reject/--no-reject). The detector is fitted either way."""
     ood_method: str = setting("auto", choices=OOD_CHOICES)
-    """Out-of-distribution detector fitted on train features: auto (concepts for the ImageNet models,
-    knn for those trained from scratch), concepts (the ImageNet concepts the training images occupy),
-    knn, mahalanobis or energy; compared on real data in docs/models.md."""
+    """Out-of-distribution detector fitted on train features: auto is concepts (what the photo shows and
+    how it looks) for the ImageNet models, knn for those trained from scratch (docs/models.md)."""
     accept_rate: float = setting(0.995, gt=0.0, le=1.0)
-    """Share of validation images the detector's threshold accepts (the rest would be "unknown"): the
-    trade of real pets refused against other things let through. At 0.995 the default preset refused
-    0.4 % of test photos and 0.5 % of other people's pet photos; 0.99 refused 1.2 % and 13 %
-    (docs/models.md)."""
+    """Share of validation images the detector's threshold accepts (the rest would be "unknown"): real
+    pets refused against other things let through (docs/models.md)."""
     seed: int = 0
     """Seed of weights init, data order and augmentation."""
     workers: int = setting(0, ge=0)
@@ -219,8 +215,7 @@ class EvaluateConfig(InferenceConfig, SparkConfig, TrackingConfig):
     out: str = setting("", path=LOCAL)
     """Folder for the report (default: RUN/eval)."""
     batch_size: int = setting(64, gt=0)
-    """Images per forward pass. Activations grow with it: with 256, `make run` of effnet_lite12 at
-    260 px peaked at 8 GB RSS; with 64 at 2.5 GB (docs/models.md)."""
+    """Images per forward pass; memory grows with it (docs/models.md)."""
     checkpoint: str = rundir.BEST_CKPT
     """Checkpoint file name inside the run folder."""
     grid: int = setting(16, gt=0)
@@ -265,21 +260,15 @@ class ServeConfig(InferenceConfig, TrackingConfig):
     max_bytes: int = setting(10 * 1024 * 1024, gt=0)
     """Largest accepted upload in bytes (larger gets 413)."""
     drain_bytes: int = setting(100 * 1024 * 1024, ge=0)
-    """Largest upload over --max-bytes still read to its end (and thrown away, chunk by chunk) before the
-    413, so clients that send the whole body before reading the answer (Python's urllib, requests) get
-    the JSON refusal instead of a reset connection; a larger one is cut off at once (0: every one is).
-    100 MiB covers a 50 MB camera RAW or short video sent by mistake; draining keeps no memory, takes
-    0.12 s for 100 MiB from urllib on loopback (2 cores) and is bounded in time by --body-timeout-s."""
+    """Largest upload over --max-bytes still read to its end (and thrown away) before the 413, so clients
+    that send the whole body first get the JSON refusal, not a reset (0: none is; docs/security.md)."""
     max_pixels: int = setting(40_000_000, gt=0)
     """Images with more pixels are rejected (400): 40 MP admits usual camera and phone photos while
     capping a hostile PNG's decode memory per request (~0.5 GB; Pillow's 89 MP default allows ~1 GB)."""
     max_batch: int = setting(32, gt=0)
     """Largest micro-batch of concurrent requests run as one forward pass."""
     batch_wait_ms: float = setting(2.0, ge=0.0)
-    """How long the batcher waits for more requests once one is queued, in milliseconds. 6 ms was tried
-    on the default preset at c=16 (0.86x and 0.64x of the engine's rate in two runs, against 0.77x and
-    0.73x with 2 ms; ``python -m benchmarks.serve --run RUN --requests 150 --seconds 15 --threads 0
-    --backends openvino-int8 --batch-wait-ms 6``): within the noise of a 15 s load test, so 2 stays."""
+    """How long the batcher waits for more requests once one is queued, in milliseconds."""
     max_files: int = setting(64, gt=0)
     """Most files accepted by one /predict/batch request (more gets 413)."""
     workers: int = setting(0, ge=0)
@@ -292,9 +281,8 @@ class ServeConfig(InferenceConfig, TrackingConfig):
     insecure: bool = False
     """Allow a non-loopback --host without an API key: anyone who reaches the port can use the API."""
     rate_limit: int = setting(100, ge=0)
-    """Requests per second per client (more get 429; /healthz is exempt; 0 = no limit). 100/s is an
-    eighth of the 822 req/s measured at 16 clients on 2 cores (docs/benchmarks/serve.md): one client
-    cannot take all the cores."""
+    """Requests per second per client (more get 429; /healthz is exempt; 0 = no limit), so one client
+    cannot take all the cores (docs/benchmarks/serve.md)."""
     max_uploads: int = setting(32, ge=0)
     """Concurrent uploads (POST requests in progress) per client; more get 429 (0 = no limit). 32 lets
     one client fill one default --max-batch micro-batch and caps its buffered uploads at 32 x --max-bytes."""
@@ -401,8 +389,7 @@ class AuditConfig(SparkConfig):
     EfficientNet-Lite0 ImageNet weights and a detector fitted here)."""
     size: int = setting(0, ge=0)
     """Side the backbone sees, resized in torch from the shards (0 = 180 px for the ImageNet backbone,
-    the run's size with --run). On the dev data 180 px found 87 % of injected label flips with 451
-    suspects flagged, the shards' 64 px 74 % with 1,654, mostly clean (docs/audit.md)."""
+    the run's size with --run; docs/audit.md)."""
     batch_size: int = setting(64, gt=0)
     """Images per forward pass of the feature extractor."""
     threads: int = setting(0, ge=0)
@@ -413,9 +400,7 @@ class AuditConfig(SparkConfig):
     """Inverse L2 strength of the K-fold logistic heads on standardised features."""
     dup_threshold: float = setting(0.94, gt=0.0, le=1.0)
     """Cosine similarity of two images' tiny descriptors (8 x 8 RGB, mean-centred) at or above which they
-    are near duplicates. On 30 copies injected into the 18,000 dev images, 0.94 found every re-encode
-    and downscale and 7 of 10 crops with 26 other pairs reported (0.92: all 30, 77 others, most of
-    them look-alikes, not copies); docs/audit.md."""
+    are near duplicates (docs/audit.md)."""
     dup_neighbours: int = setting(5, gt=0)
     """Most near duplicates reported per image (the nearest ones), so a cluster of k copies costs
     O(k) pairs per member, not O(k^2) output."""
@@ -423,9 +408,8 @@ class AuditConfig(SparkConfig):
     """Rows per block of the chunked similarity product: memory is chunk_rows x images x 4 bytes
     (75 MB for 18,000 images)."""
     accept_rate: float = setting(0.99, gt=0.0, le=1.0)
-    """Outliers: share of validation images the audit's kNN detector (fitted on train) accepts; the images
-    scoring above it are reported (on the dev data: 152 flagged, 18 of the top 20 non-pets,
-    docs/audit.md). Not used with a --run detector, whose own threshold is."""
+    """Outliers: share of validation images the audit's kNN detector (fitted on train) accepts; those
+    scoring above it are reported. A --run detector uses its own threshold."""
     blank_std: float = setting(8.0, ge=0.0)
     """Images whose pixel standard deviation (0..255 units, shard pixels) is below this are
     near-blank."""
