@@ -141,11 +141,8 @@ def executor_data(cfg: TrainConfig) -> str:
     return cfg.data if storage.is_remote(cfg.data) else str(Path(cfg.data).resolve())
 
 
-def _train_frozen(cfg: TrainConfig, size: int | None = None, spark: SparkSession | None = None,
-                  cache_splits: tuple[str, ...] = ()) -> dict[str, float]:
-    """:func:`train_frozen` itself; with ``spark``, the feature passes run there."""
-    t0 = time.perf_counter()
-    device = setup(cfg.threads, cfg.device, cfg.seed)
+def _open_shards(cfg: TrainConfig, spark: SparkSession | None) -> tuple[Path, Manifest]:
+    """The local shards folder and its manifest (on Spark with remote shards, only the calibration copy)."""
     if spark is not None and storage.is_remote(cfg.data):
         # The executors read the shards; the driver copies only what int8 calibration reads.
         manifest = fetch_manifest(cfg.data)
@@ -155,6 +152,53 @@ def _train_frozen(cfg: TrainConfig, size: int | None = None, spark: SparkSession
         manifest = load_manifest(data)
     if manifest.split_rows("train") == 0:
         raise InputError(f"shards {cfg.data!r} have no train rows (fix --data)")
+    return data, manifest
+
+
+def _guard_int8(cfg: TrainConfig, model: nn.Module, data: Path, manifest: Manifest, mean: tuple[float, ...],
+                std: tuple[float, ...], device: torch.device, engine: Engine, feats: dict[str, Any],
+                head: tuple[torch.Tensor, torch.Tensor, dict[str, float]], spark: SparkSession | None,
+                size: int, run: RunDir) -> tuple[GuardResult, Engine, dict[str, Any],
+                                                  tuple[torch.Tensor, torch.Tensor, dict[str, float]]]:
+    """The int8 guard: the head on fp32 validation features must score within --int8-max-drop.
+
+    Returns the guard's record and the engine, features and head to keep: the int8 ones when it passes,
+    else the fp32 reference's, refitted.
+    """
+    w, b, metrics = head
+    # The guard: the same head on fp32 validation features must score within --int8-max-drop. Only
+    # the images whose prediction could flip run in fp32 (engines/guard.py: screened_check); on Spark
+    # the executors compute every validation image's (the driver may hold no validation shard).
+    reference = create_engine(runtime_of(engine.name), model, size, run, threads=cfg.threads,
+                              fp32_sha256=engine.fp32_sha256)
+    ref_val: tuple[np.ndarray, np.ndarray] | None = None
+    if spark is not None:
+        ref_val = features_of(cfg, model, data, manifest, mean, std, device, reference, {"val": False},
+                              spark, size)["val"]
+        fp32_val = ref_val[0]
+        fp32_features: Callable[[np.ndarray], np.ndarray] = lambda index: fp32_val[index]  # noqa: E731
+    else:
+        fp32_features = reference_features(reference, SplitImages(data, manifest, "val", mean, std,
+                                                                  cfg.batch_size, size))
+    record = screened_check(engine.name, linear(w, b), *feats["val"], fp32_features, cfg.int8_max_drop)
+    log.info("int8 guard: val acc %.4f (int8) vs %.4f (fp32), %d of %d images in fp32",
+             record.int8_acc, record.fp32_acc, record.fp32_rows, record.rows)
+    if not record.passed:
+        print(record.refusal(), file=sys.stderr)
+        feats = frozen_features(cfg, model, data, manifest, mean, std, device, reference, ref_val, spark,
+                                size)
+        w, b, metrics = fit_head(*feats["train"], *feats["val"], num_classes=len(manifest.classes),
+                                 seed=cfg.seed)
+        engine = reference
+    return record, engine, feats, (w, b, metrics)
+
+
+def _train_frozen(cfg: TrainConfig, size: int | None = None, spark: SparkSession | None = None,
+                  cache_splits: tuple[str, ...] = ()) -> dict[str, float]:
+    """:func:`train_frozen` itself; with ``spark``, the feature passes run there."""
+    t0 = time.perf_counter()
+    device = setup(cfg.threads, cfg.device, cfg.seed)
+    data, manifest = _open_shards(cfg, spark)
     size = size or manifest.size
     num_classes = len(manifest.classes)
     model = create_model(cfg.model, num_classes, size, pretrained=True, **model_kwargs(cfg))
@@ -176,29 +220,8 @@ def _train_frozen(cfg: TrainConfig, size: int | None = None, spark: SparkSession
     clock.lap("head_seconds")
     record: GuardResult | None = None
     if is_quantized(engine.name):
-        # The guard: the same head on fp32 validation features must score within --int8-max-drop. Only
-        # the images whose prediction could flip run in fp32 (engines/guard.py: screened_check); on Spark
-        # the executors compute every validation image's (the driver may hold no validation shard).
-        reference = create_engine(runtime_of(engine.name), model, size, run, threads=cfg.threads,
-                                  fp32_sha256=engine.fp32_sha256)
-        ref_val: tuple[np.ndarray, np.ndarray] | None = None
-        if spark is not None:
-            ref_val = features_of(cfg, model, data, manifest, mean, std, device, reference, {"val": False},
-                                  spark, size)["val"]
-            fp32_val = ref_val[0]
-            fp32_features: Callable[[np.ndarray], np.ndarray] = lambda index: fp32_val[index]  # noqa: E731
-        else:
-            fp32_features = reference_features(reference, SplitImages(data, manifest, "val", mean, std,
-                                                                      cfg.batch_size, size))
-        record = screened_check(engine.name, linear(w, b), *feats["val"], fp32_features, cfg.int8_max_drop)
-        log.info("int8 guard: val acc %.4f (int8) vs %.4f (fp32), %d of %d images in fp32",
-                 record.int8_acc, record.fp32_acc, record.fp32_rows, record.rows)
-        if not record.passed:
-            print(record.refusal(), file=sys.stderr)
-            feats = frozen_features(cfg, model, data, manifest, mean, std, device, reference, ref_val, spark,
-                                    size)
-            w, b, metrics = fit_head(*feats["train"], *feats["val"], num_classes=num_classes, seed=cfg.seed)
-            engine = reference
+        record, engine, feats, (w, b, metrics) = _guard_int8(
+            cfg, model, data, manifest, mean, std, device, engine, feats, (w, b, metrics), spark, size, run)
         clock.lap("int8_check_seconds")
     # With the final engine (int8, or fp32 after a refusal), while it is compiled: for evaluate only.
     cached = {split: extract_features(model, data, manifest, split, mean, std, cfg.batch_size, device=device,
@@ -206,12 +229,7 @@ def _train_frozen(cfg: TrainConfig, size: int | None = None, spark: SparkSession
               for split in cache_splits
               if split not in ("train", "val") and manifest.split_rows(split)}
     clock.lap("cached_features_seconds")
-    head: nn.Linear = model._fc  # type: ignore[assignment]
-    if head.out_features != num_logits(num_classes) or w.shape != head.weight.shape:
-        raise RuntimeError(f"head shape {tuple(head.weight.shape)} does not match fitted {tuple(w.shape)}")
-    with torch.no_grad():
-        head.weight.copy_(w)
-        head.bias.copy_(b)
+    _install_head(model, w, b, num_classes)
     # Detector, threshold and temperature from the features already in memory: no second pass.
     val_logits = feats["val"][0] @ w.numpy().T + b.numpy()
     entries, conf_metrics = fit_confidence(cfg, num_classes, *feats["train"], feats["val"][0], val_logits,
@@ -223,6 +241,19 @@ def _train_frozen(cfg: TrainConfig, size: int | None = None, spark: SparkSession
     write_run(cfg, model.cpu().to(memory_format=torch.contiguous_format), manifest, size, mean, std,
               metrics, entries)
     checkpoint_sha256 = sha256_file(run.best)
+    _record_engine(run, engine, record, checkpoint_sha256)
+    for split, (split_feats, split_labels) in cached.items():
+        base = feature_cache.base_key(data, manifest, split, checkpoint_sha256, backend,
+                                      cfg.int8_max_drop, mean, std, size)
+        feature_cache.save(run.feature_cache(split, backend), split_feats, split_labels, base, engine)
+    clock.lap("write_seconds")
+    rows = sum(len(f[1]) for f in feats.values()) + sum(len(f[1]) for f in cached.values())
+    print(_summary(engine.name, time.perf_counter() - t0, stages, rows, record), file=sys.stderr)
+    return metrics
+
+
+def _record_engine(run: RunDir, engine: Engine, record: GuardResult | None, checkpoint_sha256: str) -> None:
+    """Key the engine's graph, and a passed int8 guard, to the checkpoint just written."""
     # evaluate, predict and serve load this checkpoint: its graph is the one on disk, no tracing needed.
     record_checkpoint(run, engine.fp32_sha256, checkpoint_sha256)
     if record is not None and record.passed:
@@ -230,18 +261,27 @@ def _train_frozen(cfg: TrainConfig, size: int | None = None, spark: SparkSession
         record.checkpoint_sha256, record.graph_sha256 = checkpoint_sha256, engine.graph_sha256
         save_record(run.int8_guard, record)
         engine.guard = record.to_dict()
-    for split, (split_feats, split_labels) in cached.items():
-        base = feature_cache.base_key(data, manifest, split, checkpoint_sha256, backend,
-                                      cfg.int8_max_drop, mean, std, size)
-        feature_cache.save(run.feature_cache(split, backend), split_feats, split_labels, base, engine)
-    clock.lap("write_seconds")
-    rows = sum(len(f[1]) for f in feats.values()) + sum(len(f[1]) for f in cached.values())
-    print(f"catsdogs: frozen head ({engine.name} features) in {time.perf_counter() - t0:.0f} s: "
-          + ", ".join(f"{k.removesuffix('_seconds').replace('_', ' ')} {v:.1f} s" for k, v in stages.items())
-          + f"; {rows:,} images through the engine"
-          + (f"; int8 check: {record.fp32_rows or record.rows} of {record.rows} validation images in fp32"
-             if record is not None else ""), file=sys.stderr)
-    return metrics
+
+
+def _install_head(model: nn.Module, w: torch.Tensor, b: torch.Tensor, num_classes: int) -> None:
+    """Copy the fitted logistic head into the model's final layer."""
+    head: nn.Linear = model._fc  # type: ignore[assignment]
+    if head.out_features != num_logits(num_classes) or w.shape != head.weight.shape:
+        raise RuntimeError(f"head shape {tuple(head.weight.shape)} does not match fitted {tuple(w.shape)}")
+    with torch.no_grad():
+        head.weight.copy_(w)
+        head.bias.copy_(b)
+
+
+def _summary(engine: str, seconds: float, stages: dict[str, float], rows: int, record: GuardResult | None
+             ) -> str:
+    """The one line that says where a frozen run's time went."""
+    return (f"catsdogs: frozen head ({engine} features) in {seconds:.0f} s: "
+            + ", ".join(f"{k.removesuffix('_seconds').replace('_', ' ')} {v:.1f} s"
+                        for k, v in stages.items())
+            + f"; {rows:,} images through the engine"
+            + (f"; int8 check: {record.fp32_rows or record.rows} of {record.rows} validation images in fp32"
+               if record is not None else ""))
 
 
 class Stopwatch:
