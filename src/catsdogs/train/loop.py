@@ -319,73 +319,86 @@ class Trainer:
         while p.epoch < cfg.epochs and not stop:
             e = p.epoch
             t0 = time.perf_counter() - p.seconds
-            t_session, seen_session = time.perf_counter(), 0
-            total = self.steps_per_epoch[e]
-            bar = progress_bar(total=total, initial=p.batches, desc=f"epoch {e + 1}/{cfg.epochs}",
-                               unit="batch", disable=not self.is_main, leave=False, file=sys.stderr)
-            for x, y in self._batches(e):
-                loss_sum, correct = self.train_step(x, y)
-                p.loss_sum += loss_sum
-                p.correct += correct
-                p.seen += len(y)
-                seen_session += len(y)
-                p.batches += 1
-                p.step += 1
-                bar.update(1)
-                if p.batches % 10 == 0 or p.batches == total:
-                    ips = seen_session / max(time.perf_counter() - t_session, 1e-9)
-                    bar.set_postfix(loss=f"{p.loss_sum / p.seen:.4f}", acc=f"{p.correct / p.seen:.3f}",
-                                    img_s=f"{ips:.0f}", refresh=False)
-                if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0 and p.batches < total:
-                    p.seconds = time.perf_counter() - t0
-                    self.save_last()
-                if cfg.max_steps and p.step >= cfg.max_steps:
-                    stop = "max steps"
-                    break
-            bar.close()
-            partial = p.batches < total
+            stop, t_session, seen_session = self._train_epoch(e, t0)
+            partial = p.batches < self.steps_per_epoch[e]
             if partial:
                 # --max-steps inside an epoch: save the position first, so --resume continues exactly
                 # here; the row and best.pt below are for the user only and dropped/replaced on resume.
                 p.seconds = time.perf_counter() - t0
                 self.save_last()
-            val_loss, val_acc = self.validate()
-            # Summed over DDP ranks (each saw a disjoint part of the data); identity in one process.
-            t_loss, t_correct, t_seen = all_reduce_sum([p.loss_sum, float(p.correct), float(p.seen)],
-                                                    self.device)
-            train_loss, train_acc = t_loss / max(t_seen, 1.0), t_correct / max(t_seen, 1.0)
-            seconds = time.perf_counter() - t0
-            row = {"epoch": e + 1, "step": p.step, "train_loss": train_loss, "train_acc": train_acc,
-                   "val_loss": val_loss, "val_acc": val_acc, "lr": p.lr, "seconds": round(seconds, 3)}
+            row = self._epoch_row(e, t0)
             if self.is_main:
                 metrics.append(row)
                 ips = seen_session / max(time.perf_counter() - t_session, 1e-9)
-                print(f"epoch {e + 1}/{cfg.epochs} step {p.step}: train_loss {train_loss:.4f} "
-                      f"train_acc {train_acc:.4f} val_loss {val_loss:.4f} val_acc {val_acc:.4f} "
-                      f"lr {p.lr:.3g} {seconds:.1f}s ({ips:.0f} img/s train)"
-                      + (" [partial epoch]" if partial else ""), flush=True)
+                print(f"epoch {e + 1}/{cfg.epochs} step {p.step}: train_loss {row['train_loss']:.4f} "
+                      f"train_acc {row['train_acc']:.4f} val_loss {row['val_loss']:.4f} "
+                      f"val_acc {row['val_acc']:.4f} lr {p.lr:.3g} {row['seconds']:.1f}s ({ips:.0f} img/s "
+                      f"train)" + (" [partial epoch]" if partial else ""), flush=True)
             if self.on_epoch is not None:
                 self.on_epoch(row)
+            summary = {k: row[k] for k in ("val_loss", "val_acc", "train_loss", "train_acc", "step")}
             if partial:
                 if not (self.run.best).is_file():
-                    p.metrics = {"val_loss": val_loss, "val_acc": val_acc, "train_loss": train_loss,
-                                 "train_acc": train_acc, "step": p.step}
+                    p.metrics = summary
                     self.save_best()
                 break
-            p.metrics = {"val_loss": val_loss, "val_acc": val_acc, "train_loss": train_loss,
-                         "train_acc": train_acc, "step": p.step}
-            p.epoch, p.batches = e + 1, 0
-            p.loss_sum, p.correct, p.seen, p.seconds = 0.0, 0, 0, 0.0
-            if val_loss < p.best_val_loss:
-                p.best_val_loss, p.best_val_acc, p.best_epoch, p.bad_epochs = val_loss, val_acc, e + 1, 0
-                self.save_best()
-            else:
-                p.bad_epochs += 1
-            self.save_last()
+            p.metrics = summary
+            self._close_epoch(e, row["val_loss"], row["val_acc"])
             if cfg.patience and p.bad_epochs >= cfg.patience:
                 stop = "early stopping"
         self.stop_reason = stop
         return p
+
+    def _train_epoch(self, e: int, t0: float) -> tuple[str, float, int]:
+        """Run epoch ``e``'s batches (from the saved position); return the stop reason, start and images."""
+        cfg, p = self.cfg, self.p
+        t_session, seen_session, stop = time.perf_counter(), 0, ""
+        total = self.steps_per_epoch[e]
+        bar = progress_bar(total=total, initial=p.batches, desc=f"epoch {e + 1}/{cfg.epochs}",
+                           unit="batch", disable=not self.is_main, leave=False, file=sys.stderr)
+        for x, y in self._batches(e):
+            loss_sum, correct = self.train_step(x, y)
+            p.loss_sum += loss_sum
+            p.correct += correct
+            p.seen += len(y)
+            seen_session += len(y)
+            p.batches += 1
+            p.step += 1
+            bar.update(1)
+            if p.batches % 10 == 0 or p.batches == total:
+                ips = seen_session / max(time.perf_counter() - t_session, 1e-9)
+                bar.set_postfix(loss=f"{p.loss_sum / p.seen:.4f}", acc=f"{p.correct / p.seen:.3f}",
+                                img_s=f"{ips:.0f}", refresh=False)
+            if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0 and p.batches < total:
+                p.seconds = time.perf_counter() - t0
+                self.save_last()
+            if cfg.max_steps and p.step >= cfg.max_steps:
+                stop = "max steps"
+                break
+        bar.close()
+        return stop, t_session, seen_session
+
+    def _epoch_row(self, e: int, t0: float) -> dict[str, Any]:
+        """Validate and return epoch ``e``'s metrics row (train figures summed over DDP ranks)."""
+        p = self.p
+        val_loss, val_acc = self.validate()
+        # Summed over DDP ranks (each saw a disjoint part of the data); identity in one process.
+        t_loss, t_correct, t_seen = all_reduce_sum([p.loss_sum, float(p.correct), float(p.seen)], self.device)
+        return {"epoch": e + 1, "step": p.step, "train_loss": t_loss / max(t_seen, 1.0),
+                "train_acc": t_correct / max(t_seen, 1.0), "val_loss": val_loss, "val_acc": val_acc,
+                "lr": p.lr, "seconds": round(time.perf_counter() - t0, 3)}
+
+    def _close_epoch(self, e: int, val_loss: float, val_acc: float) -> None:
+        """Move to the next epoch: keep the best weights, count epochs without improvement, save last.pt."""
+        p = self.p
+        p.epoch, p.batches = e + 1, 0
+        p.loss_sum, p.correct, p.seen, p.seconds = 0.0, 0, 0, 0.0
+        if val_loss < p.best_val_loss:
+            p.best_val_loss, p.best_val_acc, p.best_epoch, p.bad_epochs = val_loss, val_acc, e + 1, 0
+            self.save_best()
+        else:
+            p.bad_epochs += 1
+        self.save_last()
 
 
 def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> Progress:
