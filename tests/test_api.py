@@ -94,14 +94,16 @@ def test_settings_are_the_clis_flags_and_errors_name_them(run: Path) -> None:
 
 
 def test_a_field_the_predictor_adds_to_its_answer_reaches_every_entry_point() -> None:
-    """Prediction wraps the predictor's Answer: looks_like in predict's JSON form, a new field as it is."""
+    """Prediction wraps the predictor's Answer: looks_like in predict's JSON form, a new field as it is in
+    the records (read it on ``answer``: Prediction forwards no attribute it does not define)."""
     @dataclasses.dataclass
     class Richer(Answer):
         nearest_photo: str = ""
 
     answer = Richer(np.array([0.2, 0.8], np.float32), 1.5, False, [("rocket", 0.7)], "train/12.png")
     p = Prediction(path="x.jpg", answer=answer, classes=("Cat", "Dog"))
-    assert p.label == "unknown" and p.looks_like == [("rocket", 0.7)] and p.nearest_photo == "train/12.png"
+    assert p.label == "unknown" and p.looks_like == [("rocket", 0.7)]
+    assert p.answer is not None and p.answer.nearest_photo == "train/12.png"
     probs = {"Cat": pytest.approx(0.2), "Dog": pytest.approx(0.8)}
     assert p.to_dict() == {"path": "x.jpg", "label": "unknown", "probability": pytest.approx(0.8),
                            "error": "", "probabilities": probs, "ood_score": 1.5,

@@ -210,25 +210,9 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
         _check_outcome(outcome, listing, cfg)
         m = outcome.manifest
         m.excluded = excluded
-        wall = time.perf_counter() - t0
-        n = len(listing.candidates)
-        m.stats = {
-            "candidates": n, "kept": len(outcome.files), "skipped": len(outcome.skipped),
-            "excluded": int(excluded.get("count", 0)),
-            "ignored": len(listing.ignored), "shards": len(m.shards), "spark_version": spark.version,
-            "master": spark.sparkContext.master, "wall_time_s": round(wall, 3),
-            "images_per_s": round(n / wall, 1) if wall else 0.0,
-            "spark_start_s": round(t_job - t_start, 3), "job_s": round(t_done - t_job, 3),
-            "job_images_per_s": round(n / (t_done - t_job), 1) if t_done > t_job else 0.0,
-            # Where the job's wall time goes: summed in-task time (read/decode/write), the delay
-            # until the first task starts (scheduling, Python worker start-up) and the tail after
-            # the last task ends (result collection).
-            "task_seconds": outcome.task_seconds, "api": api,
-            "first_task_start_s": round(min(s for s, _ in outcome.spans) - job_epoch, 3),
-            "after_last_task_s": round(done_epoch - max(e for _, e in outcome.spans), 3),
-            "python_workers": len(outcome.worker_pids),
-            "labels_from": listing.labels_from,
-        }
+        times = {"start": t0, "spark": t_start, "job": t_job, "done": t_done, "job_epoch": job_epoch,
+                 "done_epoch": done_epoch}
+        m.stats = _stats(listing, outcome, excluded, spark, times, api)
         _write_files_csv(target.stage / schema.FILES_CSV_NAME, outcome.files)
         save_config(cfg, target.stage / schema.CONFIG_NAME)
         save_manifest(m, target.stage)
@@ -242,6 +226,36 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
     if progress:
         print(_summary(m, str(target), outcome.skipped))
     return m
+
+
+def _stats(listing: Any, outcome: Any, excluded: dict[str, Any], spark: SparkSession, times: dict[str, float],
+           api: str) -> dict[str, Any]:
+    """The manifest's ``stats``: counts, and where the wall time went.
+
+    ``times`` holds perf_counter marks ``start``, ``spark``, ``job`` and ``done`` and the wall-clock
+    ``job_epoch`` and ``done_epoch``.
+    """
+    wall = time.perf_counter() - times["start"]
+    n = len(listing.candidates)
+    job = times["done"] - times["job"]
+    return {
+        "candidates": n, "kept": len(outcome.files), "skipped": len(outcome.skipped),
+        "excluded": int(excluded.get("count", 0)),
+        "ignored": len(listing.ignored), "shards": len(outcome.manifest.shards),
+        "spark_version": spark.version,
+        "master": spark.sparkContext.master, "wall_time_s": round(wall, 3),
+        "images_per_s": round(n / wall, 1) if wall else 0.0,
+        "spark_start_s": round(times["job"] - times["spark"], 3), "job_s": round(job, 3),
+        "job_images_per_s": round(n / job, 1) if job > 0 else 0.0,
+        # Where the job's wall time goes: summed in-task time (read/decode/write), the delay
+        # until the first task starts (scheduling, Python worker start-up) and the tail after
+        # the last task ends (result collection).
+        "task_seconds": outcome.task_seconds, "api": api,
+        "first_task_start_s": round(min(s for s, _ in outcome.spans) - times["job_epoch"], 3),
+        "after_last_task_s": round(times["done_epoch"] - max(e for _, e in outcome.spans), 3),
+        "python_workers": len(outcome.worker_pids),
+        "labels_from": listing.labels_from,
+    }
 
 
 def main(cfg: PreprocessConfig) -> int:

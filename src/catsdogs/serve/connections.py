@@ -33,68 +33,74 @@ def _raw_error(status: int, error: str, detail: str) -> bytes:
     return head.encode("latin-1") + body
 
 
+class _GuardedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[valid-type,misc]
+    """Closes a connection whose request headers come too slowly or grow too large."""
+
+    header_timeout_s: float
+    """Seconds a client has for a request's headers (``--header-timeout-s``)."""
+    max_header_bytes: int
+    """Largest request line plus headers in bytes (``--max-header-bytes``)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_bytes = 0
+        self._head_cycle: object = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._arm()  # a new connection owes its first request's headers
+
+    def _arm(self) -> None:
+        self._head_bytes = 0
+        self._head_cycle = self.cycle
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timeout)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _refuse(self, status: int, error: str, detail: str) -> None:
+        self._disarm()
+        if not self.transport.is_closing():
+            self.transport.write(_raw_error(status, error, detail))
+            self.transport.close()
+
+    def _draining(self) -> bool:
+        """True while the body of a request that was already answered still arrives."""
+        return self.cycle is not None and self.cycle.response_complete and self.cycle.more_body
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self._draining():  # its answer is sent: just stop waiting for the rest of the body
+            self.transport.close()
+            return
+        self._refuse(408, "request_timeout", f"request headers did not arrive within "
+                                             f"{flag('header_timeout_s')}={self.header_timeout_s:g} s")
+
+    def data_received(self, data: bytes) -> None:
+        idle = self.cycle is None or self.cycle.response_complete
+        if self._head_timer is None and idle:
+            self._arm()  # the next request on a kept-alive connection, or an answered body
+        counting = self._head_timer is not None and not self._draining()
+        if counting:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._head_timer is None:
+            return
+        if self.cycle is not self._head_cycle:  # the headers are complete: a new request began
+            self._disarm()
+        elif counting and self._head_bytes > self.max_header_bytes:
+            limit = f"{flag('max_header_bytes')}={self.max_header_bytes}"
+            self._refuse(431, "headers_too_large", f"request line and headers exceed {limit} bytes")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
 def guarded_protocol(header_timeout_s: float, max_header_bytes: int) -> type[asyncio.Protocol]:
     """Uvicorn's HTTP protocol class with a deadline and a size bound on each request's headers."""
-
-    class GuardedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[valid-type,misc]
-        """Closes a connection whose request headers come too slowly or grow too large."""
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._head_bytes = 0
-            self._head_cycle: object = None
-            self._head_timer: asyncio.TimerHandle | None = None
-            self._arm()  # a new connection owes its first request's headers
-
-        def _arm(self) -> None:
-            self._head_bytes = 0
-            self._head_cycle = self.cycle
-            self._head_timer = self.loop.call_later(header_timeout_s, self._head_timeout)
-
-        def _disarm(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
-        def _refuse(self, status: int, error: str, detail: str) -> None:
-            self._disarm()
-            if not self.transport.is_closing():
-                self.transport.write(_raw_error(status, error, detail))
-                self.transport.close()
-
-        def _draining(self) -> bool:
-            """True while the body of a request that was already answered still arrives."""
-            return self.cycle is not None and self.cycle.response_complete and self.cycle.more_body
-
-        def _head_timeout(self) -> None:
-            self._head_timer = None
-            if self._draining():  # its answer is sent: just stop waiting for the rest of the body
-                self.transport.close()
-                return
-            self._refuse(408, "request_timeout", f"request headers did not arrive within "
-                                                 f"{flag('header_timeout_s')}={header_timeout_s:g} s")
-
-        def data_received(self, data: bytes) -> None:
-            idle = self.cycle is None or self.cycle.response_complete
-            if self._head_timer is None and idle:
-                self._arm()  # the next request on a kept-alive connection, or an answered body
-            counting = self._head_timer is not None and not self._draining()
-            if counting:
-                self._head_bytes += len(data)
-            super().data_received(data)
-            if self._head_timer is None:
-                return
-            if self.cycle is not self._head_cycle:  # the headers are complete: a new request began
-                self._disarm()
-            elif counting and self._head_bytes > max_header_bytes:
-                self._refuse(431, "headers_too_large", f"request line and headers exceed "
-                                                       f"{flag('max_header_bytes')}={max_header_bytes} bytes")
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-    return GuardedHTTPProtocol
+    return type("GuardedHTTPProtocol", (_GuardedHTTPProtocol,),
+                {"header_timeout_s": header_timeout_s, "max_header_bytes": max_header_bytes})
 
 
 def uvicorn_config(app: Any, cfg: ServeConfig, **overrides: Any) -> uvicorn.Config:

@@ -92,34 +92,25 @@ def _prune_files(folder: Path) -> None:
         (folder / name).unlink(missing_ok=True)
 
 
-def run_study(cfg: TuneConfig) -> Any:
-    """Run the search and write its outputs; return the Optuna study."""
-    import optuna
+class _Objective:
+    """One Optuna trial: train a suggested config, report each epoch (pruning), keep the best files only."""
 
-    check_required(cfg)
-    manifest = load_manifest(cfg.data)
-    if manifest.split_rows("val") == 0:
-        raise ConfigError(f"shards {cfg.data!r} have no val rows: tuning needs a validation split "
-                          f"(re-run catsdogs preprocess with --val-frac > 0)")
-    out = Path(cfg.out)
-    trials_dir = out / "trials"
-    trials_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / schema.CONFIG_NAME)
-    state: dict[str, Any] = {"best_value": -math.inf, "best_number": None}
-    # The study is one MLflow run, each trial a run nested under it (no-ops when tracking is off).
-    study_run = open_run(cfg.tracking_uri, cfg.experiment, f"tune-{out.resolve().name}", params=to_dict(cfg),
-                         tags={**tracking_tags(cfg, manifest), f"{TAG_PREFIX}command": "tune"})
+    def __init__(self, cfg: TuneConfig, trials_dir: Path, study_run: Any) -> None:
+        self.cfg, self.trials_dir, self.study_run = cfg, trials_dir, study_run
+        self.best_value, self.best_number = -math.inf, None
 
-    def objective(trial: optuna.Trial) -> float:
-        folder = trials_dir / f"{trial.number:04d}"
+    def __call__(self, trial: Any) -> float:
+        import optuna
+
+        folder = self.trials_dir / f"{trial.number:04d}"
         if folder.exists():  # left over from an earlier study in the same --out
             shutil.rmtree(folder)
-        train_cfg = trial_config(cfg, suggest(trial, cfg.model), folder)
+        train_cfg = trial_config(self.cfg, suggest(trial, self.cfg.model), folder)
         trial.set_user_attr("config", best_config_dict(train_cfg))
         trainer = Trainer(train_cfg)
         best_acc = 0.0
         trial_run = open_run("", "", f"trial-{trial.number:04d}", params=to_dict(train_cfg),
-                             tags={f"{TAG_PREFIX}trial": trial.number}, parent=study_run)
+                             tags={f"{TAG_PREFIX}trial": trial.number}, parent=self.study_run)
 
         def report(row: dict[str, float | int]) -> None:
             nonlocal best_acc
@@ -144,13 +135,36 @@ def run_study(cfg: TuneConfig) -> Any:
         except optuna.TrialPruned:
             _prune_files(folder)
             raise
-        if best_acc > state["best_value"]:  # keep only the best trial's checkpoint on disk
-            if state["best_number"] is not None:
-                _prune_files(trials_dir / f"{state['best_number']:04d}")
-            state["best_value"], state["best_number"] = best_acc, trial.number
+        self._keep_best(best_acc, trial.number, folder)
+        return best_acc
+
+    def _keep_best(self, value: float, number: int, folder: Path) -> None:
+        """Keep only the best trial's checkpoint on disk."""
+        if value > self.best_value:
+            if self.best_number is not None:
+                _prune_files(self.trials_dir / f"{self.best_number:04d}")
+            self.best_value, self.best_number = value, number
         else:
             _prune_files(folder)
-        return best_acc
+
+
+def run_study(cfg: TuneConfig) -> Any:
+    """Run the search and write its outputs; return the Optuna study."""
+    import optuna
+
+    check_required(cfg)
+    manifest = load_manifest(cfg.data)
+    if manifest.split_rows("val") == 0:
+        raise ConfigError(f"shards {cfg.data!r} have no val rows: tuning needs a validation split "
+                          f"(re-run catsdogs preprocess with --val-frac > 0)")
+    out = Path(cfg.out)
+    trials_dir = out / "trials"
+    trials_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / schema.CONFIG_NAME)
+    # The study is one MLflow run, each trial a run nested under it (no-ops when tracking is off).
+    study_run = open_run(cfg.tracking_uri, cfg.experiment, f"tune-{out.resolve().name}", params=to_dict(cfg),
+                         tags={**tracking_tags(cfg, manifest), f"{TAG_PREFIX}command": "tune"})
+    objective = _Objective(cfg, trials_dir, study_run)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
