@@ -90,6 +90,75 @@ def round_robin_skip(quotas: Sequence[int], k: int) -> tuple[list[int], int]:
         done += len(round_workers)
 
 
+class _ShuffleBuffer:
+    """The rows one slot's shuffle has read and not yet emitted: ids always, pixels once not skipping.
+
+    Row ids are slot-local row numbers (``offsets`` maps them to shards). While the first ``skip``
+    batches are replayed for a resume, only ids move; :meth:`materialize` then fetches the buffered
+    rows' pixels once, and from there every added row brings its pixels.
+    """
+
+    def __init__(self, stream: Any, slot: SlotPlan, sizes: list[int], skip: int, rng: np.random.Generator
+                 ) -> None:
+        self.stream, self.slot, self.skip, self.rng = stream, slot, skip, rng
+        self.b, self.cap = stream.batch_size, stream.buffer_capacity
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.ids = np.empty(self.cap, dtype=np.int64)
+        self.px: np.ndarray | None = None  # allocated once pixels are needed
+        self.lab = np.empty(self.cap, dtype=np.int64)
+        self.filled = 0
+        self.emitted = 0
+
+    def needs_pixels(self) -> bool:
+        """True once rows must bring their pixels (the replayed batches are behind)."""
+        return self.px is not None or self.emitted >= self.skip
+
+    def materialize(self) -> np.ndarray:
+        """Fetch the pixels and labels of the rows now in the buffer (resume switch-over)."""
+        buf = np.empty((self.cap, *self.stream._row_shape(self.slot)), dtype=np.uint8)
+        which = np.searchsorted(self.offsets, self.ids[:self.filled], side="right") - 1
+        for s in np.unique(which):
+            sel = np.nonzero(which == s)[0]
+            x, y = self.stream._open_shard(self.slot.shards[s])
+            rows = self.ids[sel] - self.offsets[s]
+            buf[sel] = x[rows]
+            self.lab[sel] = y[rows]
+            del x, y
+        return buf
+
+    def add(self, k: int, pos: int, take: int, x: Any, y: Any) -> None:
+        """Append rows ``pos:pos + take`` of the slot's shard ``k`` (``x``, ``y``: its arrays if needed)."""
+        f = self.filled
+        self.ids[f:f + take] = self.offsets[k] + pos + np.arange(take)
+        if self.needs_pixels():
+            if self.px is None:
+                self.px = self.materialize()
+            self.px[f:f + take] = x[pos:pos + take]
+            self.lab[f:f + take] = y[pos:pos + take]
+        self.filled += take
+
+    def emit(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Take ``b`` random buffered rows out (compacting the buffer); pixels once not skipping."""
+        n = min(self.b, self.filled)
+        pick = self.rng.choice(self.filled, size=n, replace=False)  # random rows in random order
+        out = None
+        if self.emitted >= self.skip:
+            if self.px is None:
+                self.px = self.materialize()
+            out = (self.px[pick], self.lab[pick])
+        # Move the unpicked rows of the tail [filled-n, filled) into the holes below it.
+        tail = np.arange(self.filled - n, self.filled)
+        movers = tail[~np.isin(tail, pick)]
+        holes = np.sort(pick[pick < self.filled - n])
+        self.ids[holes] = self.ids[movers]
+        if self.px is not None:
+            self.px[holes] = self.px[movers]
+            self.lab[holes] = self.lab[movers]
+        self.filled -= n
+        self.emitted += 1
+        return out
+
+
 class ShardStream(IterableDataset):
     """Batches of one split's shards; see the module docstring for order, sharding and memory.
 
@@ -257,79 +326,28 @@ class ShardStream(IterableDataset):
         Row ids (slot-local row numbers) travel in a parallel array, so the first ``skip`` batches are
         replayed on ids alone; the pixels of rows still in the buffer are fetched once at the switch.
         """
-        b, cap = self.batch_size, self.buffer_capacity
-        rng = np.random.default_rng([self.seed, self.epoch, slot_id])
         sizes = [self.shards[i].rows for i in slot.shards]
-        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        ids = np.empty(cap, dtype=np.int64)
-        px: np.ndarray | None = None  # allocated once pixels are needed
-        lab = np.empty(cap, dtype=np.int64)
-        filled = 0
-        emitted = 0
-        self.stats.update(buffer_rows=cap, max_filled=0)
-
-        def materialize() -> np.ndarray:
-            """Fetch the pixels and labels of the rows now in the buffer (resume switch-over)."""
-            shape = self._row_shape(slot)
-            buf = np.empty((cap, *shape), dtype=np.uint8)
-            which = np.searchsorted(offsets, ids[:filled], side="right") - 1
-            for s in np.unique(which):
-                sel = np.nonzero(which == s)[0]
-                x, y = self._open_shard(slot.shards[s])
-                rows = ids[sel] - offsets[s]
-                buf[sel] = x[rows]
-                lab[sel] = y[rows]
-                del x, y
-            return buf
-
-        def emit() -> tuple[np.ndarray, np.ndarray] | None:
-            """Take ``b`` random buffered rows out (compacting the buffer); pixels once not skipping."""
-            nonlocal filled, emitted, px
-            n = min(b, filled)
-            pick = rng.choice(filled, size=n, replace=False)  # random rows in random order
-            out = None
-            if emitted >= skip:
-                if px is None:
-                    px = materialize()
-                out = (px[pick], lab[pick])
-            # Move the unpicked rows of the tail [filled-n, filled) into the holes below it.
-            tail = np.arange(filled - n, filled)
-            movers = tail[~np.isin(tail, pick)]
-            holes = np.sort(pick[pick < filled - n])
-            ids[holes] = ids[movers]
-            if px is not None:
-                px[holes] = px[movers]
-                lab[holes] = lab[movers]
-            filled -= n
-            emitted += 1
-            return out
-
+        buf = _ShuffleBuffer(self, slot, sizes, skip, np.random.default_rng([self.seed, self.epoch, slot_id]))
+        self.stats.update(buffer_rows=buf.cap, max_filled=0)
         for k, index in enumerate(slot.shards):
-            if emitted >= slot.batches:
+            if buf.emitted >= slot.batches:
                 break
-            n = sizes[k]
             x = y = None
             pos = 0
-            while pos < n and emitted < slot.batches:
-                take = min(cap - filled, n - pos)
-                ids[filled:filled + take] = offsets[k] + pos + np.arange(take)
-                if px is not None or emitted >= skip:
-                    if px is None:
-                        px = materialize()
-                    if x is None:
-                        x, y = self._open_shard(index)
-                    px[filled:filled + take] = x[pos:pos + take]
-                    lab[filled:filled + take] = y[pos:pos + take]
-                filled += take
+            while pos < sizes[k] and buf.emitted < slot.batches:
+                take = min(buf.cap - buf.filled, sizes[k] - pos)
+                if buf.needs_pixels() and x is None:
+                    x, y = self._open_shard(index)
+                buf.add(k, pos, take, x, y)
                 pos += take
-                self.stats["max_filled"] = max(self.stats["max_filled"], filled)
-                if filled == cap:
-                    out = emit()
+                self.stats["max_filled"] = max(self.stats["max_filled"], buf.filled)
+                if buf.filled == buf.cap:
+                    out = buf.emit()
                     if out is not None:
                         yield out
             del x, y  # drop this shard's memory map before opening the next
-        while emitted < slot.batches and filled > 0:
-            out = emit()
+        while buf.emitted < slot.batches and buf.filled > 0:
+            out = buf.emit()
             if out is not None:
                 yield out
 
