@@ -146,3 +146,23 @@ def test_importing_the_config_imports_neither_numpy_nor_pil_nor_torch() -> None:
             "print(sorted(m for m in ('numpy', 'PIL', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+MAX_MODULE_LINES = 450
+"""A module longer than this does more than one job (the layout's rule, docs/architecture.md)."""
+MAX_FUNCTION_LINES = 60
+"""A function longer than this hides steps that deserve names of their own."""
+
+
+def test_no_module_over_450_lines_and_no_function_over_60() -> None:
+    long_modules, long_functions = [], []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            long_modules.append(f"{module_name(path)}: {len(text.splitlines())}")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{module_name(path)}.{node.name}: {lines}")
+    assert not long_modules and not long_functions, (long_modules, long_functions)
