@@ -183,6 +183,7 @@ def make_run(root: Path, size: int = 32, classes: tuple[str, ...] = ("Cat", "Dog
     cfg = TrainConfig(data=data, out=str(root), model=model, epochs=epochs, seed=seed)
     net = create_model(model, num_classes=len(classes), size=size)
     state = {
+        ckpt.CKPT_FORMAT: ckpt.FORMAT_VERSION,
         ckpt.CKPT_MODEL_STATE: net.state_dict(),
         ckpt.CKPT_MODEL_CONFIG: {"name": model, "num_classes": len(classes), "size": size},
         ckpt.CKPT_CLASSES: list(classes),

@@ -251,7 +251,7 @@ def test_serve_answers_unknown_with_probabilities(trained: Path) -> None:
         assert r.json()["label"] in ("Cat", "Dog")
 
 
-def test_old_checkpoint_without_detector_loads_answers_as_before_with_a_note(
+def test_a_checkpoint_without_detector_answers_every_image_with_a_class_and_a_note(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = make_run(tmp_path / "old", size=SIZE)
     # torch: this run has no shards to calibrate the default int8 engine with (its own one-line note)

@@ -94,6 +94,7 @@ def test_rebuild_from_checkpoint_matches_outputs(tmp_path: Path, name: str, kwar
         model(torch.randn(8, 3, size, size))
     model.eval()
     state = {
+        ckpt.CKPT_FORMAT: ckpt.FORMAT_VERSION,
         ckpt.CKPT_MODEL_STATE: model.state_dict(),
         ckpt.CKPT_MODEL_CONFIG: {"name": name, "num_classes": 2, "size": size, **kwargs},
         ckpt.CKPT_CLASSES: ["Cat", "Dog"],

@@ -15,19 +15,17 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from catsdogs import checkpoint as ckpt
 from catsdogs.checkpoint import load_checkpoint, save_checkpoint
 from catsdogs.cli import main as cli_main
 from catsdogs.config import ServeConfig, TrainConfig, build_config
-from catsdogs.errors import ConfigError
+from catsdogs.errors import CheckpointError, ConfigError
 from catsdogs.infer.predictor import UNKNOWN, Predictor, format_looks_like
 from catsdogs.models.imagenet import NUM_CLASSES, imagenet_names
 from catsdogs.models.ood import (
     AUTO,
     CONCEPTS,
-    DETECTOR_VERSION,
     Detector,
     fit_detector,
     owned_concepts,
@@ -143,19 +141,15 @@ def test_looks_like_names_the_top_concepts_and_drops_faint_ones() -> None:
     assert scratch.looks_like(torch.ones(2, 3)) == [[], []]  # no ImageNet weights: nothing is named
 
 
-def test_detector_state_round_trip_and_legacy_entries(tmp_path: Path) -> None:
+def test_detector_state_round_trip(tmp_path: Path) -> None:
     w, b = _heads()
     det = fit_detector(CONCEPTS, np.ones((4, 8), np.float32), np.array([0, 1, 0, 1]), 2, imagenet=(w, b))
     det.calibrate(torch.ones(3, 8), torch.zeros(3, 1), 0.5)
     torch.save(det.to_state(), tmp_path / "d.pt")
     back = Detector.from_state(torch.load(tmp_path / "d.pt", weights_only=True))
-    assert (back.method, back.threshold, back.version) == (CONCEPTS, det.threshold, DETECTOR_VERSION)
+    assert (back.method, back.threshold, back.owned_nodes) == (CONCEPTS, det.threshold, det.owned_nodes)
     torch.testing.assert_close(back.score(torch.ones(3, 8), torch.zeros(3, 1)),
                                det.score(torch.ones(3, 8), torch.zeros(3, 1)))
-    assert not back.legacy
-    old = det.to_state()
-    del old["version"]  # written before this change
-    assert Detector.from_state(old).legacy
 
 
 def test_auto_method_and_refusals() -> None:
@@ -177,7 +171,7 @@ def test_operating_point_is_fitted_on_validation_only(photo_run: tuple[Path, Pat
     run, shards, opened = photo_run
     state = load_checkpoint(run / "best.pt")
     det = Detector.from_state(state[ckpt.CKPT_OOD])
-    assert det.method == CONCEPTS and not det.legacy and det.accept_rate == TrainConfig.accept_rate
+    assert det.method == CONCEPTS and det.accept_rate == TrainConfig.accept_rate
     # Nothing held out was read while fitting: not the test split, not a check set.
     test_files = {str(p.resolve()) for p in (shards / "test").iterdir()}
     assert not [p for p in opened if str(Path(p).resolve()) in test_files]
@@ -225,32 +219,6 @@ def test_rocket_is_unknown_and_says_what_it_looks_like_in_csv_json_and_serve(
                                                        "image/png")}).json()
         assert cat["label"] == "Cat" and cat["looks_like"] == []
         assert client.get("/model").json()["inference"]["looks_like"] is True
-
-
-def test_runs_with_the_old_detector_answer_as_before_with_one_line(
-        photo_run: tuple[Path, Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    run = photo_run[0]
-    state = load_checkpoint(run / "best.pt")
-    rocket = Image.fromarray(dict(sample_photos())["rocket"]).resize((PHOTO_SIZE, PHOTO_SIZE))
-    x = np.stack([photo_variant(i % 2, PHOTO_SIZE, seed=900 + i) for i in range(4)] + [np.asarray(rocket)])
-    feats = Predictor.from_run(run).feature_engine.features(
-        normalize(torch.from_numpy(x), PRETRAINED_MEAN, PRETRAINED_STD))
-    # A detector as sessions before this change wrote it: knn on the look, no version, no ImageNet heads.
-    old = fit_detector("knn", feats.numpy()[:4], np.array([0, 1, 0, 1]), 2).to_state()
-    old["threshold"], old["accept_rate"] = 0.5, 0.99
-    del old["version"]
-    state[ckpt.CKPT_OOD] = old
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    save_checkpoint(legacy / "best.pt", state)
-    pred = Predictor.from_run(legacy)
-    a = pred.answer(x)
-    pred.answer(x)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "old 'unknown' detector (knn" in err[0]
-    knn = Detector.from_state(old)
-    np.testing.assert_array_equal(a.known, knn.known(knn.score(feats, torch.zeros(5, 1)).numpy()))
-    assert all(c == [] for c in a.looks_like)  # the old detector names nothing
 
 
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real data not found at {REAL_DATA}")
@@ -314,19 +282,22 @@ def test_pyfunc_and_cli_agree_on_a_rocket_and_a_cat(photo_run: tuple[Path, Path,
     assert got["looks_like"][0].startswith("drilling platform")
 
 
-def test_a_run_with_the_old_concepts_detector_is_refused_in_one_line_that_says_how_to_recreate_it(
+def test_a_run_from_before_this_checkpoint_format_is_refused_in_one_line_that_says_how_to_recreate_it(
         photo_run: tuple[Path, Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run trained before the WordNet detector (format 1, or none) never silently answers differently."""
     state = load_checkpoint(photo_run[0] / "best.pt")
-    state[ckpt.CKPT_OOD] = {**state[ckpt.CKPT_OOD], "version": 2}  # written before the WordNet detector
-    old = tmp_path / "old"
-    old.mkdir()
-    save_checkpoint(old / "best.pt", state)
-    with pytest.raises(ConfigError, match="re-create the run with 'catsdogs train'"):
-        Predictor.from_run(old)
     photo = tmp_path / "cat.png"
     photo.write_bytes(png_bytes(photo_variant(0, PHOTO_SIZE, seed=5)))
-    assert cli_main(["predict", str(photo), "--run", str(old)]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "older 'unknown' detector (concepts version 2)" in err[0]
-    cat = np.stack([photo_variant(0, PHOTO_SIZE, seed=5)])
-    assert Predictor.from_run(old, reject=False).answer(cat).known[0]
+    for found, said in ((None, "by catsdogs before 0.2"), (1, "in format 1")):
+        old = tmp_path / f"old-{found}"
+        old.mkdir()
+        if found is None:
+            state.pop(ckpt.CKPT_FORMAT)
+        else:
+            state[ckpt.CKPT_FORMAT] = found
+        save_checkpoint(old / "best.pt", state)
+        with pytest.raises(CheckpointError, match="re-create the run with 'catsdogs train'"):
+            Predictor.from_run(old)
+        assert cli_main(["predict", str(photo), "--run", str(old)]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0] and "--overwrite" in err[0]

@@ -19,6 +19,11 @@ from catsdogs.errors import CheckpointError
 from catsdogs.io.atomic import atomic_save
 from catsdogs.models.factory import create_from_config
 
+CKPT_FORMAT = "format"
+"""The checkpoint's format version (:data:`FORMAT_VERSION`); one without it was written before 0.2."""
+FORMAT_VERSION = 2
+"""Bumped whenever what a checkpoint holds changes meaning. 2: the WordNet "what it shows" detector, resume
+state in ``progress`` only. Another version is refused in one line that says how to re-create the run."""
 CKPT_MODEL_STATE = "model_state"
 CKPT_MODEL_CONFIG = "model_config"
 """``create_model`` arguments: name, num_classes, size and the architecture settings."""
@@ -32,7 +37,7 @@ CKPT_EPOCH = "epoch"
 CKPT_METRICS = "metrics"
 CKPT_OOD = "ood"
 """The out-of-distribution detector (:class:`catsdogs.models.ood.Detector` state: method, tensors,
-threshold, accept rate); fitted on train, thresholded on val. Absent in runs trained before it."""
+threshold, accept rate); fitted on train, thresholded on val."""
 CKPT_TEMPERATURE = "temperature"
 """Temperature scaling fitted on validation logits (float; 1.0 = unchanged)."""
 CKPT_INFERENCE = "inference"
@@ -56,6 +61,7 @@ def build_checkpoint(*, model_state: Mapping[str, torch.Tensor], model_config: M
     ``ood``, ``temperature`` and ``inference`` are added once fitted (see :func:`confidence_entries`).
     """
     state = {
+        CKPT_FORMAT: FORMAT_VERSION,
         CKPT_MODEL_STATE: dict(model_state),
         CKPT_MODEL_CONFIG: dict(model_config),
         CKPT_CLASSES: list(classes),
@@ -93,6 +99,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a catsdogs checkpoint; re-create the run "
+                              f"with 'catsdogs train'")
+    found = state.get(CKPT_FORMAT)
+    if found != FORMAT_VERSION:
+        made = "by catsdogs before 0.2" if found is None else f"in format {found!r}"
+        raise CheckpointError(f"checkpoint {str(path)!r} was written {made}; this catsdogs reads format "
+                              f"{FORMAT_VERSION}: re-create the run with 'catsdogs train' or 'catsdogs run' "
+                              f"and --overwrite")
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks {', '.join(missing)}; retrain it")

@@ -100,10 +100,8 @@ def reuse_reason(shards: Path, wanted: PreprocessConfig) -> str | None:
     made = manifest.config
     if not made.get("input") or Path(str(made["input"])).expanduser().resolve() != Path(wanted.input):
         return f"they were made from input {made.get('input')!r}, not {wanted.input!r}"
-    defaults = PreprocessConfig()
     for key in CONTENT_KEYS:
-        # A key missing from an older manifest was not a setting yet: those shards used its default.
-        if made.get(key, getattr(defaults, key)) != getattr(wanted, key):
+        if made.get(key) != getattr(wanted, key):
             return f"they were made with {key}={made.get(key)!r}, this run wants {getattr(wanted, key)!r}"
     missing = [f for s in manifest.shards for f in s.files() if not (shards / f).is_file()]
     if missing:

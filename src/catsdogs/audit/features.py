@@ -162,7 +162,7 @@ def load_backbone(run: str, manifest: Manifest, size: int = 0) -> Backbone:
     side = size or trained
     detector, note = None, ""
     if ckpt.CKPT_OOD not in state:
-        note = f"{path} has no out-of-distribution detector (trained before it existed): one is fitted here."
+        note = f"{path} has no out-of-distribution detector: one is fitted here."
     elif side != trained:
         note = (f"--size {side} is not the run's {trained} px, where its detector was fitted: one is "
                 "fitted here on these features instead.")

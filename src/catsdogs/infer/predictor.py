@@ -28,7 +28,6 @@ from catsdogs.devices import AUTO
 from catsdogs.engines.base import Engine
 from catsdogs.engines.eager import TorchEngine
 from catsdogs.engines.names import MAX_DROP_PT, engine_for
-from catsdogs.errors import ConfigError
 from catsdogs.infer.engine import load_engine, recorded_engine
 from catsdogs.models.effnet import fold_for_inference
 from catsdogs.models.heads import probabilities
@@ -138,7 +137,7 @@ class Predictor:
         """Load the checkpoint of a run folder (or a .pt file) and rebuild its model.
 
         ``tta``, ``reject`` and ``calibrate`` override the run's recorded inference settings (None: the
-        run's). A run without a detector (trained before it existed) answers as before, with a note.
+        run's). A run without a detector gives every image a class, with a one-line note.
         ``backend`` names the engine of the feature pass (``engines.names.ENGINES``; None: the engine the
         run's answers were fitted on, ``infer.engine.recorded_engine``, as for the CLI); an int8 engine
         runs only behind its accuracy guard, checked on the validation split of ``shards`` (default:
@@ -150,17 +149,8 @@ class Predictor:
         detector = Detector.from_state(state[ckpt.CKPT_OOD]) if ckpt.CKPT_OOD in state else None
         note = ""
         if detector is None and reject is not False:
-            note = (f"catsdogs: {path} has no out-of-distribution detector (trained before it existed); "
-                    f"every image gets a class, none is 'unknown'")
-        elif detector is not None and detector.outdated and reject is not False:
-            raise ConfigError(f"{path} was trained with an older 'unknown' detector ({detector.method} "
-                              f"version {detector.version}) that answered printers and hamsters as pets; "
-                              f"re-create the run with 'catsdogs train' or 'catsdogs run' and --overwrite "
-                              f"(or answer without it: --no-reject)")
-        elif detector is not None and detector.legacy and reject is not False:
-            note = (f"catsdogs: {path} has the old 'unknown' detector ({detector.method}, fitted on the look "
-                    f"of the training photos, not on what they show); it answers as before, without 'looks "
-                    f"like'; retrain the run for the ImageNet-concepts detector")
+            note = (f"catsdogs: {path} has no out-of-distribution detector; every image gets a class, none "
+                    f"is 'unknown'")
         settings.reject = settings.reject and detector is not None
         device = select_device(device) if isinstance(device, str) else device
         model = build_from_checkpoint(state)

@@ -10,16 +10,6 @@ from torch import nn
 from catsdogs.errors import ConfigError
 from catsdogs.models.heads import num_logits
 
-_OLD_BODY_PREFIX = "features."
-"""Checkpoints written before the models had a ``features(x)`` method named their conv stack ``features``;
-it is ``body`` now, and old keys are renamed on load so those runs still load strictly."""
-
-
-def _rename_old_keys(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
-    """Load-state-dict pre-hook: ``features.*`` (old checkpoints) -> ``body.*``."""
-    for key in [k for k in state if k.startswith(prefix + _OLD_BODY_PREFIX)]:
-        state[prefix + "body." + key[len(prefix + _OLD_BODY_PREFIX):]] = state.pop(key)
-
 
 class SeedCNN(nn.Module):
     """The classic small CNN: 2 x (conv 3x3 + ReLU + max-pool 2), dropout, FC 128, output."""
@@ -40,7 +30,6 @@ class SeedCNN(nn.Module):
             nn.Linear(64 * side * side, 128), nn.ReLU(inplace=True),
             nn.Linear(128, num_logits(num_classes)),
         )
-        self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Return the ``(n, 128)`` input of the final linear layer (after FC 128 + ReLU)."""
@@ -107,7 +96,6 @@ class ResNetCNN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(ch, num_logits(num_classes))
-        self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Return the pooled ``(n, 4 * width)`` input of the final linear layer."""

@@ -47,13 +47,6 @@ from catsdogs.models.imagenet import imagenet_names, imagenet_probabilities
 from catsdogs.models.ood_names import AUTO, CONCEPTS, OOD_CHOICES, OOD_METHODS  # noqa: F401 - re-exported
 from catsdogs.models.taxonomy import node_mask, owned_node
 
-DETECTOR_VERSION = 3
-"""Version of a detector's checkpoint entry. 3: the concepts method asks what the photo shows (owned
-WordNet nodes) and how it looks, combined by Fisher's rule. 2: concepts was a cross-entropy with each
-class's mean ImageNet distribution, averaged with the look's percentile (refused now: it let printers
-and hamsters through). Entries without a version were fitted on the look of the training photos alone."""
-CONCEPTS_SINCE = 3
-"""The oldest detector version whose ``concepts`` method this code scores; an older one is refused."""
 OWN_SHARE = 0.8
 """Share of a class's training photos whose top-1 ImageNet concept must lie under the node it owns.
 Chosen on the held-out-class test (train/val only, docs/models.md): 0.8 gives PetImages' dogs "dog"
@@ -102,7 +95,6 @@ class Detector:
     params: dict[str, torch.Tensor]
     threshold: float = math.inf
     accept_rate: float = 1.0
-    version: int = DETECTOR_VERSION
     owned_nodes: tuple[str, ...] = ()
     """Per user class, the WordNet synset of the ImageNet concepts it owns (with ImageNet heads)."""
     _float_params: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
@@ -173,16 +165,6 @@ class Detector:
         """True when the detector holds the ImageNet heads (it can say what a photo looks like)."""
         return "imagenet_weight" in self.params
 
-    @property
-    def legacy(self) -> bool:
-        """True for a detector fitted before version 2 (on the look of the training photos alone)."""
-        return self.version < 2
-
-    @property
-    def outdated(self) -> bool:
-        """True for a ``concepts`` detector older than this code scores (:data:`CONCEPTS_SINCE`)."""
-        return self.method == CONCEPTS and self.version < CONCEPTS_SINCE
-
     @torch.inference_mode()
     def imagenet_probabilities(self, features: torch.Tensor) -> torch.Tensor:
         """Return ``(n, 1000)`` ImageNet probabilities of pooled features (needs :attr:`has_concepts`)."""
@@ -240,15 +222,14 @@ class Detector:
         """The checkpoint entry: plain tensors, floats and strings."""
         params = {k: v.cpu().contiguous() for k, v in self.params.items()}
         return {"method": self.method, "params": params, "threshold": float(self.threshold),
-                "accept_rate": float(self.accept_rate), "version": int(self.version),
-                "owned_nodes": list(self.owned_nodes)}
+                "accept_rate": float(self.accept_rate), "owned_nodes": list(self.owned_nodes)}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> Detector:
-        """Rebuild a detector from its checkpoint entry (one without a version is a legacy detector)."""
+        """Rebuild a detector from its checkpoint entry."""
         return cls(method=str(state["method"]), params=dict(state["params"]),
                    threshold=float(state["threshold"]), accept_rate=float(state["accept_rate"]),
-                   version=int(state.get("version", 1)), owned_nodes=tuple(state.get("owned_nodes", ())))
+                   owned_nodes=tuple(state.get("owned_nodes", ())))
 
 
 def resolve_method(requested: str, has_imagenet: bool) -> str:
