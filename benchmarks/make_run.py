@@ -60,8 +60,9 @@ def stages(wall: float, lines: list[tuple[float, str]]) -> dict[str, Any]:
                                for k in found["stages"].split(",")}
         out["images"] = int(found["images"].replace(",", ""))
         out["engine"] = found["engine"]
-    wall_line = next((text for _t, text in lines if "Wall time" in text), "")
-    out["preprocess_line"] = wall_line[wall_line.find("Wall time"):].split(")")[0] + ")" if wall_line else ""
+    wall_line = next((text for _t, text in lines if "wall time" in text.lower()), "")
+    at = wall_line.lower().find("wall time")
+    out["preprocess_line"] = wall_line[at:].split(")")[0] + ")" if wall_line else ""
     acc = next((text for _t, text in lines if text.strip().startswith("accuracy ")), "")
     out["accuracy_line"] = acc.strip()
     return out

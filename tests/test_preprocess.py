@@ -287,7 +287,8 @@ def test_console_shows_progress_and_summary_but_no_spark_logs(tmp_path: Path) ->
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Preprocessed 6 of 6 images")
-    assert "6/6" in proc.stderr  # the tqdm bar
+    assert "6/6" in proc.stderr  # the progress bar: plain lines, since stderr is a pipe here
+    assert "\r" not in proc.stderr and max(map(len, (proc.stdout + proc.stderr).splitlines())) <= 300
     for noise in ("WARN", "INFO", "log4j", "WARNING", "Setting default log level", "Stage 0"):
         assert noise not in proc.stderr, proc.stderr
 
