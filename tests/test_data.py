@@ -205,3 +205,14 @@ def test_too_few_rows_or_shards_for_the_ranks_is_an_input_error(tmp_path: Path) 
         split_stream(root, m, "train", 8, shuffle=True, rank=1, world_size=2)  # one shard, two ranks
     idle = split_stream(root, m, "train", 8, shuffle=True, num_workers=2)  # worker 1 has no shard: fine
     assert len(idle) == 3 and len(epoch(idle)) == 3
+
+
+def test_the_stream_resumes_from_its_own_state_dict(uneven: Path) -> None:
+    """state_dict()/load_state_dict() is the stream's one resume contract: the rest of the epoch, exactly."""
+    ds = stream(uneven)
+    full = epoch(ds, e=1)
+    ds.load_state_dict({"epoch": 1, "batches": 5})
+    assert ds.state_dict() == {"epoch": 1, "batches": 5}
+    assert same(list(ds.loader()), full[5:])
+    ds.set_epoch(2)
+    assert ds.state_dict() == {"epoch": 2, "batches": 0}

@@ -187,7 +187,7 @@ class Trainer:
         self.on_epoch: Callable[[dict[str, float | int]], None] | None = None
         """Called with each epoch's metrics row (``catsdogs tune`` reports to Optuna and may prune)."""
         if resume_state is not None:
-            self._restore(resume_state)
+            self.load_state_dict(resume_state)
 
     # ------------------------------------------------------------------ state in/out
     def _resume_state(self, cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
@@ -198,7 +198,23 @@ class Trainer:
                                   f"run; choose a new --out")
         return cfg, state
 
-    def _restore(self, state: dict[str, Any]) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs beyond ``best.pt``'s keys: optimiser, EMA, RNG and progress.
+
+        The one resume contract (as mosaicml/streaming's): :meth:`load_state_dict` takes exactly this.
+        """
+        state: dict[str, Any] = {
+            "optimizer": self.optimizer.state_dict(),
+            "ema_state": self.ema.state_dict() if self.ema is not None else None,
+            "rng": rng_state(self.aug_gen),
+            "step": self.p.step,  # also in progress; said at the top for people reading last.pt
+            "progress": dataclasses.asdict(self.p),
+        }
+        if self.ema is not None:
+            state["raw_model_state"] = self.model.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load weights, optimiser, EMA, progress and RNG states from a ``last.pt`` dict."""
         raw = state.get("raw_model_state", state[ckpt.CKPT_MODEL_STATE])
         self.model.load_state_dict(raw, strict=True)
@@ -228,15 +244,7 @@ class Trainer:
             resize=self.manifest.resize, train_config=to_dict(self.cfg), epoch=self.p.epoch,
             metrics=self.p.metrics)
         if last:
-            state.update({
-                "optimizer": self.optimizer.state_dict(),
-                "ema_state": self.ema.state_dict() if self.ema is not None else None,
-                "rng": rng_state(self.aug_gen),
-                "step": self.p.step,  # also in progress; said at the top for people reading last.pt
-                "progress": dataclasses.asdict(self.p),
-            })
-            if self.ema is not None:
-                state["raw_model_state"] = self.model.state_dict()
+            state.update(self.state_dict())
         return state
 
     def save_last(self) -> None:
@@ -249,8 +257,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.train_ds.set_epoch(epoch)
-        self.train_ds.set_position(self.p.batches)
+        self.train_ds.load_state_dict({"epoch": epoch, "batches": self.p.batches})
         yield from self.train_ds.loader(pin_memory=self.device.type == "cuda")
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:

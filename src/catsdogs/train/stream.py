@@ -18,9 +18,9 @@ imbalance (< one shard) are left out, different random ones each epoch, and with
 workers nothing but the last partial batch is. Evaluation (no shuffle) keeps every row, with a
 partial last batch per slot, and ranks may differ in batch count (reduce sums after the loop).
 
-Resume: :meth:`ShardStream.set_position` skips the first ``k`` batches of an epoch; the skipped
-part of the shuffle is replayed on row ids only (no pixel copies), so a resumed epoch continues with
-exactly the batches an uninterrupted one would have produced.
+Resume: :meth:`ShardStream.load_state_dict` (epoch, batches taken) skips the first ``k`` batches of an
+epoch; the skipped part of the shuffle is replayed on row ids only (no pixel copies), so a resumed epoch
+continues with exactly the batches an uninterrupted one would have produced.
 """
 
 from __future__ import annotations
@@ -196,6 +196,8 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self._skips: list[int] = [0] * max(1, self.num_workers)
         self._discard = 0
+        self._position = 0
+        """Batches of the current epoch already taken (skipped on resume)."""
         self.stats: dict[str, Any] = {}
         """Filled while iterating in this process: buffer capacity, peak fill, shards opened, mmap."""
 
@@ -262,6 +264,16 @@ class ShardStream(IterableDataset):
         if not 0 <= batches_done <= sum(quotas):
             raise ValueError(f"position {batches_done} outside epoch of {sum(quotas)} batches")
         self._skips, self._discard = round_robin_skip(quotas, batches_done)
+        self._position = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the stream stands: the epoch whose order it produces and the batches already taken."""
+        return {"epoch": self.epoch, "batches": self._position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a :meth:`state_dict`: the same epoch's order, its first batches skipped."""
+        self.set_epoch(state["epoch"])
+        self.set_position(state["batches"])
 
     # ----------------------------------------------------------------- reading
     def loader(self, pin_memory: bool = False) -> EpochLoader:
