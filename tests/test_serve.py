@@ -249,6 +249,7 @@ class SlowFake:
     name = "fake"
     classes = ["Cat", "Dog"]
     size = 8
+    predictor = None  # no torch model behind it: nothing to explain
 
     def __init__(self) -> None:
         self.calls: list[int] = []

@@ -156,6 +156,7 @@ class SlowFake:
     name = "fake"
     classes = ["Cat", "Dog"]
     size = 8
+    predictor = None  # no torch model behind it: nothing to explain
 
     def __init__(self) -> None:
         self.release = threading.Event()

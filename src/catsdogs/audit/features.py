@@ -34,7 +34,7 @@ from catsdogs.engines.names import TORCH
 from catsdogs.errors import ConfigError, InputError
 from catsdogs.models.factory import create_model
 from catsdogs.models.ood import Detector, pixel_spread
-from catsdogs.models.registry import input_normalization
+from catsdogs.models.registry import input_normalization, pretrained_names
 from catsdogs.progress import progress_bar
 from catsdogs.rundir import RunDir, resolve_checkpoint
 from catsdogs.shards.manifest import Manifest
@@ -149,9 +149,9 @@ def load_backbone(run: str, manifest: Manifest, size: int = 0) -> Backbone:
     state = load_checkpoint(path)
     model = build_from_checkpoint(state)
     name = str(state[ckpt.CKPT_MODEL_CONFIG].get("name"))
-    # The audit compares pooled ImageNet-style backbone features (the EfficientNet-Lite family, which has
-    # the ``_fc`` head); the from-scratch CNNs' head inputs are not such features, so they are refused.
-    if not callable(getattr(model, "features", None)) or not hasattr(model, "_fc"):
+    # The audit compares pooled ImageNet-style backbone features (the EfficientNet-Lite family); the
+    # from-scratch CNNs' head inputs are not such features, so they are refused.
+    if name not in pretrained_names():
         raise ConfigError(f"--run {run!r} holds a {name!r} model, which has no pooled features; "
                           "use a run of an effnet_lite model or leave --run out")
     if list(state[ckpt.CKPT_CLASSES]) != list(manifest.classes):

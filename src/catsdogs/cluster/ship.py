@@ -186,8 +186,8 @@ class Shipment:
             name = self.file(path)
             path.unlink()
             return EngineSpec(TORCH, name, threads)
-        graph = getattr(engine, "path", None)
-        if not isinstance(graph, Path):
+        graph = engine.path
+        if graph is None:
             raise ValueError(f"engine {engine.name!r} has no graph file to ship")
         return EngineSpec(engine.name, self.file(graph), threads)
 

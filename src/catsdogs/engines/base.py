@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,8 @@ class Engine(ABC):
     """Digest of the fp32 feature graph behind this engine ('' for torch eager)."""
     graph_sha256: str = ""
     """Digest of the graph this engine runs (the int8 graph's for an int8 engine; '' for torch)."""
+    path: Path | None = None
+    """The graph file this engine runs (None for torch eager, which runs the model itself)."""
 
     @abstractmethod
     def run(self, x: np.ndarray) -> np.ndarray:

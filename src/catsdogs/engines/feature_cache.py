@@ -82,7 +82,7 @@ def save(path: Path, feats: np.ndarray, labels: np.ndarray, base: dict[str, Any]
     Only engines that run a graph file are cached (its size and mtime are part of the key); returns
     whether the file was written.
     """
-    graph = getattr(engine, "path", None)
+    graph = engine.path
     if graph is None or not graph_stamp(graph):
         return False
     made = {"engine": engine.name, "graph": Path(graph).name, "graph_stamp": graph_stamp(graph)}

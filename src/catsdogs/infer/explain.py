@@ -41,6 +41,7 @@ from torch import nn
 from catsdogs.errors import ConfigError
 from catsdogs.infer.predictor import Predictor
 from catsdogs.io.atomic import atomic_save, atomic_write_text
+from catsdogs.models.feature_model import FeatureModel
 from catsdogs.models.heads import probabilities
 from catsdogs.models.transforms import load_rgb, normalize
 from catsdogs.progress import progress_bar
@@ -76,7 +77,7 @@ class Explainer:
 
     def __init__(self, predictor: Predictor) -> None:
         model = predictor.model
-        if not callable(getattr(model, "cam_layers", None)):
+        if not isinstance(model, FeatureModel):
             raise ConfigError(f"model {type(model).__name__} has no cam_layers(); explanations need "
                               f"one of the models catsdogs trains (drop --explain)")
         self.predictor = predictor

@@ -30,6 +30,7 @@ from catsdogs.engines.eager import TorchEngine
 from catsdogs.engines.names import MAX_DROP_PT, engine_for
 from catsdogs.infer.engine import load_engine, recorded_engine
 from catsdogs.models.effnet import fold_for_inference
+from catsdogs.models.feature_model import FeatureModel
 from catsdogs.models.heads import probabilities
 from catsdogs.models.ood import MIN_SIDE, Detector, flat_images
 from catsdogs.models.transforms import DEFAULT_MAX_PIXELS, hflip, load_image, normalize
@@ -175,13 +176,11 @@ class Predictor:
                    detector=detector, temperature=float(state.get(ckpt.CKPT_TEMPERATURE, 1.0)), note=note,
                    make_engine=make_engine, backend=backend)
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return logits and (when the model exposes them) the features feeding its final layer."""
-        model: Any = self.model
-        if hasattr(model, "features") and hasattr(model, "classify"):
-            feats = self.feature_engine.features(x).to(self.device)
-            return model.classify(feats), feats
-        return model(x), None
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return logits and the features feeding the final layer (the engine runs the features)."""
+        model: FeatureModel = self.model  # type: ignore[assignment]
+        feats = self.feature_engine.features(x).to(self.device)
+        return model.classify(feats), feats
 
     @property
     def feature_engine(self) -> Engine:

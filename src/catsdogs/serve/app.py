@@ -212,8 +212,7 @@ def _lifespan(cfg: ServeConfig, predictor: Backend | None, metrics: ServeMetrics
                                   initargs=(DECODE_NICENESS,))
         desc = backend.describe()
         info = {k: desc.get(k) for k in ("name", "backend", "size", "epoch")}
-        torch_model = getattr(backend, "predictor", None)
-        explainer = Explainer(torch_model) if torch_model is not None else None
+        explainer = Explainer(backend.predictor) if backend.predictor is not None else None
         explain_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explain")
         await batcher.start()
         metrics.model_loaded(desc, backend.name, backend.classes, UNKNOWN)

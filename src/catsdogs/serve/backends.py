@@ -24,6 +24,9 @@ class Backend(Protocol):
     name: str
     classes: list[str]
     size: int
+    predictor: Predictor | None
+    """The torch predictor behind it: Grad-CAM explains its model, and it says where the model runs
+    (None: nothing to explain, the CPU)."""
 
     def decode(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray: ...
 
@@ -70,8 +73,7 @@ def public_facts(predictor: Predictor, backend: str) -> dict[str, Any]:
 
 def on_cuda(backend: Backend) -> bool:
     """Return True when the backend runs its model on a CUDA GPU."""
-    predictor = getattr(backend, "predictor", None)
-    return isinstance(predictor, Predictor) and predictor.device.type == "cuda"
+    return backend.predictor is not None and backend.predictor.device.type == "cuda"
 
 
 def plan_workers(cfg: ServeConfig, backend: str, on_cuda: bool) -> tuple[int, int]:
