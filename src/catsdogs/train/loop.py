@@ -26,7 +26,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import random
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -58,6 +56,7 @@ from catsdogs.train.contract import claim, model_config, model_kwargs
 from catsdogs.train.ddp import all_reduce_sum, check_replicas
 from catsdogs.train.ema import EMA
 from catsdogs.train.names import OPTIMIZERS
+from catsdogs.train.rng import rng_state, set_rng_state
 from catsdogs.train.schedule import lr_at
 from catsdogs.train.stream import split_stream
 from catsdogs.train.tracking import finish_training_run, log_epoch, open_training_run
@@ -66,36 +65,6 @@ AUGMENT_MAX_SHIFT = 4
 """Largest random translation in pixels (6% of a 64 px image), reflect-padded."""
 AUGMENT_SEED_OFFSET = 7919
 """Added to --seed for the augmentation generator so it is independent of weight init."""
-
-
-def rng_state(augment_gen: torch.Generator) -> dict[str, Any]:
-    """Every RNG state as tensors/lists so the checkpoint loads with ``weights_only=True``."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    py_version, py_internal, py_gauss = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "python": {"version": py_version, "state": torch.tensor(py_internal, dtype=torch.int64),
-                   "gauss": py_gauss},
-        "augment": augment_gen.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any], augment_gen: torch.Generator) -> None:
-    """Restore the RNG states saved by :func:`rng_state`."""
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
-    augment_gen.set_state(state["augment"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
