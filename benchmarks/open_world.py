@@ -282,6 +282,34 @@ def cand_previous_concepts(train: Split, ctx: dict) -> Scorer:
     return lambda f: 0.5 * (pct(ref_c, concept(f)) + pct(ref_l, det._knn(f, None)))
 
 
+def cand_with_foreign(ratio: bool) -> Callable[..., Scorer]:
+    """The product's Fisher rule with the largest non-owned ImageNet concept as well.
+
+    ``ratio``: its log-ratio to the owned mass replaces the owned mass; else it is a third p-value.
+    """
+    def fit(train: Split, ctx: dict) -> Scorer:
+        det = fit_detector(CONCEPTS, train.f, train.y, ctx["num_classes"], 0, imagenet=ctx["imagenet"])
+        owned = det.params["owned"].any(dim=0)
+        vf = ctx["val_f"]
+
+        def parts(f: torch.Tensor) -> list[torch.Tensor]:
+            p = det.imagenet_probabilities(f)
+            what, foreign = det.what_score(p), -(p[:, ~owned].max(dim=1).values + 1e-12).log()
+            look = det._knn(f, None)
+            return [what - foreign, look] if ratio else [what, look, -foreign]
+
+        refs = [r.sort().values for r in parts(vf)]
+
+        def score(f: torch.Tensor) -> torch.Tensor:
+            total = torch.zeros(len(f))
+            for ref, x in zip(refs, parts(f), strict=True):
+                at_least = len(ref) - torch.searchsorted(ref, x.contiguous())
+                total += -((1.0 + at_least.float()) / (len(ref) + 1.0)).log()
+            return total
+        return score
+    return fit
+
+
 def cand_floor(train: Split, ctx: dict) -> Scorer:
     """Reject only when both say no: the smaller of the owned mass's and the look's validation percentiles."""
     det = fit_detector(CONCEPTS, train.f, train.y, ctx["num_classes"], 0, imagenet=ctx["imagenet"])
@@ -313,6 +341,9 @@ CANDIDATES: dict[str, Callable[..., Scorer]] = {
     "owned WordNet mass (what it is)": cand_owned_mass,
     "previous concepts (cross-entropy + knn percentiles averaged)": cand_previous_concepts,
     "floor: owned mass or knn (reject only when both say no)": cand_floor,
+    "Fisher of owned mass, knn and the largest non-owned concept": cand_with_foreign(ratio=False),
+    "Fisher of knn and the log-ratio of the largest non-owned concept to the owned mass": cand_with_foreign(
+        ratio=True),
     "**concepts** (owned mass and knn, Fisher-combined)": cand_detector(CONCEPTS),
 }
 PRODUCT = next(name for name in CANDIDATES if name.startswith("**concepts**"))
