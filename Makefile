@@ -57,7 +57,7 @@ run: $(STAMP)
 	$(BIN)/catsdogs run --config $(MODEL) --data "$(DATA)" --out "$(OUT)"
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks container
+	$(BIN)/ruff check src tests benchmarks container scripts
 	$(BIN)/bandit -q -r src
 
 # podman, runc (crun refuses the hybrid cgroups of these machines) and mmdebstrap (a local Debian base

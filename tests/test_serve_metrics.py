@@ -30,6 +30,7 @@ class Fake:
     name = "fake-engine"
     classes = ["Cat", "Dog"]
     size = 8
+    predictor = None  # no torch model behind it: nothing to explain
 
     def decode(self, data: bytes, max_pixels: int = 0) -> np.ndarray:
         if data.startswith(b"bad"):
