@@ -54,7 +54,7 @@ BATCH_REPEATS = 8
 SERIAL_ROWS = 256
 """Test images run one batch at a time through ``Engine.run``, for the before/after of the streamed pass."""
 INT8_TARGET = 0.5
-"""Issue 26: the int8 feature pass reaches at least half the measured int8 peak."""
+"""Target: the int8 feature pass reaches at least half the measured int8 peak."""
 
 
 def _rate(fn: Any, ops: float) -> tuple[float, float]:
@@ -204,7 +204,7 @@ def bench_engine(run: Path, shards: Path, name: str, files: list[Path]) -> dict[
     feats, labels = extract_features(model, shards, manifest, "test", pred.mean, pred.std, 64,
                                       engine=engine, desc=name)
     row["feature_ips"] = len(labels) / (time.perf_counter() - t0)
-    # The same engine one batch at a time (Engine.run, no streams, no prefetch): the pass before issue 26.
+    # The same engine one batch at a time (Engine.run, no streams, no prefetch): the plain one-batch pass.
     xs = [x for x, _y in split_batches(shards, manifest, "test", pred.mean, pred.std, 64, SERIAL_ROWS)]
     one_request = getattr(engine, "request", engine.run)  # OpenVINO: the single all-threads request
     t0 = time.perf_counter()
@@ -247,7 +247,7 @@ def table(rows: list[dict[str, Any]], gflop: float, peak: dict[str, float]) -> s
                      f"{100 * achieved / peak[kind]:.0f} % of {kind} | {100 * r['test_acc']:.2f} % "
                      f"({r['test_rows']}) | {check} |")
     lines += ["", "Streamed feature pass (`Engine.stream`: OpenVINO with 2 inference streams + prefetch) vs "
-              "the same engine one batch of 64 at a time (one request, the pass before issue 26; first "
+              "the same engine one batch of 64 at a time (one request, the plain one-batch pass; first "
               f"{SERIAL_ROWS} test images):", "",
               "| engine | one batch at a time img/s | streamed img/s | gain |", "|---|---|---|---|"]
     for r in rows:
@@ -256,7 +256,7 @@ def table(rows: list[dict[str, Any]], gflop: float, peak: dict[str, float]) -> s
     for r in rows:
         if r["ran"].endswith("int8"):
             share = gflop * r["feature_ips"] / peak["int8"]
-            lines.append(f"\nTarget (issue 26): {r['engine']}'s feature pass at >= "
+            lines.append(f"\nTarget: {r['engine']}'s feature pass at >= "
                          f"{100 * INT8_TARGET:.0f} % of the int8 peak: {100 * share:.0f} % "
                          f"({gflop * r['feature_ips']:.0f} of "
                          f"{peak['int8']:.0f} GOP/s): {'met' if share >= INT8_TARGET else 'NOT met'}.")

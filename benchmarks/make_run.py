@@ -1,4 +1,4 @@
-"""``make run`` of the default preset, timed stage by stage, against issue 26's 150 s target.
+"""``make run`` of the default preset, timed stage by stage, against a 150 s target.
 
 Runs ``make run DATA=<real data> OUT=<out>`` (a fresh OUT: preprocess included), timestamps every
 output line as it arrives, and reads the stage boundaries from the pipeline's own lines ([1/3], [2/3],
@@ -23,7 +23,7 @@ from typing import Any
 from benchmarks._common import PROJECT_ROOT, REAL_DATA, heavy_lock, machine, write_fragment
 
 TARGET_S = 150.0
-"""Issue 26: make run of the default preset in at most 150 s."""
+"""Target: make run of the default preset in at most 150 s."""
 STAGE_LINE = re.compile(r"frozen head \((?P<engine>[^)]*) features\) in (?P<total>[\d.]+) s: "
                         r"(?P<stages>[^;]*); (?P<images>[\d,]+) images through the engine")
 
@@ -94,7 +94,7 @@ def main() -> None:
     rows = [f"| {name} | {sec:.0f} |" for name, sec in st.items() if isinstance(sec, float)]
     inner = st.get("train_stages", {})
     md = "\n".join([
-        "## `make run` of the default preset, stage by stage (issue 26)", "",
+        "## `make run` of the default preset, stage by stage", "",
         f"`.venv/bin/python -m benchmarks.make_run` on {machine()}: `make run DATA={REAL_DATA} "
         "OUT=<fresh>` (preprocess included), under /tmp/catsdogs-heavy.lock; output lines timestamped as "
         "they arrive.", "",

@@ -1,6 +1,6 @@
 """Out-of-distribution rejection, calibration and flip TTA of a trained run, measured on real data.
 
-Answers three questions of issue 13 with the run's own model and feature space:
+Answers three questions with the run's own model and feature space:
 
 1. Which detector? Each of ``catsdogs.models.ood.OOD_METHODS`` is fitted on the same TRAIN rows
    (``--train-rows``, the first shards), thresholded on VAL at ``--accept-rate``, then measured on
@@ -127,7 +127,7 @@ def main() -> int:
     print(md)
     if args.fragment:
         command = "python -m benchmarks.ood_rejection" + (f" --run {args.run}" if args.run else "")
-        header = "## Out-of-distribution rejection (issue 13)\n\n"
+        header = "## Out-of-distribution rejection\n\n"
         body = f"Command: `{command}`  \nMachine: {machine()}\n\n{md}"
         path = write_fragment(args.fragment, header + body)
         print(f"wrote {path}")

@@ -1,4 +1,4 @@
-"""Open-world answers: which "neither" detector, and where its operating point sits (issue 22).
+"""Open-world answers: which "neither" detector, and where its operating point sits.
 
 Every candidate detector is fitted on the TRAIN split's features of one trained run (the features its
 own engine computes, as training does), thresholded on VALIDATION at an accept rate, and then only

@@ -33,9 +33,9 @@ from catsdogs.models.transforms import DEFAULT_MAX_PIXELS, load_rgb
 GREY = 128
 """Canvas colour: mid grey, the least informative background."""
 MIN_SHARE = 0.70
-"""A photo passes when at least this share of the heatmap's mass lies on its half (issue #13)."""
+"""A photo passes when at least this share of the heatmap's mass lies on its half."""
 MIN_PASSING = 0.90
-"""The explanations pass when at least this share of the photos pass (issue #13)."""
+"""The explanations pass when at least this share of the photos pass."""
 
 
 def paste_on_canvas(photo: np.ndarray, side: str) -> np.ndarray:

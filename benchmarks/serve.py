@@ -367,7 +367,7 @@ def render(results: list[dict[str, Any]], run_note: str, args: argparse.Namespac
             f"{c['parse']['p50_ms']:.3f} / {c['parse']['p99_ms']:.3f} | "
             f"{r['health']['p50_ms']:.2f} / {r['health']['p99_ms']:.2f} | "
             f"{one['p50_ms']:.2f} / {one['p99_ms']:.2f} |")
-    lines += ["", "Targets (issue 26): the median at c=1 within 1.2x one bare decode + answer of a lone "
+    lines += ["", "Targets: the median at c=1 within 1.2x one bare decode + answer of a lone "
               "photo "
               "(same process, no server); req/s at c=16 at least 0.8x the engine alone on batches of "
               f"{ENGINE_BATCH} of the same photos, decode included (decode in the server's pool size of "

@@ -18,6 +18,7 @@ import ast
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -95,7 +96,8 @@ def test_the_docs_have_snippets_to_check() -> None:
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with the names the docs use: shards/, runs/quick (trained), photos/, cat.jpg."""
+    """A folder with the names the docs use: shards/, runs/quick (trained, also as make run's
+    runs/effnet_lite12_frozen), photos/, cat.jpg."""
     root = tmp_path_factory.mktemp("docs")
     make_shards(root / "shards", size=32)
     assert cli.main(["train", "--data", str(root / "shards"), "--out", str(root / "runs" / "quick"),
@@ -105,6 +107,8 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (root / "photos" / f"{i}.jpg").write_bytes(jpeg_bytes(synthetic_image(i % 2, 48, seed=70 + i)))
     (root / "cat.jpg").write_bytes(jpeg_bytes(synthetic_image(0, 64, seed=99)))
     assert catsdogs.load(root / "runs" / "quick").engine  # the run's engine graphs, once, in this process
+    # The README's "Use it" names the run make run writes: the same small run under that name.
+    shutil.copytree(root / "runs" / "quick", root / "runs" / "effnet_lite12_frozen")
     return root
 
 
