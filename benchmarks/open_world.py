@@ -40,7 +40,7 @@ from catsdogs.errors import ImageDecodeError
 from catsdogs.infer.predictor import Predictor
 from catsdogs.models.heads import probabilities
 from catsdogs.models.imagenet import imagenet_heads, imagenet_probabilities
-from catsdogs.models.ood import CONCEPTS, calibrate_threshold, fit_detector, flat_images
+from catsdogs.models.ood import CONCEPTS, calibrate_threshold, fit_detector, flat_images, surprise
 from catsdogs.models.registry import REGISTRY
 from catsdogs.models.transforms import normalize
 from catsdogs.shards.manifest import load_manifest
@@ -191,6 +191,27 @@ def held_out_class(make: Callable[..., Scorer], sets: dict[str, Split], ctx: dic
     return {a: float(np.mean(v)) for a, v in rejected.items()}, float(np.mean(aurocs))
 
 
+def owned_summary(sets: dict[str, Split], ctx: dict) -> str:
+    """Which WordNet node each class owns, the share of its training photos' top-1 concepts under it,
+    and the share of validation photos a Cat/Dog answer would name a foreign concept for."""
+    from catsdogs.models.ood import LOOKS_LIKE_STRONG
+    from catsdogs.models.taxonomy import node_mask, node_name
+
+    tr = sets["train"]
+    det = fit_detector(CONCEPTS, tr.f, tr.y, ctx["num_classes"], 0, imagenet=ctx["imagenet"])
+    top1 = det.imagenet_probabilities(torch.from_numpy(tr.f)).argmax(dim=1)
+    owned = []
+    for c, node in enumerate(det.owned_nodes):
+        mine = top1[torch.from_numpy(tr.y == c)]
+        share = float(node_mask(node)[mine].float().mean())
+        owned.append(f"class {c} owns {node_name(node)!r} ({share:.1%} of its training photos' top-1s)")
+    p = det.imagenet_probabilities(ctx["val_f"])
+    foreign = p.masked_fill(det.owned_any(), 0.0).max(dim=1).values
+    strong = float((foreign >= LOOKS_LIKE_STRONG).float().mean())
+    return (f"Owned nodes: {'; '.join(owned)}. Validation photos with a non-owned concept of at least "
+            f"{LOOKS_LIKE_STRONG:.0%} (a class answer names it in looks_like): {strong:.2%}.")
+
+
 def frontier_png(scorer: Scorer, sets: dict[str, Split], ctx: dict, chosen: float, path: Path,
                  title: str) -> Path:
     """Share of pets answered against share of not-pets rejected as the validation accept rate moves."""
@@ -301,11 +322,7 @@ def cand_with_foreign(ratio: bool) -> Callable[..., Scorer]:
         refs = [r.sort().values for r in parts(vf)]
 
         def score(f: torch.Tensor) -> torch.Tensor:
-            total = torch.zeros(len(f))
-            for ref, x in zip(refs, parts(f), strict=True):
-                at_least = len(ref) - torch.searchsorted(ref, x.contiguous())
-                total += -((1.0 + at_least.float()) / (len(ref) + 1.0)).log()
-            return total
+            return sum(surprise(ref, x) for ref, x in zip(refs, parts(f), strict=True))  # type: ignore[return-value]
         return score
     return fit
 
@@ -466,6 +483,7 @@ def main() -> None:
         known = vs <= product.threshold_at(accept)
         held = held_at[accept]
         lines.append(f"| {accept:.1%} | {known.mean():.2%} | {vok[known].mean():.2%} | {held:.1%} |")
+    lines += ["", owned_summary(sets, ctx)]
     png = frontier_png(product, sets, ctx, TrainConfig.accept_rate,
                        FRONTIER_DIR / f"open_world_frontier_{model_name}.png", model_name)
     lines += ["", f"The frontier (share of pets answered against share of not-pets rejected, as the "

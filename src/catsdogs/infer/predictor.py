@@ -223,11 +223,9 @@ class Predictor:
         known = np.ones(n, dtype=bool)
         det = self.detector
         # One ImageNet head pass serves both the score and "looks like" (no second forward).
-        concepts = det.imagenet_probabilities(feats) if det is not None and det.has_concepts and \
-            feats is not None else None
-        if det is not None and (feats is not None or det.method == "energy"):
-            f = feats if feats is not None else logits
-            scores = det.score(f, logits, imagenet=concepts).cpu().numpy().astype(np.float32)
+        concepts = det.imagenet_probabilities(feats) if det is not None and det.has_concepts else None
+        if det is not None:
+            scores = det.score(feats, logits, imagenet=concepts).cpu().numpy().astype(np.float32)
             if self.settings.reject:
                 known = det.known(scores)
         flat = flat_images(arr) if self.settings.reject else np.zeros(n, bool)
@@ -235,7 +233,7 @@ class Predictor:
         looks_like: list[list[tuple[str, float]]] = [[] for _ in range(n)]
         # A flat image shows nothing: naming the concept ImageNet's head guesses for it would mislead.
         named = np.nonzero(~flat)[0]
-        if det is not None and concepts is not None and feats is not None and len(named):
+        if det is not None and concepts is not None and len(named):
             rows = torch.as_tensor(named)
             for i, said in zip(named, det.looks_like(feats[rows], known[named], imagenet=concepts[rows]),
                                strict=True):
