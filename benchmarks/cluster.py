@@ -9,12 +9,11 @@ On ``--photos`` real photos at the default preset's 260 px (effnet_lite12, openv
    second job on the warm executors (the rate a long job settles at);
 2. the same pass in this process (today's ``extract_features``, 2 threads) against the Spark code on
    ``local[2]``: whether local mode should use the Spark path;
-3. ``catsdogs predict`` on ``--predict-photos`` other photos (2,000 and 8,000), locally and with
-   ``--master local[2]`` (mapInPandas, then predict_batch_udf): the whole command's wall time, JVM start
-   included, so the larger count shows how the fixed start-up cost is amortised.
+
+Predict on Spark against local predict is :mod:`benchmarks.cluster_predict`.
 
 The int8 graph is calibrated once on ``--calibration-images`` training images (speed does not depend on
-how many). Usage (about 25 minutes on 2 cores)::
+how many). Usage (about 15 minutes on 2 cores)::
 
     flock /tmp/catsdogs-heavy.lock .venv/bin/python -m benchmarks.cluster [--photos 2000]
 """
@@ -22,8 +21,6 @@ how many). Usage (about 25 minutes on 2 cores)::
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import subprocess
 import sys
 import tempfile
@@ -165,71 +162,10 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def predict_runs(data: Path, folder: Path, sizes: list[int], calibration: int, skip: int
-                 ) -> dict[int, dict[str, float]]:
-    """Wall seconds of catsdogs predict per photo count: local, --master local[2] (both Spark APIs).
-
-    The photos come after the ``skip`` the shards hold, so none was trained on.
-    """
-    run = data.parent / "run"
-    timed(
-        [
-            sys.executable,
-            "-m",
-            "catsdogs.cli",
-            "train",
-            "--data",
-            str(data),
-            "--out",
-            str(run),
-            "--model",
-            MODEL,
-            "--freeze",
-            "backbone",
-            "--calibration-images",
-            str(calibration),
-        ]
-    )
-    from catsdogs.checkpoint import load_checkpoint
-
-    print(f"predict model: head fitted on {load_checkpoint(run / 'best.pt')['engine']} features", flush=True)
-    code = (
-        "import sys; from catsdogs.cli import resolve, build_parser; import catsdogs.cluster.predict as m; "
-        "a = build_parser().parse_args(sys.argv[1:]); sys.exit(m.main(resolve('predict', a), api='udf'))"
-    )
-    results: dict[int, dict[str, float]] = {}
-    for n in sizes:
-        here = folder / str(n)
-        for cls in ("Cat", "Dog"):
-            (here / cls).mkdir(parents=True)
-        for p, _ in photos(n, skip=skip):
-            os.symlink(p, here / p.parent.name / p.name)
-        base = ["predict", str(here), "--run", str(run)]
-        out_csv = {k: data.parent / f"{k}-{n}.csv" for k in ("l", "s", "u")}
-        out = {"local": timed([sys.executable, "-m", "catsdogs.cli", *base, "--output", str(out_csv["l"])])}
-        spark = ["--master", "local[2]"]
-        out["--master local[2] (mapInPandas)"] = timed(
-            [sys.executable, "-m", "catsdogs.cli", *base, "--output", str(out_csv["s"]), *spark]
-        )
-        out["--master local[2] (predict_batch_udf)"] = timed(
-            [sys.executable, "-c", code, *base, "--output", str(out_csv["u"]), *spark]
-        )
-        labels = []
-        for key in ("l", "s", "u"):
-            with open(out_csv[key]) as fh:
-                labels.append([r["label"] for r in csv.DictReader(fh)])
-        assert labels[0] == labels[1] == labels[2], "local and Spark predict disagree"
-        results[n] = out
-    return results
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--photos", type=int, default=2000)
     parser.add_argument("--calibration-images", type=int, default=64)
-    parser.add_argument("--predict-photos", type=int, nargs="+", default=[2000, 8000],
-                        help="photo counts for the predict comparison: the issue's 2,000, and more to show "
-                        "how Spark's fixed start-up cost is amortised")
     args = parser.parse_args(argv)
     if not REAL_DATA.is_dir():
         print(f"real data not found at {REAL_DATA}; skipping", file=sys.stderr)
@@ -238,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
         data = Path(tmp) / "shards"
         write_shards(data, args.photos)
         passes = feature_passes(data, args.calibration_images)
-        preds = predict_runs(data, Path(tmp) / "photos", args.predict_photos, args.calibration_images,
-                             args.photos)
     one, two = passes["1 worker warm"], passes["2 worker warm"]
     one_cold, two_cold = passes["1 worker first job"], passes["2 worker first job"]
     lines = [
@@ -261,13 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{passes['in-process (2 threads)'] / one:.2f} (of warm) |",
         f"| Spark `local[2]`, the cluster code on this machine | {passes['Spark local[2]']:.1f} | "
         f"{passes['Spark local[2]'] / one:.2f} (of warm) |",
-        "",
-        "| `catsdogs predict` on other photos (not in the shards) | photos | wall s | vs local |",
-        "|---|---|---|---|",
     ]
-    for n, runs in preds.items():
-        for name, seconds in runs.items():
-            lines.append(f"| {name} | {n:,} | {seconds:.1f} | {100 * (seconds / runs['local'] - 1):+.1f} % |")
     print("\n".join(lines))
     write_fragment("cluster", "\n".join(lines))
     return 0

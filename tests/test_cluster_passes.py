@@ -274,6 +274,34 @@ def test_predict_on_the_cluster_gives_the_local_rows(
             )
 
 
+def test_predict_collects_no_rows_on_the_driver(
+    trained: dict[str, object], work: Path, cluster: Cluster
+) -> None:
+    """600 photos under spark.driver.maxResultSize=16k (their rows are ~84 KiB): each task writes its part,
+    and the driver's file, or the --parts folder, holds local predict's rows in the same order."""
+    folder = work / "many"
+    skip = sum(PER_CLASS.values()) + PREDICT_PER_CLASS
+    for cls in ("Cat", "Dog"):
+        (folder / cls).mkdir(parents=True)
+        for p in photos(cls)[skip : skip + 300]:
+            os.symlink(p, folder / cls / p.name)
+    run = str(trained["remote"])
+    local, merged, split = work / "many-local.csv", work / "many-spark.csv", work / "many-parts.csv"
+    ok(cli("predict", str(folder), "--run", run, "--output", str(local), *INT8))
+    tight = [*on(cluster), "--spark-conf", "spark.driver.maxResultSize=16k"]
+    log = ok(cli("predict", str(folder), "--run", run, "--output", str(merged), *INT8, *tight))
+    assert "600 images, 0 errors" in log, log[-2000:]
+    mine = read_rows(local)
+    assert len(mine) == 600
+    assert_same_rows(mine, read_rows(merged), 1e-3)
+    ok(cli("predict", str(folder), "--run", run, "--output", str(split), "--parts", *INT8, *tight))
+    names = sorted(p.name for p in split.iterdir())
+    assert names[0] == "_SUCCESS" and len(names) > 2, names
+    assert all(n.startswith("part-") and n.endswith(".csv") for n in names[1:]), names
+    assert_same_rows(mine, [r for n in names[1:] for r in read_rows(split / n)], 1e-3)
+    assert not [p.name for p in work.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
 def test_a_killed_driver_leaves_no_output(trained: dict[str, object], work: Path, cluster: Cluster) -> None:
     """SIGKILL mid-job: no file under the output's name, and the cluster ends the application."""
     folder = work / "slow"
@@ -312,7 +340,9 @@ def test_a_killed_driver_leaves_no_output(trained: dict[str, object], work: Path
     driver.send_signal(signal.SIGKILL)
     driver.wait(30)
     os.close(writer)  # the task reads an empty file and goes on; its application is gone anyway
-    assert sorted(p.name for p in out.parent.iterdir()) == []
+    # Nothing that looks complete: at most the tasks' hidden staging folder of parts, never rows.csv
+    left = sorted(p.name for p in out.parent.iterdir())
+    assert all(name.startswith(".rows.csv.parts-") for name in left), left
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and (
         cluster.status().get("activeapps") or pids_under(cluster.work_dir / "work")

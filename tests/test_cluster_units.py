@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from catsdogs.cluster import parts, session
 from catsdogs.cluster import predict as cpredict
-from catsdogs.cluster import session
 from catsdogs.cluster.shardjob import Item, group_items, read_feature_shard, write_feature_shard
 from catsdogs.cluster.standalone import ClusterError, free_port, worker_cpus
 from catsdogs.errors import ConfigError, OutputExistsError
@@ -73,26 +73,88 @@ def test_executor_failures_a_user_can_fix_become_one_line(text: str, expected: s
     assert session.explain(RuntimeError("ZeroDivisionError: division by zero"), "local[2]") is None  # a bug
 
 
-def test_every_prediction_field_reaches_the_spark_rows() -> None:
-    """A task's Predictions come back to the driver equal, field for field (looks_like included)."""
-    import pandas as pd
-    import pyarrow as pa
-
+def _rows() -> list[Prediction]:
     classes = ("Cat", "Dog")
-    rows = [
+    return [
         Prediction("a.jpg", answer=Answer(np.array([0.9, 0.1], np.float32), 0.25, True), classes=classes),
         Prediction("b.jpg", error="not_an_image", classes=classes),
         Prediction("c.jpg", answer=Answer(np.array([0.4, 0.6], np.float32), 3.5, False,
                                           [("badger", 0.66), ("mongoose", 0.11)]), classes=classes),
-        Prediction("d.jpg", answer=Answer(np.array([0.3, 0.7]), float("nan"), True), classes=classes),
+        Prediction("d,\"e\".jpg", answer=Answer(np.array([0.3, 0.7]), float("nan"), True), classes=classes),
+        Prediction("e.jpg", answer=Answer(np.array([0.2, 0.8], np.float32), 0.5, True), classes=classes),
     ]
-    frame = cpredict._frame(pd.DataFrame({"_input": [0, 0, 1, 1], "_order": [1, 0, 5, 4]}), rows)
-    assert list(frame.columns) == [c.split()[0] for c in cpredict.result_ddl().split(", ")]
-    back, procs = cpredict.to_rows(pa.Table.from_pandas(frame), list(classes))
-    assert [r.to_dict() for r in back] == [rows[k].to_dict() for k in (1, 0, 3, 2)]  # input order
-    assert [r.label for r in back] == ["", "Cat", "Dog", "unknown"]
-    assert back[3].looks_like[0] == ("badger", 0.66)
-    assert len(procs) == 1
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".parquet"])
+def test_task_parts_merge_into_local_predicts_file(tmp_path: Path, suffix: str) -> None:
+    """Parts written per task (some partitions empty, written out of order) merge into the very bytes
+    that local predict writes for the same rows (looks_like, quoting and NaN scores included)."""
+    rows = _rows()
+    whole = tmp_path / f"local{suffix}"
+    write_rows(rows, str(whole))
+    out = tmp_path / f"merged{suffix}"
+    staging = parts.make_staging(str(out))
+    assert Path(staging).name.startswith(f".{out.name}.parts-")  # hidden: never taken for a result
+    for index, chunk in ((3, rows[3:]), (0, rows[:1]), (1, rows[1:3])):  # partition 2 was empty
+        parts.write_part(chunk, staging, index, suffix)
+    names = [parts.part_name(i, suffix) for i in (0, 1, 3)]
+    parts.merge(staging, names, str(out))
+    parts.remove(staging)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        assert pq.read_table(out).equals(pq.read_table(whole))
+    else:
+        assert out.read_bytes() == whole.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([whole.name, out.name])
+
+
+def test_parts_folder_is_committed_whole_with_success_last(tmp_path: Path) -> None:
+    rows = _rows()
+    out = tmp_path / "answers.csv"
+    staging = parts.make_staging(str(out))
+    parts.write_part(rows[:2], staging, 0, ".csv")
+    parts.write_part(rows[2:], staging, 1, ".csv")
+    assert not out.exists()
+    parts.commit_folder(staging, [parts.part_name(i, ".csv") for i in (0, 1)], str(out))
+    parts.remove(staging)
+    assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS", "part-00000.csv", "part-00001.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.csv"]
+    import csv
+
+    read = [r["path"] for name in ("part-00000.csv", "part-00001.csv")
+            for r in csv.DictReader((out / name).open(newline=""))]
+    assert read == [r.path for r in rows]  # name order is input order
+
+
+def test_an_executor_that_cannot_see_the_output_folder_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError) as caught:
+        parts.write_part(_rows(), str(tmp_path / "elsewhere" / ".o.csv.parts-1"), 0, ".csv")
+    line = session.explain(caught.value, "spark://h:7077")
+    assert line is not None and "\n" not in line
+    where = str(tmp_path / 'elsewhere')
+    assert line.startswith(f"the output folder {where!r} is not visible on this executor")
+    assert not (tmp_path / "elsewhere").exists()  # nothing written where the driver never looks
+
+
+def test_parts_merge_on_s3(tmp_path: Path) -> None:
+    """An s3a:// --output: parts uploaded under a hidden staging prefix, merged and published whole."""
+    rows = _rows()
+    with s3_server():
+        make_bucket("preds")
+        out = "s3a://preds/run1/rows.csv"
+        staging = parts.make_staging(out)
+        assert staging.startswith("s3a://preds/run1/.rows.csv.parts-")
+        parts.write_part(rows[:2], staging, 0, ".csv")
+        parts.write_part(rows[2:], staging, 1, ".csv")
+        parts.merge(staging, [parts.part_name(i, ".csv") for i in (0, 1)], out)
+        parts.remove(staging)
+        from catsdogs.io import storage
+
+        local = tmp_path / "local.csv"
+        write_rows(rows, str(local))
+        assert storage.read_bytes(out) == local.read_bytes()
+        assert storage.list_names("s3a://preds/run1") == ["rows.csv"]
 
 
 def test_inputs_are_files_uris_or_bytes(tmp_path: Path) -> None:

@@ -1,16 +1,16 @@
 """``catsdogs predict --master ...``: classify a folder, a remote prefix or a Parquet table as Spark tasks.
 
-Inputs become one DataFrame of ``(name, uri, content)`` rows: files listed on the driver (a folder the
-executors can read, an ``s3a://``/``hdfs://`` prefix read through :mod:`catsdogs.io.storage` by the
-tasks) or a Parquet table of paths or image bytes (read by Spark). Each task runs the very code of
-local predict, :func:`catsdogs.infer.predict.predict_files` (decode ahead in threads, the predictor's
-own answer, the same rows, ``error`` rows for unreadable files) with the driver's predictor rebuilt
-once per executor process (:mod:`catsdogs.cluster.ship`). Two Spark APIs run it: ``mapInPandas``
-(default) and ``pyspark.ml.functions.predict_batch_udf``; docs/cluster.md measures both.
+Inputs become one DataFrame of ``(name, uri, content)`` rows, partitions in input order: files listed on
+the driver (a folder the executors can read, an ``s3a://``/``hdfs://`` prefix read through
+:mod:`catsdogs.io.storage` by the tasks) or a Parquet table of paths or image bytes (read by Spark). Each
+task (``mapInPandas``) runs the very code of local predict, :func:`catsdogs.infer.predict.predict_files`
+(decode ahead in threads, the predictor's own answer, ``error`` rows for unreadable files) with the
+driver's predictor rebuilt once per executor process (:mod:`catsdogs.cluster.ship`).
 
-The rows come back to the driver (about 100 bytes each), are put back in input order and written
-whole by :func:`catsdogs.infer.predict.write_rows`: a temporary file renamed (local) or uploaded and
-moved (S3, HDFS). A killed driver leaves no file under the output's name.
+Each task writes its own rows as a part file and returns only its counts (:mod:`catsdogs.cluster.parts`):
+no row passes through Spark's results, so ``spark.driver.maxResultSize`` never bounds the input. The
+driver then merges the parts into the one file --output names, or with ``--parts`` keeps them as a
+folder. Either is committed whole: a killed driver leaves no file under the output's name.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ import os
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from catsdogs.cluster import parts
 from catsdogs.cluster.session import NEEDED, run_job, runtime_modules, spark_session
 from catsdogs.cluster.ship import PredictorSpec, Shipment
 from catsdogs.config import PredictConfig, check_required
@@ -38,8 +40,7 @@ from catsdogs.infer.predict import (
     expand_paths,
     is_candidate,
     predict_files,
-    summary,
-    write_rows,
+    summary_line,
 )
 from catsdogs.infer.prediction import Prediction
 from catsdogs.infer.predictor import Predictor
@@ -49,8 +50,6 @@ if TYPE_CHECKING:
     import pandas as pd
     from pyspark.sql import DataFrame, SparkSession
 
-APIS: tuple[str, ...] = ("pandas", "udf")
-"""Spark APIs that run the tasks: ``mapInPandas`` and ``predict_batch_udf`` (same rows)."""
 ROWS_PER_TASK = 1024
 """Files per task of a listed input (at least two tasks per executor core, for balance at the end)."""
 ARROW_ROWS_PATHS = 1024
@@ -66,26 +65,9 @@ CONTENT_COLUMNS: tuple[str, ...] = ("content", "image", "bytes")
 """Binary columns of a table taken as the image bytes (``content`` is what Spark's binaryFile writes)."""
 PATH_COLUMN = "path"
 """String column of a table naming each image (read from it when the table holds no bytes)."""
-ROW_DDL = "path string, error string, record string"
-"""A task's answer per input: the row's name and error (readable in Spark's UI and logs), and the whole
-:meth:`~catsdogs.infer.prediction.Prediction.to_dict` record as JSON text, so every field local predict
-fills (``looks_like`` and any added later) reaches the driver without a schema change."""
-
-
-def result_ddl() -> str:
-    """Spark DDL of a task's output rows: the sort keys, the answering process, the row itself."""
-    return "_input int, _order bigint, _host string, _pid int, " + ROW_DDL
-
-
-def _frame(keys: pd.DataFrame, rows: list[Prediction]) -> pd.DataFrame:
-    """Output rows of one batch as a pandas frame matching :func:`result_ddl`."""
-    import pandas as pd
-
-    return pd.DataFrame({"_input": keys["_input"].to_numpy(np.int32),
-                         "_order": keys["_order"].to_numpy(np.int64),
-                         "_host": socket.gethostname(), "_pid": np.int32(os.getpid()),
-                         "path": [r.path for r in rows], "error": [r.error for r in rows],
-                         "record": [json.dumps(r.to_dict()) for r in rows]})
+SUMMARY_DDL = "part int, rows int, errors int, labels string, host string, pid int"
+"""What a task returns to the driver: its partition (= its part file), its counts (labels as JSON) and
+the process that answered; a few dozen bytes, whatever the task's rows."""
 
 
 def _inputs(batch: pd.DataFrame) -> list[Input]:
@@ -94,43 +76,28 @@ def _inputs(batch: pd.DataFrame) -> list[Input]:
             for n, u, c in zip(batch["name"].tolist(), batch["uri"].tolist(), contents, strict=True)]
 
 
-def pandas_task(spec: PredictorSpec, batch_size: int, max_pixels: int):  # noqa: ANN201 - Spark's callable
-    """The ``mapInPandas`` function: every Arrow batch of a partition through local predict's path."""
+def task(spec: PredictorSpec, batch_size: int, max_pixels: int, staging: str, suffix: str):  # noqa: ANN201
+    """The ``mapInPandas`` function: a partition through local predict's path, written as its part."""
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        import pandas as pd
+        from pyspark import TaskContext
+
         predictor = spec.build()
+        rows: list[Prediction] = []
         for batch in batches:
-            rows = predict_files(predictor, _inputs(batch), batch_size, max_pixels=max_pixels,
-                                 workers=DECODE_THREADS, progress=False)
-            yield _frame(batch, rows)
+            rows += predict_files(predictor, _inputs(batch), batch_size, max_pixels=max_pixels,
+                                  workers=DECODE_THREADS, progress=False)
+        index = TaskContext.get().partitionId()
+        if rows:
+            parts.write_part(rows, staging, index, suffix)
+        labels = Counter(r.label for r in rows if r.label)
+        yield pd.DataFrame({"part": [index], "rows": [len(rows)], "errors": [sum(1 for r in rows if r.error)],
+                            "labels": [json.dumps(labels)], "host": [socket.gethostname()],
+                            "pid": [os.getpid()]}).astype({"part": "int32", "rows": "int32",
+                                                           "errors": "int32", "pid": "int32"})
 
     return run
-
-
-def udf_predict(spec: PredictorSpec, batch_size: int, max_pixels: int):  # noqa: ANN201 - Spark's callable
-    """The ``predict_batch_udf`` column: the same rows, one batch of ``batch_size`` inputs per call."""
-    from pyspark.ml.functions import predict_batch_udf
-    from pyspark.sql.types import StructType
-
-    schema = StructType.fromDDL(result_ddl())
-
-    def make() -> Any:
-        import pandas as pd
-
-        predictor = spec.build()
-
-        def predict(source: np.ndarray, order: np.ndarray, name: np.ndarray, uri: np.ndarray,
-                    content: np.ndarray) -> dict[str, np.ndarray]:
-            batch = pd.DataFrame({"_input": source, "_order": order, "name": name, "uri": uri,
-                                  "content": content})
-            rows = predict_files(predictor, _inputs(batch), batch_size, max_pixels=max_pixels,
-                                 workers=DECODE_THREADS, progress=False)
-            frame = _frame(batch, rows)
-            return {c: frame[c].to_numpy() for c in frame.columns}
-
-        return predict
-
-    return predict_batch_udf(make, return_type=schema, batch_size=batch_size)
 
 
 def check_target(output: str) -> None:
@@ -203,80 +170,92 @@ def _table_frame(spark: SparkSession, k: int, uri: str, partitions: int) -> Data
         (F.col(PATH_COLUMN) if has_path else F.concat(F.lit(f"{uri}#"), order.cast("string"))).alias("name"),
         (F.col(PATH_COLUMN) if has_path else F.lit(None).cast("string")).alias("uri"),
         (F.col(content) if content else F.lit(None).cast("binary")).alias("content"))
-    # A table of paths is small: spread it over the cores. Image bytes keep Spark's file splits (moving
-    # them between executors would cost more than any imbalance).
-    return frame if content else frame.repartition(partitions)
+    # A table of paths is small: spread it over the cores in contiguous ranges, so that partition order
+    # stays table order. Image bytes keep Spark's file splits (moving them between executors would cost
+    # more than any imbalance); monotonically_increasing_id already follows them.
+    if content:
+        return frame
+    return frame.repartitionByRange(partitions, "_order").sortWithinPartitions("_order")
 
 
 def _input_frame(spark: SparkSession, files: list[tuple[int, str, str]], tables: list[tuple[int, str]]
                  ) -> tuple[DataFrame, int]:
-    """One DataFrame of every input row, and how many rows it holds."""
+    """One DataFrame of every input row, partitions in input order, and how many rows it holds.
+
+    Partition order is input order (a union keeps its frames' partitions in turn), so the parts that
+    the tasks write, read in name order, are the rows in input order.
+    """
     from pyspark.sql.types import StructType
 
     schema = StructType.fromDDL("_input int, _order bigint, name string, uri string, content binary")
     slots = max(1, spark.sparkContext.defaultParallelism)
-    frames = []
-    total = len(files)
-    if files:
-        tasks = min(len(files), max(2 * slots, math.ceil(len(files) / ROWS_PER_TASK)))
-        rows = [(k, i, name, uri, None) for i, (k, name, uri) in enumerate(files)]
-        frames.append(spark.createDataFrame(spark.sparkContext.parallelize(rows, tasks), schema))
-    for k, uri in tables:
-        frame = _table_frame(spark, k, uri, 2 * slots)
-        total += frame.count()  # Parquet metadata only
-        frames.append(frame)
+    frames, total = [], 0
+    pieces: list[tuple[int, object]] = sorted([(k, list(g)) for k, g in groupby(files, key=itemgetter(0))]
+                                              + tables, key=itemgetter(0))
+    for k, piece in pieces:
+        if isinstance(piece, str):
+            frame = _table_frame(spark, k, piece, 2 * slots)
+            total += frame.count()  # Parquet metadata only
+            frames.append(frame)
+            continue
+        listed = [(k, i, name, uri, None) for i, (_, name, uri) in enumerate(piece)]
+        tasks = min(len(listed), max(2 * slots, math.ceil(len(listed) / ROWS_PER_TASK)))
+        frames.append(spark.createDataFrame(spark.sparkContext.parallelize(listed, tasks), schema))
+        total += len(listed)
     out = frames[0]
     for frame in frames[1:]:
-        out = out.unionByName(frame)
+        out = out.union(frame)
     return out, total
 
 
-def to_rows(table: Any, classes: list[str]) -> tuple[list[Prediction], set[tuple[str, int]]]:
-    """Predictions of the collected Arrow table in input order, and the executor processes that answered."""
-    records = table.to_pylist()
-    records.sort(key=lambda r: (r["_input"], r["_order"]))
-    rows = [Prediction.from_dict(json.loads(r["record"]), classes) for r in records]
-    return rows, {(str(r["_host"]), int(r["_pid"])) for r in records}
-
-
-def predict_on_spark(spark: SparkSession, cfg: PredictConfig, predictor: Predictor, api: str = "pandas"
-                     ) -> tuple[list[Prediction], set[tuple[str, int]]]:
-    """Classify ``cfg.paths`` as Spark tasks with ``predictor`` (shipped); rows in input order."""
-    if api not in APIS:
-        raise ValueError(f"api must be one of {APIS}, got {api!r}")
+def predict_on_spark(spark: SparkSession, cfg: PredictConfig, predictor: Predictor) -> list[Any]:
+    """Classify ``cfg.paths`` as Spark tasks that write the parts; commit them; return the tasks' counts."""
     files, tables = list_sources(cfg.paths)
     frame, total = _input_frame(spark, files, tables)
     arrow_rows = ARROW_BATCHES_BYTES * cfg.batch_size if tables else ARROW_ROWS_PATHS
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(arrow_rows))
-    with Shipment(spark.sparkContext) as shipment:
-        spec = shipment.predictor(predictor, cfg.threads)
-        if api == "pandas":
-            result = frame.mapInPandas(pandas_task(spec, cfg.batch_size, cfg.max_pixels), result_ddl())
+    suffix = parts.suffix_of(cfg.output)
+    staging = parts.make_staging(cfg.output)
+    try:
+        with Shipment(spark.sparkContext) as shipment:
+            spec = shipment.predictor(predictor, cfg.threads)
+            result = frame.mapInPandas(task(spec, cfg.batch_size, cfg.max_pixels, staging, suffix),
+                                       SUMMARY_DDL)
+            counts = run_job(spark, cfg.master, result.collect, "catsdogs predict",
+                             progress=(total, frame.rdd.getNumPartitions(), "predict"))
+        counts.sort(key=lambda c: c.part)
+        names = [parts.part_name(c.part, suffix) for c in counts if c.rows]
+        check_target(cfg.output)  # another run may have finished meanwhile
+        if cfg.parts:
+            parts.commit_folder(staging, names, cfg.output)
         else:
-            column = udf_predict(spec, cfg.batch_size, cfg.max_pixels)
-            answers = column("_input", "_order", "name", "uri", "content").alias("r")
-            result = frame.select(answers).select("r.*")
-        tasks = frame.rdd.getNumPartitions()
-        table = run_job(spark, cfg.master, result.toArrow, "catsdogs predict",
-                        progress=(total, tasks, "predict"))
-    return to_rows(table, list(predictor.classes))
+            parts.merge(staging, names, cfg.output)
+    finally:
+        parts.remove(staging)
+    return counts
 
 
-def main(cfg: PredictConfig, api: str = "pandas") -> int:
-    """Run ``catsdogs predict --master``: list inputs, answer them on Spark, write the rows whole."""
+def main(cfg: PredictConfig) -> int:
+    """Run ``catsdogs predict --master``: list inputs, answer and write them on Spark, commit the whole."""
     check_output(cfg.output)
     if cfg.explain:
         raise ConfigError("--explain draws heatmaps on this machine; run it without --master (on a few "
                           "files)")
+    if cfg.parts and not cfg.output:
+        raise ConfigError("--parts writes a folder of part files: give it a name with --output (e.g. "
+                          "--output answers.csv)")
     check_target(cfg.output)
     check_required(cfg)
     predictor = load_predictor(cfg.run, cfg, tracking_uri=cfg.tracking_uri)
     modules = NEEDED + runtime_modules(predictor.backend)
     start = time.perf_counter()
     with spark_session(cfg.master, "catsdogs-predict", cfg.spark_conf, modules) as spark:
-        rows, processes = predict_on_spark(spark, cfg, predictor, api)
-    check_target(cfg.output)  # another run may have finished meanwhile
-    write_rows(rows, cfg.output)
+        counts = predict_on_spark(spark, cfg, predictor)
     seconds = time.perf_counter() - start
-    print(f"{summary(rows, seconds)} on {cfg.master} ({len(processes)} executor processes)", file=sys.stderr)
+    labels: Counter[str] = Counter()
+    for c in counts:
+        labels.update(json.loads(c.labels))
+    line = summary_line(sum(c.rows for c in counts), sum(c.errors for c in counts), labels, seconds)
+    processes = {(c.host, c.pid) for c in counts if c.rows}
+    print(f"{line} on {cfg.master} ({len(processes)} executor processes)", file=sys.stderr)
     return 0

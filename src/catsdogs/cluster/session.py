@@ -98,6 +98,10 @@ def check_master(master: str, flag: str = "--master") -> None:
 _MISSING = re.compile(r"(?:ModuleNotFoundError|ImportError): No module named '([^']+)'")
 _VERSION = re.compile(r"Python in worker has different version:? \(?([0-9.]+)\)? "
                       r"than that in driver:? \(?([0-9.]+)")
+USER_ERROR = "catsdogs-user-error: "
+"""A task's exception message starting with this is a user-fixable line (the rest of that line), shown
+as it is instead of Spark's trace."""
+_USER_LINE = re.compile(re.escape(USER_ERROR) + r"([^\n]+)")
 _NO_PYTHON = re.compile(r"Cannot run program \"([^\"]+)\"")
 
 
@@ -107,6 +111,9 @@ def explain(exc: BaseException, master: str) -> str | None:
     where = "this machine's Spark workers" if is_local(master) else f"the executors of {master}"
     fix = ("install catsdogs and its dependencies on every node (the same venv: make install), or point "
            "--spark-conf spark.pyspark.python=PATH at a Python that has them")
+    found = _USER_LINE.search(text)
+    if found:
+        return found.group(1).strip()
     found = _MISSING.search(text)
     if found:
         return f"{where} cannot import {found.group(1).split('.')[0]!r}: {fix}"

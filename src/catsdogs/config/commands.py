@@ -235,6 +235,10 @@ class PredictConfig(InferenceConfig, SparkConfig, TrackingConfig):
     output: str = setting("", path=REMOTE)
     """Write results here: .csv, .json or .parquet, a path or (with --master) an s3a:// / hdfs:// URI;
     written whole or not at all (default: print CSV to stdout)."""
+    parts: bool = False
+    """With --master: --output names a folder, and each Spark task writes its rows there as one part file
+    (part-00000.csv, ...; name order is input order), with _SUCCESS last; no row passes through the
+    driver. Without it the driver appends the parts into the one file --output names."""
     batch_size: int = setting(64, gt=0)
     """Images per forward pass."""
     max_pixels: int = setting(schema.DEFAULT_MAX_PIXELS, gt=0)

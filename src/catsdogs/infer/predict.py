@@ -15,12 +15,12 @@ import os
 import sys
 import tempfile
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from catsdogs.io.atomic import atomic_open
 from catsdogs.models.transforms import DEFAULT_MAX_PIXELS
 from catsdogs.progress import progress_bar
 from catsdogs.runtime import cores
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 CSV_COLUMNS: tuple[str, ...] = ("path", "label", "probability", "error", "ood_score", "looks_like")
 """``label`` is ``unknown`` for an image the run's detector rejects (``probability`` is still that of
@@ -224,15 +227,30 @@ def write_parquet(rows: Sequence[Prediction], fh: IO[bytes]) -> None:
     import pyarrow as pa  # lazy: only Parquet output needs it (~0.75 s at import)
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist([csv_values(r) for r in rows], schema=pa.schema(
-        [(k, pa.float64() if k in ("probability", "ood_score") else pa.string()) for k in CSV_COLUMNS]))
-    pq.write_table(table, fh)
+    pq.write_table(pa.Table.from_pylist([csv_values(r) for r in rows], schema=parquet_schema()), fh)
+
+
+def parquet_schema() -> pa.Schema:
+    """The Parquet output's schema: :data:`CSV_COLUMNS`, probabilities as doubles, the rest strings."""
+    import pyarrow as pa
+
+    return pa.schema([(k, pa.float64() if k in ("probability", "ood_score") else pa.string())
+                      for k in CSV_COLUMNS])
 
 
 def write_json(rows: Iterable[Prediction], fh: IO[str]) -> None:
     """Write rows as a JSON list (with per-class probabilities for decoded images)."""
-    json.dump([r.to_dict() for r in rows], fh, indent=1)
-    fh.write("\n")
+    write_json_records((r.to_dict() for r in rows), fh)
+
+
+def write_json_records(records: Iterable[dict[str, object]], fh: IO[str]) -> None:
+    """Write records as ``json.dump(list(records), fh, indent=1)`` does, one record in memory at a time."""
+    fh.write("[")
+    first = True
+    for record in records:
+        fh.write(("\n " if first else ",\n ") + json.dumps(record, indent=1).replace("\n", "\n "))
+        first = False
+    fh.write("]\n" if first else "\n]\n")
 
 
 def write_rows(rows: Sequence[Prediction], output: str) -> None:
@@ -274,14 +292,15 @@ def check_output(output: str) -> None:
 
 def summary(rows: Sequence[Prediction], seconds: float) -> str:
     """Return the one-line summary: counts of images, errors and labels, and throughput."""
-    errors = sum(1 for r in rows if r.error)
-    counts: dict[str, int] = {}
-    for r in rows:
-        if r.label:
-            counts[r.label] = counts.get(r.label, 0) + 1
-    labels = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-    rate = len(rows) / seconds if seconds > 0 else float("inf")
-    return (f"{len(rows)} images, {errors} errors" + (f" ({labels})" if labels else "")
+    labels = Counter(r.label for r in rows if r.label)
+    return summary_line(len(rows), sum(1 for r in rows if r.error), labels, seconds)
+
+
+def summary_line(images: int, errors: int, labels: Mapping[str, int], seconds: float) -> str:
+    """The summary from counts (what ``predict --master``'s tasks return instead of rows)."""
+    shown = ", ".join(f"{k}: {v}" for k, v in sorted(labels.items()))
+    rate = images / seconds if seconds > 0 else float("inf")
+    return (f"{images} images, {errors} errors" + (f" ({shown})" if shown else "")
             + f" in {seconds:.1f} s ({rate:.0f} images/s)")
 
 
@@ -289,6 +308,9 @@ def main(cfg: PredictConfig) -> int:
     """Run ``catsdogs predict``: expand inputs, classify them, write rows, print a summary."""
     check_output(cfg.output)
     check_explain(cfg.explain)
+    if cfg.parts:
+        raise ConfigError("--parts splits the output by Spark task: add --master (e.g. --master 'local[*]'), "
+                          "or drop --parts")
     files = expand_paths(cfg.paths)
     check_required(cfg)
     predictor = load_predictor(cfg.run, cfg, tracking_uri=cfg.tracking_uri)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from catsdogs.infer.predictor import UNKNOWN, Answer
+from catsdogs.infer.predictor import Answer
 from catsdogs.io.jsonable import jsonable
 
 CORE_FIELDS: frozenset[str] = frozenset({"probs", "score", "known", "looks_like"})
@@ -92,21 +92,3 @@ class Prediction:
         out = self.fields()
         return {"path": self.path, "label": out.pop("label"), "probability": out.pop("probability"),
                 "error": self.error, **out}
-
-    @classmethod
-    def from_dict(cls, record: dict[str, Any], classes: Sequence[str]) -> Prediction:
-        """The Prediction a :meth:`to_dict` record describes: its inverse for every :class:`Answer` field.
-
-        ``predict --master`` sends each task's predictions to the driver as these records (JSON text
-        in a Spark row), so the driver writes the very rows local predict writes.
-        """
-        classes = tuple(classes)
-        if record.get("error") or record.get("probabilities") is None:
-            return cls(path=record["path"], error=record.get("error", ""), classes=classes)
-        score = record.get("ood_score")
-        answer = Answer(probs=np.array([record["probabilities"][c] for c in classes], np.float64),
-                        score=float("nan") if score is None else float(score),
-                        known=record["label"] != UNKNOWN,
-                        looks_like=[(str(c["concept"]), float(c["probability"]))
-                                    for c in record.get("looks_like") or []])
-        return cls(path=record["path"], answer=answer, classes=classes)
