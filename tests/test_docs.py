@@ -33,7 +33,7 @@ from catsdogs.config import build_config
 from tests.fixtures import jpeg_bytes, make_shards, synthetic_image
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
 SHELL = frozenset({"bash", "sh", "shell"})
 PYTHON = frozenset({"python", "py"})
 MARK = re.compile(r"<!--\s*(cluster only|not run by the tests):\s*(\S.*?)\s*-->")
@@ -342,3 +342,197 @@ def test_no_doc_names_another_default_detector_than_the_config() -> None:
     wrong = [(d.name, m.group(0)) for d in DOCS for m in claim.finditer(d.read_text())
              if m.group(1).lower() != default]
     assert not wrong
+
+
+# ------------------------------------------------------------------------------- named code
+
+TOP_DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+"""The docs people read (the fragments in docs/benchmarks/ are written by the benchmarks)."""
+DOTTED = re.compile(r"^[A-Za-z_]\w*(?:[./][A-Za-z_]\w*)+$")
+FILE_SUFFIXES = frozenset({"json", "csv", "html", "onnx", "npz", "npy", "pt", "ts", "txt", "png", "py", "md",
+                           "toml", "tsv", "zip", "parquet", "jpg", "jpeg", "key", "conf", "whl", "yaml", "sh",
+                           "part", "db", "pem", "lock", "tmp", "so", "pth", "cfg", "log"})
+SRC = ROOT / "src" / "catsdogs"
+MODULE_NAMES = {p.stem for p in SRC.rglob("*.py") if p.stem != "__init__"} | {
+    p.parent.name for p in SRC.rglob("__init__.py") if p.parent != SRC}
+"""Names a doc may start a short reference with (``models.ood.OWN_SHARE``, ``guard.screened_check``)."""
+
+
+def code_names(text: str) -> list[str]:
+    """The dotted code names in a doc's backticks: ``catsdogs.x.y``, ``benchmarks.x`` and short forms that
+    start with a catsdogs module (``models.ood.OWN_SHARE``, ``infer/prediction.Prediction``). File names
+    (``best.pt``) and Spark settings (``spark.task.cpus``) are not code names."""
+    found = []
+    for span in CODE_SPAN.findall(text):
+        token = span.strip().removesuffix("()").rstrip(".,:;")
+        if not DOTTED.match(token) or token.rsplit(".", 1)[-1].lower() in FILE_SUFFIXES:
+            continue
+        first = re.split(r"[./]", token)[0]
+        if first in ("catsdogs", "benchmarks") or (first in MODULE_NAMES and first != "spark"):
+            found.append(token.replace("/", "."))
+    return found
+
+
+def resolves(parts: list[str]) -> bool:
+    """Whether the longest importable prefix of ``parts`` is a module that has the rest as attributes."""
+    import importlib
+
+    for k in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:k]))
+        except ImportError:
+            continue
+        for name in parts[k:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+def name_problem(token: str) -> str:
+    """'' when ``token`` names real code (importing the module, getattr of the rest), else why not."""
+    parts = token.split(".")
+    if parts[0] in ("catsdogs", "benchmarks"):
+        candidates = [parts]
+    else:  # a short form: catsdogs.<parts> or catsdogs.<package>.<parts>
+        packages = sorted(p.parent.relative_to(SRC).as_posix().replace("/", ".")
+                          for p in SRC.rglob("__init__.py") if p.parent != SRC)
+        candidates = [["catsdogs", *parts], *(["catsdogs", *pkg.split("."), *parts] for pkg in packages)]
+    if any(resolves(c) for c in candidates):
+        return ""
+    if len(parts) == 2 and parts[0] == "catsdogs":  # an MLflow tag: f"{TAG_PREFIX}name" in the code
+        if any(re.search(rf"TAG_PREFIX\}}{re.escape(parts[1])}\b", p.read_text()) for p in SRC.rglob("*.py")):
+            return ""
+    return f"{token} does not resolve"
+
+
+def test_every_code_name_in_the_docs_resolves() -> None:
+    names = {(d.name, t) for d in TOP_DOCS for t in code_names(d.read_text())}
+    assert len(names) > 25, f"found only {len(names)} code names: the extraction is broken"
+    assert {t.split(".")[0] for _, t in names} >= {"catsdogs", "benchmarks"}
+    assert any(t.split(".")[0] in MODULE_NAMES for _, t in names)  # short forms are checked too
+    wrong = sorted(f"{doc}: {name_problem(t)}" for doc, t in names if name_problem(t))
+    assert not wrong
+
+
+def test_the_name_check_catches_rot() -> None:
+    text = ("`catsdogs.models.ood.NOPE` `models.ood.OWN_SHARE` `guard.screened_check` `catsdogs.nope_tag` "
+            "`catsdogs.training_run_id` `best.pt` `spark.task.cpus` `infer/prediction.Prediction` "
+            "`benchmarks.open_world.held_out_clas`")
+    names = code_names(text)
+    assert "best.pt" not in names and "spark.task.cpus" not in names
+    assert {t: bool(name_problem(t)) for t in names} == {
+        "catsdogs.models.ood.NOPE": True, "models.ood.OWN_SHARE": False, "guard.screened_check": False,
+        "catsdogs.nope_tag": True, "catsdogs.training_run_id": False, "infer.prediction.Prediction": False,
+        "benchmarks.open_world.held_out_clas": True}
+
+
+# ------------------------------------------------------------------------------- claims against the code
+
+FROZEN_DISTRIBUTED = re.compile(r"`catsdogs train --freeze backbone --distributed N` runs the frozen feature "
+                                r"pass as N Spark tasks on\s+`--master`; it is not refused\.")
+REFUSED = re.compile(r"\b(refused|refuses|not supported|cannot)\b", re.I)
+
+
+def test_freeze_backbone_distributed_is_the_feature_pass_on_spark_as_the_docs_say(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/cluster.md says that --freeze backbone --distributed N runs the feature pass on Spark; the code
+    must route it there (not refuse it, not start DDP), and no doc may say that it is refused."""
+    from catsdogs.config import TrainConfig
+    from catsdogs.train import frozen, launch
+
+    assert FROZEN_DISTRIBUTED.search((ROOT / "docs" / "cluster.md").read_text())
+    for doc in TOP_DOCS:
+        for sentence in re.split(r"(?<=[.!?])\s+", doc.read_text()):
+            if "--distributed" in sentence and re.search(r"freeze backbone|frozen", sentence):
+                assert not REFUSED.search(sentence.replace("is not refused", "")) or "shards" in sentence, \
+                    f"{doc.name}: {sentence!r}"
+
+    cfg = build_config(TrainConfig, {"data": str(tmp_path / "shards"), "out": str(tmp_path / "run"),
+                                     "model": "effnet_lite0", "freeze": "backbone", "distributed": 2})
+    assert frozen.on_spark(cfg)
+    with pytest.raises(Exception, match="Spark tasks"):
+        launch.plan_launch(cfg)  # the DDP launcher is not the way this combination runs
+    seen: list[TrainConfig] = []
+
+    def fake_frozen(c: TrainConfig, **_: object) -> dict[str, float]:
+        seen.append(c)
+        return {"val_loss": 0.1, "val_acc": 0.9, "C": 1.0, "feature_seconds": 0.0}
+
+    def no_ddp(_: TrainConfig) -> None:
+        raise AssertionError("--freeze backbone --distributed started DDP processes")
+
+    monkeypatch.setattr(launch, "train_frozen", fake_frozen)
+    monkeypatch.setattr(launch, "train_distributed", no_ddp)
+    assert launch.main(cfg) == 0
+    assert len(seen) == 1 and seen[0].distributed == 2 and frozen.on_spark(seen[0])
+
+
+# ------------------------------------------------------------------------------- figures and fragments
+
+FIGURE = re.compile(r"(\d[\d,]*(?:\.\d+)?)\s?(%|s\b)")
+FRACTION = re.compile(r"(?<![\d.])0\.\d{3,4}(?![\d.])")
+
+
+def figures(text: str) -> set[tuple[float, str]]:
+    """The figures of a text as (value, unit); a fraction such as 0.9933 also counts as 99.33 %."""
+    found = {(round(float(v.replace(",", "")), 4), unit) for v, unit in FIGURE.findall(text)}
+    return found | {(round(float(f) * 100, 4), "%") for f in FRACTION.findall(text)}
+
+
+def readme_results() -> list[tuple[str, list[str], list[Path]]]:
+    """The README's results table as (what, the presets' cells, the fragments the row links)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Results", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines()
+            if line.startswith("|") and not re.match(r"^\|[-|\s]+\|$", line)]
+    out = []
+    for line in rows[1:]:  # after the header
+        what, *presets, links = [c.strip() for c in line.strip().strip("|").split("|")]
+        out.append((what, presets, [ROOT / target for target in LINK.findall(links)]))
+    return out
+
+
+def test_the_readme_results_are_the_fragments_figures() -> None:
+    rows = readme_results()
+    assert len(rows) >= 5
+    checked = 0
+    for what, presets, fragments in rows:
+        assert fragments, what
+        assert all(f.parent == ROOT / "docs" / "benchmarks" and f.is_file() for f in fragments), what
+        for i, cell in enumerate(presets):
+            # One fragment per preset column when the row links one each, else any of them.
+            sources = [fragments[i]] if len(fragments) == len(presets) else fragments
+            known = set().union(*(figures(f.read_text()) for f in sources))
+            for figure in figures(cell):
+                assert figure in known, f"README {what!r}: {cell!r} is not in {[f.name for f in sources]}"
+                checked += 1
+    assert checked >= 15
+
+
+def test_the_figure_check_catches_rot() -> None:
+    assert figures("accuracy 0.9933, Wall: 140 s, 99.5 % and 1,800 photos") == {
+        (99.33, "%"), (140.0, "s"), (99.5, "%")}
+    assert (115.0, "s") not in figures((ROOT / "docs" / "benchmarks" / "make_run.md").read_text())
+
+
+# ------------------------------------------------------------------------------- the docs as a whole
+
+
+def test_the_benchmarks_index_is_up_to_date() -> None:
+    from benchmarks.run_all import INDEX, index_text
+
+    text = index_text()
+    assert "missing from the fragment" not in text
+    assert INDEX.read_text() == text, "run .venv/bin/python -m benchmarks.run_all --collect-only"
+
+
+def test_the_docs_stay_short_and_speak_to_users() -> None:
+    words = sum(len(d.read_text().split()) for d in (ROOT / "docs").glob("*.md"))
+    assert words <= 15_000, f"docs/*.md hold {words} words"
+    assert len((ROOT / "README.md").read_text().split()) <= 1_500
+    internal = re.compile(r"issue [0-9]|the lead|/tmp/|shared/data", re.I)
+    found = [(d.name, m.group(0)) for d in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+             for m in internal.finditer(d.read_text())]
+    assert not found, "developer-only notes belong in CONTRIBUTING.md"
