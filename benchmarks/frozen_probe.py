@@ -3,7 +3,7 @@
 For each backbone@size it computes pooled features of the train and val splits once with the
 product's feature pass (``transfer.extract_features``; images resized in torch from the given shards
 when the size differs), caches them, then fits the project's logistic head
-(:func:`catsdogs.train.frozen.fit_head`, C picked by val log-loss) on single backbones and on
+(:func:`catsdogs.train.head.fit_head`, C picked by val log-loss) on single backbones and on
 concatenations. Only val is used: the test split is for the final ``catsdogs evaluate`` of the
 chosen preset.
 
@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--cache", default="/tmp/catsdogs-frozen-probe", help="feature cache folder")
     ap.add_argument("--fragment", default="frozen_probe")
     args = ap.parse_args(argv)
-    from catsdogs.train.frozen import fit_head
+    from catsdogs.train.head import fit_head
 
     data, cache = Path(args.data), Path(args.cache)
     with heavy_lock():
@@ -125,7 +125,7 @@ def main(argv: list[str]) -> int:
         f"Command: `{cmd}`  ",
         f"Machine: {machine()}.  ",
         f"Shards: {data} ({len(yt)} train / {len(yv)} val rows; images upsampled in torch to each size). "
-        "Head: `catsdogs.train.frozen.fit_head` (logistic regression, C by val log-loss). The test split is "
+        "Head: `catsdogs.train.head.fit_head` (logistic regression, C by val log-loss). The test split is "
         f"not touched here. Features are cached in `{cache}` and computed only when absent (this "
         "table's cache was filled by the same computation in an exploratory script, at the rates shown).",
         "",

@@ -84,7 +84,7 @@ def photos(cls: str) -> list[Path]:
     return sorted((REAL_DATA / cls).glob("*.jpg"), key=lambda p: int(p.stem))
 
 
-def write_real_shards(root: Path) -> Manifest:
+def write_real_shards(root: Path, fmt: str = "npy") -> Manifest:
     """Shards of real photos written directly (no Spark: preprocess is tested elsewhere)."""
     infos, counts, start = [], {}, 0
     pixels = np.zeros(3)
@@ -93,7 +93,7 @@ def write_real_shards(root: Path) -> Manifest:
         rows = [rows[i] for i in np.random.default_rng(len(split)).permutation(len(rows))]
         counts[split] = {"Cat": n, "Dog": n}
         for index, first in enumerate(range(0, len(rows), SHARD_ROWS)):
-            with ShardWriter(root, split, index, SIZE, 2) as w:
+            with ShardWriter(root, split, index, SIZE, 2, fmt) as w:
                 for path, label in rows[first : first + SHARD_ROWS]:
                     img = load_image(path.read_bytes(), SIZE, "stretch")
                     pixels += img.reshape(-1, 3).mean(0) if split == "train" else 0
@@ -200,6 +200,29 @@ def test_frozen_training_on_the_cluster_gives_the_local_head(
     )
     assert remote["ood"]["threshold"] == pytest.approx(local["ood"]["threshold"], rel=1e-4)
     assert remote["temperature"] == pytest.approx(local["temperature"], rel=1e-4)
+
+
+def test_a_head_streamed_from_the_executors_feature_shards_is_the_in_memory_head(
+    trained: dict[str, object], work: Path, cluster: Cluster
+) -> None:
+    """--head-memory-mb 0: the executors' float16 feature shards stay on disk and the head and detector
+    are fitted by passes over them; the same validation accuracy and weights as the local in-memory fit."""
+    from catsdogs.checkpoint import load_checkpoint
+
+    out = work / "streamed"
+    data = str(work / "shards")
+    log = ok(cli("train", "--data", data, "--out", str(out), *PRESET, "--head-memory-mb", "0", *on(cluster)))
+    assert "features via Parquet feature shards" in log, log[-3000:]
+    local, streamed = (load_checkpoint(p / "best.pt") for p in (Path(str(trained["local"])), out))
+    assert streamed["metrics"]["val_acc"] == local["metrics"]["val_acc"]
+    assert streamed["metrics"]["C"] == local["metrics"]["C"]
+    w_local, w_streamed = (c["model_state"]["_fc.weight"].numpy() for c in (local, streamed))
+    print("max relative weight difference", np.abs(w_streamed - w_local).max() / np.abs(w_local).max())
+    np.testing.assert_allclose(w_streamed, w_local, atol=1e-2 * np.abs(w_local).max())
+    assert streamed["ood"]["owned_nodes"] == local["ood"]["owned_nodes"]
+    from catsdogs.rundir import RunDir
+
+    assert not RunDir(out).feature_shards.exists()  # deleted once the head is fitted
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -393,6 +416,29 @@ def test_evaluate_and_audit_on_the_cluster_give_the_local_results(
         (r["shard"], r["row"], r["pred"], r["unknown"]) for r in local_rows
     ]
     assert a_remote == a_local
+
+
+def test_compact_jpeg_shards_give_the_uint8_shards_labels(
+    trained: dict[str, object], work: Path, cluster: Cluster
+) -> None:
+    """The same photos as JPEG-in-Parquet shards: a fraction of the bytes, decoded in the executors' pass,
+    and evaluate's labels within the int8 guard's bound of the uint8 shards' (here: all 40 the same)."""
+    from catsdogs.engines.names import MAX_DROP_PT
+
+    jpeg = work / "shards-jpeg"
+    write_real_shards(jpeg, fmt="jpeg")
+    size = {d.name: sum(p.stat().st_size for p in d.rglob("*.*") if p.name != "manifest.json")
+            for d in (work / "shards", jpeg)}
+    assert size["shards-jpeg"] * 3 < size["shards"], size
+    run, rows = str(trained["remote"]), {}
+    for name, data, flags in (("npy", work / "shards", []), ("jpeg", jpeg, on(cluster))):
+        out = work / f"eval-{name}-shards"
+        ok(cli("evaluate", "--run", run, "--data", str(data), "--out", str(out), *INT8, *flags))
+        with (out / "predictions.csv").open() as fh:
+            rows[name] = [(r["shard"], r["row"], r["pred"]) for r in csv.DictReader(fh)]
+    assert len(rows["npy"]) == len(rows["jpeg"]) == 2 * PER_CLASS["test"]
+    differ = sum(a != b for a, b in zip(rows["npy"], rows["jpeg"], strict=True))
+    assert differ <= MAX_DROP_PT / 100 * len(rows["npy"]), differ
 
 
 def test_executors_without_the_packages_are_one_line(cluster: Cluster, tmp_path: Path) -> None:

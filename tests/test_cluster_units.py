@@ -10,12 +10,19 @@ import pytest
 
 from catsdogs.cluster import parts, session
 from catsdogs.cluster import predict as cpredict
-from catsdogs.cluster.shardjob import Item, group_items, read_feature_shard, write_feature_shard
+from catsdogs.cluster.shardjob import Item, group_items
 from catsdogs.cluster.standalone import ClusterError, free_port, worker_cpus
 from catsdogs.errors import ConfigError, OutputExistsError
 from catsdogs.infer.predict import Input, read_item, write_rows
 from catsdogs.infer.prediction import Prediction
 from catsdogs.infer.predictor import Answer
+from catsdogs.shards.feature_shards import (
+    StreamedFeatures,
+    chunks_of,
+    read_feature_shard,
+    take_rows,
+    write_feature_shard,
+)
 from catsdogs.shards.manifest import ShardInfo
 from tests.s3 import make_bucket, s3_server
 
@@ -174,8 +181,31 @@ def test_feature_shards_round_trip(tmp_path: Path) -> None:
     }
     write_feature_shard(str(tmp_path / "train" / "part_00000.parquet"), arrays)
     back = read_feature_shard(str(tmp_path / "train" / "part_00000.parquet"))
-    np.testing.assert_array_equal(back["features"], arrays["features"])
+    assert back["features"].dtype == np.float32  # stored as float16: within its rounding
+    np.testing.assert_allclose(back["features"], arrays["features"], rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(back["features"], arrays["features"].astype(np.float16))
     assert back["labels"].tolist() == list(range(5)) and back["hash"].tolist() == list("abcde")
+    assert list(read_feature_shard(str(tmp_path / "train" / "part_00000.parquet"), ["labels"])) == ["labels"]
+
+
+def test_streamed_features_are_the_arrays_in_order(tmp_path: Path) -> None:
+    """Shards' features, then their mirrored rows, chunk by chunk; take_rows gathers in any order."""
+    rng = np.random.default_rng(1)
+    shards = [{"features": rng.standard_normal((n, 4)).astype(np.float16).astype(np.float32),
+               "flipped": rng.standard_normal((n, 4)).astype(np.float16).astype(np.float32),
+               "labels": np.arange(n)} for n in (3, 5, 2)]
+    files = []
+    for k, arrays in enumerate(shards):
+        files.append(str(tmp_path / f"part_{k}.parquet"))
+        write_feature_shard(files[-1], arrays)
+    whole = np.concatenate([a["features"] for a in shards] + [a["flipped"] for a in shards])
+    streamed = StreamedFeatures(tuple((f, c) for c in ("features", "flipped") for f in files), 20, 4)
+    assert len(streamed) == 20 and streamed.shape == (20, 4)
+    np.testing.assert_array_equal(np.concatenate(list(chunks_of(streamed))), whole)
+    index = np.array([19, 0, 7, 3, 3, 12])
+    np.testing.assert_array_equal(take_rows(streamed, index), whole[index])
+    np.testing.assert_array_equal(take_rows(whole, index), whole[index])
+    assert [len(c) for c in chunks_of(whole, 8)] == [8, 8, 4]
 
 
 def test_outputs_are_written_whole_and_never_replaced(tmp_path: Path) -> None:

@@ -257,7 +257,7 @@ _REAL_SIZE = 180  # the PetImages copy's side, and the quick preset's model size
 
 @pytest.mark.realdata
 def test_pointing_on_real_photos(real_data: Path) -> None:
-    from catsdogs.train.frozen import fit_head
+    from catsdogs.train.head import fit_head
 
     rng = np.random.default_rng(0)
     classes = ("Cat", "Dog")

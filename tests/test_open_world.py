@@ -59,7 +59,7 @@ def test_each_class_owns_the_smallest_wordnet_node_that_most_of_its_photos_fall_
     for row, concept in enumerate([tabby] * 7 + [siamese, siamese, laptop] + [pug] * 5 + [beagle] * 5):
         probs[row, concept] = 1.0
     labels = torch.tensor([0] * 10 + [1] * 10)
-    nodes, owned = owned_concepts(probs, labels, 2, share=0.8)
+    nodes, owned = owned_concepts(probs.argmax(dim=1), labels, 2, share=0.8)
     assert [node_name(n) for n in nodes] == ["domestic cat", "dog"]
     assert owned[0, tabby] and owned[0, siamese] and not owned[0, laptop]  # the background is not owned
     assert owned[1, pug] and owned[1, beagle] and int(owned[1].sum()) == 118  # every breed, not just these

@@ -105,15 +105,15 @@ def test_parquet_round_trip_across_row_groups(tmp_path: Path, monkeypatch: pytes
     assert sorted(p.name for p in (tmp_path / "val").iterdir()) == ["part_00002.parquet"]
 
 
-def test_npy_and_parquet_shards_stream_identical_batches(tmp_path: Path) -> None:
+def test_npy_parquet_and_png_shards_stream_identical_batches(tmp_path: Path) -> None:
     from catsdogs.shards.manifest import load_manifest
     from catsdogs.train.stream import split_stream
     from tests.fixtures import make_shards
 
-    for fmt in ("npy", "parquet"):
+    for fmt in ("npy", "parquet", "png"):
         make_shards(tmp_path / fmt, counts={"train": 90, "val": 30}, size=8, shard_rows=40, fmt=fmt)
     streams = {}
-    for fmt in ("npy", "parquet"):
+    for fmt in ("npy", "parquet", "png"):
         m = load_manifest(tmp_path / fmt)
         assert m.format == fmt
         s = split_stream(tmp_path / fmt, m, "train", 16, shuffle=True, seed=3, buffer_rows=32)
@@ -122,11 +122,42 @@ def test_npy_and_parquet_shards_stream_identical_batches(tmp_path: Path) -> None
         ordered = split_stream(tmp_path / fmt, m, "val", 16, shuffle=False)
         streams[fmt + "_val"] = [(x.numpy(), y.numpy()) for x, y in ordered.loader()]
     for key in ("", "_val"):
-        a, b = streams["npy" + key], streams["parquet" + key]
-        assert len(a) == len(b) > 0
-        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
-            assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+        for other in ("parquet", "png"):  # PNG is lossless: the very pixels
+            a, b = streams["npy" + key], streams[other + key]
+            assert len(a) == len(b) > 0
+            for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+                assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
     assert sum(len(y) for _, y in streams["parquet_val"]) == 30  # evaluation keeps every row
+
+
+def test_jpeg_shards_hold_each_image_encoded_and_read_back_close(tmp_path: Path) -> None:
+    """A JPEG shard: one encoded cell per image, several times fewer bytes, pixels within JPEG's error."""
+    import pyarrow.parquet as pq
+
+    from catsdogs.shards.reader import open_shard
+
+    rng = np.random.default_rng(0)
+    smooth = [np.clip(np.linspace(0, 255, 64)[None, :, None] + rng.normal(0, 4, (64, 64, 3)), 0, 255)
+              .astype(np.uint8) for _ in range(5)]  # photo-like: smooth, a little noise
+    infos = {}
+    for fmt in ("parquet", "jpeg"):
+        with ShardWriter(tmp_path / fmt, "train", 0, 64, num_classes=2, fmt=fmt) as w:
+            for i, img in enumerate(smooth):
+                w.add(img, i % 2, f"{i}.jpg")
+        infos[fmt] = w.info
+    raw, jpeg = (tmp_path / f / "train" / "part_00000.parquet" for f in ("parquet", "jpeg"))
+    assert jpeg.stat().st_size * 2 < raw.stat().st_size
+    assert pq.read_table(jpeg).column("pixels")[0].as_py()[:2] == b"\xff\xd8"  # a JPEG's first bytes
+    x, y = open_shard(tmp_path / "jpeg", infos["jpeg"], 64)
+    assert y.tolist() == [0, 1, 0, 1, 0] and x.shape == (5, 64, 64, 3)
+    assert np.abs(x[0:5].astype(int) - np.stack(smooth)).mean() < 3  # of 255
+    pq.write_table(pq.read_table(jpeg).set_column(3, "pixels", pq.read_table(raw).column("pixels"))
+                   .replace_schema_metadata(pq.read_schema(jpeg).metadata), tmp_path / "bad.parquet")
+    (tmp_path / "bad.parquet").replace(jpeg)  # raw bytes where JPEG is promised
+    from catsdogs.errors import SchemaError
+
+    with pytest.raises(SchemaError, match="not a readable jpeg image.*re-run catsdogs preprocess"):
+        open_shard(tmp_path / "jpeg", infos["jpeg"], 64)[0][0:1]
 
 
 def test_corrupt_parquet_shard_is_a_schema_error(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from catsdogs.errors import ConfigError
 from catsdogs.infer.predictor import Predictor
 from catsdogs.shards.manifest import load_manifest
 from catsdogs.train.contract import model_config
-from catsdogs.train.frozen import fit_head, train_frozen
+from catsdogs.train.frozen import train_frozen
+from catsdogs.train.head import fit_head
 from tests.fixtures import make_shards
 
 
@@ -33,6 +34,35 @@ def test_fit_head_folds_standardisation_into_linear_weights() -> None:
     acc = ((logits[:, 0] > 0).numpy().astype(np.int64) == y[200:]).mean()
     assert acc == pytest.approx(metrics["val_acc"])
     assert acc > 0.9
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_a_head_fitted_by_passes_over_feature_shards_is_the_in_memory_fit(
+    tmp_path: Path, classes: int
+) -> None:
+    """The streamed L-BFGS (sums shard by shard, warm-started along the C grid) finds scikit-learn's
+    optimum: same C, same accuracies, weights within the solver's tolerance (binary and softmax)."""
+    from catsdogs.shards.feature_shards import StreamedFeatures, write_feature_shard
+
+    rng = np.random.default_rng(classes)
+    x = rng.normal(2.0, 3.0, size=(700, 12)).astype(np.float16).astype(np.float32)  # as stored
+    score = x[:, :classes] @ rng.normal(size=(classes, classes)) + rng.normal(0, 2.0, (700, classes))
+    y = score.argmax(1).astype(np.int64)
+    files = []
+    for k, start in enumerate(range(0, 500, 160)):  # 4 shards: 160, 160, 160, 20 rows
+        files.append(str(tmp_path / f"part_{k}.parquet"))
+        end = min(start + 160, 500)
+        write_feature_shard(files[-1], {"features": x[start:end], "labels": y[start:end]})
+    streamed = StreamedFeatures(tuple((f, "features") for f in files), 500, 12)
+    grid = (0.01, 0.1, 1.0)
+    w_mem, b_mem, m_mem = fit_head(x[:500], y[:500], x[500:], y[500:], classes, c_grid=grid)
+    w_str, b_str, m_str = fit_head(streamed, y[:500], x[500:], y[500:], classes, c_grid=grid)
+    assert m_str["C"] == m_mem["C"] and m_str["val_acc"] == m_mem["val_acc"]
+    assert abs(m_str["train_acc"] - m_mem["train_acc"]) <= 2 / 500  # a row on the boundary may flip
+    assert m_str["val_loss"] == pytest.approx(m_mem["val_loss"], rel=1e-3)
+    scale = float(w_mem.abs().max())
+    np.testing.assert_allclose(w_str.numpy(), w_mem.numpy(), atol=2e-3 * scale)
+    np.testing.assert_allclose(b_str.numpy(), b_mem.numpy(), atol=2e-3 * max(scale, float(b_mem.abs().max())))
 
 
 def test_frozen_backbone_run_loads_in_predictor(tmp_path: Path) -> None:

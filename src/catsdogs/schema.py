@@ -49,5 +49,10 @@ RESIZE_POLICIES: tuple[str, ...] = ("stretch", "crop", "pad")
 """How a photo becomes a square: squeeze it whole, cut its centre square, or letterbox it on black."""
 DEFAULT_MAX_PIXELS = 89_478_485
 """Images with more pixels are refused as decompression bombs (Pillow's own default limit)."""
-SHARD_FORMATS: tuple[str, ...] = ("npy", "parquet")
-"""Shard formats: NumPy ``X_part``/``y_part`` pairs, or a Parquet table (pixels, label, split) per shard."""
+SHARD_FORMATS: tuple[str, ...] = ("npy", "parquet", "jpeg", "png")
+"""Shard formats: NumPy ``X_part``/``y_part`` pairs, or a Parquet table (pixels, label, split) per shard
+whose pixels are raw uint8 (``parquet``), or each image encoded as JPEG or PNG (compact, for clusters)."""
+ENCODED_FORMATS: tuple[str, ...] = ("jpeg", "png")
+"""The Parquet shard formats that store each image encoded (decoded as the shard is read)."""
+ENCODING_KEY = b"catsdogs.encoding"
+"""Parquet shard metadata key naming how ``pixels`` is stored: ``raw`` (uint8 HWC), ``jpeg`` or ``png``."""

@@ -15,16 +15,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
-from catsdogs.cluster.shardjob import COLLECT_LIMIT_BYTES, JobReport, run_shards
+from catsdogs.cluster.shardjob import COLLECT_LIMIT_BYTES, Arrays, JobReport, Key, run_shards
 from catsdogs.cluster.ship import Shipment
 from catsdogs.cluster.work import FeatureWork, split_features
 from catsdogs.engines.base import Engine
+from catsdogs.shards.feature_shards import StreamedFeatures
 from catsdogs.shards.manifest import Manifest
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-Features = dict[str, tuple[np.ndarray, np.ndarray]]
+Features = dict[str, tuple[np.ndarray | StreamedFeatures, np.ndarray]]
 
 
 def feature_width(engine: Engine, side: int) -> int:
@@ -36,18 +37,22 @@ def spark_features(spark: SparkSession, master: str, data: str, manifest: Manife
                    model: nn.Module, model_config: dict[str, Any], mean: tuple[float, ...],
                    std: tuple[float, ...], splits: dict[str, bool], *, batch_size: int, threads: int = 0,
                    groups: int = 0, size: int | None = None, spill: Path | None = None,
-                   desc: str = "features") -> tuple[Features, JobReport]:
+                   stream: tuple[str, ...] = (), desc: str = "features") -> tuple[Features, JobReport]:
     """Features and labels of each split in ``splits`` (value: also its mirror images), run on Spark.
 
     ``data`` is read by the executors (shared path or remote URI). Above
     :data:`~catsdogs.cluster.shardjob.COLLECT_LIMIT_BYTES` of features, and with ``spill`` (a folder
     the executors and the driver share), the tasks write Parquet feature shards there; they are read
-    back and deleted.
+    back and deleted. The splits in ``stream`` (which need ``spill``) stay there instead, returned as
+    :class:`~catsdogs.shards.feature_shards.StreamedFeatures`: the caller deletes ``spill`` when done.
     """
     names = tuple(s for s in splits if manifest.split_rows(s))
     rows = sum(manifest.split_rows(s) * (2 if splits[s] else 1) for s in names)
     side = size or manifest.size
-    use_spill = spill is not None and rows * feature_width(engine, side) * 4 > COLLECT_LIMIT_BYTES
+    width = feature_width(engine, side)
+    use_spill = spill is not None and (bool(stream) or rows * width * 4 > COLLECT_LIMIT_BYTES)
+    if stream and spill is None:
+        raise ValueError("streamed features need a spill folder")
     if use_spill:
         assert spill is not None  # nosec B101 # type narrowing
         shutil.rmtree(spill, ignore_errors=True)  # a killed run's leftovers
@@ -57,11 +62,30 @@ def spark_features(spark: SparkSession, master: str, data: str, manifest: Manife
             work = FeatureWork(spec, tuple(mean), tuple(std), tuple(s for s in names if splits[s]), size)
             results, report = run_shards(spark, master, data, manifest, names, work, batch_size=batch_size,
                                          groups=groups, desc=f"{desc} {'+'.join(names)} ({engine.name})",
-                                         spill=str(spill) if use_spill else "")
-    finally:
+                                         spill=str(spill) if use_spill else "", keep=stream)
+    except BaseException:
         if use_spill:
             shutil.rmtree(spill, ignore_errors=True)  # type: ignore[arg-type]
-    out = {s: split_features(results, len(manifest.split_shards(s)), s) for s in names}
+        raise
+    out: Features = {}
+    for s in names:
+        if s in stream:
+            out[s] = _streamed(results, report, manifest, s, splits[s], width)
+        else:
+            out[s] = split_features(results, len(manifest.split_shards(s)), s)
+    if use_spill and not stream:
+        shutil.rmtree(spill, ignore_errors=True)  # type: ignore[arg-type]
     for s in splits:
         out.setdefault(s, (np.zeros((0, 0), np.float32), np.zeros(0, np.int64)))
     return out, report
+
+
+def _streamed(results: dict[Key, Arrays], report: JobReport, manifest: Manifest, split: str, flip: bool,
+              width: int) -> tuple[StreamedFeatures, np.ndarray]:
+    """A kept split's feature shards as streamed features (mirrored rows after), and its labels."""
+    shards = range(len(manifest.split_shards(split)))
+    files = [report.files[(split, pos)] for pos in shards]
+    columns = ("features", "flipped") if flip else ("features",)
+    labels = np.concatenate([results[(split, pos)]["labels"] for pos in shards]).astype(np.int64)
+    labels = np.concatenate([labels] * len(columns))
+    return StreamedFeatures(tuple((f, c) for c in columns for f in files), len(labels), width), labels

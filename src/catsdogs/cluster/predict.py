@@ -23,6 +23,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
@@ -246,11 +247,18 @@ def main(cfg: PredictConfig) -> int:
                           "--output answers.csv)")
     check_target(cfg.output)
     check_required(cfg)
-    predictor = load_predictor(cfg.run, cfg, tracking_uri=cfg.tracking_uri)
-    modules = NEEDED + runtime_modules(predictor.backend)
     start = time.perf_counter()
-    with spark_session(cfg.master, "catsdogs-predict", cfg.spark_conf, modules) as spark:
-        counts = predict_on_spark(spark, cfg, predictor)
+    # The model loads (engine compile included) while the JVM starts: two fixed costs paid at once.
+    with ThreadPoolExecutor(1, thread_name_prefix="catsdogs-load") as pool:
+        loading = pool.submit(load_predictor, cfg.run, cfg, tracking_uri=cfg.tracking_uri)
+        modules = lambda: NEEDED + runtime_modules(loading.result().backend)  # noqa: E731
+        try:
+            with spark_session(cfg.master, "catsdogs-predict", cfg.spark_conf, modules) as spark:
+                counts = predict_on_spark(spark, cfg, loading.result())
+        except BaseException:
+            if loading.done() and loading.exception() is not None:
+                raise loading.exception() from None  # a bad --run is the error, not what followed it
+            raise
     seconds = time.perf_counter() - start
     labels: Counter[str] = Counter()
     for c in counts:

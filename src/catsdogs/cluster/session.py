@@ -229,8 +229,13 @@ EXECUTOR_ENV: dict[str, str] = {"spark.executorEnv.OMP_WAIT_POLICY": "PASSIVE"}
 
 @contextmanager
 def spark_session(master: str, app_name: str, conf: Mapping[str, str] | None = None,
-                  modules: tuple[str, ...] = NEEDED) -> Iterator[SparkSession]:
-    """Yield a checked SparkSession on ``master``; stop it afterwards if this call started it."""
+                  modules: tuple[str, ...] | Callable[[], tuple[str, ...]] = NEEDED
+                  ) -> Iterator[SparkSession]:
+    """Yield a checked SparkSession on ``master``; stop it afterwards if this call started it.
+
+    ``modules`` (what the executors must import) may be a callable, asked once the JVM is up: a caller
+    that learns them from work it started beside the session (predict's model load) overlaps the two.
+    """
     from pyspark.sql import SparkSession  # lazy: pyspark costs ~1 s at import
 
     check_master(master)
@@ -244,7 +249,7 @@ def spark_session(master: str, app_name: str, conf: Mapping[str, str] | None = N
         raise ExecutorError(line) from None
     app = str(spark.sparkContext.applicationId)
     try:
-        check_executors(spark, master, modules)
+        check_executors(spark, master, modules() if callable(modules) else modules)
         yield spark
     finally:
         if owned:

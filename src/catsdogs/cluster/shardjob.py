@@ -26,7 +26,7 @@ import numpy as np
 from catsdogs.cluster import ship
 from catsdogs.errors import SchemaError
 from catsdogs.io import storage
-from catsdogs.io.atomic import atomic_open
+from catsdogs.shards.feature_shards import read_feature_shard, write_feature_shard
 from catsdogs.shards.manifest import Manifest, ShardInfo
 from catsdogs.shards.reader import open_shard
 
@@ -78,6 +78,8 @@ class JobReport:
     key: str = ""
     """``repr`` of the spec the job's work builds (its engine or predictor)."""
     spilled: bool = False
+    files: dict[Key, str] = field(default_factory=dict)
+    """The feature shard each task wrote, per shard (with ``spill``)."""
 
     @property
     def engine_builds(self) -> int:
@@ -125,48 +127,6 @@ def _spill_path(spill: str, key: Key) -> str:
         else os.path.join(spill, key[0], f"part_{key[1]:05d}.parquet")
 
 
-def write_feature_shard(path: str, arrays: Arrays) -> None:
-    """Write one shard's arrays as a Parquet feature shard (2-D arrays as fixed-size float lists)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    cols = {}
-    for name, a in arrays.items():
-        if a.ndim == 2:
-            cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
-        else:
-            cols[name] = pa.array(a)
-    table = pa.table(cols)
-    if storage.is_remote(path):
-        with tempfile.NamedTemporaryFile(suffix=".parquet") as tmp:
-            pq.write_table(table, tmp.name)
-            storage.upload(tmp.name, path)
-        return
-    with atomic_open(path, "wb") as fh:
-        pq.write_table(table, fh)
-
-
-def read_feature_shard(path: str) -> Arrays:
-    """Read a Parquet feature shard back into arrays (the inverse of :func:`write_feature_shard`)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if storage.is_remote(path):
-        import io
-
-        table = pq.read_table(io.BytesIO(storage.read_bytes(path)))
-    else:
-        table = pq.read_table(path)
-    out: Arrays = {}
-    for name in table.column_names:
-        col = table.column(name).combine_chunks()
-        if pa.types.is_fixed_size_list(col.type):
-            out[name] = col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
-        else:
-            out[name] = col.to_numpy(zero_copy_only=False)
-    return out
-
-
 def _task(data: str, size: int, batch_size: int, work: BatchWork, spill: str
           ) -> Callable[[list[Item]], list[tuple[dict[str, Any], Arrays]]]:
     """Return the RDD ``map`` function: one group of shards in, ``(meta, arrays)`` per shard out."""
@@ -198,12 +158,14 @@ def _task(data: str, size: int, batch_size: int, work: BatchWork, spill: str
 
 def run_shards(spark: SparkSession, master: str, data: str, manifest: Manifest, splits: tuple[str, ...],
                work: BatchWork, *, batch_size: int, groups: int = 0, desc: str = "features",
-               spill: str = "", progress: bool = True) -> tuple[dict[Key, Arrays], JobReport]:
+               spill: str = "", keep: tuple[str, ...] = (), progress: bool = True
+               ) -> tuple[dict[Key, Arrays], JobReport]:
     """Run ``work`` over every shard of ``splits`` on the executors; return arrays per shard and a report.
 
     ``data`` is where executors read the shards (a path all nodes share, or a remote URI). ``spill``
     (a folder all nodes and the driver share) makes the tasks write Parquet feature shards there
-    instead of sending arrays back.
+    instead of sending arrays back; they are read back, except for the splits in ``keep``: those stay
+    on disk (their labels are read), named in ``report.files``, for a pass that streams them.
     """
     from catsdogs.cluster.session import run_job  # lazy: keeps this module importable on executors
 
@@ -226,7 +188,11 @@ def run_shards(spark: SparkSession, master: str, data: str, manifest: Manifest, 
             proc = (str(meta["host"]), int(meta["pid"]))
             report.processes.add(proc)
             report.builds[proc] = list(meta["builds"])
-            results[(meta["split"], int(meta["pos"]))] = read_feature_shard(meta["file"]) if spill else arrays
+            key = (meta["split"], int(meta["pos"]))
+            if spill:
+                report.files[key] = meta["file"]
+                arrays = read_feature_shard(meta["file"], ["labels"] if key[0] in keep else None)
+            results[key] = arrays
     print(report.line(desc, master), file=sys.stderr, flush=True)
     return results, report
 

@@ -186,6 +186,11 @@ class TrainConfig(EngineConfig, ComputeConfig, TrackingConfig):
     spark_conf: dict[str, str] = field(default_factory=dict)
     """Extra Spark settings for --distributed or a cluster --master, key=value (config file or repeated
     --spark-conf)."""
+    head_memory_mb: int = setting(2048, ge=0)
+    """With --freeze backbone on Spark: most MB of training features (float32) the driver holds to fit the
+    head; above it the executors' float16 feature shards stay on disk and the head and detector are
+    fitted by passes over them, one shard in memory (0: always stream). 2,048 MB is ~200,000 photos of
+    the default preset."""
     max_steps: int = setting(0, ge=0)
     """Stop after this many optimiser steps in total (0 = no limit); for smoke tests."""
     register: str = ""

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from catsdogs.models.imagenet import NUM_CLASSES, imagenet_names, imagenet_probabilities
 from catsdogs.models.ood_names import AUTO, CONCEPTS, OOD_CHOICES, OOD_METHODS  # noqa: F401 - re-exported
 from catsdogs.models.taxonomy import node_mask, owned_node
+from catsdogs.shards.feature_shards import StreamedFeatures, chunks_of, take_rows
 
 OWN_SHARE = 0.8
 """Share of a class's training photos whose top-1 ImageNet concept must lie under the node it owns:
@@ -247,15 +248,14 @@ def resolve_method(requested: str, has_imagenet: bool) -> str:
     return requested
 
 
-def owned_concepts(imagenet_probs: torch.Tensor, labels: torch.Tensor, num_classes: int,
+def owned_concepts(top1: torch.Tensor, labels: torch.Tensor, num_classes: int,
                    share: float = OWN_SHARE) -> tuple[tuple[str, ...], torch.Tensor]:
     """Per user class, the WordNet node it owns and the ``(C, 1000)`` bool mask of ImageNet classes under it.
 
     Learnt from TRAINING photos only: the smallest node under which ``share`` of a class's photos' top-1
     concepts fall (:func:`catsdogs.models.taxonomy.owned_node`). A class without training rows owns
-    what all rows together own.
+    what all rows together own. ``top1`` is each training photo's most likely ImageNet class.
     """
-    top1 = imagenet_probs.argmax(dim=1)
     nodes = []
     for c in range(num_classes):
         members = top1[labels == c]
@@ -263,11 +263,11 @@ def owned_concepts(imagenet_probs: torch.Tensor, labels: torch.Tensor, num_class
     return tuple(nodes), torch.stack([node_mask(n) for n in nodes])
 
 
-def _knn_bank(features: torch.Tensor, seed: int) -> torch.Tensor:
-    """A seeded sample of at most KNN_BANK_ROWS training rows, unit length, float16."""
+def _knn_bank(features: np.ndarray | StreamedFeatures, seed: int) -> torch.Tensor:
+    """A seeded sample of at most KNN_BANK_ROWS training rows, unit length, float16 (one pass if streamed)."""
     g = torch.Generator().manual_seed(seed)
     keep = torch.randperm(len(features), generator=g)[:KNN_BANK_ROWS]
-    return F.normalize(features[keep].float(), dim=1).half()
+    return F.normalize(torch.from_numpy(take_rows(features, keep.numpy())), dim=1).half()
 
 
 def surprise(reference: torch.Tensor, scores: torch.Tensor, own: bool = False) -> torch.Tensor:
@@ -313,16 +313,17 @@ def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     return cov, shrink
 
 
-def fit_detector(method: str, features: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+def fit_detector(method: str, features: np.ndarray | StreamedFeatures, labels: np.ndarray | torch.Tensor,
                  num_classes: int, seed: int = 0,
                  imagenet: tuple[torch.Tensor, torch.Tensor] | None = None) -> Detector:
     """Fit ``method`` on TRAINING features ``(n, d)`` and labels ``(n,)``; the threshold is set later.
 
     ``imagenet`` is the backbone's ImageNet heads (weight ``(m, 1000, 1280)``, bias ``(m, 1000)``,
     :func:`catsdogs.models.imagenet.imagenet_heads`): kept by every method, so answers can say what a
-    photo looks like; the ``concepts`` method needs them.
+    photo looks like; the ``concepts`` method needs them. Streamed features are read by passes (one
+    for the owned concepts, one for the kNN sample); ``mahalanobis`` alone holds them all (a covariance
+    of every row).
     """
-    f = torch.as_tensor(np.asarray(features), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     heads: dict[str, torch.Tensor] = {}
     if imagenet is not None:
@@ -331,13 +332,15 @@ def fit_detector(method: str, features: np.ndarray | torch.Tensor, labels: np.nd
     nodes: tuple[str, ...] = ()
     if heads:
         reader = Detector(method, heads)
-        probs = torch.cat([reader.imagenet_probabilities(chunk) for chunk in f.float().split(_FIT_CHUNK)])
-        nodes, heads["owned"] = owned_concepts(probs, y, num_classes)
+        top1 = torch.cat([reader.imagenet_probabilities(torch.from_numpy(chunk)).argmax(dim=1)
+                          for chunk in chunks_of(features, _FIT_CHUNK)])
+        nodes, heads["owned"] = owned_concepts(top1, y, num_classes)
     if method == CONCEPTS:
         if not heads:
             raise ValueError("the concepts detector needs the model's ImageNet heads")
-        return Detector(method, {**heads, "bank": _knn_bank(f, seed)}, owned_nodes=nodes)
+        return Detector(method, {**heads, "bank": _knn_bank(features, seed)}, owned_nodes=nodes)
     if method == "mahalanobis":
+        f = torch.from_numpy(np.concatenate(list(chunks_of(features)))).double()
         means = torch.stack([f[y == c].mean(0) if (y == c).any() else f.mean(0) for c in range(num_classes)])
         cov, _shrink = ledoit_wolf(f - means[y])
         evals, evecs = torch.linalg.eigh(cov)
@@ -345,7 +348,7 @@ def fit_detector(method: str, features: np.ndarray | torch.Tensor, labels: np.nd
         return Detector(method, {"whiten": whiten.float(), "means": (means @ whiten).float(), **heads},
                         owned_nodes=nodes)
     if method == "knn":
-        return Detector(method, {"bank": _knn_bank(f, seed), **heads}, owned_nodes=nodes)
+        return Detector(method, {"bank": _knn_bank(features, seed), **heads}, owned_nodes=nodes)
     if method == "energy":
         return Detector(method, dict(heads), owned_nodes=nodes)
     raise ValueError(f"unknown OOD method {method!r}; expected one of {OOD_METHODS}")

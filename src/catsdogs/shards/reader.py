@@ -7,6 +7,7 @@ a time. Training's shuffled stream (:mod:`catsdogs.train.stream`) and every forw
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from catsdogs.errors import InputError, SchemaError
+from catsdogs.schema import ENCODING_KEY
 from catsdogs.shards.manifest import Manifest, ShardInfo
 
 # pyarrow.parquet is imported where a Parquet shard is opened (~0.75 s): npy shards never need it.
@@ -37,7 +39,9 @@ class ParquetPixels:
         self.dtype = np.dtype(np.uint8)
         self.ndim = 4
         self._cached: tuple[int, np.ndarray] | None = None
-        written = (self._file.schema_arrow.metadata or {}).get(b"catsdogs.size")
+        meta_kv = self._file.schema_arrow.metadata or {}
+        self.encoding = meta_kv.get(ENCODING_KEY, b"raw").decode()
+        written = meta_kv.get(b"catsdogs.size")
         if written is not None and int(written) != size:
             raise SchemaError(f"Parquet shard {str(path)!r} holds {int(written)} px images, the manifest "
                               f"says {size}; re-run catsdogs preprocess")
@@ -49,6 +53,9 @@ class ParquetPixels:
         """Return row group ``g`` as ``(rows, H, W, 3)`` uint8 (cached until another is read)."""
         if self._cached is None or self._cached[0] != g:
             col = self._file.read_row_group(g, columns=["pixels"]).column("pixels")
+            if self.encoding != "raw":
+                self._cached = (g, self._decode(col.to_pylist()))
+                return self._cached[1]
             chunk = col.combine_chunks()
             raw = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)
             offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32)
@@ -60,6 +67,23 @@ class ParquetPixels:
             pixels = raw[offsets[0]:offsets[0] + row * len(chunk)].reshape(-1, *self.shape[1:])
             self._cached = (g, pixels)
         return self._cached[1]
+
+    def _decode(self, cells: list[bytes | None]) -> np.ndarray:
+        """Decode a row group of JPEG/PNG cells to ``(rows, H, W, 3)`` uint8."""
+        from PIL import Image
+
+        out = np.empty((len(cells), *self.shape[1:]), dtype=np.uint8)
+        for i, cell in enumerate(cells):
+            try:
+                img = np.asarray(Image.open(io.BytesIO(cell or b"")).convert("RGB"))
+            except (OSError, ValueError) as exc:
+                raise SchemaError(f"Parquet shard {str(self.path)!r} row {i} is not a readable "
+                                  f"{self.encoding} image ({exc}); re-run catsdogs preprocess") from None
+            if img.shape != self.shape[1:]:
+                raise SchemaError(f"Parquet shard {str(self.path)!r} holds a {img.shape} image, the manifest "
+                                  f"says {self.shape[1:]}; re-run catsdogs preprocess")
+            out[i] = img
+        return out
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if isinstance(key, slice):

@@ -6,6 +6,9 @@ Two formats carry the same rows (uint8 NHWC pixels, int64 labels):
 * ``parquet``: ``<split>/part_<i>.parquet`` with columns ``path`` (string), ``split`` (string),
   ``label`` (int64) and ``pixels`` (binary, ``size*size*3`` bytes, row-major HWC), readable by Spark
   (``spark.read.parquet``) and pyarrow; read back one row group at a time, so memory stays bounded.
+* ``jpeg`` / ``png``: the same table with each image's ``pixels`` encoded (JPEG at
+  :data:`JPEG_QUALITY`, or lossless PNG), decoded by the reader: several times fewer bytes to store and
+  move on a cluster, for a decode in the feature pass (docs/benchmarks/compact_shards.md).
 
 Files are written under temporary names and renamed on a clean exit, so a killed task never leaves
 a shard that looks complete.
@@ -44,18 +47,39 @@ def parquet_path(split: str, index: int) -> str:
     return f"{split}/{schema.PARQUET_PATTERN.format(index=index)}"
 
 
-def parquet_schema(size: int) -> Any:
-    """Return the Arrow schema of a Parquet shard; the image size is kept in its metadata."""
+JPEG_QUALITY = 95
+"""JPEG quality of ``jpeg`` shards, with full-resolution colour (4:4:4): the head's test accuracy on them
+matches the raw shards' within the int8 guard's bound (docs/benchmarks/compact_shards.md)."""
+
+
+def parquet_schema(size: int, encoding: str = "raw") -> Any:
+    """Return the Arrow schema of a Parquet shard; the image size and encoding are kept in its metadata."""
     import pyarrow as pa
 
     return pa.schema([("path", pa.string()), ("split", pa.string()), ("label", pa.int64()),
                       ("pixels", pa.binary())],
                      metadata={"catsdogs.size": str(size), "catsdogs.layout": schema.LAYOUT,
-                               "catsdogs.dtype": schema.PIXEL_DTYPE})
+                               "catsdogs.dtype": schema.PIXEL_DTYPE, schema.ENCODING_KEY.decode(): encoding})
+
+
+def encode_image(image: np.ndarray, encoding: str) -> bytes:
+    """One uint8 HWC image as the bytes a ``pixels`` cell holds."""
+    if encoding == "raw":
+        return image.tobytes()
+    import io
+
+    from PIL import Image  # lazy: only encoded shards need it here
+
+    buf = io.BytesIO()
+    if encoding == "jpeg":
+        Image.fromarray(image).save(buf, "JPEG", quality=JPEG_QUALITY, subsampling=0)
+    else:
+        Image.fromarray(image).save(buf, "PNG", compress_level=6)
+    return buf.getvalue()
 
 
 class ShardWriter:
-    """Collect rows of one shard and write its files (``fmt`` npy or parquet) on a clean exit.
+    """Collect rows of one shard and write its files (``fmt``: one of :data:`FORMATS`) on a clean exit.
 
     Rows are kept as uint8 (size*size*3 bytes each); a shard of 1,500 64x64 images is ~18 MB.
     """
@@ -95,7 +119,7 @@ class ShardWriter:
         if exc_type is not None:
             return  # nothing is published for a failed shard
         y = np.asarray(self._y, dtype=schema.LABEL_DTYPE)
-        if self.fmt == "parquet":
+        if self.fmt != "npy":
             rel = parquet_path(self.split, self.index)
             self._write_parquet(self.root / rel, y)
             x_rel = y_rel = rel
@@ -118,11 +142,12 @@ class ShardWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        encoding = self.fmt if self.fmt in schema.ENCODED_FORMATS else "raw"
         table = pa.table({"path": pa.array(self._paths, pa.string()),
                           "split": pa.array([self.split] * len(y), pa.string()),
                           "label": pa.array(y, pa.int64()),
-                          "pixels": pa.array([a.tobytes() for a in self._x], pa.binary())},
-                         schema=parquet_schema(self.size))
+                          "pixels": pa.array([encode_image(a, encoding) for a in self._x], pa.binary())},
+                         schema=parquet_schema(self.size, encoding))
         with atomic_open(path, "wb") as fh:
             # Pixels are already compact uint8 and compress poorly; skip compression on them so
             # reading costs no CPU, but keep it on the small columns.

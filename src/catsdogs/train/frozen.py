@@ -12,6 +12,7 @@ existing run is refused without ``--resume`` (nothing left to do: the head is fi
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -20,8 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import log_loss
 from torch import nn
 
 from catsdogs.checkpoint import CKPT_ENGINE, CKPT_METRICS, build_checkpoint, save_checkpoint
@@ -47,47 +46,12 @@ from catsdogs.spark import is_local
 from catsdogs.train.confidence import fit_confidence
 from catsdogs.train.contract import claim, model_config, model_kwargs
 from catsdogs.train.features import extract_features
+from catsdogs.train.head import Head, fit_head
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
-
-C_GRID: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
-"""Inverse L2 strengths tried for the logistic head on standardised features; best val log-loss wins."""
-
-
-def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-             num_classes: int, seed: int = 0, c_grid: tuple[float, ...] = C_GRID
-             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Fit a logistic-regression head; return the Linear weight, bias and val metrics.
-
-    Features are standardised for the solver, then the scaling is folded back into the weights,
-    so the head applies directly to raw features: ``logits = x @ W.T + b`` (1 logit for 2 classes).
-    """
-    mu = train_x.mean(0)
-    sd = train_x.std(0) + 1e-6
-    tx, vx = (train_x - mu) / sd, (val_x - mu) / sd
-    best: tuple[float, float, Any] | None = None
-    for c in c_grid:
-        clf = LogisticRegression(C=c, max_iter=2000, random_state=seed)
-        clf.fit(tx, train_y)
-        if len(val_y):
-            loss = float(log_loss(val_y, clf.predict_proba(vx), labels=list(range(num_classes))))
-        else:
-            loss = 0.0
-        log.info("head C=%g val_loss=%.4f", c, loss)
-        if best is None or loss < best[0]:
-            best = (loss, c, clf)
-    assert best is not None  # nosec B101 # type narrowing: at least one epoch ran
-    loss, c, clf = best
-    coef = clf.coef_ / sd  # fold the standardisation: w' = w / sd, b' = b - w' . mu
-    bias = clf.intercept_ - coef @ mu
-    metrics = {"val_loss": loss, "C": float(c),
-               "train_acc": float((clf.predict(tx) == train_y).mean()),
-               "val_acc": float((clf.predict(vx) == val_y).mean()) if len(val_y) else float("nan")}
-    return torch.tensor(coef, dtype=torch.float32), torch.tensor(bias, dtype=torch.float32), metrics
-
 
 def train_frozen(cfg: TrainConfig, size: int | None = None, cache_splits: tuple[str, ...] = ()
                  ) -> dict[str, float]:
@@ -115,7 +79,10 @@ def train_frozen(cfg: TrainConfig, size: int | None = None, cache_splits: tuple[
     check_spark_plan(cfg, fetch_manifest(cfg.data))  # before the JVM starts: a wrong value is the only line
     modules = NEEDED + runtime_modules(engine_for(cfg.backend))
     with spark_session(cfg.master, "catsdogs-train", cfg.spark_conf, modules) as spark:
-        return _train_frozen(cfg, size, spark)  # no feature cache: the driver may hold no test shard
+        try:
+            return _train_frozen(cfg, size, spark)  # no feature cache: the driver may hold no test shard
+        finally:
+            shutil.rmtree(RunDir(Path(cfg.out)).feature_shards, ignore_errors=True)  # streamed features
 
 
 def on_spark(cfg: TrainConfig) -> bool:
@@ -157,9 +124,9 @@ def _open_shards(cfg: TrainConfig, spark: SparkSession | None) -> tuple[Path, Ma
 
 def _guard_int8(cfg: TrainConfig, model: nn.Module, data: Path, manifest: Manifest, mean: tuple[float, ...],
                 std: tuple[float, ...], device: torch.device, engine: Engine, feats: dict[str, Any],
-                head: tuple[torch.Tensor, torch.Tensor, dict[str, float]], spark: SparkSession | None,
+                head: Head, spark: SparkSession | None,
                 size: int, run: RunDir) -> tuple[GuardResult, Engine, dict[str, Any],
-                                                  tuple[torch.Tensor, torch.Tensor, dict[str, float]]]:
+                                                  Head]:
     """The int8 guard: the head on fp32 validation features must score within --int8-max-drop.
 
     Returns the guard's record and the engine, features and head to keep: the int8 ones when it passes,
@@ -319,13 +286,20 @@ def features_of(cfg: TrainConfig, model: nn.Module, data: Path, manifest: Manife
     tasks; the arrays are the ones this process would compute (same rows, same order).
     """
     if spark is not None:
-        from catsdogs.cluster.features import spark_features  # lazy: only the Spark pass needs it
+        from catsdogs.cluster.features import feature_width, spark_features  # lazy: only Spark needs them
 
-        config = model_config(cfg, len(manifest.classes), size or manifest.size)
+        side = size or manifest.size
+        config = model_config(cfg, len(manifest.classes), side)
+        train_bytes = (manifest.split_rows("train") * (2 if splits.get("train") else 1)
+                       * feature_width(engine, side) * 4)  # float32 in memory
+        stream = ("train",) if "train" in splits and train_bytes > cfg.head_memory_mb << 20 else ()
         feats, _report = spark_features(
             spark, cfg.master, executor_data(cfg), manifest, engine, model, config, mean, std, splits,
             batch_size=cfg.batch_size, threads=cfg.threads, groups=cfg.distributed,
-            spill=RunDir(Path(cfg.out)).feature_shards)
+            spill=RunDir(Path(cfg.out)).feature_shards, stream=stream)
+        if stream:
+            log.info("features train: %d MB over --head-memory-mb %d: the head streams the feature shards",
+                     train_bytes >> 20, cfg.head_memory_mb)
         return feats
     feats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split, flip in splits.items():

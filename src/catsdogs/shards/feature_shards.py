@@ -1,0 +1,116 @@
+"""Feature shards: a split's backbone features as Parquet files on disk, read one shard at a time.
+
+The Spark feature pass writes one per image shard (:mod:`catsdogs.cluster.shardjob`) when its features
+are too many to collect. Features are stored as float16: half the bytes of float32, and the head fitted
+on them is as accurate (docs/benchmarks/head_memory.md). :class:`StreamedFeatures` reads them back as
+consecutive chunks, so a head, a detector or a benchmark can pass over millions of rows with one
+shard's rows in memory.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from catsdogs.io import storage
+from catsdogs.io.atomic import atomic_open
+
+STORED_FLOAT = np.float16
+"""dtype of 2-D float arrays (the features) on disk; they are read back as float32."""
+CHUNK_ROWS = 8192
+"""Rows per chunk when an in-memory array is passed over as chunks: ~80 MB of float32 at 2,560 wide."""
+
+Arrays = dict[str, np.ndarray]
+
+
+def write_feature_shard(path: str, arrays: Arrays) -> None:
+    """Write one shard's arrays as Parquet (2-D float arrays as fixed-size float16 lists), atomically."""
+    import pyarrow as pa  # lazy: only the feature shards need it
+    import pyarrow.parquet as pq
+
+    cols = {}
+    for name, a in arrays.items():
+        if a.ndim == 2:
+            flat = a.astype(STORED_FLOAT) if a.dtype.kind == "f" else a
+            cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), a.shape[1])
+        else:
+            cols[name] = pa.array(a)
+    table = pa.table(cols)
+    if storage.is_remote(path):
+        with tempfile.NamedTemporaryFile(suffix=".parquet") as tmp:
+            pq.write_table(table, tmp.name)
+            storage.upload(tmp.name, path)
+        return
+    with atomic_open(path, "wb") as fh:
+        pq.write_table(table, fh)
+
+
+def read_feature_shard(path: str, columns: Sequence[str] | None = None) -> Arrays:
+    """Read a feature shard's arrays (``columns`` only, when given); 2-D float arrays come back float32."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
+    table = pq.read_table(source, columns=list(columns) if columns is not None else None)
+    out: Arrays = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(col.type):
+            a = col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+            out[name] = a.astype(np.float32) if a.dtype.kind == "f" else a
+        else:
+            out[name] = col.to_numpy(zero_copy_only=False)
+    return out
+
+
+@dataclass(frozen=True)
+class StreamedFeatures:
+    """A split's features ``(rows, width)`` as a sequence of feature-shard columns, never all in memory.
+
+    ``parts`` lists ``(file, column)`` in row order: each shard's ``features``, then (``--augment``) each
+    shard's ``flipped``, the order :func:`catsdogs.train.features.extract_features` returns.
+    """
+
+    parts: tuple[tuple[str, str], ...]
+    rows: int
+    width: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.width)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """float32 chunks of consecutive rows, one feature shard each."""
+        for path, column in self.parts:
+            yield read_feature_shard(path, [column])[column]
+
+
+def chunks_of(features: np.ndarray | StreamedFeatures, rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
+    """Consecutive float32 row chunks of an in-memory array or of streamed features."""
+    if isinstance(features, StreamedFeatures):
+        yield from features.chunks()
+        return
+    for start in range(0, len(features), rows):
+        yield np.asarray(features[start:start + rows], np.float32)
+
+
+def take_rows(features: np.ndarray | StreamedFeatures, index: np.ndarray) -> np.ndarray:
+    """Rows ``index`` (any order) as float32, in one pass over streamed features."""
+    if not isinstance(features, StreamedFeatures):
+        return np.asarray(features[index], np.float32)
+    index = np.asarray(index, np.int64)
+    out = np.zeros((len(index), features.width), np.float32)
+    order = np.argsort(index)
+    start = 0
+    for chunk in features.chunks():
+        lo, hi = np.searchsorted(index[order], [start, start + len(chunk)])
+        out[order[lo:hi]] = chunk[index[order[lo:hi]] - start]
+        start += len(chunk)
+    return out
