@@ -6,6 +6,7 @@ and the machine); ``benchmarks/run_all.py`` concatenates them into ``docs/benchm
 
 from __future__ import annotations
 
+import datetime
 import fcntl
 import os
 import platform
@@ -199,7 +200,7 @@ class PeakRSS(Sampler):
 
 
 def machine() -> str:
-    """Return a one-line description of this machine for result fragments."""
+    """Return the date and a one-line description of this machine for result fragments."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -208,8 +209,8 @@ def machine() -> str:
         pass
     cores = len(os.sched_getaffinity(0))
     mem = os.sysconf("SC_PHYS_PAGES") * _PAGE / 2**30
-    return (f"{cores} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, "
-            f"{platform.system()}")
+    return (f"{datetime.date.today().isoformat()}, {cores} cores ({cpu}), {mem:.0f} GiB RAM, "
+            f"Python {platform.python_version()}, {platform.system()}")
 
 
 def write_fragment(name: str, markdown: str) -> Path:

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     one, two = passes["1 worker warm"], passes["2 worker warm"]
     one_cold, two_cold = passes["1 worker first job"], passes["2 worker first job"]
     lines = [
-        "## Cluster: the default model's feature pass and predict on Spark",
+        "## Cluster: the default model's feature pass on Spark",
         "",
         f"`flock /tmp/catsdogs-heavy.lock .venv/bin/python -m benchmarks.cluster --photos {args.photos}` "
         f"({machine()}); {args.photos:,} real photos at {SIZE} px, {MODEL} on {ENGINE}, one Spark task per "

@@ -40,7 +40,7 @@ def test_fit_head_folds_standardisation_into_linear_weights() -> None:
 def test_a_head_fitted_by_passes_over_feature_shards_is_the_in_memory_fit(
     tmp_path: Path, classes: int
 ) -> None:
-    """The streamed L-BFGS (sums shard by shard, warm-started along the C grid) finds scikit-learn's
+    """The streamed L-BFGS (sums shard by shard, each C from zero) finds scikit-learn's
     optimum: same C, same accuracies, weights within the solver's tolerance (binary and softmax)."""
     from catsdogs.shards.feature_shards import StreamedFeatures, write_feature_shard
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -40,13 +41,16 @@ def write_feature_shard(path: str, arrays: Arrays) -> None:
         else:
             cols[name] = pa.array(a)
     table = pa.table(cols)
+    # Features barely compress, and reading them back is every head pass: no codec, no dictionary
+    # (0.35 s instead of 0.57 s per 10,000 x 1,280 shard on these cores).
+    options = {"compression": "none", "use_dictionary": False}
     if storage.is_remote(path):
         with tempfile.NamedTemporaryFile(suffix=".parquet") as tmp:
-            pq.write_table(table, tmp.name)
+            pq.write_table(table, tmp.name, **options)
             storage.upload(tmp.name, path)
         return
     with atomic_open(path, "wb") as fh:
-        pq.write_table(table, fh)
+        pq.write_table(table, fh, **options)
 
 
 def read_feature_shard(path: str, columns: Sequence[str] | None = None) -> Arrays:
@@ -61,10 +65,19 @@ def read_feature_shard(path: str, columns: Sequence[str] | None = None) -> Array
         col = table.column(name).combine_chunks()
         if pa.types.is_fixed_size_list(col.type):
             a = col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
-            out[name] = a.astype(np.float32) if a.dtype.kind == "f" else a
+            out[name] = _float32(a) if a.dtype.kind == "f" else a
         else:
             out[name] = col.to_numpy(zero_copy_only=False)
     return out
+
+
+def _float32(a: np.ndarray) -> np.ndarray:
+    """float16 to float32 through torch's vectorised conversion (8x numpy's on these cores)."""
+    import torch  # lazy: feature shards are read where torch is loaded anyway
+
+    with warnings.catch_warnings():  # Arrow's buffer is read-only; the tensor is only read, never written
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(a)).float().numpy()
 
 
 @dataclass(frozen=True)

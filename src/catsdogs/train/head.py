@@ -1,7 +1,7 @@
 """The frozen backbone's logistic head: fitted in memory (scikit-learn), or by passes over feature shards.
 
 Both minimise the same objective, scikit-learn's L2-penalised logistic loss on standardised features
-(one logit for two classes, else a softmax), with L-BFGS, for each inverse strength in :data:`C_GRID`;
+(one logit for two classes, else a softmax), with L-BFGS from zero, for each inverse strength in :data:`C_GRID`;
 the best validation log-loss wins. In memory the features are one array; streamed they are
 :class:`~catsdogs.shards.feature_shards.StreamedFeatures`, and every loss-and-gradient evaluation sums
 shard by shard, so the driver holds one shard's rows and the ``(logits, width)`` weights, whatever the
@@ -160,14 +160,19 @@ class _Objective:
 def _fit_streamed(x: StreamedFeatures, y: np.ndarray, vx: np.ndarray, vy: np.ndarray, num_classes: int,
                   c_grid: tuple[float, ...], max_iter: int, mu: np.ndarray, sd: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """L-BFGS per C on streamed features, each C starting from the previous C's solution (fewer passes)."""
+    """L-BFGS per C on streamed features, each C started from zero as scikit-learn does.
+
+    Warm-starting each C from the previous one saved half the passes but stopped at other points of
+    the flat optimum at large C (val loss 0.033 against scikit-learn's 0.045 at C = 1 on the default
+    preset's features), so the C chosen could differ from the in-memory fit's.
+    """
     from scipy.optimize import minimize
 
     objective = _Objective(x, y, mu, sd, num_logits(num_classes))
-    theta = np.zeros(objective.logits * (x.width + 1))
     best: tuple[float, float, np.ndarray] | None = None
     for c in c_grid:
         objective.alpha = 1.0 / (c * len(y))
+        theta = np.zeros(objective.logits * (x.width + 1))
         result = minimize(objective, theta, jac=True, method="L-BFGS-B",
                           options={"maxiter": max_iter, "gtol": GTOL, "ftol": 64 * np.finfo(float).eps})
         theta = result.x
