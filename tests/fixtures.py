@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from catsdogs import checkpoint as ckpt
-from catsdogs import rundir, schema
+from catsdogs import schema
 from catsdogs.shards.manifest import Manifest, save_manifest
 from catsdogs.shards.writer import ShardWriter
 
@@ -168,40 +167,32 @@ def make_shards(root: Path, counts: dict[str, int] | None = None, size: int = 32
 def make_run(root: Path, size: int = 32, classes: tuple[str, ...] = ("Cat", "Dog"), model: str = "seed",
              data: str = "", epochs: int = 3, seed: int = 0) -> Path:
     """Write a run folder with an untrained model checkpoint (best.pt, last.pt), config.json and
-    metrics.csv, in the layout ``catsdogs train`` writes; for tests of evaluate/predict/serve."""
-    import csv
-    import json
-
+    metrics.csv through the writers ``catsdogs train`` uses; for tests of evaluate/predict/serve."""
     import torch
 
-    from catsdogs.checkpoint import save_checkpoint
-    from catsdogs.config import TrainConfig, to_dict
+    from catsdogs.checkpoint import build_checkpoint, save_checkpoint
+    from catsdogs.config import TrainConfig, save_config, to_dict
     from catsdogs.models.factory import create_model
+    from catsdogs.rundir import MetricsLog, RunDir
+    from catsdogs.train.contract import model_config
 
     torch.manual_seed(seed)
+    run = RunDir(root)
     root.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(data=data, out=str(root), model=model, epochs=epochs, seed=seed)
     net = create_model(model, num_classes=len(classes), size=size)
-    state = {
-        ckpt.CKPT_FORMAT: ckpt.FORMAT_VERSION,
-        ckpt.CKPT_MODEL_STATE: net.state_dict(),
-        ckpt.CKPT_MODEL_CONFIG: {"name": model, "num_classes": len(classes), "size": size},
-        ckpt.CKPT_CLASSES: list(classes),
-        ckpt.CKPT_NORM: {"mean": [120.0] * 3, "std": [60.0] * 3},
-        ckpt.CKPT_IMAGE: {"size": size, "resize": "stretch"},
-        ckpt.CKPT_TRAIN_CONFIG: to_dict(cfg),
-        ckpt.CKPT_EPOCH: epochs,
-        ckpt.CKPT_METRICS: {"val_loss": 0.6, "val_acc": 0.6},
-    }
-    save_checkpoint(root / rundir.BEST_CKPT, state)
-    save_checkpoint(root / rundir.LAST_CKPT, state)
-    (root / schema.CONFIG_NAME).write_text(json.dumps(to_dict(cfg), indent=2))
-    with open(root / rundir.METRICS_CSV, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"])
-        for e in range(1, epochs + 1):
-            w.writerow([e, e * 10, 0.7 - 0.05 * e, 0.5 + 0.05 * e, 0.72 - 0.04 * e, 0.5 + 0.04 * e,
-                        1e-3, 1.0])
+    state = build_checkpoint(model_state=net.state_dict(), model_config=model_config(cfg, len(classes), size),
+                             classes=classes, mean=[120.0] * 3, std=[60.0] * 3, size=size, resize="stretch",
+                             train_config=to_dict(cfg), epoch=epochs,
+                             metrics={"val_loss": 0.6, "val_acc": 0.6})
+    save_checkpoint(run.best, state)
+    save_checkpoint(run.last, state)
+    save_config(cfg, run.config)
+    log = MetricsLog(run.metrics)
+    log.start(keep_epochs=None)
+    for e in range(1, epochs + 1):
+        log.append({"epoch": e, "step": e * 10, "train_loss": 0.7 - 0.05 * e, "train_acc": 0.5 + 0.05 * e,
+                    "val_loss": 0.72 - 0.04 * e, "val_acc": 0.5 + 0.04 * e, "lr": 1e-3, "seconds": 1.0})
     return root
 
 
