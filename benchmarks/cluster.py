@@ -21,7 +21,6 @@ how many). Usage (about 15 minutes on 2 cores)::
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -152,14 +151,6 @@ def feature_passes(data: Path, calibration: int) -> dict[str, float]:
         )
         out["Spark local[2]"] = report.rows / report.seconds
     return out
-
-
-def timed(cmd: list[str]) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-3000:]}")
-    return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:

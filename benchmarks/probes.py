@@ -246,7 +246,7 @@ def predict_steps(args: list[str]) -> list[str]:
     cp.spark_session = timed_session
     cp.load_predictor = timed("load predictor", cp.load_predictor)
     cp.run_job = timed("job", cp.run_job)
-    cp.write_rows = timed("write", cp.write_rows)
+    cp.parts.merge = timed("merge the parts", cp.parts.merge)
     ship = cp.Shipment.predictor
     cp.Shipment.predictor = timed("ship (driver engine build)", ship)  # type: ignore[method-assign]
     cp.main(resolve("predict", build_parser().parse_args(["predict", *args])))
