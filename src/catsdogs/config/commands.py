@@ -75,8 +75,8 @@ class PreprocessConfig(Config):
     shard_rows: int = setting(1500, gt=0)
     """Maximum rows per shard (about 14 shards for 18,000 images)."""
     format: str = setting("npy", choices=schema.SHARD_FORMATS)
-    """Shard format: pairs of NumPy X_part/y_part arrays, or Parquet tables of pixels, label and split
-    (one per shard)."""
+    """Shard format: pairs of NumPy X_part/y_part arrays, or one Parquet table of pixels, label and split
+    per shard, with raw pixels (parquet) or each image as JPEG or PNG (compact, for clusters)."""
     master: str = "local[*]"
     """Spark master URL: local[*], spark://host:7077, yarn, k8s://..."""
     read_threads: int = setting(16, gt=0)
