@@ -52,6 +52,10 @@ JPEG_QUALITY = 95
 matches the raw shards' within the int8 guard's bound (docs/benchmarks/compact_shards.md)."""
 
 
+PNG_LEVEL = 1
+"""zlib level of ``png`` shards: 3.8 ms per 260 px photo and 99 KB, against 15.6 ms and 93 KB at 6."""
+
+
 def parquet_schema(size: int, encoding: str = "raw") -> Any:
     """Return the Arrow schema of a Parquet shard; the image size and encoding are kept in its metadata."""
     import pyarrow as pa
@@ -74,7 +78,7 @@ def encode_image(image: np.ndarray, encoding: str) -> bytes:
     if encoding == "jpeg":
         Image.fromarray(image).save(buf, "JPEG", quality=JPEG_QUALITY, subsampling=0)
     else:
-        Image.fromarray(image).save(buf, "PNG", compress_level=6)
+        Image.fromarray(image).save(buf, "PNG", compress_level=PNG_LEVEL)
     return buf.getvalue()
 
 
