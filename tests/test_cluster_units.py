@@ -162,6 +162,15 @@ def test_parts_merge_on_s3(tmp_path: Path) -> None:
         write_rows(rows, str(local))
         assert storage.read_bytes(out) == local.read_bytes()
         assert storage.list_names("s3a://preds/run1") == ["rows.csv"]
+        folder = "s3a://preds/run2/rows.csv"  # --parts: the parts under the name, _SUCCESS last
+        staging = parts.make_staging(folder)
+        parts.write_part(rows[:2], staging, 0, ".csv")
+        parts.write_part(rows[2:], staging, 1, ".csv")
+        parts.commit_folder(staging, [parts.part_name(i, ".csv") for i in (0, 1)], folder)
+        parts.remove(staging)
+        assert storage.list_names("s3a://preds/run2") == ["rows.csv"]
+        assert storage.list_names(folder) == ["_SUCCESS", "part-00000.csv", "part-00001.csv"]
+        assert storage.read_bytes(storage.join(folder, "part-00001.csv")).decode().count("\n") == 4
 
 
 def test_inputs_are_files_uris_or_bytes(tmp_path: Path) -> None:
