@@ -1,8 +1,8 @@
 """The frozen backbone's logistic head: fitted in memory (scikit-learn), or by passes over feature shards.
 
 Both minimise the same objective, scikit-learn's L2-penalised logistic loss on standardised features
-(one logit for two classes, else a softmax), with L-BFGS from zero, for each inverse strength in :data:`C_GRID`;
-the best validation log-loss wins. In memory the features are one array; streamed they are
+(one logit for two classes, else a softmax), with L-BFGS from zero, for each inverse strength in
+:data:`C_GRID`; the best validation log-loss wins. In memory the features are one array; streamed they are
 :class:`~catsdogs.shards.feature_shards.StreamedFeatures`, and every loss-and-gradient evaluation sums
 shard by shard, so the driver holds one shard's rows and the ``(logits, width)`` weights, whatever the
 row count. The streamed fit is the in-memory one, within the solver's tolerance (tests/test_cluster_passes).
