@@ -12,8 +12,9 @@ from __future__ import annotations
 import io
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -80,17 +81,43 @@ def _float32(a: np.ndarray) -> np.ndarray:
         return torch.from_numpy(np.ascontiguousarray(a)).float().numpy()
 
 
+Part = tuple[str, str]
+"""One feature shard's column: ``(file, column)``."""
+PartFn = Callable[[np.ndarray, np.ndarray], Any]
+"""Work on one part: its float32 rows and their int64 labels in, a small result out."""
+PartMapper = Callable[[PartFn, Sequence[Part]], list[Any]]
+"""Runs a :data:`PartFn` on every part and returns the results in part order (here, or as Spark tasks)."""
+
+
+def part_arrays(path: str, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """One part's rows (float32) and labels (int64): each feature shard carries its own labels."""
+    arrays = read_feature_shard(path, [column, "labels"])
+    return arrays[column], np.asarray(arrays["labels"], np.int64)
+
+
+def map_here(fn: PartFn, parts: Sequence[Part]) -> list[Any]:
+    """:data:`PartMapper` in this process, one part in memory at a time."""
+    return [fn(*part_arrays(path, column)) for path, column in parts]
+
+
 @dataclass(frozen=True)
 class StreamedFeatures:
     """A split's features ``(rows, width)`` as a sequence of feature-shard columns, never all in memory.
 
     ``parts`` lists ``(file, column)`` in row order: each shard's ``features``, then (``--augment``) each
-    shard's ``flipped``, the order :func:`catsdogs.train.features.extract_features` returns.
+    shard's ``flipped``, the order :func:`catsdogs.train.features.extract_features` returns. ``mapper``
+    runs per-part work (:meth:`map`): here by default, or on the executors that wrote the shards, so a
+    pass over millions of rows reads them in parallel and sends back only each part's small result.
     """
 
-    parts: tuple[tuple[str, str], ...]
+    parts: tuple[Part, ...]
     rows: int
     width: int
+    mapper: PartMapper = field(default=map_here, compare=False)
+
+    def map(self, fn: PartFn) -> list[Any]:
+        """``fn(rows, labels)`` of every part, in part order."""
+        return self.mapper(fn, self.parts)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -11,13 +11,14 @@ row count. The streamed fit is the in-memory one, within the solver's tolerance 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
 from catsdogs.models.heads import num_logits
-from catsdogs.shards.feature_shards import StreamedFeatures, chunks_of
+from catsdogs.shards.feature_shards import StreamedFeatures
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,38 @@ def fit_head(train_x: np.ndarray | StreamedFeatures, train_y: np.ndarray, val_x:
 def moments(features: StreamedFeatures) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and standard deviation (+ :data:`SD_FLOOR`) in one pass (Chan's merge, float64)."""
     n, mean, m2 = 0, np.zeros(features.width), np.zeros(features.width)
-    for chunk in chunks_of(features):
-        k, c_mean = len(chunk), chunk.mean(0, dtype=np.float64)
-        c_m2 = np.square(chunk - c_mean, dtype=np.float64).sum(0)
+    for k, c_mean, c_m2 in features.map(_part_moments):
         delta = c_mean - mean
-        mean = mean + delta * k / (n + k)
-        m2 = m2 + c_m2 + np.square(delta) * n * k / (n + k)
+        mean = mean + delta * k / max(n + k, 1)
+        m2 = m2 + c_m2 + np.square(delta) * n * k / max(n + k, 1)
         n += k
     return mean.astype(np.float32), (np.sqrt(m2 / max(n, 1)) + SD_FLOOR).astype(np.float32)
+
+
+def _part_moments(x: np.ndarray, _y: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """One part's row count, mean and sum of squared deviations (float64)."""
+    mean = x.mean(0, dtype=np.float64) if len(x) else np.zeros(x.shape[1])
+    return len(x), mean, np.square(x - mean, dtype=np.float64).sum(0)
+
+
+def _part_terms(x: np.ndarray, y: np.ndarray, mu: np.ndarray, sd: np.ndarray, w: np.ndarray,
+                b: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, int]:
+    """One part's summed logistic loss, its gradient (weights, bias) and its right answers."""
+    xs = (x - mu) / sd
+    z = (xs @ w.astype(np.float32).T).astype(np.float64) + b
+    rows = np.arange(len(y))
+    if w.shape[0] == 1:
+        loss = float(np.logaddexp(0.0, z[:, 0]).sum() - (y * z[:, 0]).sum())
+        g = (1.0 / (1.0 + np.exp(-z[:, 0])) - y)[:, None]
+        right = int(((z[:, 0] > 0).astype(np.int64) == y).sum())
+    else:
+        top = z.max(1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(z - top).sum(1))
+        loss = float((lse - z[rows, y]).sum())
+        right = int((z.argmax(1) == y).sum())
+        g = np.exp(z - lse[:, None])
+        g[rows, y] -= 1.0
+    return loss, (g.T.astype(np.float32) @ xs).astype(np.float64), g.sum(0), right
 
 
 def _fit_sklearn(tx: np.ndarray, ty: np.ndarray, vx: np.ndarray, vy: np.ndarray, num_classes: int, seed: int,
@@ -108,53 +133,36 @@ def _probabilities(z: np.ndarray) -> np.ndarray:
 
 
 class _Objective:
-    """scikit-learn's objective, ``mean loss + ||W||^2 / (2 C n)``, and its gradient, summed by chunks."""
+    """scikit-learn's objective, ``mean loss + ||W||^2 / (2 C n)``, and its gradient, summed by parts.
 
-    def __init__(self, x: StreamedFeatures, y: np.ndarray, mu: np.ndarray, sd: np.ndarray, logits: int
-                 ) -> None:
-        self.x, self.y, self.mu, self.sd, self.logits = x, y.astype(np.int64), mu, sd, logits
-        self.width = x.width
+    Each evaluation is one :meth:`~catsdogs.shards.feature_shards.StreamedFeatures.map`: on Spark, a job
+    whose tasks read their shards and send back a ``(logits, width)`` gradient each.
+    """
+
+    def __init__(self, x: StreamedFeatures, rows: int, mu: np.ndarray, sd: np.ndarray, logits: int) -> None:
+        self.x, self.rows, self.mu, self.sd, self.logits = x, rows, mu, sd, logits
         self.alpha = 0.0
+        self.right = 0
 
     def unpack(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        w = theta.reshape(self.logits, self.width + 1)
+        w = theta.reshape(self.logits, self.x.width + 1)
         return w[:, :-1], w[:, -1]
 
     def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         w, b = self.unpack(theta)
-        w32 = w.astype(np.float32)
-        loss, gw, gb, start = 0.0, np.zeros_like(w), np.zeros_like(b), 0
-        for chunk in chunks_of(self.x):
-            xs = (chunk - self.mu) / self.sd
-            y = self.y[start:start + len(chunk)]
-            start += len(chunk)
-            z = (xs @ w32.T).astype(np.float64) + b
-            if self.logits == 1:
-                loss += float(np.logaddexp(0.0, z[:, 0]).sum() - (y * z[:, 0]).sum())
-                g = (1.0 / (1.0 + np.exp(-z[:, 0])) - y)[:, None]
-            else:
-                top = z.max(1, keepdims=True)
-                lse = top[:, 0] + np.log(np.exp(z - top).sum(1))
-                loss += float((lse - z[np.arange(len(y)), y]).sum())
-                g = np.exp(z - lse[:, None])
-                g[np.arange(len(y)), y] -= 1.0
-            gw += (g.T.astype(np.float32) @ xs).astype(np.float64)
-            gb += g.sum(0)
-        n = len(self.y)
-        value = loss / n + 0.5 * self.alpha * float(np.square(w).sum())
-        grad = np.concatenate([gw / n + self.alpha * w, (gb / n)[:, None]], axis=1)
+        terms = self.x.map(partial(_part_terms, mu=self.mu, sd=self.sd, w=w, b=b))
+        loss = sum(t[0] for t in terms)
+        gw = np.sum([t[1] for t in terms], axis=0)
+        gb = np.sum([t[2] for t in terms], axis=0)
+        self.right = sum(t[3] for t in terms)  # of this theta: the training accuracy for free
+        value = loss / self.rows + 0.5 * self.alpha * float(np.square(w).sum())
+        grad = np.concatenate([gw / self.rows + self.alpha * w, (gb / self.rows)[:, None]], axis=1)
         return value, grad.reshape(-1)
 
     def accuracy(self, theta: np.ndarray) -> float:
         """Training accuracy of ``theta`` (one more pass)."""
-        w, b = self.unpack(theta)
-        right, start = 0, 0
-        for chunk in chunks_of(self.x):
-            z = ((chunk - self.mu) / self.sd) @ w.astype(np.float32).T + b
-            pred = (z[:, 0] > 0).astype(np.int64) if self.logits == 1 else z.argmax(1)
-            right += int((pred == self.y[start:start + len(chunk)]).sum())
-            start += len(chunk)
-        return right / max(len(self.y), 1)
+        self(theta)
+        return self.right / max(self.rows, 1)
 
 
 def _fit_streamed(x: StreamedFeatures, y: np.ndarray, vx: np.ndarray, vy: np.ndarray, num_classes: int,
@@ -168,7 +176,7 @@ def _fit_streamed(x: StreamedFeatures, y: np.ndarray, vx: np.ndarray, vy: np.nda
     """
     from scipy.optimize import minimize
 
-    objective = _Objective(x, y, mu, sd, num_logits(num_classes))
+    objective = _Objective(x, len(y), mu, sd, num_logits(num_classes))
     best: tuple[float, float, np.ndarray] | None = None
     for c in c_grid:
         objective.alpha = 1.0 / (c * len(y))
