@@ -175,3 +175,20 @@ def test_corrupt_parquet_shard_is_a_schema_error(tmp_path: Path) -> None:
     (tmp_path / w.info.x).unlink()
     with pytest.raises(InputError, match="missing"):
         open_shard(tmp_path, w.info, 8)
+
+
+def test_iter_batches_is_the_one_place_a_pass_is_cut_short(tmp_path: Path) -> None:
+    """``max_rows`` stops mid-shard and mid-batch, in shard order; without it every row comes."""
+    from catsdogs.shards.manifest import load_manifest
+    from catsdogs.shards.reader import iter_batches
+    from tests.fixtures import make_shards
+
+    make_shards(tmp_path, counts={"train": 50}, size=8, shard_rows=20)  # shards of 20, 20, 10
+    m = load_manifest(tmp_path)
+    whole = list(iter_batches(tmp_path, m, "train", 8))
+    assert sum(len(y) for *_, y in whole) == 50
+    cut = list(iter_batches(tmp_path, m, "train", 8, max_rows=27))
+    expected = [(0, 0, 8), (0, 8, 8), (0, 16, 4), (1, 0, 7)]
+    assert [(pos, start, len(y)) for pos, start, _x, y in cut] == expected
+    assert all(np.array_equal(a[2], b[2][: len(a[2])]) for a, b in zip(cut, whole, strict=False))  # same rows
+    assert list(iter_batches(tmp_path, m, "train", 8, max_rows=0)) == []

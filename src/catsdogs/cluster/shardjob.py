@@ -28,7 +28,7 @@ from catsdogs.errors import SchemaError
 from catsdogs.io import storage
 from catsdogs.shards.feature_shards import read_feature_shard, write_feature_shard
 from catsdogs.shards.manifest import Manifest, ShardInfo
-from catsdogs.shards.reader import open_shard
+from catsdogs.shards.reader import open_shard, shard_batches
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -137,9 +137,8 @@ def _task(data: str, size: int, batch_size: int, work: BatchWork, spill: str
             parts: dict[str, list[np.ndarray]] = {}
             t0 = time.perf_counter()
             with opened(data, it.info, size) as (x, y):
-                for start in range(0, len(y), batch_size):
-                    res = work(np.array(x[start:start + batch_size]), np.asarray(y[start:start + batch_size]),
-                               it.split)
+                for _start, xb, yb in shard_batches(x, y, batch_size):
+                    res = work(xb, yb, it.split)
                     for name, a in res.items():
                         parts.setdefault(name, []).append(a)
             arrays = {name: np.concatenate(v) for name, v in parts.items()}

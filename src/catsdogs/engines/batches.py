@@ -25,13 +25,7 @@ def split_batches(root: str | Path, manifest: Manifest, split: str, mean: tuple[
     ``max_rows`` stops after that many rows of the split (in shard order); ``size`` resizes as
     ``train.features.extract_features`` does (bilinear, antialiased) when it differs from the shards'.
     """
-    seen = 0
-    limit = manifest.split_rows(split) if max_rows is None else min(max_rows, manifest.split_rows(split))
-    for _pos, _start, rows, y in iter_batches(root, manifest, split, batch_size):
-        if seen >= limit:
-            return
-        rows, y = rows[:limit - seen], y[:limit - seen]
-        seen += len(y)
+    for _pos, _start, rows, y in iter_batches(root, manifest, split, batch_size, max_rows):
         yield normalized(rows, mean, std, size), np.asarray(y, dtype=np.int64)
 
 

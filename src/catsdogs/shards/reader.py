@@ -154,17 +154,40 @@ def open_shard(root: str | Path, info: ShardInfo, size: int, flag: str = "--data
     return x, np.asarray(y, dtype=np.int64)
 
 
-def iter_batches(root: str | Path, manifest: Manifest, split: str, batch_size: int
-                 ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+def split_limit(manifest: Manifest, split: str, max_rows: int | None = None) -> int:
+    """Rows a pass over ``split`` reads: all of them, or its first ``max_rows`` (in shard order)."""
+    rows = manifest.split_rows(split)
+    return rows if max_rows is None else min(max_rows, rows)
+
+
+def iter_batches(root: str | Path, manifest: Manifest, split: str, batch_size: int,
+                 max_rows: int | None = None) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
     """Yield ``(shard position, first row, X uint8 NHWC, y int64)`` of ``split`` in order, per shard.
 
     Each batch is a writable copy of at most ``batch_size`` rows (torch wants writable memory), so
-    memory stays at one batch whatever the split size.
+    memory stays at one batch whatever the split size. ``max_rows`` stops after the split's first rows
+    (:func:`split_limit`): the one place a pass is cut short.
     """
+    left = split_limit(manifest, split, max_rows)
     for pos, info in enumerate(manifest.split_shards(split)):
+        if left <= 0:
+            return
         x, y = open_shard(root, info, manifest.size)
-        for start in range(0, len(y), batch_size):
-            yield pos, start, np.array(x[start:start + batch_size]), np.asarray(y[start:start + batch_size])
+        for start, xb, yb in shard_batches(x, y, batch_size, left):
+            yield pos, start, xb, yb
+        left -= len(y)
+
+
+def shard_batches(x: np.ndarray | ParquetPixels, y: np.ndarray, batch_size: int, rows: int | None = None
+                  ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield ``(first row, X, y)`` of one opened shard, ``batch_size`` rows at a time (its first ``rows``).
+
+    X is a writable uint8 copy (torch wants writable memory): one batch in memory, whatever the shard.
+    """
+    n = len(y) if rows is None else min(rows, len(y))
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        yield start, np.array(x[start:stop]), np.asarray(y[start:stop])
 
 
 def load_rows(root: str | Path, manifest: Manifest, split: str, shard: np.ndarray, row: np.ndarray
