@@ -9,6 +9,7 @@ returns each split's features in shard order with mirrored rows appended, exactl
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,29 +35,33 @@ def feature_width(engine: Engine, side: int) -> int:
     return int(engine.run(np.zeros((1, 3, side, side), np.float32)).shape[1])
 
 
+STREAMED_SPLIT = "train"
+"""The split whose features may stay on disk: the head and detector fit on it by passes; validation's
+are always held (the C choice, the int8 guard, the threshold and the temperature read them whole)."""
+
+
 def spark_features(spark: SparkSession, master: str, data: str, manifest: Manifest, engine: Engine,
                    model: nn.Module, model_config: dict[str, Any], mean: tuple[float, ...],
                    std: tuple[float, ...], splits: dict[str, bool], *, batch_size: int, threads: int = 0,
                    groups: int = 0, size: int | None = None, spill: Path | None = None,
-                   stream: tuple[str, ...] = (), desc: str = "features") -> tuple[Features, JobReport]:
+                   stream_above: int | None = None, desc: str = "features") -> tuple[Features, JobReport]:
     """Features and labels of each split in ``splits`` (value: also its mirror images), run on Spark.
 
     ``data`` is read by the executors (shared path or remote URI). Above
     :data:`~catsdogs.cluster.shardjob.COLLECT_LIMIT_BYTES` of features, and with ``spill`` (a folder
     the executors and the driver share), the tasks write Parquet feature shards there; they are read
-    back and deleted. The splits in ``stream`` (which need ``spill``) stay there instead, returned as
+    back and deleted. When :data:`STREAMED_SPLIT`'s float32 features would exceed ``stream_above``
+    bytes (and ``spill`` is given) its shards stay there instead, returned as
     :class:`~catsdogs.shards.feature_shards.StreamedFeatures`: the caller deletes ``spill`` when done.
     """
     names = tuple(s for s in splits if manifest.split_rows(s))
-    rows = sum(manifest.split_rows(s) * (2 if splits[s] else 1) for s in names)
-    side = size or manifest.size
-    width = feature_width(engine, side)
-    use_spill = spill is not None and (bool(stream) or rows * width * 4 > COLLECT_LIMIT_BYTES)
-    if stream and spill is None:
-        raise ValueError("streamed features need a spill folder")
+    rows = {s: manifest.split_rows(s) * (2 if splits[s] else 1) for s in names}
+    width = feature_width(engine, size or manifest.size)
+    stream = tuple(s for s in names if s == STREAMED_SPLIT and spill is not None and stream_above is not None
+                   and rows[s] * width * 4 > stream_above)
+    use_spill = spill is not None and (bool(stream) or sum(rows.values()) * width * 4 > COLLECT_LIMIT_BYTES)
     if use_spill:
-        assert spill is not None  # nosec B101 # type narrowing
-        shutil.rmtree(spill, ignore_errors=True)  # a killed run's leftovers
+        _clear(spill, names)  # a killed run's leftovers (other splits' streamed shards stay)
     try:
         with Shipment(spark.sparkContext) as shipment:
             spec = shipment.engine(engine, model, model_config, threads)
@@ -66,19 +71,28 @@ def spark_features(spark: SparkSession, master: str, data: str, manifest: Manife
                                          spill=str(spill) if use_spill else "", keep=stream)
     except BaseException:
         if use_spill:
-            shutil.rmtree(spill, ignore_errors=True)  # type: ignore[arg-type]
+            _clear(spill, names)
         raise
     out: Features = {}
     for s in names:
         if s in stream:
             out[s] = _streamed(results, report, manifest, s, splits[s], width, executor_mapper(spark, master))
+            print(f"{desc} {s}: {rows[s] * width * 4 >> 20} MB of float32 features stay on disk as feature "
+                  f"shards; the head is fitted by passes over them", file=sys.stderr)
         else:
             out[s] = split_features(results, len(manifest.split_shards(s)), s)
-    if use_spill and not stream:
-        shutil.rmtree(spill, ignore_errors=True)  # type: ignore[arg-type]
+    if use_spill:
+        _clear(spill, tuple(s for s in names if s not in stream))  # read back: no longer needed
     for s in splits:
         out.setdefault(s, (np.zeros((0, 0), np.float32), np.zeros(0, np.int64)))
     return out, report
+
+
+def _clear(spill: Path | None, splits: tuple[str, ...]) -> None:
+    """Delete the feature shards of ``splits`` under ``spill`` (one folder per split)."""
+    for s in splits:
+        if spill is not None:
+            shutil.rmtree(spill / s, ignore_errors=True)
 
 
 def executor_mapper(spark: SparkSession, master: str) -> PartMapper:

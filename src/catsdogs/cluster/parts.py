@@ -69,10 +69,7 @@ def write_part(rows: Sequence[Prediction], staging: str, index: int, suffix: str
     """Write one task's rows as its part (on an executor); atomic, so a retried task just rewrites it."""
     name = part_name(index, suffix)
     if storage.is_remote(staging):
-        with tempfile.TemporaryDirectory(prefix="catsdogs-part-") as tmp:
-            local = Path(tmp) / name
-            write_rows(rows, str(local))
-            storage.upload(local, storage.join(staging, name))
+        write_rows(rows, storage.join(staging, name))  # its own upload-then-move: whole or absent
         return
     if not os.path.isdir(staging):  # atomic_open would create it on this machine, where nobody reads it
         raise RuntimeError(f"{USER_ERROR}the output folder {os.path.dirname(staging)!r} is not visible on "

@@ -42,6 +42,7 @@ from catsdogs.infer.predict import (
     is_candidate,
     predict_files,
     summary_line,
+    tally,
 )
 from catsdogs.infer.prediction import Prediction
 from catsdogs.infer.predictor import Predictor
@@ -92,8 +93,8 @@ def task(spec: PredictorSpec, batch_size: int, max_pixels: int, staging: str, su
         index = TaskContext.get().partitionId()
         if rows:
             parts.write_part(rows, staging, index, suffix)
-        labels = Counter(r.label for r in rows if r.label)
-        yield pd.DataFrame({"part": [index], "rows": [len(rows)], "errors": [sum(1 for r in rows if r.error)],
+        images, errors, labels = tally(rows)
+        yield pd.DataFrame({"part": [index], "rows": [images], "errors": [errors],
                             "labels": [json.dumps(labels)], "host": [socket.gethostname()],
                             "pid": [os.getpid()]}).astype({"part": "int32", "rows": "int32",
                                                            "errors": "int32", "pid": "int32"})

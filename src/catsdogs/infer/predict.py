@@ -292,8 +292,12 @@ def check_output(output: str) -> None:
 
 def summary(rows: Sequence[Prediction], seconds: float) -> str:
     """Return the one-line summary: counts of images, errors and labels, and throughput."""
-    labels = Counter(r.label for r in rows if r.label)
-    return summary_line(len(rows), sum(1 for r in rows if r.error), labels, seconds)
+    return summary_line(*tally(rows), seconds)
+
+
+def tally(rows: Sequence[Prediction]) -> tuple[int, int, Counter[str]]:
+    """Images, errors and answers per label: what the summary counts (a Spark task returns just these)."""
+    return len(rows), sum(1 for r in rows if r.error), Counter(r.label for r in rows if r.label)
 
 
 def summary_line(images: int, errors: int, labels: Mapping[str, int], seconds: float) -> str:

@@ -7,7 +7,6 @@ a time. Training's shuffled stream (:mod:`catsdogs.train.stream`) and every forw
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,14 +68,15 @@ class ParquetPixels:
         return self._cached[1]
 
     def _decode(self, cells: list[bytes | None]) -> np.ndarray:
-        """Decode a row group of JPEG/PNG cells to ``(rows, H, W, 3)`` uint8."""
-        from PIL import Image
+        """Decode a row group of JPEG/PNG cells to ``(rows, H, W, 3)`` uint8 (the one image decoder)."""
+        from catsdogs.errors import ImageDecodeError
+        from catsdogs.models.transforms import load_rgb  # lazy: npy and raw Parquet shards never decode
 
         out = np.empty((len(cells), *self.shape[1:]), dtype=np.uint8)
         for i, cell in enumerate(cells):
             try:
-                img = np.asarray(Image.open(io.BytesIO(cell or b"")).convert("RGB"))
-            except (OSError, ValueError) as exc:
+                img = load_rgb(cell or b"")
+            except ImageDecodeError as exc:
                 raise SchemaError(f"Parquet shard {str(self.path)!r} row {i} is not a readable "
                                   f"{self.encoding} image ({exc}); re-run catsdogs preprocess") from None
             if img.shape != self.shape[1:]:

@@ -53,7 +53,8 @@ matches the raw shards' within the int8 guard's bound (docs/benchmarks/compact_s
 
 
 PNG_LEVEL = 1
-"""zlib level of ``png`` shards: 3.8 ms per 260 px photo and 99 KB, against 15.6 ms and 93 KB at 6."""
+"""zlib level of ``png`` shards: the fastest, since photos compress little more at higher levels
+(docs/benchmarks/compact_shards.md gives the size and the preprocess time)."""
 
 
 def parquet_schema(size: int, encoding: str = "raw") -> Any:

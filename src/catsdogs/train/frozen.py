@@ -286,20 +286,13 @@ def features_of(cfg: TrainConfig, model: nn.Module, data: Path, manifest: Manife
     tasks; the arrays are the ones this process would compute (same rows, same order).
     """
     if spark is not None:
-        from catsdogs.cluster.features import feature_width, spark_features  # lazy: only Spark needs them
+        from catsdogs.cluster.features import spark_features  # lazy: only the Spark pass needs it
 
-        side = size or manifest.size
-        config = model_config(cfg, len(manifest.classes), side)
-        train_bytes = (manifest.split_rows("train") * (2 if splits.get("train") else 1)
-                       * feature_width(engine, side) * 4)  # float32 in memory
-        stream = ("train",) if "train" in splits and train_bytes > cfg.head_memory_mb << 20 else ()
+        config = model_config(cfg, len(manifest.classes), size or manifest.size)
         feats, _report = spark_features(
             spark, cfg.master, executor_data(cfg), manifest, engine, model, config, mean, std, splits,
             batch_size=cfg.batch_size, threads=cfg.threads, groups=cfg.distributed,
-            spill=RunDir(Path(cfg.out)).feature_shards, stream=stream)
-        if stream:
-            log.info("features train: %d MB over --head-memory-mb %d: the head streams the feature shards",
-                     train_bytes >> 20, cfg.head_memory_mb)
+            spill=RunDir(Path(cfg.out)).feature_shards, stream_above=cfg.head_memory_mb << 20)
         return feats
     feats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split, flip in splits.items():
