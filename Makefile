@@ -54,7 +54,7 @@ run: $(STAMP)
 	@if [ "$(origin DATA)" = file ] && [ ! -d "$(DATA)" ]; then \
 	  echo "$(DATA) is missing: downloading it first (catsdogs download --output $(DATA_DIR))"; \
 	  $(BIN)/catsdogs download --output "$(DATA_DIR)"; fi
-	$(BIN)/catsdogs run --config $(MODEL) --data "$(DATA)" --out "$(OUT)"
+	$(BIN)/catsdogs run --config $(MODEL) --data "$(DATA)" --output "$(OUT)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks container scripts

@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             photos = sum(info.rows for info in load_manifest(shards).shards)
             data_bytes = sum(p.stat().st_size for p in shards.rglob("*") if p.is_file() and p.suffix in
                              (".npy", ".parquet"))
-            log, _ = catsdogs("train", "--config", PRESET, "--data", str(shards), "--out", str(run))
+            log, _ = catsdogs("train", "--config", PRESET, "--data", str(shards), "--output", str(run))
             found = FEATURE_PASS.search(log)
-            catsdogs("evaluate", "--run", str(run), "--out", str(out))
+            catsdogs("evaluate", "--run", str(run), "--output", str(out))
             accuracy = json.loads((out / EVAL_METRICS_NAME).read_text())["accuracy"]
             feature_s = float(found.group(1)) if found else float("nan")
             rows.append((fmt, data_bytes / photos / 1024, prep_s, feature_s, accuracy))

@@ -6,7 +6,7 @@ output line as it arrives, and reads the stage boundaries from the pipeline's ow
 (``benchmarks.engines.peak_gops``) and the operations per image, to state the floor the feature pass
 cannot beat: images through the engine x GOP per image / peak GOP/s.
 
-Usage: ``.venv/bin/python -m benchmarks.make_run [--out DIR]`` (holds the heavy-job lock).
+Usage: ``.venv/bin/python -m benchmarks.make_run [--output DIR]`` (holds the heavy-job lock).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def stages(wall: float, lines: list[tuple[float, str]]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="", help="run folder to make (default: a temporary one, removed)")
+    parser.add_argument("--output", default="", help="run folder to make (default: a temporary one, removed)")
     parser.add_argument("--log", default="", help="where to keep make run's output (default: OUT.log)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the preset (make run MODEL=...)")
     args = parser.parse_args()
@@ -82,11 +82,11 @@ def main() -> None:
     from benchmarks.engines import gflop_per_image, peak_gops
     from catsdogs.infer.predictor import Predictor
 
-    tmp = None if args.out else tempfile.mkdtemp(prefix="catsdogs-bench-run-")
-    out = Path(args.out or Path(str(tmp)) / "run")
+    tmp = None if args.output else tempfile.mkdtemp(prefix="catsdogs-bench-run-")
+    out = Path(args.output or Path(str(tmp)) / "run")
     log = Path(args.log) if args.log else out.with_suffix(".log")
     if out.exists():
-        raise SystemExit(f"--out {out} exists: give a fresh folder (make run must preprocess too)")
+        raise SystemExit(f"--output {out} exists: give a fresh folder (make run must preprocess too)")
     with heavy_lock():
         cmd = ["make", "run", f"DATA={REAL_DATA}", f"OUT={out}", f"MODEL={args.model}"]
         wall, lines = run_timed(cmd, log)

@@ -140,7 +140,7 @@ def measure(args: argparse.Namespace) -> str:
         args.run = str(DEFAULT_RUN)
         if not (DEFAULT_RUN / "best.pt").is_file():
             subprocess.run([sys.executable, "-m", "catsdogs.cli", "run", "--config", str(QUICK_PRESET),
-                            "--data", str(REAL_DATA), "--out", str(DEFAULT_RUN)], check=True)
+                            "--data", str(REAL_DATA), "--output", str(DEFAULT_RUN)], check=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     pred = Predictor.from_run(args.run, backend="torch")
     data = Path(args.data or RunDir.from_arg(args.run).read_config()["data"])

@@ -186,8 +186,8 @@ def main() -> None:
             storage_uri = out
             train = [*CLI, "train", "--data", storage_uri, "--cache-dir", str(tmp / "cache"),
                      "--model", "seed", "--epochs", "1", "--max-steps", "1", "--batch-size", "64"]
-            cold_s, _, cold_log = run([*train, "--out", str(tmp / "run1")], env)
-            warm_s, _, warm_log = run([*train, "--out", str(tmp / "run2")], env)
+            cold_s, _, cold_log = run([*train, "--output", str(tmp / "run1")], env)
+            warm_s, _, warm_log = run([*train, "--output", str(tmp / "run2")], env)
             shard_mb = sum(p.stat().st_size for p in (tmp / "cache").rglob("*.npy")) / 1e6
             fetch_line = next((line for line in cold_log.splitlines() if "fetched" in line), "")
             rows = [f"| local folder -> local folder | {local_s:.1f} | {n_files / local_s:,.0f} | "

@@ -216,7 +216,7 @@ def bench_scale(k: int, src: Path, work: Path, args: argparse.Namespace) -> Row:
     shard_mib = sum(p.stat().st_size for p in shards.rglob("*.npy")) / MiB
     print(f"[{k}x] train {args.steps} steps ...", flush=True)
     train_wall, train_mem, out = run_measured(
-        [*cli, "train", "--data", str(shards), "--out", str(run), "--model", args.model, "--epochs", "1",
+        [*cli, "train", "--data", str(shards), "--output", str(run), "--model", args.model, "--epochs", "1",
          "--max-steps", str(args.steps), "--batch-size", str(args.batch_size)],
         work / f"train-{k}x.log")
     m = re.search(r"\((\d+) img/s train\)", out)

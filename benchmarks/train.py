@@ -183,7 +183,7 @@ class HighWater(Sampler):
 def run_train(data: Path, out: Path, env_extra: dict[str, str], extra: list[str]) -> dict[str, float]:
     """Run ``catsdogs train`` for one epoch; return wall/user/sys seconds, peak RSS and val acc."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [CATSDOGS, "train", "--data", str(data), "--out", str(out), "--model", "seed", "--epochs", "1",
+    cmd = [CATSDOGS, "train", "--data", str(data), "--output", str(out), "--model", "seed", "--epochs", "1",
            "--batch-size", str(BATCH), *extra]
     env = {**os.environ, **env_extra}
     t = time.perf_counter()

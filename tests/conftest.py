@@ -73,7 +73,7 @@ def photo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, lis
                 image_fn=photo_variant, shard_rows=40)
     opened = root / "opened.txt"
     cmd = [sys.executable, "-c", TRAIN_SCRIPT, str(opened), "train", "--data", str(root / "shards"),
-           "--out", str(root / "run"), "--model", "effnet_lite0", "--freeze", "backbone",
+           "--output", str(root / "run"), "--model", "effnet_lite0", "--freeze", "backbone",
            "--backend", "torch", "--threads", "1"]
     done = subprocess.run(cmd, cwd=PROJECT, capture_output=True, text=True, timeout=600)  # nosec B603
     assert done.returncode == 0, done.stderr[-2000:]

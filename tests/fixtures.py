@@ -179,7 +179,7 @@ def make_run(root: Path, size: int = 32, classes: tuple[str, ...] = ("Cat", "Dog
     torch.manual_seed(seed)
     run = RunDir(root)
     root.mkdir(parents=True, exist_ok=True)
-    cfg = TrainConfig(data=data, out=str(root), model=model, epochs=epochs, seed=seed)
+    cfg = TrainConfig(data=data, output=str(root), model=model, epochs=epochs, seed=seed)
     net = create_model(model, num_classes=len(classes), size=size)
     state = build_checkpoint(model_state=net.state_dict(), model_config=model_config(cfg, len(classes), size),
                              classes=classes, mean=[120.0] * 3, std=[60.0] * 3, size=size, resize="stretch",

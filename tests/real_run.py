@@ -64,7 +64,7 @@ def train_real_run(real_data: Path, tmp: Path) -> Path:
 
     make_real_shards(real_data, tmp / "shards")
     run = tmp / "run"
-    code = cli_main(["train", "--data", str(tmp / "shards"), "--out", str(run), "--model", "effnet_lite0",
+    code = cli_main(["train", "--data", str(tmp / "shards"), "--output", str(run), "--model", "effnet_lite0",
                      "--freeze", "backbone", "--backend", "openvino", "--batch-size", "32"])
     assert code == 0
     return run

@@ -28,7 +28,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A seed CNN trained one epoch on generated shards: it carries a detector, so it can say unknown."""
     root = tmp_path_factory.mktemp("api")
     make_shards(root / "shards", size=SIZE)
-    assert cli(["train", "--data", str(root / "shards"), "--out", str(root / "run"), "--epochs", "1",
+    assert cli(["train", "--data", str(root / "shards"), "--output", str(root / "run"), "--epochs", "1",
                 "--threads", "1", "--batch-size", "32"]) == 0
     return root / "run"
 

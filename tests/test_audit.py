@@ -210,7 +210,7 @@ def test_a_runs_own_detector_is_used_with_its_threshold(with_non_pets: tuple[Pat
     root, non_pets = with_non_pets
     run = tmp_path / "run"
     # knn: the detector whose own bank holds the train images (the leave-one-out below).
-    assert cli_main(["train", "--data", str(root), "--out", str(run), "--model", "effnet_lite0",
+    assert cli_main(["train", "--data", str(root), "--output", str(run), "--model", "effnet_lite0",
                      "--freeze", "backbone", "--threads", "2", "--ood-method", "knn"]) == 0
     det = Detector.from_state(load_checkpoint(run / "best.pt")[ckpt.CKPT_OOD])
     result = audit(AuditConfig(data=str(root), output=str(tmp_path / "o"), run=str(run), folds=3),

@@ -53,7 +53,7 @@ def live_trained_server(tmp_path: Path, shards: Path) -> Iterator[str]:
     """The app serving a briefly trained seed model, which carries an out-of-distribution detector."""
     from catsdogs.cli import main as cli_main
 
-    assert cli_main(["train", "--data", str(shards), "--out", str(tmp_path / "trained"), "--epochs", "2",
+    assert cli_main(["train", "--data", str(shards), "--output", str(tmp_path / "trained"), "--epochs", "2",
                      "--threads", "1"]) == 0
     with serve_live(ServeConfig(run=str(tmp_path / "trained"))) as url:
         yield url

@@ -32,7 +32,7 @@ def preprocess_cmd(src: Path | str, out: Path | str, master: str,
 
 
 def train_cmd(data: Path, out: Path, c: Cluster) -> list[str]:
-    cmd = [sys.executable, "-m", "catsdogs.cli", "train", "--data", str(data), "--out", str(out),
+    cmd = [sys.executable, "-m", "catsdogs.cli", "train", "--data", str(data), "--output", str(out),
            "--epochs", "1", "--batch-size", "4", "--distributed", "2", "--master", c.master_url]
     for key, value in c.client_conf(quick_start=True).items():
         cmd += ["--spark-conf", f"{key}={value}"]

@@ -154,7 +154,7 @@ def trained(work: Path, cluster: Cluster) -> dict[str, object]:
             "train",
             "--data",
             data,
-            "--out",
+            "--output",
             str(work / "local"),
             *PRESET,
         ],
@@ -163,7 +163,7 @@ def trained(work: Path, cluster: Cluster) -> dict[str, object]:
         text=True,
     )
     try:
-        log = ok(cli("train", "--data", data, "--out", str(work / "remote"), *PRESET, *on(cluster)))
+        log = ok(cli("train", "--data", data, "--output", str(work / "remote"), *PRESET, *on(cluster)))
     finally:
         local_log, _ = local.communicate(timeout=600)
     assert local.returncode == 0, local_log[-4000:]
@@ -211,7 +211,8 @@ def test_a_head_streamed_from_the_executors_feature_shards_is_the_in_memory_head
 
     out = work / "streamed"
     data = str(work / "shards")
-    log = ok(cli("train", "--data", data, "--out", str(out), *PRESET, "--head-memory-mb", "0", *on(cluster)))
+    log = ok(cli("train", "--data", data, "--output", str(out), *PRESET, "--head-memory-mb", "0",
+                 *on(cluster)))
     assert "features via Parquet feature shards" in log, log[-3000:]
     local, streamed = (load_checkpoint(p / "best.pt") for p in (Path(str(trained["local"])), out))
     assert streamed["metrics"]["val_acc"] == local["metrics"]["val_acc"]
@@ -383,7 +384,7 @@ def test_evaluate_and_audit_on_the_cluster_give_the_local_results(
     results = {}
     for name, flags in (("local", []), ("remote", on(cluster))):
         out = work / f"eval-{name}"
-        log = ok(cli("evaluate", "--run", run, "--out", str(out), *INT8, *flags))
+        log = ok(cli("evaluate", "--run", run, "--output", str(out), *INT8, *flags))
         if flags:
             assert "evaluate test: 40 images in 2 Spark tasks" in log, log[-2000:]
         audit = work / f"audit-{name}"
@@ -434,7 +435,7 @@ def test_compact_shards_give_the_uint8_shards_labels(
         out = work / f"eval-{fmt}-shards"
         flags = [] if fmt == "npy" else on(cluster)
         run = str(trained["remote"])
-        ok(cli("evaluate", "--run", run, "--data", str(data), "--out", str(out), *INT8, *flags))
+        ok(cli("evaluate", "--run", run, "--data", str(data), "--output", str(out), *INT8, *flags))
         with (out / "predictions.csv").open() as fh:
             answers[fmt] = [(r["shard"], r["row"], r["pred"], float(r["p_Cat"])) for r in csv.DictReader(fh)]
     assert 2 * sizes["jpeg"] < sizes["png"] < sizes["npy"], sizes  # at 64 px; 260 px saves more
@@ -478,7 +479,8 @@ def test_freeze_backbone_distributed_2_is_the_feature_pass_in_two_spark_tasks(
     from catsdogs.checkpoint import load_checkpoint
 
     out = work / "two"
-    log = ok(cli("train", "--data", str(work / "shards"), "--out", str(out), *PRESET, "--distributed", "2"))
+    log = ok(cli("train", "--data", str(work / "shards"), "--output", str(out), *PRESET,
+                 "--distributed", "2"))
     assert "features train+val (openvino-int8): 160 images in 2 Spark tasks on local[*]" in log, log[-3000:]
     local, two = load_checkpoint(Path(str(trained["local"])) / "best.pt"), load_checkpoint(out / "best.pt")
     assert two["metrics"]["val_acc"] == local["metrics"]["val_acc"]
@@ -489,7 +491,8 @@ def test_freeze_backbone_distributed_2_is_the_feature_pass_in_two_spark_tasks(
         atol=1e-4,
     )
     proc = cli(
-        "train", "--data", str(work / "shards"), "--out", str(work / "seven"), *PRESET, "--distributed", "7"
+        "train", "--data", str(work / "shards"), "--output", str(work / "seven"), *PRESET,
+        "--distributed", "7",
     )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "catsdogs train: error: --distributed 7 exceeds the 6 train and val shards of "
@@ -528,7 +531,7 @@ def test_bad_cluster_input_is_one_line_before_any_work(tmp_path: Path) -> None:
         "train",
         "--data",
         str(tmp_path / "shards"),
-        "--out",
+        "--output",
         str(tmp_path / "t"),
         "--model",
         "effnet_lite0",

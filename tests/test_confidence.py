@@ -153,7 +153,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A seed CNN trained for 2 epochs on generated shards: carries detector, temperature, settings."""
     root = tmp_path_factory.mktemp("conf")
     make_shards(root / "shards", size=SIZE)
-    code = cli_main(["train", "--data", str(root / "shards"), "--out", str(root / "run"), "--epochs", "2",
+    code = cli_main(["train", "--data", str(root / "shards"), "--output", str(root / "run"), "--epochs", "2",
                      "--threads", "1"])
     assert code == 0
     return root / "run"
@@ -283,7 +283,7 @@ def test_flags_override_the_runs_recorded_settings(trained: Path) -> None:
 
 def test_evaluate_reports_ece_reliability_and_rejection(trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
-    assert cli_main(["evaluate", "--run", str(trained), "--out", str(out), "--threads", "1"]) == 0
+    assert cli_main(["evaluate", "--run", str(trained), "--output", str(out), "--threads", "1"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("ece", "ece_uncalibrated", "temperature", "unknown_share", "accuracy_accepted"):
         assert key in metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -145,7 +146,7 @@ def test_run_epochs_win_over_the_train_config_file_for_any_value(tmp_path: Path,
 def test_a_preset_given_by_absolute_path_works_from_another_folder(preset: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    run = resolve("run", "--config", str(preset), "--data", "pets", "--out", "out")
+    run = resolve("run", "--config", str(preset), "--data", "pets", "--output", "out")
     train = train_config(run, tmp_path / "shards", tmp_path / "out")  # main: 'configs/...' does not exist
     assert train.model == read_config_file(preset, "train")["model"]
     check_applicable(train)  # e.g. no --epochs forwarded to a frozen-backbone preset
@@ -179,7 +180,7 @@ def test_flag_help_says_the_default_once_and_the_choices_from_their_list(command
     parser = subparsers()[command]
     fields = {f.name: f for f in settings_of(cli.COMMANDS[command].config)}
     for action in parser._actions:  # type: ignore[attr-defined]
-        if action.dest not in fields:
+        if action.dest not in fields or action.help == argparse.SUPPRESS:  # a hidden alias (ALIASES)
             continue
         text = action.help % {}  # argparse's own formatting ("%%" -> "%")
         assert text.count("default:") + text.count("(default ") == 1, (action.dest, text)
@@ -231,3 +232,22 @@ def test_a_config_file_holding_every_setting_is_not_held_against_the_trainer(tmp
     check_applicable(resolve("train", "--config", str(tuned)))
     run = resolve("run", "--train-config", str(tuned), "--epochs", "2")
     check_applicable(train_config(run, tmp_path / "s", tmp_path / "o"))
+
+
+@pytest.mark.parametrize("command", ["train", "run", "evaluate", "tune", "predict", "audit"])
+def test_out_is_a_hidden_alias_of_output(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    args = cli.build_parser().parse_args([command, "--out", "somewhere"])
+    assert args.output == "somewhere"
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    shown = capsys.readouterr().out
+    assert "--output" in shown and not re.search(r"--out\b(?!put)", shown)
+
+
+def test_a_config_file_written_with_out_still_reads(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    f = tmp_path / "conf" / "old.json"
+    f.write_text(json.dumps({"data": "shards", "out": "run"}))
+    cfg = build_config(TrainConfig, read_config_file(f))
+    assert cfg.output == str(tmp_path / "conf" / "run")
+    assert "output" in given_names(cfg)

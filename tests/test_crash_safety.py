@@ -159,7 +159,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def train_argv(data: Path, out: Path, *extra: str) -> list[str]:
     # Every source of state: dropout, augmentation RNG, EMA, warm-up + cosine schedule, Adam moments.
-    return ["train", "--data", str(data), "--out", str(out), "--batch-size", "16", "--threads", "1",
+    return ["train", "--data", str(data), "--output", str(out), "--batch-size", "16", "--threads", "1",
             "--buffer-rows", "48", "--epochs", "3", "--augment", "--ema", "0.9", "--schedule", "cosine",
             "--warmup-epochs", "0.5", "--seed", "5", "--label-smoothing", "0.1", "--checkpoint-every", "1",
             *extra]

@@ -33,9 +33,9 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     single = tmp_path / "single"
     from catsdogs.cli import main as cli_main
 
-    assert cli_main([*common, "--out", str(single), "--threads", "1"]) == 0
+    assert cli_main([*common, "--output", str(single), "--threads", "1"]) == 0
     ddp = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, "-m", "catsdogs.cli", *common, "--out", str(ddp),
+    proc = subprocess.run([sys.executable, "-m", "catsdogs.cli", *common, "--output", str(ddp),
                            "--distributed", "2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "replicas in sync: 2 ranks" in proc.stdout  # DDP really synchronised the two models
@@ -87,7 +87,7 @@ def test_cuda_without_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
 def test_bf16_autocast_only_on_cuda(shards: Path, tmp_path: Path) -> None:
     from catsdogs.train.loop import Trainer
 
-    trainer = Trainer(TrainConfig(data=str(shards), out=str(tmp_path / "r"), device="cpu", amp=True))
+    trainer = Trainer(TrainConfig(data=str(shards), output=str(tmp_path / "r"), device="cpu", amp=True))
     assert trainer.amp is False  # --amp is ignored on CPU
     trainer.amp = True  # what a CUDA device selects: bfloat16 autocast around the forward pass
     ctx = trainer._autocast()
@@ -96,11 +96,11 @@ def test_bf16_autocast_only_on_cuda(shards: Path, tmp_path: Path) -> None:
 
 def test_preflight_errors(shards: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="exceeds the 4 train shards"):
-        distributed.preflight(TrainConfig(data=str(shards), out=str(tmp_path / "r"), distributed=5))
+        distributed.preflight(TrainConfig(data=str(shards), output=str(tmp_path / "r"), distributed=5))
     run = tmp_path / "old"
     run.mkdir()
     (run / "last.pt").write_bytes(b"x")
     with pytest.raises(OutputExistsError, match="--overwrite"):  # train/contract.py, before any Spark work
-        distributed.train_distributed(TrainConfig(data=str(shards), out=str(run), distributed=2))
+        distributed.train_distributed(TrainConfig(data=str(shards), output=str(run), distributed=2))
     with pytest.raises(ConfigError, match="--freeze backbone"):
         distributed.plan_launch(TrainConfig(distributed=2, device="cpu", freeze="backbone"))

@@ -100,7 +100,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     runs/effnet_lite12_frozen), photos/, cat.jpg."""
     root = tmp_path_factory.mktemp("docs")
     make_shards(root / "shards", size=32)
-    assert cli.main(["train", "--data", str(root / "shards"), "--out", str(root / "runs" / "quick"),
+    assert cli.main(["train", "--data", str(root / "shards"), "--output", str(root / "runs" / "quick"),
                      "--epochs", "1", "--threads", "1", "--batch-size", "32"]) == 0
     (root / "photos").mkdir()
     for i in range(3):
@@ -449,7 +449,7 @@ def test_freeze_backbone_distributed_is_the_feature_pass_on_spark_as_the_docs_sa
                 assert not REFUSED.search(sentence.replace("is not refused", "")) or "shards" in sentence, \
                     f"{doc.name}: {sentence!r}"
 
-    cfg = build_config(TrainConfig, {"data": str(tmp_path / "shards"), "out": str(tmp_path / "run"),
+    cfg = build_config(TrainConfig, {"data": str(tmp_path / "shards"), "output": str(tmp_path / "run"),
                                      "model": "effnet_lite0", "freeze": "backbone", "distributed": 2})
     assert frozen.on_spark(cfg)
     with pytest.raises(Exception, match="Spark tasks"):

@@ -99,7 +99,7 @@ def test_frozen_training_on_int8_features_records_engine_and_check(tmp_path: Pat
     data = tmp_path / "shards"
     make_shards(data, counts={"train": 60, "val": 20, "test": 20}, size=SIZE, shard_rows=25)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "catsdogs.cli", "train", "--data", str(data), "--out", str(out),
+    cmd = [sys.executable, "-m", "catsdogs.cli", "train", "--data", str(data), "--output", str(out),
            "--model", "effnet_lite0", "--freeze", "backbone", "--batch-size", "32", "--threads", "1",
            "--backend", "onnx-int8", "--calibration-images", "32", "--int8-max-drop", "100"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)

@@ -132,7 +132,7 @@ def test_evaluate_cli_writes_every_output(run_dir: Path, shards: Path, capsys: p
     assert np.array(m["confusion_matrix"]).sum() == 60
     assert 0.0 <= m["accuracy"] <= 1.0 and m["roc_auc"] is not None
     saved = json.loads((out / "config.json").read_text())
-    assert saved["data"] == str(shards) and saved["out"] == str(out) and saved["batch_size"] == 16
+    assert saved["data"] == str(shards) and saved["output"] == str(out) and saved["batch_size"] == 16
     assert len((out / "predictions.csv").read_text().splitlines()) == 61
     stdout = capsys.readouterr().out
     assert "accuracy" in stdout and str((out / "report.html").resolve()) in stdout
@@ -140,7 +140,7 @@ def test_evaluate_cli_writes_every_output(run_dir: Path, shards: Path, capsys: p
 
 def test_evaluate_other_split_and_out(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "elsewhere"
-    assert cli.main(["evaluate", "--run", str(run_dir), "--split", "val", "--out", str(out), "--tta",
+    assert cli.main(["evaluate", "--run", str(run_dir), "--split", "val", "--output", str(out), "--tta",
                      "--grid", "4"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["split"] == "val" and m["tta"] is True and m["n"] == 60

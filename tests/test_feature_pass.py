@@ -180,7 +180,7 @@ def test_frozen_run_caches_test_features_for_evaluate_until_the_checkpoint_chang
     data = tmp_path / "shards"
     make_shards(data, counts={"train": 60, "val": 20, "test": 20}, size=SIZE, shard_rows=25)
     out = tmp_path / "run"
-    settings = {"data": str(data), "out": str(out), "model": "effnet_lite0", "freeze": "backbone",
+    settings = {"data": str(data), "output": str(out), "model": "effnet_lite0", "freeze": "backbone",
                 "batch_size": 16, "threads": 1, "backend": "onnx-int8", "calibration_images": 32,
                 "int8_max_drop": 100.0}
     # In a child process, as catsdogs run trains (engines built in the test process crash late suites),

@@ -201,7 +201,7 @@ def test_commands_of_a_missing_extra_say_which_to_install(serve_venv: Path, tmp_
     cases = [
         (["preprocess", "--input", str(photos), "--output", str(tmp_path / "shards")], "spark"),
         # The preset is found inside the installed wheel; the pipeline's first stage needs Spark.
-        (["run", "--config", "effnet_lite12_frozen", "--data", str(photos), "--out", str(tmp_path / "r")],
+        (["run", "--config", "effnet_lite12_frozen", "--data", str(photos), "--output", str(tmp_path / "r")],
          "spark,train"),
         (["evaluate", "--run", str(tmp_path / "no-run")], "train"),  # scikit-learn's metrics
     ]

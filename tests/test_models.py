@@ -116,7 +116,7 @@ def test_cnn_trained_by_catsdogs_train_rebuilds_with_its_width_and_depth(tmp_pat
     data = tmp_path / "shards"
     make_shards(data, counts={"train": 32, "val": 16, "test": 8}, size=32, shard_rows=16)
     out = tmp_path / "run"
-    rc = cli_main(["train", "--data", str(data), "--out", str(out), "--model", "cnn", "--width", "8",
+    rc = cli_main(["train", "--data", str(data), "--output", str(out), "--model", "cnn", "--width", "8",
                    "--depth", "2", "--epochs", "1", "--batch-size", "16", "--threads", "1"])
     assert rc == 0
     pred = Predictor.from_run(out)

@@ -244,7 +244,7 @@ def test_a_fine_tuned_run_gets_the_concepts_detector_too(photo_run: tuple[Path, 
     """The loop (fine-tuning the backbone) ends in the same fit: ImageNet heads on its own features."""
     shards = photo_run[1]
     run = tmp_path / "tuned"
-    assert cli_main(["train", "--data", str(shards), "--out", str(run), "--model", "effnet_lite0",
+    assert cli_main(["train", "--data", str(shards), "--output", str(run), "--model", "effnet_lite0",
                      "--epochs", "1", "--max-steps", "2", "--batch-size", "16", "--lr", "1e-4",
                      "--threads", "1"]) == 0
     det = Detector.from_state(load_checkpoint(run / "best.pt")[ckpt.CKPT_OOD])

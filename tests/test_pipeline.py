@@ -17,7 +17,7 @@ from tests.fixtures import make_image_tree, make_shards
 
 def test_missing_data_explains_the_download(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    code = cli.main(["run", "--data", str(tmp_path / "PetImages"), "--out", str(out)])
+    code = cli.main(["run", "--data", str(tmp_path / "PetImages"), "--output", str(out)])
     err = capsys.readouterr().err
     assert code == 2
     assert "does not exist" in err and "Kaggle Cats and Dogs Dataset" in err
@@ -31,7 +31,7 @@ def test_train_config_layers(tmp_path: Path) -> None:
     shards, out = tmp_path / "s", tmp_path / "o"
     # Without a file the run flags (defaults included) apply; data/out always come from the run.
     t = train_config(RunConfig(model="seed", epochs=3, seed=5), shards, out)
-    assert (t.model, t.epochs, t.seed, t.data, t.out) == ("seed", 3, 5, str(shards), str(out))
+    assert (t.model, t.epochs, t.seed, t.data, t.output) == ("seed", 3, 5, str(shards), str(out))
     tuned = tmp_path / "best.json"
     tuned.write_text(json.dumps({"model": "cnn", "epochs": 7, "lr": 0.01, "data": "/elsewhere"}))
     t = train_config(RunConfig(train_config=str(tuned)), shards, out)
@@ -87,7 +87,7 @@ def test_run_end_to_end_then_reuses_shards(tmp_path: Path, capsys: pytest.Captur
     make_image_tree(data, per_class=40, odd=False)
     tuned = tmp_path / "train.toml"
     tuned.write_text("batch_size = 16\nthreads = 1\n")
-    argv = ["run", "--data", str(data), "--out", str(out), "--size", "32", "--epochs", "1",
+    argv = ["run", "--data", str(data), "--output", str(out), "--size", "32", "--epochs", "1",
             "--master", "local[2]", "--train-config", str(tuned)]
     assert cli.main(argv) == 0
     first = capsys.readouterr().out
@@ -114,6 +114,6 @@ def test_run_end_to_end_then_reuses_shards(tmp_path: Path, capsys: pytest.Captur
 
     # Other preprocessing for a folder that already holds a model is refused, before any work.
     assert cli.main([*argv[:6], "48", *argv[7:]]) == 2
-    assert "choose a new --out" in capsys.readouterr().err
+    assert "choose a new --output" in capsys.readouterr().err
     assert manifest_path.stat().st_mtime_ns == stamp
 

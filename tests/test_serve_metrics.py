@@ -164,7 +164,7 @@ def test_the_real_predictor_s_unknown_answers_are_counted(tmp_path: Path, shards
     from catsdogs.cli import main as cli_main
     from tests.ood_set import generated_images, png_bytes
 
-    assert cli_main(["train", "--data", str(shards), "--out", str(tmp_path / "run"), "--epochs", "2",
+    assert cli_main(["train", "--data", str(shards), "--output", str(tmp_path / "run"), "--epochs", "2",
                      "--threads", "1"]) == 0
     text_page = png_bytes(generated_images(1, 160, seed=3)[6][1])
     pet = png_bytes(synthetic_image(0, 32, seed=901))

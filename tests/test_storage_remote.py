@@ -110,7 +110,7 @@ def test_s3_to_s3_gives_the_same_shards_as_local(spark: object, tree: tuple[Path
     run = tmp_path / "run"
     from catsdogs.cli import main as cli_main
 
-    assert cli_main(["train", "--data", "s3a://pets/shards", "--cache-dir", str(cache), "--out", str(run),
+    assert cli_main(["train", "--data", "s3a://pets/shards", "--cache-dir", str(cache), "--output", str(run),
                      "--epochs", "1", "--batch-size", "8", "--threads", "1"]) == 0
     assert json.loads((run / "config.json").read_text())["data"] == "s3a://pets/shards"
     local = cache_folder("s3a://pets/shards", cache)
@@ -181,8 +181,8 @@ def test_remote_input_errors_name_the_flag(s3: str, tmp_path: Path) -> None:
 def test_remote_uris_only_where_supported() -> None:
     assert build_config(TrainConfig, {"data": "s3a://b/shards"}).data == "s3a://b/shards"
     assert build_config(EvaluateConfig, {"data": "hdfs://nn:8020/shards"}).data == "hdfs://nn:8020/shards"
-    with pytest.raises(ConfigError, match="--out .*only --input/--output"):
-        build_config(TrainConfig, {"data": "s3a://b/shards", "out": "s3a://b/run"})
+    with pytest.raises(ConfigError, match="--output .*only --input/--output"):
+        build_config(TrainConfig, {"data": "s3a://b/shards", "output": "s3a://b/run"})
     with pytest.raises(ConfigError, match="gs:// is not supported"):
         build_config(PreprocessConfig, {"input": "gs://b/pets", "output": "/tmp/x"})
 
@@ -211,7 +211,7 @@ def test_parquet_shards_on_s3_train_and_distributed_preflight_fills_the_cache(
     keys = {rel for rel, _ in storage.list_files("s3a://pets/pq")}
     assert {s.x for s in m.shards} <= keys and all(k.endswith(".parquet") for k in keys
                                                    if k.startswith(("train/", "val/", "test/")))
-    train = build_config(TrainConfig, {"data": "s3a://pets/pq", "out": str(tmp_path / "run"),
+    train = build_config(TrainConfig, {"data": "s3a://pets/pq", "output": str(tmp_path / "run"),
                                        "cache_dir": str(tmp_path / "cache"), "distributed": 2,
                                        "master": "local[2]"})
     preflight(train)
@@ -219,7 +219,7 @@ def test_parquet_shards_on_s3_train_and_distributed_preflight_fills_the_cache(
     assert (local / "manifest.json").is_file() and all((local / s.x).is_file() for s in m.shards)
     from catsdogs.cli import main as cli_main
 
-    assert cli_main(["train", "--data", "s3a://pets/pq", "--cache-dir", str(tmp_path / "cache"), "--out",
+    assert cli_main(["train", "--data", "s3a://pets/pq", "--cache-dir", str(tmp_path / "cache"), "--output",
                      str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8", "--threads", "1"]) == 0
     assert (tmp_path / "run" / "best.pt").is_file()
 

@@ -13,8 +13,8 @@ from tests.fixtures import make_shards
 
 
 def test_file_uri_becomes_a_path() -> None:
-    cfg = build_config(TrainConfig, {"data": "file:///tmp/with%20space/shards", "out": "file:/tmp/run"})
-    assert (cfg.data, cfg.out) == ("/tmp/with space/shards", "/tmp/run")
+    cfg = build_config(TrainConfig, {"data": "file:///tmp/with%20space/shards", "output": "file:/tmp/run"})
+    assert (cfg.data, cfg.output) == ("/tmp/with space/shards", "/tmp/run")
     assert build_config(TrainConfig, {"data": "relative/shards"}).data == "relative/shards"
 
 
@@ -27,8 +27,8 @@ def test_other_schemes_name_the_flag(uri: str) -> None:
 @pytest.mark.parametrize("uri", ["hdfs://namenode:8020/run", "s3a://bucket/run"])
 def test_runs_stay_local(uri: str) -> None:
     """Shards may live on S3/HDFS (tests/test_storage_remote.py); run folders are local files."""
-    with pytest.raises(ConfigError, match="--out"):
-        build_config(TrainConfig, {"data": "/tmp/shards", "out": uri})
+    with pytest.raises(ConfigError, match="--output"):
+        build_config(TrainConfig, {"data": "/tmp/shards", "output": uri})
 
 
 def test_file_uris_end_to_end(tmp_path: Path) -> None:
@@ -39,7 +39,7 @@ def test_file_uris_end_to_end(tmp_path: Path) -> None:
     from catsdogs.cli import main as cli_main
 
     run = tmp_path / "run"
-    assert cli_main(["train", "--data", data.as_uri(), "--out", run.as_uri(), "--epochs", "1",
+    assert cli_main(["train", "--data", data.as_uri(), "--output", run.as_uri(), "--epochs", "1",
                      "--batch-size", "8", "--threads", "1"]) == 0
     assert (run / "best.pt").is_file() and (run / "metrics.csv").is_file()
     assert json.loads((run / "config.json").read_text())["data"] == str(data)

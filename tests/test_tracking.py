@@ -60,7 +60,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(data), "--out", str(out), "--batch-size", "16", "--threads", "1",
+    return ["train", "--data", str(data), "--output", str(out), "--batch-size", "16", "--threads", "1",
             "--buffer-rows", "32", "--epochs", str(EPOCHS), *extra]
 
 
@@ -204,7 +204,7 @@ def test_frozen_head_logs_its_one_epoch_and_model(live: MlflowServer, tmp_path: 
     shards = tmp_path / "shards32"  # EfficientNet-Lite needs >= 32 px
     make_shards(shards, counts={"train": 60, "val": 20, "test": 20}, size=32, shard_rows=25)
     out = tmp_path / "frozen"
-    assert cli(["train", "--data", str(shards), "--out", str(out), "--model", "effnet_lite0", "--freeze",
+    assert cli(["train", "--data", str(shards), "--output", str(out), "--model", "effnet_lite0", "--freeze",
                 "backbone", "--batch-size", "32", "--threads", "1", "--tracking-uri", live.uri,
                 "--register", "tiny-frozen", "--int8-max-drop", "100"]) == 0
     client = MlflowClient(live.uri)
@@ -225,7 +225,7 @@ def test_frozen_head_logs_its_one_epoch_and_model(live: MlflowServer, tmp_path: 
 
 
 def test_tune_logs_the_study_with_each_trial_nested(live: MlflowServer, shards: Path, tmp_path: Path) -> None:
-    assert cli(["tune", "--data", str(shards), "--out", str(tmp_path / "study"), "--model", "seed",
+    assert cli(["tune", "--data", str(shards), "--output", str(tmp_path / "study"), "--model", "seed",
                 "--trials", "2", "--epochs", "2", "--threads", "1", "--tracking-uri", live.uri,
                 "--experiment", "tune-tests"]) == 0
     client = MlflowClient(live.uri)
@@ -244,7 +244,7 @@ def test_tune_logs_the_study_with_each_trial_nested(live: MlflowServer, shards: 
 
 def test_resume_continues_the_same_mlflow_run(live: MlflowServer, shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    base = ["train", "--data", str(shards), "--out", str(out), "--batch-size", "16", "--threads", "1",
+    base = ["train", "--data", str(shards), "--output", str(out), "--batch-size", "16", "--threads", "1",
             "--buffer-rows", "32", "--tracking-uri", live.uri]
     assert cli([*base, "--epochs", "2"]) == 0
     first = json.loads((out / rundir.MLFLOW_LINK_NAME).read_text())["run_id"]

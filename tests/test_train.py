@@ -36,7 +36,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(data), "--out", str(out), "--batch-size", "16", "--threads", "1",
+    return ["train", "--data", str(data), "--output", str(out), "--batch-size", "16", "--threads", "1",
             "--buffer-rows", "48", *extra]
 
 
@@ -103,14 +103,15 @@ def test_train_and_evaluate_read_parquet_shards(tmp_path: Path) -> None:
     assert cli(args(data, run, "--epochs", "2")) == 0
     assert float(rows(run)[-1]["val_acc"]) > 0.9  # learns from Parquet exactly as from npy
     ev = tmp_path / "eval"
-    assert cli(["evaluate", "--run", str(run), "--data", str(data), "--out", str(ev), "--threads", "1"]) == 0
+    assert cli(["evaluate", "--run", str(run), "--data", str(data), "--output", str(ev),
+                "--threads", "1"]) == 0
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["n"] == 40 and metrics["accuracy"] > 0.9
     assert (ev / "misclassified.png").is_file()
 
 
 def test_checkpoint_rebuilds_identical_model(tiny: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(data=str(tiny), out=str(tmp_path / "run"), epochs=1, batch_size=16, threads=1,
+    cfg = TrainConfig(data=str(tiny), output=str(tmp_path / "run"), epochs=1, batch_size=16, threads=1,
                       ema=0.5, max_steps=5)
     trainer = Trainer(cfg)
     trainer.fit()
@@ -135,8 +136,8 @@ def test_resume_after_max_steps_matches_uninterrupted(tiny: Path, tmp_path: Path
     state = load_checkpoint(b / rundir.LAST_CKPT)
     assert state["step"] == 7 and state["progress"]["batches"] == 7 and state[ckpt.CKPT_EPOCH] == 0
     assert [x["epoch"] for x in rows(b)] == ["1"]  # the partial epoch's row, replaced on resume
-    # Only --out and --resume: every other setting comes from the checkpoint.
-    assert cli(["train", "--out", str(b), "--resume"]) == 0
+    # Only --output and --resume: every other setting comes from the checkpoint.
+    assert cli(["train", "--output", str(b), "--resume"]) == 0
     assert_same_run(tmp_path / "a", b)
 
 
@@ -222,7 +223,7 @@ def test_user_errors_exit_2(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFi
     (bad / "train" / "y_part_00000.npy").unlink()
     assert cli(args(bad, run)) == 2
     assert "y_part_00000" in capsys.readouterr().err
-    assert cli(["train", "--out", str(run)]) == 2
+    assert cli(["train", "--output", str(run)]) == 2
     assert "--data is required" in capsys.readouterr().err
 
 
@@ -233,7 +234,7 @@ def test_existing_run_needs_resume_and_matching_settings(tiny: Path, tmp_path: P
     capsys.readouterr()
     assert cli(args(tiny, run, "--epochs", "1")) == 2
     err = capsys.readouterr().err
-    assert "--resume" in err and "--overwrite" in err and "--out" in err
+    assert "--resume" in err and "--overwrite" in err and "--output" in err
     assert cli(args(tiny, run, "--epochs", "1", "--resume", "--lr", "0.5")) == 2
     assert "--lr was 0.001" in capsys.readouterr().err
 

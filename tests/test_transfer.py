@@ -69,7 +69,7 @@ def test_frozen_backbone_run_loads_in_predictor(tmp_path: Path) -> None:
     data = tmp_path / "shards"
     make_shards(data, counts={"train": 60, "val": 20, "test": 20}, size=32, shard_rows=25)
     out = tmp_path / "run"
-    cfg = TrainConfig(data=str(data), out=str(out), model="effnet_lite0", freeze="backbone",
+    cfg = TrainConfig(data=str(data), output=str(out), model="effnet_lite0", freeze="backbone",
                       batch_size=32, threads=1)
     metrics = train_frozen(cfg)
     assert metrics["val_acc"] >= 0.75  # chance is 0.5: ImageNet features separate bright-left/right
@@ -94,7 +94,7 @@ def test_frozen_backbone_run_loads_in_predictor(tmp_path: Path) -> None:
 
 
 def test_freeze_needs_a_pretrained_model(tmp_path: Path) -> None:
-    cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), model="cnn", freeze="backbone")
+    cfg = TrainConfig(data=str(tmp_path), output=str(tmp_path / "run"), model="cnn", freeze="backbone")
     with pytest.raises(ConfigError, match="--freeze backbone"):
         train_frozen(cfg)
 
@@ -123,7 +123,7 @@ def test_extract_features_resizes_to_the_models_size(tmp_path: Path) -> None:
 
 
 def frozen_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(data), "--out", str(out), "--model", "effnet_lite0", "--freeze",
+    return ["train", "--data", str(data), "--output", str(out), "--model", "effnet_lite0", "--freeze",
             "backbone", "--backend", "torch", "--batch-size", "32", "--threads", "1", "--depth", "2", *extra]
 
 
@@ -166,5 +166,6 @@ def test_frozen_head_refuses_flags_it_cannot_apply(tmp_path: Path, capsys: pytes
 
 
 def test_the_loop_refuses_frozen_only_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--backend", "onnx"]) == 2
+    assert cli(["train", "--data", str(tmp_path), "--output", str(tmp_path / "run"),
+                "--backend", "onnx"]) == 2
     assert "--backend applies to the frozen-backbone feature pass only" in capsys.readouterr().err

@@ -19,7 +19,7 @@ def test_tiny_study_writes_best_config_csv_and_plot(tmp_path: Path) -> None:
     data = tmp_path / "shards"
     make_shards(data, counts={"train": 64, "val": 32, "test": 16}, size=32, shard_rows=32)
     out = tmp_path / "tune"
-    rc = cli_main(["tune", "--data", str(data), "--out", str(out), "--model", "cnn", "--trials", "2",
+    rc = cli_main(["tune", "--data", str(data), "--output", str(out), "--model", "cnn", "--trials", "2",
                    "--epochs", "1", "--minutes", "5", "--threads", "1"])
     assert rc == 0
     rows = list(csv.DictReader(open(out / STUDY_CSV)))
@@ -43,4 +43,4 @@ def test_tune_needs_a_validation_split(tmp_path: Path) -> None:
     data = tmp_path / "shards"
     make_shards(data, counts={"train": 20, "test": 10}, size=32)
     with pytest.raises(ConfigError, match="val"):
-        run_study(TuneConfig(data=str(data), out=str(tmp_path / "t"), trials=1, epochs=1))
+        run_study(TuneConfig(data=str(data), output=str(tmp_path / "t"), trials=1, epochs=1))

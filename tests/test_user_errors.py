@@ -118,24 +118,24 @@ CASES: list[Case] = [
      lambda w: ["preprocess", "--input", str(w.tree), "--output", w.p("o1"), "--resize", "squash"],
      ("--resize must be one of", "squash")),
     ("train-missing-shards",
-     lambda w: ["train", "--data", w.p("nope"), "--out", w.p("r1")], ("does not exist", "--data")),
+     lambda w: ["train", "--data", w.p("nope"), "--output", w.p("r1")], ("does not exist", "--data")),
     ("train-shards-from-other-schema-version",
-     lambda w: ["train", "--data", w.p("old_schema"), "--out", w.p("r1")],
+     lambda w: ["train", "--data", w.p("old_schema"), "--output", w.p("r1")],
      ("schema_version 0", "manifest.json", "catsdogs preprocess")),
     ("train-shards-without-manifest",
-     lambda w: ["train", "--data", w.p("interrupted"), "--out", w.p("r1")],
+     lambda w: ["train", "--data", w.p("interrupted"), "--output", w.p("r1")],
      ("no manifest.json", "not a complete shards folder", "--data")),
     ("train-unknown-model",
-     lambda w: ["train", "--data", str(w.shards), "--out", w.p("r1"), "--model", "resnet9000"],
+     lambda w: ["train", "--data", str(w.shards), "--output", w.p("r1"), "--model", "resnet9000"],
      ("unknown --model 'resnet9000'", "seed")),
     ("train-negative-lr",
-     lambda w: ["train", "--data", str(w.shards), "--out", w.p("r1"), "--lr", "-0.1"], ("--lr", "-0.1")),
+     lambda w: ["train", "--data", str(w.shards), "--output", w.p("r1"), "--lr", "-0.1"], ("--lr", "-0.1")),
     ("train-zero-batch-size",
-     lambda w: ["train", "--data", str(w.shards), "--out", w.p("r1"), "--batch-size", "0"],
+     lambda w: ["train", "--data", str(w.shards), "--output", w.p("r1"), "--batch-size", "0"],
      ("--batch-size must be positive",)),
     ("train-existing-run-without-resume",
-     lambda w: ["train", "--data", str(w.shards), "--out", str(w.run)],
-     ("already has last.pt", "--resume", "--out")),
+     lambda w: ["train", "--data", str(w.shards), "--output", str(w.run)],
+     ("already has last.pt", "--resume", "--output")),
     ("evaluate-run-without-checkpoint",
      lambda w: ["evaluate", "--run", w.p("run_without_ckpt")], ("has no best.pt or last.pt", "--run")),
     ("evaluate-unknown-split",
@@ -234,7 +234,7 @@ def test_real_executable_one_line_and_debug_traceback(world: World) -> None:
     """The installed console script: exit 2, one line, no traceback; --debug prints the traceback."""
     if not CATSDOGS.exists():
         pytest.skip(f"{CATSDOGS} is not installed (run make install)")
-    argv = [str(CATSDOGS), "train", "--data", world.p("old_schema"), "--out", world.p("r2")]
+    argv = [str(CATSDOGS), "train", "--data", world.p("old_schema"), "--output", world.p("r2")]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr

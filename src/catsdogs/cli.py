@@ -64,7 +64,7 @@ COMMANDS: dict[str, Command] = {
 EPILOG = """\
 Start with 'make run' (downloads the photos and runs the default preset), or step by step:
   catsdogs download --output data
-  catsdogs run --data data/PetImages --out runs/first
+  catsdogs run --data data/PetImages --output runs/first
   catsdogs predict photos/ --run runs/first
   catsdogs serve --run runs/first
 'catsdogs COMMAND --help' lists every flag with its default; README.md has the rest."""
@@ -98,6 +98,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             conv = {"int": int, "float": float}.get(typ, str)
             parser.add_argument(name, type=conv, metavar=f.name.upper(), **kw)
+            for old in (old for old, new in cfgmod.ALIASES.items() if new == f.name):
+                parser.add_argument(cfgmod.flag(old), type=conv, **{**kw, "help": argparse.SUPPRESS})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """``catsdogs run``: preprocess -> train -> evaluate in one go, reusing shards that are still valid.
 
-Layout of ``--out`` (OUT is itself the run folder, so ``catsdogs evaluate/predict/serve --run OUT``
+Layout of ``--output`` (OUT is itself the run folder, so ``catsdogs evaluate/predict/serve --run OUT``
 work on it directly)::
 
     OUT/shards/          shards + manifest.json (unless --shards points elsewhere)
@@ -8,11 +8,11 @@ work on it directly)::
     OUT/run_config.json  the resolved RunConfig of this command
     OUT/eval/            metrics, plots and report.html (written by evaluate)
 
-Re-running with the same ``--out`` is cheap and safe: shards made from the same input and settings
+Re-running with the same ``--output`` is cheap and safe: shards made from the same input and settings
 are reused, training resumes from ``OUT/last.pt`` (``catsdogs train --resume``: an interrupted run
 continues, a finished one is kept as is; a larger ``--epochs`` trains on) and evaluation is redone.
 Changing the preprocessing (size, input) or a training setting for an existing OUT is refused:
-choose a new ``--out``.
+choose a new ``--output``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ CONTENT_KEYS: tuple[str, ...] = ("size", "resize", "val_frac", "test_frac", "see
 _DOWNLOADED = f"{DownloadConfig().output}/{DATA_DIR}"
 DOWNLOAD_HELP = (
     f"run 'catsdogs download' (fetches and verifies Microsoft's \"Kaggle Cats and Dogs Dataset\" into "
-    f"{_DOWNLOADED}, with Cat/ and Dog/ inside), then 'catsdogs run --data {_DOWNLOADED} --out runs/NAME'; "
+    f"{_DOWNLOADED}, with Cat/ and Dog/ inside), then "
+    f"'catsdogs run --data {_DOWNLOADED} --output runs/NAME'; "
     "'make run' does both. Your own photos: a folder with one subfolder per class, or a flat folder of "
     "<class>.<n>.jpg files (Kaggle's train/)"
 )
@@ -141,7 +142,7 @@ def train_config(cfg: RunConfig, shards: Path, out: Path) -> TrainConfig:
         except ConfigError as exc:
             raise ConfigError(f"{exc} (fix --train-config)") from None
     layers.append(forwarded(cfg, TrainConfig, typed=False))
-    layers.append({"data": str(shards), "out": str(out), "tracking_uri": cfg.tracking_uri,
+    layers.append({"data": str(shards), "output": str(out), "tracking_uri": cfg.tracking_uri,
                    "experiment": cfg.experiment, "register": cfg.register, **cluster_master(cfg)})
     try:
         return build_config(TrainConfig, *layers, typed=forwarded(cfg, TrainConfig, typed=True))
@@ -160,7 +161,7 @@ def main(cfg: RunConfig) -> int:
     from catsdogs.train import launch as train
     from catsdogs.train.contract import check_applicable
 
-    out = Path(cfg.out).expanduser().resolve()
+    out = Path(cfg.output).expanduser().resolve()
     shards = Path(cfg.shards).expanduser().resolve() if cfg.shards else out / "shards"
     pre_cfg = preprocess_config(cfg, data, shards)
     tr_cfg = train_config(cfg, shards, out)  # before any work: a bad file fails fast
@@ -174,7 +175,7 @@ def main(cfg: RunConfig) -> int:
     if reason is not None and resume and shards.exists():
         # The model in OUT was trained on the old shards: continuing it on new ones would mix data.
         raise OutputExistsError(f"run folder {str(out)!r} holds a model trained on shards that must be "
-                                f"re-made ({reason}); choose a new --out")
+                                f"re-made ({reason}); choose a new --output")
     if reason is None:
         print(f"[1/3] preprocess: reusing shards in {shards} (same input and settings)", flush=True)
     else:
@@ -197,7 +198,7 @@ def main(cfg: RunConfig) -> int:
 
     eval_out = run.eval_dir
     print(f"[3/3] evaluate: test split into {eval_out}", flush=True)
-    ev_cfg = build_config(EvaluateConfig, {"run": str(out), "data": str(shards), "out": str(eval_out),
+    ev_cfg = build_config(EvaluateConfig, {"run": str(out), "data": str(shards), "output": str(eval_out),
                                            "device": tr_cfg.device, "threads": tr_cfg.threads,
                                            "checkpoint": BEST_CKPT,  # TTA, reject, temperature: the run's own
                                            "tracking_uri": cfg.tracking_uri, "experiment": cfg.experiment,

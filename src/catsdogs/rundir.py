@@ -185,7 +185,7 @@ def resolve_checkpoint(run: str | Path, name: str = BEST_CKPT) -> Path:
             return candidate
     raise CheckpointError(
         f"run folder {str(p)!r} has no {name} or {LAST_CKPT}; train first with "
-        f"'catsdogs train --out {p}' or fix --run"
+        f"'catsdogs train --output {p}' or fix --run"
     )
 
 

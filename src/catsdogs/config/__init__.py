@@ -18,6 +18,7 @@ stage" (as timm's ``resolve_data_config``). The resolved config is saved next to
 """
 
 from catsdogs.config._fields import (
+    ALIASES,
     FILE,
     INTERNAL,
     LOCAL,
@@ -69,7 +70,7 @@ from catsdogs.config.groups import (
 )
 
 __all__ = [
-    "FILE", "INTERNAL", "LOCAL", "MODEL", "PATH_KINDS", "REMOTE", "RUN_SETTING", "SET", "TYPED",
+    "ALIASES", "FILE", "INTERNAL", "LOCAL", "MODEL", "PATH_KINDS", "REMOTE", "RUN_SETTING", "SET", "TYPED",
     "AuditConfig", "ComputeConfig", "Config", "DownloadConfig", "EngineConfig", "EvaluateConfig",
     "ExportConfig", "InferenceConfig", "PredictConfig", "PreprocessConfig", "RunConfig", "ServeConfig",
     "SparkConfig", "TrackingConfig", "TrainConfig", "TuneConfig", "build_config", "check_required",

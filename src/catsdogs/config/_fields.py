@@ -76,6 +76,11 @@ class Config:
     as typed."""
 
 
+ALIASES: Mapping[str, str] = {"out": "output"}
+"""Former setting names still read, as a flag or a config-file key, but hidden from ``--help``: every
+command's output folder or file is ``--output``, and runs, tune studies and config files written with
+``--out`` keep working."""
+
 TYPED = "typed"
 """A setting given by a flag the user typed."""
 SET = "set"

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 from catsdogs.config._fields import (
+    ALIASES,
     LOCAL,
     MODEL,
     REMOTE,
@@ -65,7 +66,9 @@ def read_config_file(path: str | Path, section: str | None = None) -> dict[str, 
     if section and isinstance(data.get(section), dict):
         data = dict(data[section])
     paths = path_settings()
-    return {k: relative_to(p.parent, v) if k.replace("-", "_") in paths else v for k, v in data.items()}
+    def is_path(key: str) -> bool:
+        return ALIASES.get(key.replace("-", "_"), key.replace("-", "_")) in paths
+    return {k: relative_to(p.parent, v) if is_path(k) else v for k, v in data.items()}
 
 
 def relative_to(folder: Path, value: Any) -> Any:
@@ -93,6 +96,7 @@ def build_config(cls: type[C], *layers: Mapping[str, Any], typed: Mapping[str, A
     for layer, how in [*((layer, SET) for layer in layers), (typed or {}, TYPED)]:
         for key, value in layer.items():
             key = key.replace("-", "_")
+            key = ALIASES.get(key, key) if key not in names else key
             if key not in names:
                 raise ConfigError(
                     f"unknown setting {key!r} for {cls.__name__}; known: {', '.join(sorted(names))}"

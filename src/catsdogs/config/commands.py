@@ -111,7 +111,7 @@ class TrainConfig(EngineConfig, ComputeConfig, TrackingConfig):
     cache_dir: str = setting("", path=LOCAL)
     """Local copy of remote --data, checked against the manifest's sha256 (default:
     $CATSDOGS_CACHE, else ~/.cache/catsdogs). Training streams from local disk, not the network."""
-    out: str = setting("", required="the run folder for checkpoints and metrics", path=LOCAL)
+    output: str = setting("", required="the run folder for checkpoints and metrics", path=LOCAL)
     """Run folder for checkpoints, metrics.csv and config.json."""
     model: str = setting("seed", choices=model_names)
     """Model to train: seed is the classic small CNN, cnn a residual CNN from scratch, effnet_* start from
@@ -172,10 +172,10 @@ class TrainConfig(EngineConfig, ComputeConfig, TrackingConfig):
     checkpoint_every: int = setting(0, ge=0)
     """Also write last.pt every N optimiser steps (0 = only at epoch ends)."""
     resume: bool = False
-    """Continue the run in --out from its last.pt (optimizer, schedule, RNG and data order restored);
+    """Continue the run in --output from its last.pt (optimizer, schedule, RNG and data order restored);
     settings not given are the run's, a given one that would change the trained model is refused."""
     overwrite: bool = False
-    """Replace the run in --out (checkpoints, metrics, engine graphs, evaluation) instead of refusing it."""
+    """Replace the run in --output (checkpoints, metrics, engine graphs, evaluation) rather than refuse it."""
     distributed: int = setting(0, ge=0)
     """Train with N processes through Spark's TorchDistributor (0 = single process). With --freeze
     backbone: run the feature pass as N Spark tasks on --master (docs/cluster.md)."""
@@ -217,7 +217,7 @@ class EvaluateConfig(InferenceConfig, SparkConfig, TrackingConfig):
     """Local copy of remote --data (default: $CATSDOGS_CACHE, else ~/.cache/catsdogs)."""
     split: str = setting("test", choices=schema.SPLITS)
     """Split to evaluate."""
-    out: str = setting("", path=LOCAL)
+    output: str = setting("", path=LOCAL)
     """Folder for the report (default: RUN/eval)."""
     batch_size: int = setting(64, gt=0)
     """Images per forward pass; memory grows with it (docs/models.md)."""
@@ -339,7 +339,7 @@ class RunConfig(TrackingConfig):
     data: str = setting("", path=LOCAL)
     """Image folder with one subfolder per class (e.g. PetImages), or a flat folder of <class>.<n>.jpg
     files; without it, what to download."""
-    out: str = setting("", required="the run folder to create (e.g. runs/latest)", path=LOCAL)
+    output: str = setting("", required="the run folder to create (e.g. runs/latest)", path=LOCAL)
     """Run folder; shards go to OUT/shards unless --shards is given."""
     shards: str = setting("", path=LOCAL)
     """Shards folder (default OUT/shards); reused when made from the same input and settings."""
@@ -367,7 +367,7 @@ class TuneConfig(TrackingConfig):
 
     data: str = setting("", required="the shards folder written by catsdogs preprocess", path=LOCAL)
     """Shards folder written by ``catsdogs preprocess``."""
-    out: str = setting("", required="the folder for best_config.json, study.csv and plots", path=LOCAL)
+    output: str = setting("", required="the folder for best_config.json, study.csv and plots", path=LOCAL)
     """Folder for best_config.json, study.csv and plots."""
     model: str = setting("cnn", choices=model_names)
     """Model whose hyperparameters are searched."""

@@ -81,5 +81,5 @@ def main(cfg: DownloadConfig) -> int:
     if not cfg.keep_archive:
         archive.unlink()
     print(f"done: {data} ({unpacked.files:,} files, {unpacked.bytes / 1e6:,.1f} MB unpacked); next: "
-          f"catsdogs run --data {data} --out runs/NAME (or make run)", flush=True)
+          f"catsdogs run --data {data} --output runs/NAME (or make run)", flush=True)
     return 0

@@ -209,7 +209,7 @@ def resolve_paths(cfg: EvaluateConfig, copy: bool = True
     source = cfg.data or str(train_cfg.get("data", ""))
     if not source:
         raise ConfigError(f"run {str(run.root)!r} does not record its shards folder; give --data")
-    out = Path(cfg.out) if cfg.out else run.eval_dir
+    out = Path(cfg.output) if cfg.output else run.eval_dir
     cache = cfg.cache_dir or str(train_cfg.get("cache_dir", ""))
     remote_only = not copy and storage.is_remote(source)
     data = cache_folder(source, cache) if remote_only else local_shards(source, cache)
@@ -328,7 +328,7 @@ def main(cfg: EvaluateConfig) -> int:
     if remote:
         metrics["data_cache"] = str(data)
     out.mkdir(parents=True, exist_ok=True)
-    resolved = dataclasses.replace(cfg, data=source if remote else str(data), out=str(out))
+    resolved = dataclasses.replace(cfg, data=source if remote else str(data), output=str(out))
     save_config(resolved, out / schema.CONFIG_NAME)
     atomic_write_text(out / EVAL_METRICS_NAME, json.dumps(jsonable(metrics), indent=2) + "\n")
     atomic_write_text(out / "classification_report.txt", report_text)

@@ -1,6 +1,6 @@
 """What both trainers (the loop and the frozen-backbone head) share: the run-folder contract and the model.
 
-The run folder ``--out``:
+The run folder ``--output``:
 
 * without ``last.pt`` it is a new run (``--resume`` there says so and starts one, so re-running the
   same command after any crash is safe);
@@ -28,7 +28,7 @@ from catsdogs.errors import ConfigError, OutputExistsError
 from catsdogs.rundir import RunDir
 from catsdogs.train.names import FREEZE_BACKBONE
 
-PER_INVOCATION = frozenset({"resume", "overwrite", "max_steps", "out", "tracking_uri", "experiment",
+PER_INVOCATION = frozenset({"resume", "overwrite", "max_steps", "output", "tracking_uri", "experiment",
                             "register"})
 """Settings that belong to one command invocation and are never taken over from the checkpoint."""
 RESUME_CHANGEABLE = frozenset({"master", "spark_conf", "epochs", "checkpoint_every", "workers", "threads",
@@ -85,13 +85,13 @@ def resolve_resume_config(cfg: TrainConfig, saved: dict[str, Any]) -> TrainConfi
         if name == "data":
             if new and old and Path(new).resolve() != Path(old).resolve():
                 raise ConfigError(f"--resume: the run was trained on --data {old!r}, not {new!r}; "
-                                  f"drop --data or start a new --out")
+                                  f"drop --data or start a new --output")
             merged[name] = new or old
         elif name not in given:
             merged[name] = old
         elif new != old and name not in RESUME_CHANGEABLE:
             raise ConfigError(f"--resume: {flag(name)} was {old!r} in the run being resumed, now {new!r}; "
-                              f"drop {flag(name)} or start a new --out")
+                              f"drop {flag(name)} or start a new --output")
     return TrainConfig(**merged, given=cfg.given)
 
 
@@ -100,7 +100,7 @@ def planned(cfg: TrainConfig) -> TrainConfig:
 
     For choosing the trainer and checking flags on the driver; the trainer itself merges with last.pt.
     """
-    run = RunDir(Path(cfg.out)) if cfg.out else None
+    run = RunDir(Path(cfg.output)) if cfg.output else None
     if not cfg.resume or run is None or not run.last.is_file():
         return cfg
     saved = run.read_config()
@@ -108,14 +108,15 @@ def planned(cfg: TrainConfig) -> TrainConfig:
 
 
 def claim(cfg: TrainConfig, is_main: bool = True) -> tuple[TrainConfig, dict[str, Any] | None]:
-    """Apply the run-folder contract to ``--out``; return the config to train with and ``last.pt``'s state.
+    """Apply the run-folder contract to ``--output``; return the config to train with and ``last.pt``'s state.
 
     The state is None for a new run. Only ``is_main`` (rank 0) prints or deletes anything.
     """
-    require(cfg, "out")
-    run = RunDir(Path(cfg.out))
+    require(cfg, "output")
+    run = RunDir(Path(cfg.output))
     if cfg.resume and cfg.overwrite:
-        raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+        raise ConfigError("--resume continues the run in --output and --overwrite replaces it: "
+                          "pass one of them")
     if not run.last.is_file():
         if cfg.resume and is_main:
             print(f"catsdogs train: --resume: no {run.last} yet, starting a new run", file=sys.stderr)
@@ -127,7 +128,7 @@ def claim(cfg: TrainConfig, is_main: bool = True) -> tuple[TrainConfig, dict[str
         return dataclasses.replace(cfg, overwrite=False), None
     if not cfg.resume:
         raise OutputExistsError(f"run folder {str(run.root)!r} already has {run.last.name}; pass --resume to "
-                                f"continue it, --overwrite to replace it, or choose a new --out")
+                                f"continue it, --overwrite to replace it, or choose a new --output")
     if is_main:  # half-written checkpoints of a killed save (io.atomic.atomic_open), never loaded
         for tmp in run.root.glob(".*.pt.*.tmp"):
             tmp.unlink(missing_ok=True)

@@ -58,20 +58,20 @@ def train_frozen(cfg: TrainConfig, size: int | None = None, cache_splits: tuple[
     """Train only the head of a pretrained ``cfg.model`` on frozen features; write the run folder.
 
     Writes ``best.pt`` and ``last.pt`` (full model, normal checkpoint format), ``config.json`` and
-    ``metrics.csv`` into ``cfg.out``; returns the validation metrics (those recorded in the checkpoint
+    ``metrics.csv`` into ``cfg.output``; returns the validation metrics (those recorded in the checkpoint
     when ``--resume`` finds the run complete). The features of ``cache_splits`` are computed by the same
     engine and written to the run's feature cache (for evaluate) -- never read here. The feature pass
     runs in this process, or as Spark tasks on the executors (:func:`on_spark`); the head is fitted here.
     """
     cfg, state = claim(cfg)
     if state is not None:  # a frozen run is complete once last.pt exists: nothing to continue
-        print(f"catsdogs train: --resume: the frozen-backbone run in {cfg.out} is complete; nothing to do "
+        print(f"catsdogs train: --resume: the frozen-backbone run in {cfg.output} is complete; nothing to do "
               f"(--overwrite fits it again)", file=sys.stderr)
         return dict(state.get(CKPT_METRICS, {}))
     if cfg.model not in pretrained_names():
         raise ConfigError(f"--freeze backbone needs a pretrained --model ({', '.join(pretrained_names())}), "
                           f"got {cfg.model!r}; use --freeze none to train it from scratch")
-    require(cfg, "out", "data")
+    require(cfg, "output", "data")
     if not on_spark(cfg):
         return _train_frozen(cfg, size, cache_splits=cache_splits)
     from catsdogs.cluster.session import NEEDED, runtime_modules, spark_session  # lazy: pyspark
@@ -82,7 +82,7 @@ def train_frozen(cfg: TrainConfig, size: int | None = None, cache_splits: tuple[
         try:
             return _train_frozen(cfg, size, spark)  # no feature cache: the driver may hold no test shard
         finally:
-            shutil.rmtree(RunDir(Path(cfg.out)).feature_shards, ignore_errors=True)  # streamed features
+            shutil.rmtree(RunDir(Path(cfg.output)).feature_shards, ignore_errors=True)  # streamed features
 
 
 def on_spark(cfg: TrainConfig) -> bool:
@@ -171,7 +171,7 @@ def _train_frozen(cfg: TrainConfig, size: int | None = None, spark: SparkSession
     model = create_model(cfg.model, num_classes, size, pretrained=True, **model_kwargs(cfg))
     model = model.to(device).to(memory_format=torch.channels_last)
     mean, std = input_normalization(cfg.model, tuple(manifest.mean), tuple(manifest.std))
-    run = RunDir(Path(cfg.out))
+    run = RunDir(Path(cfg.output))
     calibration = lambda: calibration_images(data, manifest, mean, std,  # noqa: E731
                                              cfg.calibration_images, cfg.batch_size, size)
     stages: dict[str, float] = {}
@@ -292,7 +292,7 @@ def features_of(cfg: TrainConfig, model: nn.Module, data: Path, manifest: Manife
         feats, _report = spark_features(
             spark, cfg.master, executor_data(cfg), manifest, engine, model, config, mean, std, splits,
             batch_size=cfg.batch_size, threads=cfg.threads, groups=cfg.distributed,
-            spill=RunDir(Path(cfg.out)).feature_shards, stream_above=cfg.head_memory_mb << 20)
+            spill=RunDir(Path(cfg.output)).feature_shards, stream_above=cfg.head_memory_mb << 20)
         return feats
     feats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split, flip in splits.items():
@@ -316,7 +316,7 @@ def write_run(cfg: TrainConfig, model: nn.Module, manifest: Manifest, size: int,
 
     ``confidence`` holds the detector, temperature and inference-settings checkpoint entries.
     """
-    run = RunDir(Path(cfg.out))
+    run = RunDir(Path(cfg.output))
     run.root.mkdir(parents=True, exist_ok=True)  # also made by train_frozen for the engine graphs
     state = build_checkpoint(model_state=model.state_dict(),
                              model_config=model_config(cfg, len(manifest.classes), size),

@@ -87,8 +87,8 @@ def plan_launch(cfg: TrainConfig, cores: int | None = None) -> LaunchPlan:
 
 
 def preflight(cfg: TrainConfig) -> None:
-    """Fail on the driver for mistakes every rank would hit (bad --data/--out, too few shards)."""
-    require(cfg, "out", "data")  # after claim(): a resumed run has its --data from the checkpoint
+    """Fail on the driver for mistakes every rank would hit (bad --data/--output, too few shards)."""
+    require(cfg, "output", "data")  # after claim(): a resumed run has its --data from the checkpoint
     if cfg.data:
         # In local mode the ranks share this machine: fetch remote shards once, here, so the N
         # ranks find them cached instead of downloading them N times at once.
@@ -164,7 +164,7 @@ def train_distributed(cfg: TrainConfig) -> list[dict[str, str]]:
             os.environ["OMP_NUM_THREADS"] = saved_omp
         if owned:
             spark.stop()
-    run = RunDir(Path(cfg.out))
+    run = RunDir(Path(cfg.output))
     rows = read_metrics(run.metrics)
     where = "this machine" if plan.local_mode else cfg.master
     last = rows[-1] if rows else {}
@@ -198,7 +198,7 @@ def main(cfg: TrainConfig, cache_splits: tuple[str, ...] = ()) -> int:
                                                "best_val_acc": metrics["val_acc"], "best_epoch": 1,
                                                "epochs": 1, "C": metrics["C"],
                                                "feature_seconds": metrics["feature_seconds"]})
-        print(f"best checkpoint: {RunDir(Path(cfg.out)).best} (val_acc {metrics['val_acc']:.4f})")
+        print(f"best checkpoint: {RunDir(Path(cfg.output)).best} (val_acc {metrics['val_acc']:.4f})")
         return 0
     if plan.distributed:
         train_distributed(cfg)

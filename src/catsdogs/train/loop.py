@@ -113,8 +113,8 @@ class Trainer:
     """Holds the model, optimiser, streams and run state of one training process."""
 
     def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> None:
-        require(cfg, "out")
-        self.run = RunDir(Path(cfg.out))
+        require(cfg, "output")
+        self.run = RunDir(Path(cfg.output))
         self.out = self.run.root
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
@@ -164,7 +164,7 @@ class Trainer:
         cfg, state = claim(cfg, self.is_main)
         if state is not None and ("progress" not in state or "optimizer" not in state):
             raise CheckpointError(f"{str(self.run.last)!r} was not written by a resumable 'catsdogs train' "
-                                  f"run; choose a new --out")
+                                  f"run; choose a new --output")
         return cfg, state
 
     def state_dict(self) -> dict[str, Any]:
@@ -380,7 +380,7 @@ class Trainer:
 def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> Progress:
     """Run the training loop as one of ``world_size`` processes (DDP wraps this); only rank 0 writes."""
     trainer = Trainer(cfg, rank, world_size)
-    # Rank 0 alone talks to MLflow; a refused --out (Trainer above) never opens an MLflow run.
+    # Rank 0 alone talks to MLflow; a refused --output (Trainer above) never opens an MLflow run.
     tracked = open_training_run(cfg, trainer.manifest, trainer.data) if rank == 0 else TrackedRun()
     trainer.on_epoch = lambda row: log_epoch(tracked, row)
     start_epoch = trainer.p.epoch

@@ -34,7 +34,7 @@ def open_training_run(cfg: TrainConfig, manifest: Manifest | None = None, data_r
     uri = tracking_uri(cfg.tracking_uri)
     if not uri:
         return TrackedRun()
-    run = RunDir(Path(cfg.out))
+    run = RunDir(Path(cfg.output))
     if manifest is None:
         data_root = local_shards(cfg.data, cfg.cache_dir, quiet=True)
         manifest = load_manifest(data_root)
@@ -69,7 +69,7 @@ def finish_training_run(tracked: TrackedRun, cfg: TrainConfig, final: Mapping[st
     """Log the final metrics, config.json, metrics.csv and the model (registered with ``--register``)."""
     if not tracked.active:
         return
-    run = RunDir(Path(cfg.out))
+    run = RunDir(Path(cfg.output))
     tracked.log_metrics(final)
     tracked.log_artifact(run.config)
     tracked.log_artifact(run.metrics)

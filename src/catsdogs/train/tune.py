@@ -39,7 +39,7 @@ HISTORY_PNG = "optimization_history.png"
 IMPORTANCE_PNG = "param_importances.png"
 # Settings fixed for every trial: the tricks that measured as always helping, see docs/models.md.
 FIXED: dict[str, Any] = {"augment": True, "tta": True}
-PER_TRIAL_EXCLUDED = frozenset({"out", "resume", "max_steps", "checkpoint_every", "distributed",
+PER_TRIAL_EXCLUDED = frozenset({"output", "resume", "max_steps", "checkpoint_every", "distributed",
                                 "tracking_uri", "experiment", "register"})
 """TrainConfig fields that belong to one invocation and are left out of best_config.json."""
 
@@ -76,13 +76,13 @@ def suggest(trial: Any, model: str) -> dict[str, Any]:
 
 def trial_config(cfg: TuneConfig, params: dict[str, Any], out: Path) -> TrainConfig:
     """Build the TrainConfig of one trial (validated like a command-line config)."""
-    base = {"data": cfg.data, "out": str(out), "model": cfg.model, "epochs": cfg.epochs, "seed": cfg.seed,
+    base = {"data": cfg.data, "output": str(out), "model": cfg.model, "epochs": cfg.epochs, "seed": cfg.seed,
             "threads": cfg.threads, "tracking_uri": cfg.tracking_uri, "experiment": cfg.experiment}
     return build_config(TrainConfig, base, FIXED, params)
 
 
 def best_config_dict(train_cfg: TrainConfig) -> dict[str, Any]:
-    """Return the TrainConfig fields worth reusing (no per-invocation ones like --out)."""
+    """Return the TrainConfig fields worth reusing (no per-invocation ones like --output)."""
     return {k: v for k, v in to_dict(train_cfg).items() if k not in PER_TRIAL_EXCLUDED}
 
 
@@ -103,7 +103,7 @@ class _Objective:
         import optuna
 
         folder = self.trials_dir / f"{trial.number:04d}"
-        if folder.exists():  # left over from an earlier study in the same --out
+        if folder.exists():  # left over from an earlier study in the same --output
             shutil.rmtree(folder)
         train_cfg = trial_config(self.cfg, suggest(trial, self.cfg.model), folder)
         trial.set_user_attr("config", best_config_dict(train_cfg))
@@ -157,7 +157,7 @@ def run_study(cfg: TuneConfig) -> Any:
     if manifest.split_rows("val") == 0:
         raise ConfigError(f"shards {cfg.data!r} have no val rows: tuning needs a validation split "
                           f"(re-run catsdogs preprocess with --val-frac > 0)")
-    out = Path(cfg.out)
+    out = Path(cfg.output)
     trials_dir = out / "trials"
     trials_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / schema.CONFIG_NAME)
@@ -242,11 +242,11 @@ def main(cfg: TuneConfig) -> int:
     import optuna
 
     study = run_study(cfg)
-    out = Path(cfg.out)
+    out = Path(cfg.output)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     print(f"{len(study.trials)} trials ({len(done)} complete, {len(pruned)} pruned); outputs in {out}")
     if done:
         print(f"best val_acc {study.best_value:.4f} (trial {study.best_trial.number}); "
-              f"train with: catsdogs train --config {out / BEST_CONFIG} --out RUN")
+              f"train with: catsdogs train --config {out / BEST_CONFIG} --output RUN")
     return 0
