@@ -537,3 +537,10 @@ def test_the_docs_stay_short_and_speak_to_users() -> None:
     found = [(d.name, m.group(0)) for d in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
              for m in internal.finditer(d.read_text())]
     assert not found, "developer-only notes belong in CONTRIBUTING.md"
+
+
+def test_every_benchmark_fragment_records_its_date_and_machine() -> None:
+    undated = [f.name for f in sorted((ROOT / "docs" / "benchmarks").glob("*.md"))
+               if not re.search(r"\b20\d\d-\d\d-\d\d\b", f.read_text())
+               or not re.search(r"\bcores?\b", f.read_text(), re.I)]
+    assert not undated, f"fragments without a date or a machine: {undated}"
