@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -348,6 +349,95 @@ def cand_concept_knn(train: Split, ctx: dict) -> Scorer:
                           @ bank.T).topk(10, dim=1).values[:, -1]
 
 
+_NEVER = 1e9
+"""The score of a photo a rule refuses outright (finite: the AUROC refuses infinities)."""
+
+
+def _fisher(parts: Callable[[torch.Tensor], list[torch.Tensor]], vf: torch.Tensor,
+            group: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            veto: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Scorer:
+    """Fisher's rule over component scores, each a conformal p-value against validation, as the product.
+
+    ``group``: each photo's p-values are taken against the validation photos of its own group only
+    (Mondrian conformal: the predicted class). ``veto``: photos it marks are unknown whatever the rest.
+    The threshold comes from the validation scores left out of their own reference (``threshold_at``).
+    """
+    def groups(f: torch.Tensor) -> torch.Tensor:
+        return group(f) if group is not None else torch.zeros(len(f), dtype=torch.int64)
+
+    vg, vparts = groups(vf), parts(vf)
+    refs = {int(g): [p[vg == g].sort().values for p in vparts] for g in vg.unique()}
+
+    def score(f: torch.Tensor, own: bool = False) -> torch.Tensor:
+        fg, fparts, out = groups(f), parts(f), torch.full((len(f),), _NEVER)
+        for g, ref in refs.items():
+            sel = fg == g
+            if sel.any():
+                out[sel] = sum(surprise(r, x[sel], own=own) for r, x in zip(ref, fparts, strict=True))
+        return out if veto is None else torch.where(veto(f), torch.tensor(_NEVER), out)
+
+    val = np.sort(score(vf, own=True).numpy())
+    scorer = lambda f: score(f)  # noqa: E731
+    scorer.threshold_at = lambda a: float(val[min(len(val) - 1, max(0, math.ceil(a * len(val)) - 1))])  # type: ignore
+    return scorer
+
+
+def _what_at(det: Any, temperature: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``-log`` of the owned ImageNet mass, the heads' softmax taken at ``temperature``."""
+    w, b = det._float("imagenet_weight", torch.device("cpu")), det.params["imagenet_bias"].float()
+    owned = det.owned_any()
+
+    def what(f: torch.Tensor) -> torch.Tensor:
+        z = torch.einsum("nmd,mkd->nmk", f.float().reshape(len(f), w.shape[0], -1), w) + b
+        p = torch.softmax(z / temperature, dim=2).mean(dim=1)
+        return -(p[:, owned].sum(dim=1).double() + 1e-12).log().float()
+    return what
+
+
+def cand_mondrian(train: Split, ctx: dict) -> Scorer:
+    """Class-conditional: the mass under the predicted class's own node, and the look, each p-value taken
+    against the validation photos predicted as that class (Mondrian conformal)."""
+    det = fit_detector(CONCEPTS, train.f, train.y, ctx["num_classes"], 0, imagenet=ctx["imagenet"])
+    owned = det.params["owned"]
+    if ctx["num_classes"] == 1:  # the held-out-class test fits one class: nothing to condition on
+        return _fisher(lambda f: [det.what_score(det.imagenet_probabilities(f)), det._knn(f, None)],
+                       ctx["val_f"])
+
+    def predicted(f: torch.Tensor) -> torch.Tensor:
+        return probabilities(ctx["head"](f)).argmax(dim=1)
+
+    def parts(f: torch.Tensor) -> list[torch.Tensor]:
+        p, c = det.imagenet_probabilities(f), predicted(f)
+        mass = (p[:, None, :] * owned[None].float()).sum(dim=2).gather(1, c[:, None]).squeeze(1)
+        return [-(mass.double() + 1e-12).log().float(), det._knn(f, None)]
+    return _fisher(parts, ctx["val_f"], group=predicted)
+
+
+def cand_temperature(temperature: float) -> Callable[..., Scorer]:
+    """The product's rule with the ImageNet heads' softmax at another temperature (< 1 sharper)."""
+    def fit(train: Split, ctx: dict) -> Scorer:
+        det = fit_detector(CONCEPTS, train.f, train.y, ctx["num_classes"], 0, imagenet=ctx["imagenet"])
+        what = _what_at(det, temperature)
+        return _fisher(lambda f: [what(f), det._knn(f, None)], ctx["val_f"])
+    return fit
+
+
+def cand_full_bank(train: Split, ctx: dict) -> Scorer:
+    """The product's rule with the look against every training row instead of a 4,096-row sample."""
+    det = fit_detector(CONCEPTS, train.f, train.y, ctx["num_classes"], 0, imagenet=ctx["imagenet"])
+    det.params["bank"] = torch.nn.functional.normalize(torch.from_numpy(train.f).float(), dim=1).half()
+    return _fisher(lambda f: [det.what_score(det.imagenet_probabilities(f)), det._knn(f, None)], ctx["val_f"])
+
+
+def cand_two_stage(train: Split, ctx: dict) -> Scorer:
+    """Two stages: a photo whose most likely non-owned ImageNet concept holds half its mass is unknown
+    (a confident foreign concept); the rest goes through the product's rule, thresholded on what is left."""
+    det = fit_detector(CONCEPTS, train.f, train.y, ctx["num_classes"], 0, imagenet=ctx["imagenet"])
+    foreign = ~det.owned_any()
+    return _fisher(lambda f: [det.what_score(det.imagenet_probabilities(f)), det._knn(f, None)], ctx["val_f"],
+                   veto=lambda f: det.imagenet_probabilities(f)[:, foreign].max(dim=1).values >= 0.5)
+
+
 CANDIDATES: dict[str, Callable[..., Scorer]] = {
     "knn (the look)": cand_detector("knn"),
     "mahalanobis": cand_detector("mahalanobis"),
@@ -361,6 +451,11 @@ CANDIDATES: dict[str, Callable[..., Scorer]] = {
     "Fisher of owned mass, knn and the largest non-owned concept": cand_with_foreign(ratio=False),
     "Fisher of knn and the log-ratio of the largest non-owned concept to the owned mass": cand_with_foreign(
         ratio=True),
+    "class-conditional (Mondrian) p-values of the predicted class's mass and the look": cand_mondrian,
+    "ImageNet softmax at temperature 0.5 in the owned mass": cand_temperature(0.5),
+    "ImageNet softmax at temperature 2 in the owned mass": cand_temperature(2.0),
+    "the look against every training row (no 4,096-row sample)": cand_full_bank,
+    "two stages: a non-owned concept at 50 % or more is unknown, then concepts": cand_two_stage,
     "**concepts** (owned mass and knn, Fisher-combined)": cand_detector(CONCEPTS),
 }
 PRODUCT = next(name for name in CANDIDATES if name.startswith("**concepts**"))
