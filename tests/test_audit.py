@@ -277,3 +277,25 @@ def test_run_backbone_is_used_and_a_featureless_model_is_refused(faulty: tuple[P
     rc = cli_main(["audit", "--data", str(root), "--output", str(tmp_path / "o2"), "--run", str(seed)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--run" in err[0] and "features" in err[0], err
+
+
+def test_the_local_audit_reads_each_shard_once(faulty: tuple[Path, Faults],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from catsdogs.audit.features import compute
+    from catsdogs.shards import reader
+    from catsdogs.shards.manifest import load_manifest
+
+    root, _faults = faulty
+    opened: list[str] = []
+    real = reader.open_shard
+
+    def counting(where: str | Path, info: object, *args: object, **kwargs: object) -> object:
+        opened.append(info.x)  # type: ignore[attr-defined]
+        return real(where, info, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reader, "open_shard", counting)
+    manifest = load_manifest(root)
+    data = compute(root, manifest, progress=False)
+    assert sorted(opened) == sorted(i.x for s in schema.SPLITS for i in manifest.split_shards(s))
+    assert len(data.label) == len(data.pixel_hash) == len(data.features) == sum(
+        manifest.split_rows(s) for s in schema.SPLITS)

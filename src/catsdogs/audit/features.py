@@ -35,10 +35,9 @@ from catsdogs.errors import ConfigError, InputError
 from catsdogs.models.factory import create_model
 from catsdogs.models.ood import Detector, pixel_spread
 from catsdogs.models.registry import input_normalization, pretrained_names
-from catsdogs.progress import progress_bar
 from catsdogs.rundir import RunDir, resolve_checkpoint
 from catsdogs.shards.manifest import Manifest
-from catsdogs.shards.reader import iter_batches, load_rows
+from catsdogs.shards.reader import load_rows
 from catsdogs.train.features import extract_features
 
 log = logging.getLogger(__name__)
@@ -219,28 +218,32 @@ class AuditWork(FeatureWork):
         return out
 
 
-def _pixel_pass(root: Path, manifest: Manifest, split: str, batch_size: int, progress: bool
-                ) -> tuple[list[str], list[float], list[np.ndarray], list[int], list[int], list[int]]:
-    """Return per-image pixel hash, pixel std, tiny descriptor, label, shard position, row of a split."""
-    tiny: list[np.ndarray] = []
-    hashes: list[str] = []
-    stds: list[float] = []
-    labels: list[int] = []
-    shards: list[int] = []
-    rows: list[int] = []
-    bar = progress_bar(total=manifest.split_rows(split), desc=f"pixels {split}", unit="img",
-                       disable=not progress)
-    for pos, start, x, y in iter_batches(root, manifest, split, batch_size):
+class _PixelFacts:
+    """Per-image pixel hash, pixel std, tiny descriptor, label, shard position and row, batch by batch.
+
+    Fed by the local feature pass as it reads each batch (``extract_features(each_batch=...)``), so the
+    shards are read once for both.
+    """
+
+    def __init__(self) -> None:
+        self.hashes: list[str] = []
+        self.stds: list[float] = []
+        self.tiny: list[np.ndarray] = []
+        self.labels: list[int] = []
+        self.shards: list[int] = []
+        self.rows: list[int] = []
+
+    def add(self, pos: int, start: int, x: np.ndarray, y: np.ndarray) -> None:
         h, spread, small = pixel_facts(x)
-        hashes.extend(h)
-        stds.extend(spread.tolist())
-        tiny.append(small)
-        labels.extend(y.tolist())
-        shards.extend([pos] * len(y))
-        rows.extend(range(start, start + len(y)))
-        bar.update(len(y))
-    bar.close()
-    return hashes, stds, tiny, labels, shards, rows
+        self.hashes.extend(h)
+        self.stds.extend(spread.tolist())
+        self.tiny.append(small)
+        self.labels.extend(y.tolist())
+        self.shards.extend([pos] * len(y))
+        self.rows.extend(range(start, start + len(y)))
+
+    def lists(self) -> tuple[list[str], list[float], list[np.ndarray], list[int], list[int], list[int]]:
+        return self.hashes, self.stds, self.tiny, self.labels, self.shards, self.rows
 
 
 def _spark_pass(root: Path, manifest: Manifest, bb: Backbone, batch_size: int, master: str,
@@ -248,7 +251,7 @@ def _spark_pass(root: Path, manifest: Manifest, bb: Backbone, batch_size: int, m
                 ) -> dict[str, tuple[np.ndarray, np.ndarray, tuple[list, list, list, list, list, list]]]:
     """Features and pixel facts of every split in one Spark job (``audit --master``).
 
-    Per split: the features, labels and :func:`_pixel_pass`'s lists, as the local passes return them.
+    Per split: the features, labels and :class:`_PixelFacts`' lists, as the local pass returns them.
     """
     from catsdogs.cluster.session import NEEDED, runtime_modules, spark_session  # lazy: pyspark
     from catsdogs.cluster.shardjob import in_shard_order, run_shards
@@ -296,12 +299,12 @@ def compute(root: Path, manifest: Manifest, run: str = "", batch_size: int = 64,
         if master:
             f, y, (hashes, stds, tiny, labels, shards, rows) = on_spark[split]
         else:
-            t0 = time.perf_counter()
+            t0, facts = time.perf_counter(), _PixelFacts()
             f, y = extract_features(model, root, manifest, split, bb.mean, bb.std, batch_size,
-                                    progress=progress, size=bb.side, engine=bb.engine)
-            log.info("features %s: %d images in %.1f s", split, len(y), time.perf_counter() - t0)
-            hashes, stds, tiny, labels, shards, rows = _pixel_pass(root, manifest, split, batch_size,
-                                                                   progress)
+                                    progress=progress, size=bb.side, engine=bb.engine, each_batch=facts.add)
+            log.info("features and pixel facts %s: %d images in %.1f s", split, len(y),
+                     time.perf_counter() - t0)
+            hashes, stds, tiny, labels, shards, rows = facts.lists()
         if labels != y.tolist():
             raise InputError(f"shards of split {split!r} changed while being read (fix --data)")
         index = [info.index for info in manifest.split_shards(split)]

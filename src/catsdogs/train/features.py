@@ -7,7 +7,7 @@ temperature) and the audit, so every feature pass reads shards and normalises th
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,9 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
                      mean: tuple[float, ...], std: tuple[float, ...], batch_size: int = 64,
                      flip: bool = False, device: torch.device | str = "cpu", progress: bool = True,
                      size: int | None = None, max_rows: int | None = None,
-                     desc: str = "features", engine: Engine | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     desc: str = "features", engine: Engine | None = None,
+                     each_batch: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Return pooled backbone features ``(n, d)`` float32 and labels ``(n,)`` of one split.
 
     Shards are opened lazily (npy memory map or Parquet row groups) and read ``batch_size`` rows at
@@ -48,7 +50,9 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
     model must be built for it (used to compare backbones at several sizes from one shards folder).
     With ``max_rows`` only the split's first rows are read (in shard order).
     ``engine`` runs the forward pass (``--backend``); without one, torch eager on ``model`` (BatchNorm
-    folded into the convs of an inference-only copy).
+    folded into the convs of an inference-only copy). ``each_batch`` sees every batch as it is read
+    (shard position, first row, uint8 NHWC rows, labels), in the reading thread: a caller that needs
+    more from the pixels (audit's pixel facts) reads each shard once.
     """
     engine = engine or TorchEngine(model, device)
     total = split_limit(manifest, split, max_rows)
@@ -64,7 +68,9 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
     def inputs() -> Iterator[np.ndarray]:
         """Shard read + normalise (in the prefetch thread, while the engine runs the previous batch)."""
         seen = 0
-        for _pos, _start, rows, y in iter_batches(root, manifest, split, batch_size, max_rows):
+        for pos, start, rows, y in iter_batches(root, manifest, split, batch_size, max_rows):
+            if each_batch is not None:
+                each_batch(pos, start, rows, y)
             labels[seen:seen + len(y)] = y
             seen += len(y)
             x = normalized(rows, mean, std, size)
