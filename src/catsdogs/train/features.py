@@ -43,16 +43,11 @@ def extract_features(model: nn.Module, root: str | Path, manifest: Manifest, spl
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Return pooled backbone features ``(n, d)`` float32 and labels ``(n,)`` of one split.
 
-    Shards are opened lazily (npy memory map or Parquet row groups) and read ``batch_size`` rows at
-    a time, so memory stays at one batch.
-    With ``flip`` the mirrored images are appended as extra rows (``2n`` rows; free augmentation).
-    With ``size`` the batches are resized in torch (bilinear, antialiased) to that side first; the
-    model must be built for it (used to compare backbones at several sizes from one shards folder).
-    With ``max_rows`` only the split's first rows are read (in shard order).
-    ``engine`` runs the forward pass (``--backend``); without one, torch eager on ``model`` (BatchNorm
-    folded into the convs of an inference-only copy). ``each_batch`` sees every batch as it is read
-    (shard position, first row, uint8 NHWC rows, labels), in the reading thread: a caller that needs
-    more from the pixels (audit's pixel facts) reads each shard once.
+    Shards are read ``batch_size`` rows at a time, so memory stays at one batch. ``flip`` appends the
+    mirrored images as extra rows; ``size`` resizes the batches in torch first (the model is built for
+    it); ``max_rows`` reads only the split's first rows. ``engine`` runs the forward pass
+    (``--backend``; default torch eager on ``model``). ``each_batch`` sees every batch as it is read
+    (shard position, first row, uint8 NHWC rows, labels): audit's pixel facts read each shard once.
     """
     engine = engine or TorchEngine(model, device)
     total = split_limit(manifest, split, max_rows)
