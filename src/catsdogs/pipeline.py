@@ -30,6 +30,7 @@ from catsdogs.config import (
     build_config,
     check_required,
     given_names,
+    need,
     read_config_file,
     save_config,
     typed_names,
@@ -99,7 +100,8 @@ def reuse_reason(shards: Path, wanted: PreprocessConfig) -> str | None:
     except SchemaError as exc:
         return str(exc)
     made = manifest.config
-    if not made.get("input") or Path(str(made["input"])).expanduser().resolve() != Path(wanted.input):
+    wanted_input = Path(need(wanted, "input"))
+    if not made.get("input") or Path(str(made["input"])).expanduser().resolve() != wanted_input:
         return f"they were made from input {made.get('input')!r}, not {wanted.input!r}"
     for key in CONTENT_KEYS:
         if made.get(key) != getattr(wanted, key):
@@ -108,7 +110,7 @@ def reuse_reason(shards: Path, wanted: PreprocessConfig) -> str | None:
     if missing:
         return f"shard file {missing[0]!r} is missing"
     # Same settings but a changed image folder (files added or removed) needs new shards too.
-    listing = scan_input(wanted.input, wanted.labels_from)
+    listing = scan_input(need(wanted, "input"), wanted.labels_from)
     candidates = manifest.stats.get("candidates")
     if list(listing.classes) != list(manifest.classes) or candidates != len(listing.candidates):
         return (f"the input changed ({len(listing.candidates)} candidate images in classes "
@@ -153,7 +155,7 @@ def train_config(cfg: RunConfig, shards: Path, out: Path) -> TrainConfig:
 
 def main(cfg: RunConfig) -> int:
     """Run preprocess (or reuse its shards), train into OUT and evaluate into OUT/eval."""
-    data = check_data(cfg.data)  # first: a missing download gets its help before any import
+    data = check_data(cfg.data or "")  # first: a missing download gets its help before any import
     check_required(cfg)
     # Lazy: the stages import torch and pyspark (~3 s), which a wrong --data should not wait for.
     from catsdogs.evaluate import command as evaluate
@@ -161,7 +163,7 @@ def main(cfg: RunConfig) -> int:
     from catsdogs.train import launch as train
     from catsdogs.train.contract import check_applicable
 
-    out = Path(cfg.output).expanduser().resolve()
+    out = Path(need(cfg, "output")).expanduser().resolve()
     shards = Path(cfg.shards).expanduser().resolve() if cfg.shards else out / "shards"
     pre_cfg = preprocess_config(cfg, data, shards)
     tr_cfg = train_config(cfg, shards, out)  # before any work: a bad file fails fast

@@ -68,8 +68,8 @@ def lower_thread_priority(niceness: int) -> bool:
         return False
 
 
-def set_threads(threads: int) -> int:
-    """Set torch intra-op threads (0 = every core available to this process); return the count."""
+def set_threads(threads: int | None) -> int:
+    """Set torch intra-op threads (None or 0: every core available to this process); return the count."""
     n = max(1, int(threads or cores()))
     torch.set_num_threads(n)
     return n
@@ -91,7 +91,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup(threads: int = 0, device: str = AUTO, seed: int | None = None) -> torch.device:
+def setup(threads: int | None = None, device: str = AUTO, seed: int | None = None) -> torch.device:
     """Apply allocator tuning, thread count and seed; return the device to run on."""
     tune_malloc()
     set_threads(threads)

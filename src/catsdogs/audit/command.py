@@ -36,7 +36,7 @@ from catsdogs.audit.issues import (
     write_csv,
 )
 from catsdogs.audit.report import write_report
-from catsdogs.config import AuditConfig, check_required, save_config
+from catsdogs.config import AuditConfig, check_required, need, save_config
 from catsdogs.errors import ConfigError, InputError
 from catsdogs.runtime import setup
 from catsdogs.shards.manifest import load_manifest
@@ -125,7 +125,7 @@ def audit(cfg: AuditConfig, progress: bool = True) -> AuditResult:
     """Run every check on ``cfg.data``; return the findings (nothing is written)."""
     check_required(cfg)
     t0 = time.perf_counter()
-    root = Path(cfg.data)
+    root = Path(need(cfg, "data"))
     manifest = load_manifest(root)
     if not manifest.shards or not sum(s.rows for s in manifest.shards):
         raise InputError(f"shards folder {str(root)!r} holds no images (fix --data)")
@@ -176,12 +176,12 @@ def summary(result: AuditResult, out: str) -> str:
 def main(cfg: AuditConfig) -> int:
     """CLI entry point of ``catsdogs audit``; returns the exit code."""
     check_required(cfg)
-    out = Path(cfg.output)
+    out = Path(need(cfg, "output"))
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output {cfg.output!r} is a file; give a folder")
     result = audit(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    root = Path(cfg.data)
+    root = Path(need(cfg, "data"))
     manifest = load_manifest(root)
     text = summary(result, str(out))
     save_config(cfg, out / schema.CONFIG_NAME)

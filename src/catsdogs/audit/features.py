@@ -130,13 +130,13 @@ class Backbone:
     """The model's ``create_model`` arguments (how Spark executors rebuild it for a torch pass)."""
 
 
-def load_backbone(run: str, manifest: Manifest, size: int = 0) -> Backbone:
+def load_backbone(run: str | None, manifest: Manifest, size: int | None = None) -> Backbone:
     """Return the feature model, its input mean/std and side, a name for the report and its detector.
 
     Without ``run``: EfficientNet-Lite0 with ImageNet weights at :data:`DEFAULT_SIDE`. With ``run``: the
     trained run's model (any model with a ``features`` method, i.e. the EfficientNet-Lite family) at
     the size it was trained at, and its out-of-distribution detector (only at that size: elsewhere
-    the features move and its threshold no longer holds). A non-zero ``size`` overrides either side.
+    the features move and its threshold no longer holds). A given ``size`` overrides either side.
     """
     if not run:
         side = size or DEFAULT_SIDE
@@ -247,7 +247,7 @@ class _PixelFacts:
 
 
 def _spark_pass(root: Path, manifest: Manifest, bb: Backbone, batch_size: int, master: str,
-                spark_conf: dict[str, str] | None, threads: int
+                spark_conf: dict[str, str] | None, threads: int | None
                 ) -> dict[str, tuple[np.ndarray, np.ndarray, tuple[list, list, list, list, list, list]]]:
     """Features and pixel facts of every split in one Spark job (``audit --master``).
 
@@ -277,9 +277,9 @@ def _spark_pass(root: Path, manifest: Manifest, bb: Backbone, batch_size: int, m
     return out
 
 
-def compute(root: Path, manifest: Manifest, run: str = "", batch_size: int = 64,
-            progress: bool = True, size: int = 0, master: str = "", spark_conf: dict[str, str] | None = None,
-            threads: int = 0) -> AuditData:
+def compute(root: Path, manifest: Manifest, run: str | None = None, batch_size: int = 64,
+            progress: bool = True, size: int | None = None, master: str | None = None,
+            spark_conf: dict[str, str] | None = None, threads: int | None = None) -> AuditData:
     """Compute the audit rows of every split: features once per image, pixel hash and std.
 
     With ``master`` both passes run as one Spark job on it, one task per shard.

@@ -42,9 +42,10 @@ are always held (the C choice, the int8 guard, the threshold and the temperature
 
 def spark_features(spark: SparkSession, master: str, data: str, manifest: Manifest, engine: Engine,
                    model: nn.Module, model_config: dict[str, Any], mean: tuple[float, ...],
-                   std: tuple[float, ...], splits: dict[str, bool], *, batch_size: int, threads: int = 0,
-                   groups: int = 0, size: int | None = None, spill: Path | None = None,
-                   stream_above: int | None = None, desc: str = "features") -> tuple[Features, JobReport]:
+                   std: tuple[float, ...], splits: dict[str, bool], *, batch_size: int,
+                   threads: int | None = None, groups: int = 0, size: int | None = None,
+                   spill: Path | None = None, stream_above: int | None = None, desc: str = "features"
+                   ) -> tuple[Features, JobReport]:
     """Features and labels of each split in ``splits`` (value: also its mirror images), run on Spark.
 
     ``data`` is read by the executors (shared path or remote URI). Above

@@ -46,12 +46,12 @@ def part_name(index: int, suffix: str) -> str:
     return f"{PART_PREFIX}{index:05d}{suffix}"
 
 
-def suffix_of(output: str) -> str:
+def suffix_of(output: str | None) -> str:
     """The parts' format: --output's extension (CSV for stdout)."""
     return Path(output).suffix.lower() if output else STDOUT_SUFFIX
 
 
-def make_staging(output: str) -> str:
+def make_staging(output: str | None) -> str:
     """Create the hidden staging folder for ``output`` (a private temporary one for stdout)."""
     if not output:
         return tempfile.mkdtemp(prefix="catsdogs-predict-")
@@ -106,7 +106,7 @@ def _append(staging: str, names: Sequence[str], suffix: str, fh: IO[bytes]) -> N
     text.detach()  # leave fh open: its owner closes it
 
 
-def merge(staging: str, names: Sequence[str], output: str) -> None:
+def merge(staging: str, names: Sequence[str], output: str | None) -> None:
     """Append the parts into the one file ``output`` names (stdout when empty), published whole."""
     suffix = suffix_of(output)
     if not output:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from catsdogs.cluster import parts
 from catsdogs.cluster.session import NEEDED, run_job, runtime_modules, spark_session
 from catsdogs.cluster.ship import PredictorSpec, Shipment
-from catsdogs.config import PredictConfig, check_required
+from catsdogs.config import PredictConfig, check_required, need
 from catsdogs.errors import ConfigError, InputError, OutputExistsError
 from catsdogs.infer.load import load_predictor
 from catsdogs.infer.predict import (
@@ -102,7 +102,7 @@ def task(spec: PredictorSpec, batch_size: int, max_pixels: int, staging: str, su
     return run
 
 
-def check_target(output: str) -> None:
+def check_target(output: str | None) -> None:
     """Refuse an --output that exists: a batch job never replaces a finished result."""
     if not output:
         return
@@ -223,13 +223,13 @@ def predict_on_spark(spark: SparkSession, cfg: PredictConfig, predictor: Predict
             spec = shipment.predictor(predictor, cfg.threads)
             result = frame.mapInPandas(task(spec, cfg.batch_size, cfg.max_pixels, staging, suffix),
                                        SUMMARY_DDL)
-            counts = run_job(spark, cfg.master, result.collect, "catsdogs predict",
+            counts = run_job(spark, need(cfg, "master"), result.collect, "catsdogs predict",
                              progress=(total, frame.rdd.getNumPartitions(), "predict"))
         counts.sort(key=lambda c: c.part)
         names = [parts.part_name(c.part, suffix) for c in counts if c.rows]
         check_target(cfg.output)  # another run may have finished meanwhile
         if cfg.parts:
-            parts.commit_folder(staging, names, cfg.output)
+            parts.commit_folder(staging, names, need(cfg, "output"))
         else:
             parts.merge(staging, names, cfg.output)
     finally:
@@ -251,10 +251,10 @@ def main(cfg: PredictConfig) -> int:
     start = time.perf_counter()
     # The model loads (engine compile included) while the JVM starts: two fixed costs paid at once.
     with ThreadPoolExecutor(1, thread_name_prefix="catsdogs-load") as pool:
-        loading = pool.submit(load_predictor, cfg.run, cfg, tracking_uri=cfg.tracking_uri)
+        loading = pool.submit(load_predictor, need(cfg, "run"), cfg, tracking_uri=cfg.tracking_uri)
         modules = lambda: NEEDED + runtime_modules(loading.result().backend)  # noqa: E731
         try:
-            with spark_session(cfg.master, "catsdogs-predict", cfg.spark_conf, modules) as spark:
+            with spark_session(need(cfg, "master"), "catsdogs-predict", cfg.spark_conf, modules) as spark:
                 counts = predict_on_spark(spark, cfg, loading.result())
         except BaseException:
             if loading.done() and loading.exception() is not None:

@@ -56,7 +56,7 @@ def _cached(key: Any, make: Callable[[], Any]) -> Any:
     return _CACHE[key]
 
 
-def task_threads(threads: int) -> int:
+def task_threads(threads: int | None) -> int:
     """Threads for a task's forward passes: ``threads``, else the cores Spark gave the task."""
     if threads:
         return threads
@@ -81,7 +81,7 @@ class EngineSpec:
     """The engine that runs (``engines.names.ENGINES``), after the driver's int8 guard."""
     file: str
     """Shipped file: the ONNX graph (onnx/openvino engines) or a weights-only model file (torch)."""
-    threads: int = 0
+    threads: int | None = None
     """Forward-pass threads per task (0: the task's cores, ``spark.task.cpus``)."""
 
     def build(self) -> Engine:
@@ -122,7 +122,7 @@ class PredictorSpec:
     """The driver's resolved inference settings (the run's, overridden by flags)."""
     engine: EngineSpec | None
     """The feature engine; None: torch eager on the checkpoint's own model."""
-    threads: int = 0
+    threads: int | None = None
 
     def build(self) -> Predictor:
         """This process's predictor for the spec, built on first use."""
@@ -174,7 +174,7 @@ class Shipment:
         return name
 
     def engine(self, engine: Engine, model: nn.Module | None = None,
-               model_config: dict[str, Any] | None = None, threads: int = 0) -> EngineSpec:
+               model_config: dict[str, Any] | None = None, threads: int | None = None) -> EngineSpec:
         """Ship what builds ``engine`` on an executor: its graph, or (torch) ``model``'s weights."""
         if engine.name == TORCH:
             if model is None or model_config is None:
@@ -191,7 +191,7 @@ class Shipment:
             raise ValueError(f"engine {engine.name!r} has no graph file to ship")
         return EngineSpec(engine.name, self.file(graph), threads)
 
-    def predictor(self, predictor: Predictor, threads: int = 0) -> PredictorSpec:
+    def predictor(self, predictor: Predictor, threads: int | None = None) -> PredictorSpec:
         """Ship a loaded predictor: its checkpoint and the engine the driver selected (guard included)."""
         engine = predictor.feature_engine  # built here: calibration and the int8 guard run on the driver
         spec = None if isinstance(engine, TorchEngine) else self.engine(engine, threads=threads)

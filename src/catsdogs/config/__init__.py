@@ -37,6 +37,7 @@ from catsdogs.config._fields import (
     flag,
     given_names,
     help_text,
+    need,
     require,
     rules_of,
     save_config,
@@ -75,6 +76,6 @@ __all__ = [
     "ExportConfig", "InferenceConfig", "PredictConfig", "PreprocessConfig", "RunConfig", "ServeConfig",
     "SparkConfig", "TrackingConfig", "TrainConfig", "TuneConfig", "build_config", "check_required",
     "choices_of", "default_of", "default_text", "effective_default", "field_docs", "flag", "given_names",
-    "help_text", "local_path", "path_settings", "read_config_file", "relative_to", "require", "rules_of",
-    "save_config", "setting", "settings_of", "to_dict", "type_of", "typed_names", "validate",
+    "help_text", "local_path", "need", "path_settings", "read_config_file", "relative_to", "require",
+    "rules_of", "save_config", "setting", "settings_of", "to_dict", "type_of", "typed_names", "validate",
 ]

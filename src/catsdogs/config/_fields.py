@@ -202,8 +202,8 @@ def default_text(f: dataclasses.Field) -> str:  # type: ignore[type-arg]
     if like is not None:
         command = like.__name__.removesuffix("Config").lower()
         return f"{effective_default(f)!r}, as catsdogs {command} {flag(f.name)}"
-    if default_of(f) is None and f.metadata.get("unset"):
-        return str(f.metadata["unset"])
+    if default_of(f) is None:
+        return str(f.metadata.get("unset") or "not set")
     return repr(default_of(f))
 
 
@@ -223,8 +223,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:  # type: ignore[
     """Coerce a config-file value to the field's type, with an error naming the flag."""
     typ, optional = type_of(f)
     try:
-        if optional and value is None:
-            return None
+        if optional and (value is None or (typ == "str" and value == "")):
+            return None  # "" in a config file or on the command line is "not given", as None is
         if typ == "bool" and not isinstance(value, bool):
             if str(value).lower() in {"1", "true", "yes", "on"}:
                 return True
@@ -293,6 +293,15 @@ def require(cfg: Any, *names: str) -> None:
     for name in names:
         if not getattr(cfg, name):
             raise ConfigError(f"{flag(name)} is required: {fields[name].metadata.get('required', name)}")
+
+
+def need(cfg: Any, name: str) -> str:
+    """The value of a required string setting; :class:`ConfigError` "--FLAG is required" when not given.
+
+    The typed form of :func:`require`, for the places that use the value.
+    """
+    require(cfg, name)
+    return str(getattr(cfg, name))
 
 
 def check_required(cfg: Any) -> None:

@@ -33,14 +33,14 @@ class DownloadConfig(Config):
 
     output: str = setting("data", path=LOCAL)
     """Folder to download into; the images appear in OUTPUT/PetImages once complete."""
-    url: str = ""
+    url: str | None = None
     """URL of the zip archive (default: $CATSDOGS_DATA_URL, else Microsoft's official
     kagglecatsanddogs_5340.zip); needs --sha256."""
-    sha256: str = ""
+    sha256: str | None = None
     """Expected sha256 of the archive at --url (default: $CATSDOGS_DATA_SHA256, else the official one's)."""
-    archive_bytes: int = setting(0, ge=0)
-    """Expected size in bytes of the archive at --url, checked before its sha256 (0: $CATSDOGS_DATA_SIZE,
-    else unchecked; the official archive's size is known)."""
+    archive_bytes: int | None = setting(None, ge=0)
+    """Expected size in bytes of the archive at --url, checked before its sha256 (not set:
+    $CATSDOGS_DATA_SIZE, else unchecked; the official archive's size is known)."""
     keep_archive: bool = False
     """Keep the verified zip next to the images instead of deleting it after unpacking."""
     max_unpacked_bytes: int = setting(MAX_UNPACKED_BYTES, gt=0)
@@ -51,15 +51,15 @@ class DownloadConfig(Config):
 class PreprocessConfig(Config):
     """Settings of ``catsdogs preprocess``."""
 
-    input: str = setting("", required="no input folder given; set --input to a folder with one subfolder "
-                                       "per class", path=REMOTE)
+    input: str | None = setting(None, required="no input folder given; set --input to a folder with one "
+                                "subfolder per class", path=REMOTE)
     """Folder with one subfolder per class, e.g. PetImages/ with Cat/ and Dog/, or a flat folder of
     <class>.<n>.jpg files like Kaggle's train/; a path, file://, s3a:// or hdfs:// URI."""
     labels_from: str = setting(schema.LABELS_AUTO, choices=schema.LABELS_FROM)
     """Where each image's class comes from: its class subfolder, or its file name up to the first dot
     (cat.0.jpg is a cat); auto takes the file name when --input has no subfolder and every image in it
     is named <class>.<rest>."""
-    output: str = setting("", required="no output folder given (set --output)", path=REMOTE)
+    output: str | None = setting(None, required="no output folder given (set --output)", path=REMOTE)
     """Folder to write the shards, files.csv and manifest.json into; a path or URI like --input."""
     size: int = setting(64, gt=0)
     """Side of the square output image in pixels."""
@@ -90,7 +90,7 @@ class PreprocessConfig(Config):
     """Replace an existing output folder (it is swapped in only once the new one is complete)."""
     spark_conf: dict[str, str] = field(default_factory=dict)
     """Extra Spark settings, key=value (config file or repeated --spark-conf)."""
-    exclude: str = setting("", path=LOCAL)
+    exclude: str | None = setting(None, path=LOCAL)
     """File of input paths to leave out: one path per line, or a CSV with a ``path`` column such as
     ``catsdogs audit``'s issues.csv (paths relative to --input). Recorded in the manifest's
     ``excluded`` list, apart from the skipped files."""
@@ -106,12 +106,12 @@ class PreprocessConfig(Config):
 class TrainConfig(EngineConfig, ComputeConfig, TrackingConfig):
     """Settings of ``catsdogs train``."""
 
-    data: str = setting("", required="the shards folder written by catsdogs preprocess", path=REMOTE)
+    data: str | None = setting(None, required="the shards folder written by catsdogs preprocess", path=REMOTE)
     """Shards folder written by ``catsdogs preprocess``: a path, or an s3a:// / hdfs:// URI."""
-    cache_dir: str = setting("", path=LOCAL)
+    cache_dir: str | None = setting(None, path=LOCAL)
     """Local copy of remote --data, checked against the manifest's sha256 (default:
     $CATSDOGS_CACHE, else ~/.cache/catsdogs). Training streams from local disk, not the network."""
-    output: str = setting("", required="the run folder for checkpoints and metrics", path=LOCAL)
+    output: str | None = setting(None, required="the run folder for checkpoints and metrics", path=LOCAL)
     """Run folder for checkpoints, metrics.csv and config.json."""
     model: str = setting("seed", choices=model_names)
     """Model to train: seed is the classic small CNN, cnn a residual CNN from scratch, effnet_* start from
@@ -193,7 +193,7 @@ class TrainConfig(EngineConfig, ComputeConfig, TrackingConfig):
     the default preset."""
     max_steps: int = setting(0, ge=0)
     """Stop after this many optimiser steps in total (0 = no limit); for smoke tests."""
-    register: str = ""
+    register: str | None = None
     """With tracking on: register the trained model in the MLflow model registry under this name (a new
     version each run); load it back with --run models:/NAME/VERSION."""
 
@@ -209,15 +209,15 @@ class TrainConfig(EngineConfig, ComputeConfig, TrackingConfig):
 class EvaluateConfig(InferenceConfig, SparkConfig, TrackingConfig):
     """Settings of ``catsdogs evaluate``."""
 
-    run: str = setting("", required="the run folder written by 'catsdogs train'", path=LOCAL)
+    run: str | None = setting(None, required="the run folder written by 'catsdogs train'", path=LOCAL)
     """Run folder written by ``catsdogs train``."""
-    data: str = setting("", path=REMOTE)
+    data: str | None = setting(None, path=REMOTE)
     """Shards folder to evaluate on (default: the run's own --data); a path or s3a:// / hdfs:// URI."""
-    cache_dir: str = setting("", path=LOCAL)
+    cache_dir: str | None = setting(None, path=LOCAL)
     """Local copy of remote --data (default: $CATSDOGS_CACHE, else ~/.cache/catsdogs)."""
     split: str = setting("test", choices=schema.SPLITS)
     """Split to evaluate."""
-    output: str = setting("", path=LOCAL)
+    output: str | None = setting(None, path=LOCAL)
     """Folder for the report (default: RUN/eval)."""
     batch_size: int = setting(64, gt=0)
     """Images per forward pass; memory grows with it (docs/models.md)."""
@@ -233,11 +233,11 @@ class PredictConfig(InferenceConfig, SparkConfig, TrackingConfig):
 
     paths: list[str] = field(default_factory=list)
     """Image files, folders (searched recursively) or glob patterns."""
-    run: str = setting("", required="the run folder (or .pt checkpoint) with the trained model",
+    run: str | None = setting(None, required="the run folder (or .pt checkpoint) with the trained model",
                        path=MODEL)
     """Run folder (or a .pt checkpoint) with the trained model, or an MLflow model: models:/NAME/VERSION,
     models:/NAME@ALIAS or runs:/RUN_ID/model (downloaded once into the cache folder)."""
-    output: str = setting("", path=REMOTE)
+    output: str | None = setting(None, path=REMOTE)
     """Write results here: .csv, .json or .parquet, a path or (with --master) an s3a:// / hdfs:// URI;
     written whole or not at all (default: print CSV to stdout)."""
     parts: bool = False
@@ -248,7 +248,7 @@ class PredictConfig(InferenceConfig, SparkConfig, TrackingConfig):
     """Images per forward pass."""
     max_pixels: int = setting(schema.DEFAULT_MAX_PIXELS, gt=0)
     """Images with more pixels than this are rejected as decompression bombs."""
-    explain: str = setting("", path=FILE)
+    explain: str | None = setting(None, path=FILE)
     """Folder to write, per image, a Grad-CAM heatmap of what drove the answer: <stem>.png (the photo with
     the heatmap overlaid) and <stem>.npy (float32, the photo's height x width, values 0..1); files
     sharing a stem get -1, -2, ... (see explanations.csv there). Empty: no explanations."""
@@ -258,7 +258,7 @@ class PredictConfig(InferenceConfig, SparkConfig, TrackingConfig):
 class ServeConfig(InferenceConfig, TrackingConfig):
     """Settings of ``catsdogs serve``."""
 
-    run: str = setting("", required="the run folder (or .pt checkpoint) with the trained model",
+    run: str | None = setting(None, required="the run folder (or .pt checkpoint) with the trained model",
                        path=MODEL)
     """Run folder (or a .pt checkpoint) with the trained model, or an MLflow model: models:/NAME/VERSION,
     models:/NAME@ALIAS or runs:/RUN_ID/model (downloaded once into the cache folder)."""
@@ -280,10 +280,10 @@ class ServeConfig(InferenceConfig, TrackingConfig):
     """How long the batcher waits for more requests once one is queued, in milliseconds."""
     max_files: int = setting(64, gt=0)
     """Most files accepted by one /predict/batch request (more gets 413)."""
-    workers: int = setting(0, ge=0)
-    """Forward passes run in parallel (0 = torch on CPU: one per core, since its batch-1 forward barely
+    workers: int | None = setting(None, ge=0)
+    """Forward passes run in parallel (not set: torch on CPU: one per core, since its batch-1 forward barely
     uses a second core; onnx or CUDA: 1, since they parallelise one image well)."""
-    api_key_file: str = setting("", path=FILE)
+    api_key_file: str | None = setting(None, path=FILE)
     """File holding the API key (one line, e.g. from `python -c "import secrets;
     print(secrets.token_urlsafe(32))"`); else $CATSDOGS_API_KEY. With a key, every endpoint but /healthz,
     the page and the API docs needs `Authorization: Bearer KEY`. No --api-key flag: it would show in ps."""
@@ -295,7 +295,7 @@ class ServeConfig(InferenceConfig, TrackingConfig):
     max_uploads: int = setting(32, ge=0)
     """Concurrent uploads (POST requests in progress) per client; more get 429 (0 = no limit). 32 lets
     one client fill one default --max-batch micro-batch and caps its buffered uploads at 32 x --max-bytes."""
-    cors_origin: str = ""
+    cors_origin: str | None = None
     """Comma-separated origins (https://app.example.com) whose pages may call the API from a browser;
     empty = no CORS headers, so only this server's own page can."""
     forwarded_allow_ips: str = "127.0.0.1"
@@ -313,7 +313,7 @@ class ServeConfig(InferenceConfig, TrackingConfig):
 
     def check(self) -> None:
         """CORS origins are full origins (scheme://host[:port]), never a wildcard."""
-        for origin in filter(None, (o.strip() for o in self.cors_origin.split(","))):
+        for origin in filter(None, (o.strip() for o in (self.cors_origin or "").split(","))):
             parsed = urlparse(origin)
             if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path not in ("", "/"):
                 raise ConfigError(f"--cors-origin {origin!r} is not an origin; name each one as "
@@ -324,11 +324,11 @@ class ServeConfig(InferenceConfig, TrackingConfig):
 class ExportConfig(Config):
     """Settings of ``catsdogs export``."""
 
-    run: str = setting("", required="the run folder (or .pt checkpoint) to export", path=LOCAL)
+    run: str | None = setting(None, required="the run folder (or .pt checkpoint) to export", path=LOCAL)
     """Run folder (or a .pt checkpoint) to export."""
     format: str = setting("onnx", choices=tuple(rundir.EXPORT_NAMES))
     """Export format."""
-    output: str = setting("", path=LOCAL)
+    output: str | None = setting(None, path=LOCAL)
     """Output file; empty: the format's file in the run folder (model.onnx, model.ts)."""
 
 
@@ -336,12 +336,12 @@ class ExportConfig(Config):
 class RunConfig(TrackingConfig):
     """Settings of ``catsdogs run`` (preprocess, train, evaluate in one go)."""
 
-    data: str = setting("", path=LOCAL)
+    data: str | None = setting(None, path=LOCAL)
     """Image folder with one subfolder per class (e.g. PetImages), or a flat folder of <class>.<n>.jpg
     files; without it, what to download."""
-    output: str = setting("", required="the run folder to create (e.g. runs/latest)", path=LOCAL)
+    output: str | None = setting(None, required="the run folder to create (e.g. runs/latest)", path=LOCAL)
     """Run folder; shards go to OUT/shards unless --shards is given."""
-    shards: str = setting("", path=LOCAL)
+    shards: str | None = setting(None, path=LOCAL)
     """Shards folder (default OUT/shards); reused when made from the same input and settings."""
     model: str | None = setting(None, like=TrainConfig)
     """Model to train (``catsdogs train --help`` describes them)."""
@@ -349,7 +349,7 @@ class RunConfig(TrackingConfig):
     """Image side in pixels for preprocessing."""
     epochs: int | None = setting(None, like=TrainConfig)
     """Training epochs."""
-    train_config: str = setting("", path=LOCAL)
+    train_config: str | None = setting(None, path=LOCAL)
     """Optional TOML/JSON file of train settings (e.g. written by ``catsdogs tune``), or a preset's
     name; the run's own --model, --epochs and --seed, when given, win over it."""
     master: str | None = setting(None, like=PreprocessConfig)
@@ -357,7 +357,7 @@ class RunConfig(TrackingConfig):
     feature pass and evaluate on its executors."""
     seed: int | None = setting(None, like=TrainConfig)
     """Training seed."""
-    register: str = ""
+    register: str | None = None
     """With tracking on: register the trained model in the MLflow model registry under this name."""
 
 
@@ -365,9 +365,10 @@ class RunConfig(TrackingConfig):
 class TuneConfig(TrackingConfig):
     """Settings of ``catsdogs tune``."""
 
-    data: str = setting("", required="the shards folder written by catsdogs preprocess", path=LOCAL)
+    data: str | None = setting(None, required="the shards folder written by catsdogs preprocess", path=LOCAL)
     """Shards folder written by ``catsdogs preprocess``."""
-    output: str = setting("", required="the folder for best_config.json, study.csv and plots", path=LOCAL)
+    output: str | None = setting(None, required="the folder for best_config.json, study.csv and plots",
+                                 path=LOCAL)
     """Folder for best_config.json, study.csv and plots."""
     model: str = setting("cnn", choices=model_names)
     """Model whose hyperparameters are searched."""
@@ -379,30 +380,30 @@ class TuneConfig(TrackingConfig):
     """Epochs per trial (pruned early when hopeless)."""
     seed: int = 0
     """Seed of the sampler."""
-    threads: int = setting(0, ge=0)
-    """Torch intra-op threads (0 = all cores)."""
+    threads: int | None = setting(None, ge=0)
+    """Torch intra-op threads (not set: all cores)."""
 
 
 @dataclass
 class AuditConfig(SparkConfig):
     """Settings of ``catsdogs audit``."""
 
-    data: str = setting("", required="the shards folder written by catsdogs preprocess", path=LOCAL)
+    data: str | None = setting(None, required="the shards folder written by catsdogs preprocess", path=LOCAL)
     """Shards folder written by ``catsdogs preprocess`` (every split is audited together)."""
-    output: str = setting("", required="the folder for issues.csv and audit.html", path=LOCAL)
+    output: str | None = setting(None, required="the folder for issues.csv and audit.html", path=LOCAL)
     """Folder for issues.csv, audit.html and config.json (each file replaced atomically; issues.csv
     is written last)."""
-    run: str = setting("", path=LOCAL)
+    run: str | None = setting(None, path=LOCAL)
     """Run folder (or .pt checkpoint) of a trained EfficientNet-Lite model whose backbone gives the
     features and, when it has one, the out-of-distribution detector for outliers (default:
     EfficientNet-Lite0 ImageNet weights and a detector fitted here)."""
-    size: int = setting(0, ge=0)
-    """Side the backbone sees, resized in torch from the shards (0 = 180 px for the ImageNet backbone,
+    size: int | None = setting(None, ge=0)
+    """Side the backbone sees, resized in torch from the shards (not set: 180 px for the ImageNet backbone,
     the run's size with --run; docs/audit.md)."""
     batch_size: int = setting(64, gt=0)
     """Images per forward pass of the feature extractor."""
-    threads: int = setting(0, ge=0)
-    """Torch intra-op threads (0 = all cores)."""
+    threads: int | None = setting(None, ge=0)
+    """Torch intra-op threads (not set: all cores)."""
     folds: int = setting(5, ge=2)
     """K of the K-fold logistic heads that give every image an out-of-sample predicted probability."""
     head_c: float = setting(0.1, gt=0.0)

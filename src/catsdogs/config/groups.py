@@ -17,10 +17,10 @@ from catsdogs.engines.names import DEFAULT_ENGINE, ENGINES, MAX_DROP_PT
 class TrackingConfig(Config):
     """MLflow settings shared by the commands that log to or load from a tracking server."""
 
-    tracking_uri: str = ""
+    tracking_uri: str | None = None
     """MLflow tracking server (http://HOST:PORT) or store URI to log runs to and load models:/ from;
     default: $MLFLOW_TRACKING_URI; neither set = tracking off (nothing imported, nothing sent)."""
-    experiment: str = ""
+    experiment: str | None = None
     """MLflow experiment the runs go into (default: $MLFLOW_EXPERIMENT_NAME, else catsdogs)."""
 
 
@@ -35,8 +35,8 @@ class ComputeConfig(Config):
     device: str = setting(AUTO, choices=DEVICES)
     """Device of the torch computations (auto takes a CUDA GPU when there is one; the onnx and openvino
     engines run on the CPU)."""
-    threads: int = setting(0, ge=0)
-    """Intra-op threads (0 = all cores; serve: the cores divided among its forward workers)."""
+    threads: int | None = setting(None, ge=0)
+    """Intra-op threads (not set: all cores; serve: the cores divided among its forward workers)."""
 
 
 @dataclass
@@ -73,7 +73,7 @@ class InferenceConfig(EngineConfig, ComputeConfig):
 class SparkConfig(Config):
     """Where the forward passes of evaluate, predict and audit run (``catsdogs.cluster``)."""
 
-    master: str = ""
+    master: str | None = None
     """Spark master to run the forward passes on, as one task per shard (evaluate, audit) or per batch
     of files (predict): local[N], spark://host:7077, yarn or k8s://...; empty = in this process, no JVM."""
     spark_conf: dict[str, str] = field(default_factory=dict)

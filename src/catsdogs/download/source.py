@@ -77,11 +77,11 @@ def _check_url(value: str, where: str) -> str:
     return value
 
 
-def resolve_source(url: str = "", sha256: str = "", size: int = 0,
+def resolve_source(url: str | None = None, sha256: str | None = None, size: int | None = None,
                    env: dict[str, str] | None = None) -> Source:
     """Return the archive to fetch: ``--url``/``--sha256`` flags, else the environment, else the default.
 
-    A URL always comes with its sha256 (from the same layer). ``size`` 0 means: the environment's
+    A URL always comes with its sha256 (from the same layer). ``size`` not given means: the environment's
     size when the environment names the URL, the official size for the official URL, else unchecked.
     """
     env = dict(os.environ) if env is None else env
@@ -90,7 +90,7 @@ def resolve_source(url: str = "", sha256: str = "", size: int = 0,
             missing = "--sha256" if url else "--url"
             raise ConfigError(f"--url and --sha256 go together: give {missing} too (the archive is "
                               f"always verified before it is unpacked)")
-        return Source(_check_url(url, "--url"), _check_sha256(sha256, "--sha256"), size)
+        return Source(_check_url(url, "--url"), _check_sha256(sha256, "--sha256"), size or 0)
     env_url, env_sha = env.get(ENV_URL, ""), env.get(ENV_SHA256, "")
     if env_url or env_sha:
         if not (env_url and env_sha):

@@ -100,7 +100,7 @@ def ensure_int8_graph(source_digest: str, run: RunDir, calibration: Calibration 
     return digest
 
 
-def create_engine(name: str, model: nn.Module, size: int, run: RunDir, *, threads: int = 0,
+def create_engine(name: str, model: nn.Module, size: int, run: RunDir, *, threads: int | None = None,
                   device: torch.device | str = "cpu", calibration: Calibration | None = None,
                   calibration_rows: int = 0, source: str = "", fp32_sha256: str = "") -> Engine:
     """Return the engine ``name`` (one of ``ENGINES``) for ``model`` at ``size`` px, graphs under ``run``.

@@ -18,7 +18,7 @@ line each) would bury the progress bars."""
 class OnnxEngine(Engine):
     """One onnxruntime session; ``run`` is thread-safe (onnxruntime allows concurrent ``run`` calls)."""
 
-    def __init__(self, name: str, path: Path, threads: int = 0) -> None:
+    def __init__(self, name: str, path: Path, threads: int | None = None) -> None:
         import onnxruntime as ort  # lazy: ~0.4 s at import, only for the onnx engines
 
         self.name = name

@@ -42,7 +42,7 @@ single-threaded, so no layer waits at a barrier for the other core (docs/engines
 rates of each setting)."""
 
 
-def pinning(threads: int) -> bool:
+def pinning(threads: int | None) -> bool:
     """Whether OpenVINO may pin its threads to cores: only when the engine owns every core.
 
     OpenVINO pins by default, and each process pins from core 0 up, so two one-thread engines in two
@@ -50,12 +50,12 @@ def pinning(threads: int) -> bool:
     idles: two processes x 1 thread ran 13.4 it/s each pinned, 25.9 unpinned, 26.0 alone
     (``python -m benchmarks.probes pinning``).
     """
-    return threads >= cores()
+    return (threads or 0) >= cores()
 
 
-def compile_config(hint: str, threads: int, **extra: Any) -> dict[str, Any]:
+def compile_config(hint: str, threads: int | None, **extra: Any) -> dict[str, Any]:
     """OpenVINO CPU settings for ``threads`` inference threads: fp32 precision, pinning by :func:`pinning`."""
-    return {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads,
+    return {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads or 0,  # 0: OpenVINO's own choice
             "ENABLE_CPU_PINNING": pinning(threads), "INFERENCE_PRECISION_HINT": PRECISION_FP32, **extra}
 
 
@@ -73,7 +73,7 @@ class OpenVinoEngine(Engine):
     (``stream``) compiles the graph a second time, lazily, for several streams with one async queue.
     """
 
-    def __init__(self, name: str, path: Path, threads: int = 0) -> None:
+    def __init__(self, name: str, path: Path, threads: int | None = None) -> None:
         self.name = name
         self.path = path
         self.threads = threads or cores()

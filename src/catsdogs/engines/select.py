@@ -62,7 +62,7 @@ def reference_features(reference: Engine, images: SplitImages) -> Callable[[np.n
 
 
 def guarded_engine(name: str, model: nn.Module, size: int, run: RunDir, checkpoint_sha256: str, *,
-                   threads: int = 0, device: torch.device | str = "cpu",
+                   threads: int | None = None, device: torch.device | str = "cpu",
                    calibration: Calibration | None = None, calibration_rows: int = 0,
                    validation: SplitImages | None = None, max_drop_pt: float = MAX_DROP_PT,
                    accepts: guard.Accepts | None = None) -> Engine:

@@ -22,7 +22,7 @@ import numpy as np
 
 from catsdogs import schema
 from catsdogs.checkpoint import CKPT_TRAIN_CONFIG
-from catsdogs.config import EvaluateConfig, check_required, save_config, to_dict
+from catsdogs.config import EvaluateConfig, check_required, need, save_config, to_dict
 from catsdogs.engines import feature_cache
 from catsdogs.errors import ConfigError, InputError
 from catsdogs.evaluate import plots
@@ -128,10 +128,11 @@ def spark_predict_split(cfg: EvaluateConfig, predictor: Predictor, source: str, 
 
     data = source if storage.is_remote(source) else str(Path(source).resolve())
     modules = NEEDED + runtime_modules(predictor.backend)
-    with spark_session(cfg.master, "catsdogs-evaluate", cfg.spark_conf, modules) as spark, \
+    master = need(cfg, "master")
+    with spark_session(master, "catsdogs-evaluate", cfg.spark_conf, modules) as spark, \
             Shipment(spark.sparkContext) as shipment:
         work = AnswerWork(shipment.predictor(predictor, cfg.threads))
-        results, _ = run_shards(spark, cfg.master, data, manifest, (cfg.split,), work,
+        results, _ = run_shards(spark, master, data, manifest, (cfg.split,), work,
                                 batch_size=cfg.batch_size, desc=f"evaluate {cfg.split}")
     parts = in_shard_order(results, cfg.split, len(manifest.split_shards(cfg.split)))
     return Predictions(
@@ -204,7 +205,7 @@ def resolve_paths(cfg: EvaluateConfig, copy: bool = True
     The shards as given are ``--data`` or the run's own; remote ones are read from a verified local copy
     (with ``copy`` False the copy's folder, left empty: executors read the shards on ``--master``).
     """
-    run = RunDir.from_arg(cfg.run)
+    run = RunDir.from_arg(need(cfg, "run"))
     train_cfg = run.read_config()
     source = cfg.data or str(train_cfg.get("data", ""))
     if not source:
@@ -306,7 +307,7 @@ def main(cfg: EvaluateConfig) -> int:
     """Evaluate a run on one split of its shards and write metrics, plots and report.html."""
     check_required(cfg)
     # CheckpointError if none; --data also calibrates and checks an int8 engine.
-    predictor = load_predictor(cfg.run, cfg, checkpoint=cfg.checkpoint, shards=cfg.data)
+    predictor = load_predictor(need(cfg, "run"), cfg, checkpoint=cfg.checkpoint, shards=cfg.data)
     run_dir, source, data, out, train_cfg = resolve_paths(cfg, copy=not cfg.master)
     manifest = fetch_manifest(source) if cfg.master else load_manifest(data, "--data")
     check_compatible(manifest, predictor, data)

@@ -41,7 +41,8 @@ def recorded_engine(state: dict[str, Any]) -> str | None:
     return str(engine) if engine else None
 
 
-def run_shards(shards: str, meta: dict[str, Any], run: RunDir, size: int) -> tuple[Path, Manifest] | None:
+def run_shards(shards: str | None, meta: dict[str, Any], run: RunDir, size: int
+               ) -> tuple[Path, Manifest] | None:
     """The local shards folder whose splits calibrate and guard an int8 engine, or None if not here.
 
     ``shards`` (evaluate's --data) first, then the run's training --data, then RUN/shards (where
@@ -61,8 +62,8 @@ def run_shards(shards: str, meta: dict[str, Any], run: RunDir, size: int) -> tup
 
 
 def load_engine(name: str, model: nn.Module, size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                checkpoint: Path, meta: dict[str, Any], device: torch.device, *, threads: int = 0,
-                max_drop_pt: float, shards: str = "", accepts: Accepts | None = None) -> Engine:
+                checkpoint: Path, meta: dict[str, Any], device: torch.device, *, threads: int | None = None,
+                max_drop_pt: float, shards: str | None = None, accepts: Accepts | None = None) -> Engine:
     """Build engine ``name`` for a loaded checkpoint; graphs are cached in its run folder's engine/.
 
     Non-torch engines run on the CPU: on a CUDA device the model stays in torch (with a note).

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from catsdogs import __version__
-from catsdogs.config import ExportConfig, check_required
+from catsdogs.config import ExportConfig, check_required, need
 from catsdogs.engines.graph import read_json_property
 from catsdogs.engines.names import TORCH
 from catsdogs.errors import ConfigError
@@ -147,8 +147,9 @@ def export(predictor: Predictor, fmt: str, output: str | Path) -> Path:
 def main(cfg: ExportConfig) -> int:
     """Run ``catsdogs export``: load the run's checkpoint and write the exported file."""
     check_required(cfg)
-    predictor = Predictor.from_run(cfg.run, "cpu", backend=TORCH)  # exports the torch model itself
-    output = Path(cfg.output) if cfg.output else RunDir.from_arg(cfg.run).export(cfg.format)
+    run = need(cfg, "run")
+    predictor = Predictor.from_run(run, "cpu", backend=TORCH)  # exports the torch model itself
+    output = Path(cfg.output) if cfg.output else RunDir.from_arg(run).export(cfg.format)
     if output.is_dir():
         raise ConfigError(f"--output {str(output)!r} is a folder; give a file name")
     path = export(predictor, cfg.format, output)

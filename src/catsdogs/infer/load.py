@@ -18,8 +18,8 @@ from catsdogs.runtime import setup
 from catsdogs.track.registry import local_run
 
 
-def load_predictor(run: str | Path, settings: InferenceConfig, *, tracking_uri: str = "",
-                   checkpoint: str = BEST_CKPT, shards: str = "", engine_threads: int | None = None
+def load_predictor(run: str | Path, settings: InferenceConfig, *, tracking_uri: str | None = None,
+                   checkpoint: str = BEST_CKPT, shards: str | None = None, engine_threads: int | None = None
                    ) -> Predictor:
     """Load ``run`` (a run folder, a .pt file, or a models:/ or runs:/ URI) with ``settings`` applied.
 

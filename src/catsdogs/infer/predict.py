@@ -25,7 +25,7 @@ from typing import IO, TYPE_CHECKING
 import numpy as np
 
 from catsdogs import schema
-from catsdogs.config import PredictConfig, check_required, save_config
+from catsdogs.config import PredictConfig, check_required, need, save_config
 from catsdogs.errors import ConfigError, ImageDecodeError, InputError
 from catsdogs.infer.explain import explain_files
 from catsdogs.infer.load import load_predictor
@@ -253,7 +253,7 @@ def write_json_records(records: Iterable[dict[str, object]], fh: IO[str]) -> Non
     fh.write("]\n" if first else "\n]\n")
 
 
-def write_rows(rows: Sequence[Prediction], output: str) -> None:
+def write_rows(rows: Sequence[Prediction], output: str | None) -> None:
     """Write rows to ``output`` (format from its extension) or CSV to stdout.
 
     Atomically: a local file appears under its name only once complete (temporary file + rename), an
@@ -282,7 +282,7 @@ def write_rows(rows: Sequence[Prediction], output: str) -> None:
         writer(rows, fh)
 
 
-def check_output(output: str) -> None:
+def check_output(output: str | None) -> None:
     """Reject an --output whose extension is not .csv, .json or .parquet before any work is done."""
     if output and Path(output).suffix.lower() not in OUTPUT_FORMATS:
         raise ConfigError(f"--output {output!r} must end in {', '.join(OUTPUT_FORMATS)}")
@@ -317,7 +317,7 @@ def main(cfg: PredictConfig) -> int:
                           "or drop --parts")
     files = expand_paths(cfg.paths)
     check_required(cfg)
-    predictor = load_predictor(cfg.run, cfg, tracking_uri=cfg.tracking_uri)
+    predictor = load_predictor(need(cfg, "run"), cfg, tracking_uri=cfg.tracking_uri)
     workers = min(_MAX_DECODE_WORKERS, cores())
     start = time.perf_counter()
     rows = predict_files(predictor, files, batch_size=cfg.batch_size,
@@ -329,7 +329,7 @@ def main(cfg: PredictConfig) -> int:
     return 0
 
 
-def check_explain(folder: str) -> None:
+def check_explain(folder: str | None) -> None:
     """Reject an --explain that names an existing file before any work is done."""
     if folder and Path(folder).exists() and not Path(folder).is_dir():
         raise ConfigError(f"--explain {folder!r} is a file; give a folder for the heatmaps")
@@ -342,7 +342,7 @@ def write_explanations(predictor: Predictor, files: Sequence[Path], rows: Sequen
     # The top class, also where a row's label says something else (a rejected image is explained too).
     targets = [None if r.probabilities is None
                else classes.index(max(r.probabilities, key=r.probabilities.__getitem__)) for r in rows]
-    out = Path(cfg.explain)
+    out = Path(need(cfg, "explain"))
     written = explain_files(predictor, files, targets, out, cfg.max_pixels)
     save_config(cfg, out / schema.CONFIG_NAME)
     print(f"explanations of {len(written)} images in {out}", file=sys.stderr)

@@ -133,8 +133,8 @@ class Predictor:
     @classmethod
     def from_run(cls, run: str | Path, device: torch.device | str = AUTO, name: str = BEST_CKPT,
                  tta: bool | None = None, reject: bool | None = None,
-                 calibrate: bool | None = None, backend: str | None = None, threads: int = 0,
-                 int8_max_drop: float = MAX_DROP_PT, shards: str = "") -> Predictor:
+                 calibrate: bool | None = None, backend: str | None = None, threads: int | None = None,
+                 int8_max_drop: float = MAX_DROP_PT, shards: str | None = None) -> Predictor:
         """Load the checkpoint of a run folder (or a .pt file) and rebuild its model.
 
         ``tta``, ``reject`` and ``calibrate`` override the run's recorded inference settings (None: the

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from catsdogs import schema
-from catsdogs.config import PreprocessConfig, check_required, save_config, to_dict
+from catsdogs.config import PreprocessConfig, check_required, need, save_config, to_dict
 from catsdogs.errors import ConfigError, InputError, TooManySkippedError
 from catsdogs.io import storage
 from catsdogs.io.atomic import atomic_write_text
@@ -49,15 +49,16 @@ if TYPE_CHECKING:
 
 def _resolve_output(cfg: PreprocessConfig, input_root: Path | str) -> str:
     """Validate ``--output`` (a path or remote URI, not nested with ``--input``); return it resolved."""
-    if storage.is_remote(cfg.output) or storage.is_remote(str(input_root)):
-        out, root = cfg.output.rstrip("/"), str(input_root).rstrip("/")
+    output = need(cfg, "output")
+    if storage.is_remote(output) or storage.is_remote(str(input_root)):
+        out, root = output.rstrip("/"), str(input_root).rstrip("/")
         if out == root or out.startswith(f"{root}/") or root.startswith(f"{out}/"):
             raise ConfigError(f"--output {out!r} and --input {root!r} are nested; a shards folder "
                               "inside the input would be read as a class next time (choose another --output)")
         return out if storage.is_remote(out) else str(Path(out).expanduser().resolve())
-    if "://" in cfg.output:
-        raise ConfigError(f"--output {cfg.output!r}: use a path, file://, s3a:// or hdfs:// URI")
-    out_path = Path(cfg.output).expanduser().resolve()
+    if "://" in output:
+        raise ConfigError(f"--output {output!r}: use a path, file://, s3a:// or hdfs:// URI")
+    out_path = Path(output).expanduser().resolve()
     assert isinstance(input_root, Path)  # nosec B101 # type narrowing: local input is a Path
     if out_path == input_root or out_path.is_relative_to(input_root):
         raise ConfigError(f"--output {str(out_path)!r} is inside --input {str(input_root)!r}; it would be "
@@ -185,8 +186,9 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
     """
     check_required(cfg)
     t0 = time.perf_counter()
-    listing = (scan_remote(cfg.input, cfg.labels_from) if storage.is_remote(cfg.input)
-               else scan_input(cfg.input, cfg.labels_from))
+    source = need(cfg, "input")
+    listing = (scan_remote(source, cfg.labels_from) if storage.is_remote(source)
+               else scan_input(source, cfg.labels_from))
     excluded: dict[str, Any] = {}
     if cfg.exclude:
         listing, excluded = apply_exclusions(listing, read_exclusions(cfg.exclude))

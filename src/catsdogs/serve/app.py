@@ -47,7 +47,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from catsdogs import __version__
-from catsdogs.config import ServeConfig, check_required
+from catsdogs.config import ServeConfig, check_required, need
 from catsdogs.errors import ConfigError, ImageDecodeError
 from catsdogs.infer.explain import Explainer, explain_upload
 from catsdogs.infer.prediction import Prediction
@@ -151,7 +151,7 @@ def server_timing(timing: dict[str, float], start: float) -> str:
 
 def run_folder(cfg: ServeConfig) -> RunDir:
     """The run folder of --run (the folder itself, or the folder holding a .pt file)."""
-    return RunDir.from_arg(cfg.run)
+    return RunDir.from_arg(need(cfg, "run"))
 
 
 def eval_metrics(cfg: ServeConfig) -> dict[str, Any] | None:
@@ -390,7 +390,7 @@ def main(cfg: ServeConfig) -> int:
     check_required(cfg)
     check_exposure(cfg, load_api_key(cfg))  # an open API on a public address stops here, before binding
     # models:/ or runs:/ -> a downloaded run folder, once: the report and metrics routes read it too.
-    cfg = dataclasses.replace(cfg, run=local_run(cfg.run, cfg.tracking_uri))
+    cfg = dataclasses.replace(cfg, run=local_run(need(cfg, "run"), cfg.tracking_uri))
     sock = bind_socket(cfg.host, cfg.port)
     try:
         backend = load_backend(cfg)  # a bad --run fails here with one line, before serving

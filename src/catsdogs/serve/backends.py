@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from catsdogs.config import ServeConfig
+from catsdogs.config import ServeConfig, need
 from catsdogs.engines.names import TORCH
 from catsdogs.infer.load import load_predictor
 from catsdogs.infer.predictor import Answers, Predictor
@@ -94,7 +94,7 @@ def load_backend(cfg: ServeConfig) -> Backend:
     # The onnx/openvino engines run one worker (unless --workers) with all its cores: their threads are
     # fixed when built; torch's are set per process below, once the engine is known.
     engine_threads = cfg.threads or max(1, cores() // (cfg.workers or 1))
-    predictor = load_predictor(cfg.run, cfg, engine_threads=engine_threads)
+    predictor = load_predictor(need(cfg, "run"), cfg, engine_threads=engine_threads)
     _workers, threads = plan_workers(cfg, predictor.backend, predictor.device.type == "cuda")
     set_threads(threads)
     return PredictorBackend(predictor)

@@ -43,7 +43,7 @@ def _error_response(text: str, retry_after: bool = False) -> dict[str, Any]:
 
 def cors_origins(cfg: ServeConfig) -> list[str]:
     """The origins of ``--cors-origin`` (empty: no CORS)."""
-    return [o.strip().rstrip("/") for o in cfg.cors_origin.split(",") if o.strip()]
+    return [o.strip().rstrip("/") for o in (cfg.cors_origin or "").split(",") if o.strip()]
 
 
 def install_security(app: FastAPI, cfg: ServeConfig) -> None:

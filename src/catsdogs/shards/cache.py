@@ -35,7 +35,7 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "catsdogs"
 
 
-def cache_folder(uri: str, cache_dir: str | Path = "") -> Path:
+def cache_folder(uri: str, cache_dir: str | Path | None = None) -> Path:
     """Return the cache folder of one remote shards URI: ``<cache>/shards/<name>-<hash of uri>``."""
     uri = uri.rstrip("/")
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
@@ -66,7 +66,8 @@ def fetch_manifest(data: str, flag: str = "--data") -> Manifest:
     return load_manifest(data, flag)
 
 
-def local_shards(data: str, cache_dir: str | Path = "", flag: str = "--data", quiet: bool = False) -> str:
+def local_shards(data: str, cache_dir: str | Path | None = None, flag: str = "--data", quiet: bool = False
+                 ) -> str:
     """Return a local folder holding the shards of ``data``: ``data`` itself unless it is remote.
 
     Remote shards are fetched into :func:`cache_folder` and verified against the manifest's sha256;
@@ -110,8 +111,8 @@ def local_shards(data: str, cache_dir: str | Path = "", flag: str = "--data", qu
     return str(local)
 
 
-def partial_copy(data: str, manifest: Manifest, split: str, rows: int = 0, cache_dir: str | Path = "",
-                 positions: set[int] | None = None) -> str:
+def partial_copy(data: str, manifest: Manifest, split: str, rows: int = 0,
+                 cache_dir: str | Path | None = None, positions: set[int] | None = None) -> str:
     """Copy (verified) only some shards of ``split``; return the local folder (``data`` itself if local).
 
     The first shards covering ``rows`` rows, or the shards at ``positions`` in the split's list. For a

@@ -38,12 +38,12 @@ PARAM_MAX_CHARS = 6000
 """Longest param value an MLflow server stores."""
 
 
-def experiment_name(given: str = "") -> str:
+def experiment_name(given: str | None = None) -> str:
     """Return ``--experiment``, else ``$MLFLOW_EXPERIMENT_NAME``, else :data:`DEFAULT_EXPERIMENT`."""
     return given or os.environ.get(EXPERIMENT_ENV, "") or DEFAULT_EXPERIMENT
 
 
-def experiment_name_given(given: str = "") -> bool:
+def experiment_name_given(given: str | None = None) -> bool:
     """True when ``--experiment`` or ``$MLFLOW_EXPERIMENT_NAME`` names an experiment."""
     return bool(given or os.environ.get(EXPERIMENT_ENV, ""))
 
@@ -215,9 +215,10 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
-def open_run(given_uri: str, experiment: str, run_name: str, *, params: Mapping[str, Any] | None = None,
-             tags: Mapping[str, Any] | None = None, parent: TrackedRun | None = None,
-             resume_run_id: str = "", experiment_id: str = "") -> TrackedRun:
+def open_run(given_uri: str | None, experiment: str | None, run_name: str, *,
+             params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
+             parent: TrackedRun | None = None, resume_run_id: str = "", experiment_id: str = ""
+             ) -> TrackedRun:
     """Start (or with ``resume_run_id`` reopen) an MLflow run; a no-op run when tracking is off or fails.
 
     A ``parent`` nests the run under it (tune's trials under the study); it shares the parent's client.
@@ -246,8 +247,8 @@ def open_run(given_uri: str, experiment: str, run_name: str, *, params: Mapping[
     return started
 
 
-def _start(uri: str, experiment: str, run_name: str, tags: Mapping[str, Any], parent: TrackedRun | None,
-           resume_run_id: str, experiment_id: str) -> TrackedRun:
+def _start(uri: str, experiment: str | None, run_name: str, tags: Mapping[str, Any],
+           parent: TrackedRun | None, resume_run_id: str, experiment_id: str) -> TrackedRun:
     """Create (or reopen) the run on the server; raises on any MLflow failure."""
     if parent is not None and parent._conn is not None:
         conn = parent._conn

@@ -56,12 +56,12 @@ def mlflow_scheme(value: str) -> str:
     return m.group(1) if m else ""
 
 
-def tracking_uri(given: str = "") -> str:
+def tracking_uri(given: str | None = None) -> str:
     """Return ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else '' (tracking off)."""
     return given or os.environ.get(TRACKING_URI_ENV, "")
 
 
-def local_run(run: str, given_uri: str = "", cache_dir: str | Path = "") -> str:
+def local_run(run: str, given_uri: str | None = None, cache_dir: str | Path | None = None) -> str:
     """Return ``run`` unchanged, or for a models:/ or runs:/ URI a local run folder holding its checkpoint.
 
     Raises :class:`ConfigError` (one line naming --run) when no server is set, it cannot be reached, or

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from catsdogs.checkpoint import CKPT_TRAIN_CONFIG, load_checkpoint
-from catsdogs.config import TrainConfig, flag, given_names, require, to_dict, typed_names
+from catsdogs.config import TrainConfig, flag, given_names, need, require, to_dict, typed_names
 from catsdogs.errors import ConfigError, OutputExistsError
 from catsdogs.rundir import RunDir
 from catsdogs.train.names import FREEZE_BACKBONE
@@ -100,7 +100,7 @@ def planned(cfg: TrainConfig) -> TrainConfig:
 
     For choosing the trainer and checking flags on the driver; the trainer itself merges with last.pt.
     """
-    run = RunDir(Path(cfg.output)) if cfg.output else None
+    run = RunDir(Path(need(cfg, "output"))) if cfg.output else None
     if not cfg.resume or run is None or not run.last.is_file():
         return cfg
     saved = run.read_config()
@@ -113,7 +113,7 @@ def claim(cfg: TrainConfig, is_main: bool = True) -> tuple[TrainConfig, dict[str
     The state is None for a new run. Only ``is_main`` (rank 0) prints or deletes anything.
     """
     require(cfg, "output")
-    run = RunDir(Path(cfg.output))
+    run = RunDir(Path(need(cfg, "output")))
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume continues the run in --output and --overwrite replaces it: "
                           "pass one of them")

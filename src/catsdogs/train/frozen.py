@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from catsdogs.checkpoint import CKPT_ENGINE, CKPT_METRICS, build_checkpoint, save_checkpoint
-from catsdogs.config import TrainConfig, require, save_config, to_dict
+from catsdogs.config import TrainConfig, need, require, save_config, to_dict
 from catsdogs.engines import feature_cache
 from catsdogs.engines.base import Engine
 from catsdogs.engines.batches import SplitImages, calibration_images
@@ -76,13 +76,15 @@ def train_frozen(cfg: TrainConfig, size: int | None = None, cache_splits: tuple[
         return _train_frozen(cfg, size, cache_splits=cache_splits)
     from catsdogs.cluster.session import NEEDED, runtime_modules, spark_session  # lazy: pyspark
 
-    check_spark_plan(cfg, fetch_manifest(cfg.data))  # before the JVM starts: a wrong value is the only line
+    # Before the JVM starts: a wrong value is the only line.
+    check_spark_plan(cfg, fetch_manifest(need(cfg, "data")))
     modules = NEEDED + runtime_modules(engine_for(cfg.backend))
     with spark_session(cfg.master, "catsdogs-train", cfg.spark_conf, modules) as spark:
         try:
             return _train_frozen(cfg, size, spark)  # no feature cache: the driver may hold no test shard
         finally:
-            shutil.rmtree(RunDir(Path(cfg.output)).feature_shards, ignore_errors=True)  # streamed features
+            # The streamed features.
+            shutil.rmtree(RunDir(Path(need(cfg, "output"))).feature_shards, ignore_errors=True)
 
 
 def on_spark(cfg: TrainConfig) -> bool:
@@ -105,17 +107,18 @@ def check_spark_plan(cfg: TrainConfig, manifest: Manifest) -> None:
 
 def executor_data(cfg: TrainConfig) -> str:
     """``--data`` as the executors open it: a URI as given, a path made absolute (their cwd differs)."""
-    return cfg.data if storage.is_remote(cfg.data) else str(Path(cfg.data).resolve())
+    data = need(cfg, "data")
+    return data if storage.is_remote(data) else str(Path(data).resolve())
 
 
 def _open_shards(cfg: TrainConfig, spark: SparkSession | None) -> tuple[Path, Manifest]:
     """The local shards folder and its manifest (on Spark with remote shards, only the calibration copy)."""
-    if spark is not None and storage.is_remote(cfg.data):
+    if spark is not None and storage.is_remote(need(cfg, "data")):
         # The executors read the shards; the driver copies only what int8 calibration reads.
-        manifest = fetch_manifest(cfg.data)
-        data = partial_copy(cfg.data, manifest, "train", cfg.calibration_images, cfg.cache_dir)
+        manifest = fetch_manifest(need(cfg, "data"))
+        data = partial_copy(need(cfg, "data"), manifest, "train", cfg.calibration_images, cfg.cache_dir)
     else:
-        data = local_shards(cfg.data, cfg.cache_dir)  # remote shards: a verified local copy
+        data = local_shards(need(cfg, "data"), cfg.cache_dir)  # remote shards: a verified local copy
         manifest = load_manifest(data)
     if manifest.split_rows("train") == 0:
         raise InputError(f"shards {cfg.data!r} have no train rows (fix --data)")
@@ -171,7 +174,7 @@ def _train_frozen(cfg: TrainConfig, size: int | None = None, spark: SparkSession
     model = create_model(cfg.model, num_classes, size, pretrained=True, **model_kwargs(cfg))
     model = model.to(device).to(memory_format=torch.channels_last)
     mean, std = input_normalization(cfg.model, tuple(manifest.mean), tuple(manifest.std))
-    run = RunDir(Path(cfg.output))
+    run = RunDir(Path(need(cfg, "output")))
     calibration = lambda: calibration_images(data, manifest, mean, std,  # noqa: E731
                                              cfg.calibration_images, cfg.batch_size, size)
     stages: dict[str, float] = {}
@@ -292,7 +295,7 @@ def features_of(cfg: TrainConfig, model: nn.Module, data: Path, manifest: Manife
         feats, _report = spark_features(
             spark, cfg.master, executor_data(cfg), manifest, engine, model, config, mean, std, splits,
             batch_size=cfg.batch_size, threads=cfg.threads, groups=cfg.distributed,
-            spill=RunDir(Path(cfg.output)).feature_shards, stream_above=cfg.head_memory_mb << 20)
+            spill=RunDir(Path(need(cfg, "output"))).feature_shards, stream_above=cfg.head_memory_mb << 20)
         return feats
     feats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split, flip in splits.items():
@@ -316,7 +319,7 @@ def write_run(cfg: TrainConfig, model: nn.Module, manifest: Manifest, size: int,
 
     ``confidence`` holds the detector, temperature and inference-settings checkpoint entries.
     """
-    run = RunDir(Path(cfg.output))
+    run = RunDir(Path(need(cfg, "output")))
     run.root.mkdir(parents=True, exist_ok=True)  # also made by train_frozen for the engine graphs
     state = build_checkpoint(model_state=model.state_dict(),
                              model_config=model_config(cfg, len(manifest.classes), size),

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from catsdogs import runtime
-from catsdogs.config import TrainConfig, require
+from catsdogs.config import TrainConfig, need, require
 from catsdogs.errors import ConfigError
 from catsdogs.rundir import RunDir, read_metrics
 from catsdogs.runtime import select_device
@@ -56,8 +56,8 @@ class LaunchPlan:
     """One CUDA device per process (``--device cuda``, or ``auto`` with a GPU)."""
     backend: str
     """torch.distributed backend: nccl on CUDA, gloo on CPU."""
-    threads: int
-    """Torch threads per process (0 = leave to the process: ``OMP_NUM_THREADS`` or all cores)."""
+    threads: int | None
+    """Torch threads per process (None: leave to the process, ``OMP_NUM_THREADS`` or all cores)."""
 
 
 def plan_launch(cfg: TrainConfig, cores: int | None = None) -> LaunchPlan:
@@ -92,8 +92,8 @@ def preflight(cfg: TrainConfig) -> None:
     if cfg.data:
         # In local mode the ranks share this machine: fetch remote shards once, here, so the N
         # ranks find them cached instead of downloading them N times at once.
-        manifest = (load_manifest(local_shards(cfg.data, cfg.cache_dir)) if is_local(cfg.master)
-                    else fetch_manifest(cfg.data))
+        manifest = (load_manifest(local_shards(need(cfg, "data"), cfg.cache_dir)) if is_local(cfg.master)
+                    else fetch_manifest(need(cfg, "data")))
         shards = len(manifest.split_shards("train"))
         if shards < cfg.distributed:
             raise ConfigError(f"--distributed {cfg.distributed} exceeds the {shards} train shards of "
@@ -110,7 +110,7 @@ def rank_main(cfg: TrainConfig, plan: LaunchPlan) -> dict[str, Any]:
     world = int(os.environ["WORLD_SIZE"])
     if plan.use_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    threads = plan.threads or int(os.environ.get("OMP_NUM_THREADS") or 0)
+    threads = plan.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or None
     cfg = dataclasses.replace(cfg, threads=threads)
     dist.init_process_group(plan.backend)
     try:
@@ -164,7 +164,7 @@ def train_distributed(cfg: TrainConfig) -> list[dict[str, str]]:
             os.environ["OMP_NUM_THREADS"] = saved_omp
         if owned:
             spark.stop()
-    run = RunDir(Path(cfg.output))
+    run = RunDir(Path(need(cfg, "output")))
     rows = read_metrics(run.metrics)
     where = "this machine" if plan.local_mode else cfg.master
     last = rows[-1] if rows else {}
@@ -198,7 +198,8 @@ def main(cfg: TrainConfig, cache_splits: tuple[str, ...] = ()) -> int:
                                                "best_val_acc": metrics["val_acc"], "best_epoch": 1,
                                                "epochs": 1, "C": metrics["C"],
                                                "feature_seconds": metrics["feature_seconds"]})
-        print(f"best checkpoint: {RunDir(Path(cfg.output)).best} (val_acc {metrics['val_acc']:.4f})")
+        best = RunDir(Path(need(cfg, "output"))).best
+        print(f"best checkpoint: {best} (val_acc {metrics['val_acc']:.4f})")
         return 0
     if plan.distributed:
         train_distributed(cfg)

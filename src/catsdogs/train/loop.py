@@ -38,7 +38,7 @@ from torch import nn
 
 from catsdogs import checkpoint as ckpt
 from catsdogs.checkpoint import build_checkpoint, build_from_checkpoint, load_checkpoint, save_checkpoint
-from catsdogs.config import TrainConfig, require, save_config, to_dict
+from catsdogs.config import TrainConfig, need, require, save_config, to_dict
 from catsdogs.errors import CheckpointError, ConfigError
 from catsdogs.models.factory import create_model
 from catsdogs.models.heads import log_probs, loss_fn, predictions
@@ -113,8 +113,7 @@ class Trainer:
     """Holds the model, optimiser, streams and run state of one training process."""
 
     def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> None:
-        require(cfg, "output")
-        self.run = RunDir(Path(cfg.output))
+        self.run = RunDir(Path(need(cfg, "output")))
         self.out = self.run.root
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
@@ -123,7 +122,7 @@ class Trainer:
         self.cfg = cfg
         self.device = setup(cfg.threads, cfg.device, cfg.seed)
         # Remote shards (s3a://, hdfs://) are streamed from a verified local copy.
-        self.data = local_shards(cfg.data, cfg.cache_dir, quiet=not self.is_main)
+        self.data = local_shards(need(cfg, "data"), cfg.cache_dir, quiet=not self.is_main)
         self.manifest: Manifest = load_manifest(self.data)
         m = self.manifest
         self.num_classes = len(m.classes)
@@ -381,6 +380,8 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> Progre
     """Run the training loop as one of ``world_size`` processes (DDP wraps this); only rank 0 writes."""
     trainer = Trainer(cfg, rank, world_size)
     # Rank 0 alone talks to MLflow; a refused --output (Trainer above) never opens an MLflow run.
+    # The resolved settings (a --resume takes --data and the rest from its checkpoint) are what is tracked.
+    cfg = trainer.cfg
     tracked = open_training_run(cfg, trainer.manifest, trainer.data) if rank == 0 else TrackedRun()
     trainer.on_epoch = lambda row: log_epoch(tracked, row)
     start_epoch = trainer.p.epoch

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from catsdogs.config import TrainConfig, to_dict
+from catsdogs.config import TrainConfig, need, to_dict
 from catsdogs.rundir import METRICS_COLUMNS, RunDir
 from catsdogs.shards.cache import local_shards
 from catsdogs.shards.manifest import Manifest, load_manifest
@@ -34,14 +34,15 @@ def open_training_run(cfg: TrainConfig, manifest: Manifest | None = None, data_r
     uri = tracking_uri(cfg.tracking_uri)
     if not uri:
         return TrackedRun()
-    run = RunDir(Path(cfg.output))
+    run = RunDir(Path(need(cfg, "output")))
     if manifest is None:
-        data_root = local_shards(cfg.data, cfg.cache_dir, quiet=True)
+        data_root = local_shards(need(cfg, "data"), cfg.cache_dir, quiet=True)
         manifest = load_manifest(data_root)
     link = read_link(run.mlflow_link) if cfg.resume else {}
     resume_id = link.get("run_id", "") if link.get("tracking_uri") == uri else ""
-    tags = {**data_tags(cfg.data, data_root, manifest), **git_tags(), f"{TAG_PREFIX}command": "train",
-            f"{TAG_PREFIX}model": cfg.model, f"{TAG_PREFIX}run_folder": str(run.root.resolve())}
+    tags = {**data_tags(need(cfg, "data"), data_root, manifest), **git_tags(),
+            f"{TAG_PREFIX}command": "train", f"{TAG_PREFIX}model": cfg.model,
+            f"{TAG_PREFIX}run_folder": str(run.root.resolve())}
     tracked = open_run(cfg.tracking_uri, cfg.experiment, run.root.resolve().name, params=to_dict(cfg),
                        tags=tags, resume_run_id=resume_id)
     if tracked.active:
@@ -69,7 +70,7 @@ def finish_training_run(tracked: TrackedRun, cfg: TrainConfig, final: Mapping[st
     """Log the final metrics, config.json, metrics.csv and the model (registered with ``--register``)."""
     if not tracked.active:
         return
-    run = RunDir(Path(cfg.output))
+    run = RunDir(Path(need(cfg, "output")))
     tracked.log_metrics(final)
     tracked.log_artifact(run.config)
     tracked.log_artifact(run.metrics)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from catsdogs import rundir, schema
-from catsdogs.config import TrainConfig, TuneConfig, build_config, check_required, save_config, to_dict
+from catsdogs.config import TrainConfig, TuneConfig, build_config, check_required, need, save_config, to_dict
 from catsdogs.errors import ConfigError
 from catsdogs.io.atomic import atomic_write_text
 from catsdogs.models.registry import pretrained_names
@@ -153,11 +153,11 @@ def run_study(cfg: TuneConfig) -> Any:
     import optuna
 
     check_required(cfg)
-    manifest = load_manifest(cfg.data)
+    manifest = load_manifest(need(cfg, "data"))
     if manifest.split_rows("val") == 0:
         raise ConfigError(f"shards {cfg.data!r} have no val rows: tuning needs a validation split "
                           f"(re-run catsdogs preprocess with --val-frac > 0)")
-    out = Path(cfg.output)
+    out = Path(need(cfg, "output"))
     trials_dir = out / "trials"
     trials_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / schema.CONFIG_NAME)
@@ -190,7 +190,7 @@ def tracking_tags(cfg: TuneConfig, manifest: Any) -> dict[str, str]:
     """The study run's lineage tags (computed only when tracking is on: it hashes files.csv)."""
     if not tracking_uri(cfg.tracking_uri):
         return {}
-    return {**data_tags(cfg.data, cfg.data, manifest), **git_tags()}
+    return {**data_tags(need(cfg, "data"), need(cfg, "data"), manifest), **git_tags()}
 
 
 def write_outputs(study: Any, out: Path) -> None:
@@ -242,7 +242,7 @@ def main(cfg: TuneConfig) -> int:
     import optuna
 
     study = run_study(cfg)
-    out = Path(cfg.output)
+    out = Path(need(cfg, "output"))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     print(f"{len(study.trials)} trials ({len(done)} complete, {len(pruned)} pruned); outputs in {out}")
