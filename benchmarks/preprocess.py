@@ -63,18 +63,18 @@ def bench_spark_cli(data: Path, out: Path, extra: list[str]) -> dict[str, Any]:
     return {"process_wall_s": wall, "peak_rss_mib": rss.peak_mib, "cpu_s": rss.cpu_by_kind, **stats}
 
 
-def bench_spark_inner(data: Path, out: Path, api: str, jobs: int) -> dict[str, Any]:
+def bench_spark_inner(data: Path, out: Path, jobs: int) -> dict[str, Any]:
     """Run ``jobs`` preprocess jobs in one fresh session; return the last job's stats.
 
     With ``jobs=2`` the second job finds the JVM and the Python workers warm.
     """
     wall, rss, stdout = _run_tree([sys.executable, "-m", "benchmarks.preprocess", "--inner",
-                                   str(data), str(out), api, str(jobs)])
+                                   str(data), str(out), str(jobs)])
     return {"process_wall_s": wall, "peak_rss_mib": rss.peak_mib, "cpu_s": rss.cpu_by_kind,
             **json.loads(stdout.strip().splitlines()[-1])}
 
 
-def _inner(data: str, out: str, api: str, jobs: str) -> None:
+def _inner(data: str, out: str, jobs: str) -> None:
     from catsdogs.config import PreprocessConfig
     from catsdogs.preprocess.command import preprocess
     from catsdogs.spark import get_spark
@@ -85,7 +85,7 @@ def _inner(data: str, out: str, api: str, jobs: str) -> None:
     stats: dict[str, Any] = {}
     for _ in range(int(jobs)):
         cfg = PreprocessConfig(input=data, output=out, size=SIZE, overwrite=True)
-        stats = preprocess(cfg, spark=spark, progress=False, api=api).stats
+        stats = preprocess(cfg, spark=spark, progress=False).stats
     spark.stop()
     # preprocess() was handed the session, so its wall_time_s already excludes the start-up.
     stats["session_start_s"] = start
@@ -115,9 +115,9 @@ the main effects every run):
   first job Spark's PythonRunner log reported boot 0.71 s + init 0.13 s per worker (launching
   the `pyspark.daemon`, forking workers, importing pyspark and unpickling the task), the rest is
   job scheduling in a cold JVM. A second job in the same session starts its first task in < 0.1 s.
-- DataFrame `mapInArrow` over `parallelize`d plan rows adds ~3 s to that delay (Catalyst
+- DataFrame `mapInArrow` over `parallelize`d plan rows added ~3 s to that delay (Catalyst
   planning/codegen in a cold JVM, plus an extra Python worker that turns the parallelized rows into
-  the DataFrame); the tasks themselves are identical, so the RDD form is the default.
+  the DataFrame); the tasks themselves were identical, so preprocess runs the RDD form only.
 - The driver JVM's default C2 JIT and G1 GC used ~10 CPU-s per run on 2 cores; C1 only + serial
   GC ~5 CPU-s (see the "JVM defaults" row).
 - `spark.python.use.daemon=false` (no fork server, so no worker reuse): 12.7 s vs 6.3 s.
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=REAL_DATA)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--inner", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--inner", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.inner:
         _inner(*args.inner)
@@ -164,15 +164,13 @@ def main(argv: list[str] | None = None) -> int:
                         fh.read()
             pool = [bench_pool(paths) for _ in range(args.repeats)]
             spark = [bench_spark_cli(args.data, tmp / "shards", []) for _ in range(args.repeats)]
-            frames = [bench_spark_inner(args.data, tmp / "df", "dataframe", 1) for _ in range(args.repeats)]
-            warm_runs = [bench_spark_inner(args.data, tmp / "warm", "rdd", 2) for _ in range(args.repeats)]
+            warm_runs = [bench_spark_inner(args.data, tmp / "warm", 2) for _ in range(args.repeats)]
             variants = [bench_spark_cli(args.data, tmp / "shards", extra) for _, extra, _ in VARIANTS]
             pool.append(bench_pool(paths))  # again at the end: the machine's load drifts
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     best_pool = min(pool, key=lambda r: r["seconds"])
     best = min(spark, key=_excl)
-    best_df = min(frames, key=_excl)
     warm_run = min(warm_runs, key=_excl)
     pool_ips = best_pool["images_per_s"]
     ratio = (n / _excl(best)) / pool_ips
@@ -192,9 +190,6 @@ def main(argv: list[str] | None = None) -> int:
              f"interpreter + imports + SparkSession start ({best['spark_start_s']:.1f} s) + the above"),
         _row("Spark, 2nd job in the same session", n, _excl(warm_run), warm_run["peak_rss_mib"],
              f"JVM and Python workers warm; first task after {warm_run['first_task_start_s']:.1f} s"),
-        _row("Spark, api='dataframe' (mapInArrow)", n, _excl(best_df), best_df["peak_rss_mib"],
-             f"excl. start-up; first task after {best_df['first_task_start_s']:.1f} s (Catalyst "
-             "planning, an extra Python worker feeds the plan rows)"),
     ]
     for (name, _extra, note), r in zip(VARIANTS, variants, strict=True):
         rows.append(_row(f"Spark, {name}", n, _excl(r), r["peak_rss_mib"],
@@ -234,7 +229,6 @@ def main(argv: list[str] | None = None) -> int:
         "All runs, in order: pool " + ", ".join(f"{r['images_per_s']:,.0f}" for r in pool)
         + " img/s; Spark excl. start-up " + ", ".join(f"{n / _excl(r):,.0f}" for r in spark)
         + " img/s; Spark whole process " + ", ".join(f"{n / r['process_wall_s']:,.0f}" for r in spark)
-        + " img/s; dataframe excl. start-up " + ", ".join(f"{n / _excl(r):,.0f}" for r in frames)
         + " img/s; warm 2nd job " + ", ".join(f"{n / _excl(r):,.0f}" for r in warm_runs) + " img/s.",
     ]
     path = write_fragment("preprocess", "\n".join(lines))

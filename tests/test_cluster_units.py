@@ -13,7 +13,7 @@ from catsdogs.cluster import predict as cpredict
 from catsdogs.cluster.shardjob import Item, group_items
 from catsdogs.cluster.standalone import ClusterError, free_port, worker_cpus
 from catsdogs.errors import ConfigError, OutputExistsError
-from catsdogs.infer.predict import Input, read_item, write_rows
+from catsdogs.infer.predict import NamedImage, read_item, write_rows
 from catsdogs.infer.prediction import Prediction
 from catsdogs.infer.predictor import Answer
 from catsdogs.shards.feature_shards import (
@@ -176,8 +176,8 @@ def test_parts_merge_on_s3(tmp_path: Path) -> None:
 def test_inputs_are_files_uris_or_bytes(tmp_path: Path) -> None:
     (tmp_path / "a.jpg").write_bytes(b"abc")
     assert read_item(tmp_path / "a.jpg") == b"abc"
-    assert read_item(Input("x", content=b"xyz")) == b"xyz"
-    assert read_item(Input("x", uri=str(tmp_path / "missing.jpg"))) == "unreadable"
+    assert read_item(NamedImage("x", content=b"xyz")) == b"xyz"
+    assert read_item(NamedImage("x", uri=str(tmp_path / "missing.jpg"))) == "unreadable"
     (tmp_path / "link.jpg").symlink_to(tmp_path / "gone.jpg")
     assert read_item(tmp_path / "link.jpg") == "broken_link"
 

@@ -140,21 +140,6 @@ def test_overwrite_is_refused_then_replaces_with_identical_shards(
     assert sorted(p.name for p in first_run.parent.iterdir()) == ["shards"]
 
 
-def test_dataframe_api_writes_the_same_shards(
-        spark: object, first_run: Path, tree: tuple[Path, dict[str, list[str]]], tmp_path: Path) -> None:
-    from catsdogs.config import PreprocessConfig
-    from catsdogs.preprocess.command import preprocess
-
-    root, _ = tree
-    cfg = PreprocessConfig(input=str(root), output=str(tmp_path / "df"), size=24, shard_rows=16,
-                           val_frac=0.2, test_frac=0.2)
-    m = preprocess(cfg, spark=spark, progress=False, api="dataframe")  # type: ignore[arg-type]
-    assert m.stats["api"] == "dataframe"
-    assert _digests(tmp_path / "df") == _digests(first_run)
-    assert _files_csv(tmp_path / "df") == _files_csv(first_run)
-    assert m.skipped == load_manifest(first_run).skipped
-
-
 def test_parquet_format_holds_the_same_rows_and_spark_reads_it(
         spark: object, first_run: Path, tree: tuple[Path, dict[str, list[str]]], tmp_path: Path) -> None:
     from catsdogs.shards.reader import open_shard

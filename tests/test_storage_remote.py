@@ -263,7 +263,7 @@ def test_hdfs_uris_end_to_end_with_a_local_stand_in_for_libhdfs(monkeypatch: pyt
         return [row for p in plans for row in job._columns_to_rows(  # noqa: SLF001
             task.process_shard(settings, p.split, p.index, list(p.paths), list(p.labels)))]
 
-    monkeypatch.setattr(pp, "run_job", run_inline)
+    monkeypatch.setattr(pp, "run_shard_tasks", run_inline)
     inline = types.SimpleNamespace(version="inline", sparkContext=types.SimpleNamespace(master="inline"))
     src = tmp_path / "PetImages"
     make_image_tree(src, per_class=8)

@@ -27,12 +27,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from catsdogs.config import InferenceConfig, build_config
+from catsdogs.config import InferenceConfig, PredictConfig, build_config
 from catsdogs.errors import ImageDecodeError, InputError
 from catsdogs.infer.explain import Explainer, overlay, to_original
 from catsdogs.infer.load import load_predictor
-from catsdogs.infer.predict import Input as Named
-from catsdogs.infer.predict import Item, expand_paths, name_of, predict_files, read_item
+from catsdogs.infer.predict import Item, NamedImage, expand_paths, name_of, predict_files, read_item
 from catsdogs.infer.prediction import Prediction
 from catsdogs.infer.predictor import Predictor
 from catsdogs.models.transforms import DEFAULT_MAX_PIXELS, load_rgb
@@ -43,11 +42,11 @@ Input = str | Path | bytes | Image.Image | np.ndarray
 bytes, a PIL image, or a uint8 ``(H, W, 3)`` RGB / ``(H, W)`` grey array."""
 PNG_MODES = frozenset({"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"})
 """PIL modes PNG stores as they are (others, such as CMYK, become RGB first)."""
-BATCH = 64
-"""Images per forward pass, as ``catsdogs predict --batch-size`` defaults to."""
+BATCH: int = PredictConfig.batch_size
+"""Images per forward pass: ``catsdogs predict --batch-size``'s default."""
 
 
-def load(source: str | Path, *, tracking_uri: str = "", **settings: Any) -> Model:
+def load(source: str | Path, *, tracking_uri: str | None = None, **settings: Any) -> Model:
     """Load a trained model.
 
     Args:
@@ -169,7 +168,7 @@ def _as_items(image: Input, k: int) -> list[Item]:
     if isinstance(image, str | Path):
         return list(expand_paths([str(image)]))
     if isinstance(image, bytes | bytearray | memoryview):
-        return [Named(f"<bytes {k}>", content=bytes(image))]
+        return [NamedImage(f"<bytes {k}>", content=bytes(image))]
     if isinstance(image, Image.Image):
         return [_encoded(f"<image {k}>", image)]
     if isinstance(image, np.ndarray):
@@ -181,11 +180,11 @@ def _as_items(image: Input, k: int) -> list[Item]:
                      f"{type(image).__name__}")
 
 
-def _encoded(name: str, image: Image.Image) -> Named:
+def _encoded(name: str, image: Image.Image) -> NamedImage:
     """A PIL image as lossless PNG bytes (its EXIF orientation kept), decoded then exactly like a file."""
     buf = io.BytesIO()
     if image.mode not in PNG_MODES:
         image = image.convert("RGB")
     exif = image.getexif()
     image.save(buf, format="PNG", compress_level=1, **({"exif": exif} if exif else {}))
-    return Named(name, content=buf.getvalue())
+    return NamedImage(name, content=buf.getvalue())

@@ -36,7 +36,7 @@ from catsdogs.config import PredictConfig, check_required, need
 from catsdogs.errors import ConfigError, InputError, OutputExistsError
 from catsdogs.infer.load import load_predictor
 from catsdogs.infer.predict import (
-    Input,
+    NamedImage,
     check_output,
     expand_paths,
     is_candidate,
@@ -72,9 +72,9 @@ SUMMARY_DDL = "part int, rows int, errors int, labels string, host string, pid i
 the process that answered; a few dozen bytes, whatever the task's rows."""
 
 
-def _inputs(batch: pd.DataFrame) -> list[Input]:
+def _inputs(batch: pd.DataFrame) -> list[NamedImage]:
     contents = batch["content"].tolist()
-    return [Input(name=str(n), uri=str(u or ""), content=None if c is None else bytes(c))
+    return [NamedImage(name=str(n), uri=str(u or ""), content=None if c is None else bytes(c))
             for n, u, c in zip(batch["name"].tolist(), batch["uri"].tolist(), contents, strict=True)]
 
 

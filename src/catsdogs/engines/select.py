@@ -22,7 +22,7 @@ from catsdogs.progress import progress_bar
 from catsdogs.rundir import RunDir
 
 
-def split_features(engine: Engine, batches: Iterable[tuple[np.ndarray, np.ndarray]]
+def engine_features(engine: Engine, batches: Iterable[tuple[np.ndarray, np.ndarray]]
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Run ``engine`` over ``(x, y)`` batches; return all features and labels (progress on stderr)."""
     labels: list[np.ndarray] = []
@@ -89,7 +89,7 @@ def guarded_engine(name: str, model: nn.Module, size: int, run: RunDir, checkpoi
                   f"validation shards are not here to make one; using {fallback} (fp32)", file=sys.stderr)
             return reference
         print(f"catsdogs: checking {name} against fp32 on the validation split ...", file=sys.stderr)
-        int8_feats, labels = split_features(engine, validation.batches())
+        int8_feats, labels = engine_features(engine, validation.batches())
         classify: Callable[[torch.Tensor], torch.Tensor] = model.classify  # type: ignore[assignment]
         record = guard.screened_check(name, lambda f: classify(f.to(next(model.parameters()).device)),
                                       int8_feats, labels, reference_features(reference, validation),

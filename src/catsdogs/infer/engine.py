@@ -25,7 +25,7 @@ from catsdogs.rundir import RunDir
 from catsdogs.schema import MANIFEST_NAME
 from catsdogs.shards.manifest import Manifest, load_manifest
 
-BATCH = 64
+CALIBRATION_BATCH = 64
 """Images per forward pass of calibration and the guard (the feature pass's batch)."""
 
 
@@ -41,7 +41,7 @@ def recorded_engine(state: dict[str, Any]) -> str | None:
     return str(engine) if engine else None
 
 
-def run_shards(shards: str | None, meta: dict[str, Any], run: RunDir, size: int
+def calibration_shards(shards: str | None, meta: dict[str, Any], run: RunDir, size: int
                ) -> tuple[Path, Manifest] | None:
     """The local shards folder whose splits calibrate and guard an int8 engine, or None if not here.
 
@@ -76,12 +76,13 @@ def load_engine(name: str, model: nn.Module, size: int, mean: tuple[float, ...],
               file=sys.stderr)
         return TorchEngine(model, device)
     run = RunDir(checkpoint.parent)
-    found = run_shards(shards, meta, run, size)
+    found = calibration_shards(shards, meta, run, size)
     calibration = validation = None
     if found is not None:
         root, manifest = found
-        calibration = lambda: calibration_images(root, manifest, mean, std, CALIBRATION_IMAGES, BATCH)  # noqa: E731
-        validation = SplitImages(root, manifest, "val", mean, std, BATCH)
+        calibration = lambda: calibration_images(  # noqa: E731
+            root, manifest, mean, std, CALIBRATION_IMAGES, CALIBRATION_BATCH)
+        validation = SplitImages(root, manifest, "val", mean, std, CALIBRATION_BATCH)
     try:
         return guarded_engine(name, model, size, run, sha256_file(checkpoint), threads=threads,
                               calibration=calibration, validation=validation, max_drop_pt=max_drop_pt,

@@ -109,7 +109,7 @@ def expand_paths(patterns: Sequence[str]) -> list[Path]:
 
 
 @dataclass(frozen=True)
-class Input:
+class NamedImage:
     """One image that is not a plain local file: named encoded bytes, or a URI a Spark task reads.
 
     The bytes come from the Python API's in-memory images or a Parquet table's column.
@@ -122,18 +122,18 @@ class Input:
     content: bytes | None = None
 
 
-Item = Path | Input
-"""One input: a local file, or an :class:`Input` (named bytes, or a URI on ``predict --master``)."""
+Item = Path | NamedImage
+"""One input: a local file, or a :class:`NamedImage` (named bytes, or a URI on ``predict --master``)."""
 
 
 def name_of(item: Item) -> str:
-    """The name a row carries: the file's path as given, or the Input's name."""
+    """The name a row carries: the file's path as given, or the NamedImage's name."""
     return str(item) if isinstance(item, Path) else item.name
 
 
 def read_item(item: Item) -> bytes | str:
     """The encoded bytes of one input, or why it cannot be read (as preprocess's skipped list names it)."""
-    if isinstance(item, Input):
+    if isinstance(item, NamedImage):
         if item.content is not None:
             return item.content
         if storage.is_remote(item.uri):
@@ -172,7 +172,7 @@ def predict_files(predictor: Predictor, files: Sequence[Item], batch_size: int =
 
     One :class:`Prediction` per input, in order; ``tta`` None follows the predictor's (the run's) setting.
     Also the work of each Spark task of ``predict --master`` (:mod:`catsdogs.cluster.predict`), on
-    :class:`Input` items.
+    :class:`NamedImage` items.
     """
     rows: list[Prediction] = []
     classes = tuple(predictor.classes)

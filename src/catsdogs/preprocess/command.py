@@ -27,7 +27,7 @@ from catsdogs.errors import ConfigError, InputError, TooManySkippedError
 from catsdogs.io import storage
 from catsdogs.io.atomic import atomic_write_text
 from catsdogs.io.outputs import open_output
-from catsdogs.preprocess.job import run_job
+from catsdogs.preprocess.job import run_shard_tasks
 from catsdogs.preprocess.listing import (
     LABELS_NAME,
     Listing,
@@ -177,12 +177,12 @@ def _summary(m: Manifest, out: str, skipped: list[dict[str, str]]) -> str:
         f"Spark start {st['spark_start_s']:.1f} s); mean {m.mean}, std {m.std} (pixel units)."])
 
 
-def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progress: bool = True,
-               api: str = "rdd") -> Manifest:
+def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progress: bool = True
+               ) -> Manifest:
     """Run the whole preprocessing; return the manifest written to ``cfg.output``.
 
     Uses ``spark`` when given (tests reuse one session), else the active session, else starts one
-    from ``cfg.master`` and stops it at the end. ``api`` is passed to :func:`run_job`.
+    from ``cfg.master`` and stops it at the end.
     """
     check_required(cfg)
     t0 = time.perf_counter()
@@ -208,7 +208,7 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
         job_epoch = time.time()
         settings = TaskSettings(str(listing.root), target.task_root, cfg.size, cfg.resize,
                                 cfg.max_pixels, len(listing.classes), cfg.format, cfg.read_threads)
-        rows = run_job(spark, plans, settings, progress=progress, api=api)
+        rows = run_shard_tasks(spark, plans, settings, progress=progress)
         t_done = time.perf_counter()
         done_epoch = time.time()
         outcome = _assemble(rows, listing, cfg)
@@ -217,7 +217,7 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
         m.excluded = excluded
         times = {"start": t0, "spark": t_start, "job": t_job, "done": t_done, "job_epoch": job_epoch,
                  "done_epoch": done_epoch}
-        m.stats = _stats(listing, outcome, excluded, spark, times, api)
+        m.stats = _stats(listing, outcome, excluded, spark, times)
         _write_files_csv(target.stage / schema.FILES_CSV_NAME, outcome.files)
         save_config(cfg, target.stage / schema.CONFIG_NAME)
         save_manifest(m, target.stage)
@@ -233,8 +233,8 @@ def preprocess(cfg: PreprocessConfig, spark: SparkSession | None = None, progres
     return m
 
 
-def _stats(listing: Any, outcome: Any, excluded: dict[str, Any], spark: SparkSession, times: dict[str, float],
-           api: str) -> dict[str, Any]:
+def _stats(listing: Any, outcome: Any, excluded: dict[str, Any], spark: SparkSession, times: dict[str, float]
+           ) -> dict[str, Any]:
     """The manifest's ``stats``: counts, and where the wall time went.
 
     ``times`` holds perf_counter marks ``start``, ``spark``, ``job`` and ``done`` and the wall-clock
@@ -255,7 +255,7 @@ def _stats(listing: Any, outcome: Any, excluded: dict[str, Any], spark: SparkSes
         # Where the job's wall time goes: summed in-task time (read/decode/write), the delay
         # until the first task starts (scheduling, Python worker start-up) and the tail after
         # the last task ends (result collection).
-        "task_seconds": outcome.task_seconds, "api": api,
+        "task_seconds": outcome.task_seconds,
         "first_task_start_s": round(min(s for s, _ in outcome.spans) - times["job_epoch"], 3),
         "after_last_task_s": round(times["done_epoch"] - max(e for _, e in outcome.spans), 3),
         "python_workers": len(outcome.worker_pids),

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -27,15 +27,8 @@ from catsdogs.io import storage
 from catsdogs.models.transforms import load_image
 from catsdogs.shards.writer import ShardWriter
 
-if TYPE_CHECKING:
-    import pyarrow as pa
-
 KIND_IMAGE = "image"
 KIND_SHARD = "shard"
-# Schema of the rows a task returns. Spark checks mapInArrow output types strictly, so the Arrow
-# schema below must match this DDL exactly (int = int32).
-RESULT_DDL = ("kind string, split string, shard int, row int, path string, label int, "
-              "reason string, detail string")
 PlanRow = tuple[str, int, list[str], list[int]]
 """One shard plan as shipped to a task: split, shard index, relative paths, labels."""
 
@@ -55,14 +48,6 @@ class TaskSettings:
     read_threads: int = 1
     """Concurrent reads for remote input (``--read-threads``); local input uses one."""
 
-
-def _result_schema() -> pa.Schema:
-    """Return the Arrow schema matching :data:`RESULT_DDL`."""
-    import pyarrow as pa  # lazy: only the DataFrame API path needs Arrow (~0.75 s at import)
-
-    return pa.schema([("kind", pa.string()), ("split", pa.string()), ("shard", pa.int32()),
-                      ("row", pa.int32()), ("path", pa.string()), ("label", pa.int32()),
-                      ("reason", pa.string()), ("detail", pa.string())])
 
 
 def read_file(root: str, rel: str) -> bytes:
@@ -195,21 +180,6 @@ def pixel_sums(images: list[np.ndarray], chunk: int = 16) -> tuple[np.ndarray, n
         q *= q
         s2 += q.sum(axis=1, dtype=np.uint64)
     return s1.astype(np.int64), s2.astype(np.int64)
-
-
-def make_task(settings: TaskSettings) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """Return the ``mapInArrow`` function: each input row is a shard plan, each output batch its rows."""
-
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        import pyarrow as pa
-
-        out_schema = _result_schema()
-        for batch in batches:
-            for plan in batch.to_pylist():
-                cols = process_shard(settings, plan["split"], plan["shard"], plan["paths"], plan["labels"])
-                yield pa.RecordBatch.from_pydict(cols, schema=out_schema)
-
-    return run
 
 
 def rdd_task(settings: TaskSettings) -> Callable[[PlanRow], dict[str, list[Any]]]:
