@@ -165,8 +165,8 @@ def test_registered_model_answers_like_the_run_folder_on_its_own_engine(
     assert catsdogs.load("models:/tiny-seed/1").engine == catsdogs.load(tracked["out"]).engine
 
 
-def test_pyfunc_by_uri_and_scoring_server_answer_like_the_api(tracked: dict[str, str],
-                                                              tmp_path: Path) -> None:
+def test_pyfunc_by_uri_and_scoring_server_answer_like_the_api(tracked: dict[str, str], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """What ``mlflow models serve`` runs: the scoring app, fed base64 image bytes as JSON, "unknown" too."""
     from fastapi.testclient import TestClient
     from mlflow.pyfunc import scoring_server
@@ -177,7 +177,9 @@ def test_pyfunc_by_uri_and_scoring_server_answer_like_the_api(tracked: dict[str,
     files = sorted(folder.glob("*.*"))
     want = {Path(p.path).name: p for p in catsdogs.load(tracked["out"]).predict(files)}
     assert want["rocket.png"].label == "unknown"  # no cat, no dog: the run's detector rejects it
-    mlflow.set_tracking_uri(tracked["uri"])
+    # Through the environment, restored after the test: mlflow.set_tracking_uri would also set
+    # $MLFLOW_TRACKING_URI for the rest of the session, and later tests would track to a stopped server.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked["uri"])
     model = mlflow.pyfunc.load_model("models:/tiny-seed/1")
     import pandas as pd
 

@@ -129,7 +129,10 @@ def _resolve(client: object, run: str, scheme: str, uri: str) -> tuple[str, str]
             version = str(max(int(v.version) for v in versions))
         else:
             client.get_model_version(name, version)  # type: ignore[attr-defined] - raises if absent
-    return f"models:/{name}/{version}", _key(uri, "models", name, str(version))
+    # The version's own artifact location, not models:/: MLflow resolves a models:/ download through its
+    # process-wide registry URI ($MLFLOW_TRACKING_URI), not this server, so --tracking-uri alone failed.
+    source = client.get_model_version_download_uri(name, version)  # type: ignore[attr-defined]
+    return str(source), _key(uri, "models", name, str(version))
 
 
 def _key(uri: str, kind: str, *parts: str) -> str:
