@@ -295,6 +295,12 @@ def require(cfg: Any, *names: str) -> None:
             raise ConfigError(f"{flag(name)} is required: {fields[name].metadata.get('required', name)}")
 
 
+def setting_name(key: str) -> str:
+    """The field a flag-style or config-file key names: dashes as underscores, a former name as today's."""
+    name = key.replace("-", "_")
+    return ALIASES.get(name, name)
+
+
 def need(cfg: Any, name: str) -> str:
     """The value of a required string setting; :class:`ConfigError` "--FLAG is required" when not given.
 

@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 from catsdogs.config._fields import (
-    ALIASES,
     LOCAL,
     MODEL,
     REMOTE,
@@ -26,6 +25,7 @@ from catsdogs.config._fields import (
     TYPED,
     _coerce,
     flag,
+    setting_name,
     settings_of,
     validate,
 )
@@ -66,9 +66,7 @@ def read_config_file(path: str | Path, section: str | None = None) -> dict[str, 
     if section and isinstance(data.get(section), dict):
         data = dict(data[section])
     paths = path_settings()
-    def is_path(key: str) -> bool:
-        return ALIASES.get(key.replace("-", "_"), key.replace("-", "_")) in paths
-    return {k: relative_to(p.parent, v) if is_path(k) else v for k, v in data.items()}
+    return {k: relative_to(p.parent, v) if setting_name(k) in paths else v for k, v in data.items()}
 
 
 def relative_to(folder: Path, value: Any) -> Any:
@@ -95,8 +93,7 @@ def build_config(cls: type[C], *layers: Mapping[str, Any], typed: Mapping[str, A
     given: dict[str, str] = {}
     for layer, how in [*((layer, SET) for layer in layers), (typed or {}, TYPED)]:
         for key, value in layer.items():
-            key = key.replace("-", "_")
-            key = ALIASES.get(key, key) if key not in names else key
+            key = setting_name(key)
             if key not in names:
                 raise ConfigError(
                     f"unknown setting {key!r} for {cls.__name__}; known: {', '.join(sorted(names))}"

@@ -113,12 +113,13 @@ def executor_data(cfg: TrainConfig) -> str:
 
 def _open_shards(cfg: TrainConfig, spark: SparkSession | None) -> tuple[Path, Manifest]:
     """The local shards folder and its manifest (on Spark with remote shards, only the calibration copy)."""
-    if spark is not None and storage.is_remote(need(cfg, "data")):
+    source = need(cfg, "data")
+    if spark is not None and storage.is_remote(source):
         # The executors read the shards; the driver copies only what int8 calibration reads.
-        manifest = fetch_manifest(need(cfg, "data"))
-        data = partial_copy(need(cfg, "data"), manifest, "train", cfg.calibration_images, cfg.cache_dir)
+        manifest = fetch_manifest(source)
+        data = partial_copy(source, manifest, "train", cfg.calibration_images, cfg.cache_dir)
     else:
-        data = local_shards(need(cfg, "data"), cfg.cache_dir)  # remote shards: a verified local copy
+        data = local_shards(source, cfg.cache_dir)  # remote shards: a verified local copy
         manifest = load_manifest(data)
     if manifest.split_rows("train") == 0:
         raise InputError(f"shards {cfg.data!r} have no train rows (fix --data)")
