@@ -449,6 +449,72 @@ def cand_full_bank(train: Split, ctx: dict) -> Scorer:
     return _fisher(lambda f: [det.what_score(det.imagenet_probabilities(f)), det._knn(f, None)], ctx["val_f"])
 
 
+def _product(train: Split, ctx: dict, **change: Any) -> Any:
+    """The product's concepts detector fitted on ``train``, then changed (``knn_k=``, ``kin=None``)."""
+    det = fit_detector(CONCEPTS, train.f, train.y, ctx["num_classes"], 0, imagenet=ctx["imagenet"])
+    if change.pop("kin", True) is None:
+        del det.params["kin"]
+    for name, value in change.items():
+        setattr(det, name, value)
+    return det
+
+
+def cand_product_with(**change: Any) -> Callable[..., Scorer]:
+    """The product's rule with one setting changed (the look's k; ``kin=None``: without the kin question)."""
+    def fit(train: Split, ctx: dict) -> Scorer:
+        det = _product(train, ctx, **change)
+
+        def parts(f: torch.Tensor) -> list[torch.Tensor]:
+            return [x for _ref, x in det._concept_parts(f.float(), det.imagenet_probabilities(f), None)]
+        return _fisher(parts, ctx["val_f"])
+    return fit
+
+
+def cand_kin_by_size(min_classes: int) -> Callable[..., Scorer]:
+    """The product with another kin region: under each owned node's smallest WordNet ancestor that holds
+    at least ``min_classes`` ImageNet classes (150: "carnivore" for PetImages), not its lexicographer file."""
+    from catsdogs.models.taxonomy import node_leaves, node_mask
+
+    def ancestor(synset: str) -> str:
+        nodes, leaves = node_leaves()
+        mask = node_mask(synset)
+        above = [i for i in range(len(nodes)) if bool((leaves[i] | ~mask).all())]  # nodes holding it all
+        big = [i for i in above if int(leaves[i].sum()) >= min_classes]
+        return nodes[min(big, key=lambda i: (int(leaves[i].sum()), nodes[i]))]
+
+    def fit(train: Split, ctx: dict) -> Scorer:
+        det = _product(train, ctx)
+        region = torch.stack([node_mask(ancestor(n)) for n in det.owned_nodes]).any(dim=0)
+        det.params["kin"] = region & ~det.owned_any()
+
+        def parts(f: torch.Tensor) -> list[torch.Tensor]:
+            return [x for _ref, x in det._concept_parts(f.float(), det.imagenet_probabilities(f), None)]
+        return _fisher(parts, ctx["val_f"])
+    return fit
+
+
+def cand_kin_joined(how: str) -> Callable[..., Scorer]:
+    """The kin question joined to "what is it" instead of a p-value of its own: ``sum``, its score added
+    to the owned mass's; ``max``, the larger of their two surprises (either question alone can refuse)."""
+    def fit(train: Split, ctx: dict) -> Scorer:
+        det = _product(train, ctx)
+        vf = ctx["val_f"]
+
+        def parts(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            p = det.imagenet_probabilities(f)
+            return det.what_score(p), det.kin_score(p)
+        if how == "sum":
+            return _fisher(lambda f: [sum(parts(f)), det._knn(f, None)], vf)  # type: ignore[list-item]
+        ref_what, ref_kin = (x.sort().values for x in parts(vf))
+
+        def what(f: torch.Tensor) -> torch.Tensor:
+            w, k = parts(f)
+            own = f is vf  # the validation rows themselves: each left out of its own reference
+            return torch.maximum(surprise(ref_what, w, own=own), surprise(ref_kin, k, own=own))
+        return _fisher(lambda f: [what(f), det._knn(f, None)], vf)
+    return fit
+
+
 def cand_two_stage(train: Split, ctx: dict) -> Scorer:
     """Two stages: a photo whose most likely non-owned ImageNet concept holds half its mass is unknown
     (a confident foreign concept); the rest goes through the product's rule, thresholded on what is left."""
@@ -476,7 +542,14 @@ CANDIDATES: dict[str, Callable[..., Scorer]] = {
     "ImageNet softmax at temperature 2 in the owned mass": cand_temperature(2.0),
     "the look against every training row (no 4,096-row sample)": cand_full_bank,
     "two stages: a non-owned concept at 50 % or more is unknown, then concepts": cand_two_stage,
-    "**concepts** (owned mass and knn, Fisher-combined)": cand_detector(CONCEPTS),
+    "concepts before the kin question (owned mass and knn at k=10, Fisher-combined)": cand_product_with(
+        kin=None, knn_k=10),
+    "concepts without the kin question, knn at k=3": cand_product_with(kin=None),
+    "kin summed into the owned mass's score (two p-values)": cand_kin_joined("sum"),
+    "kin or owned mass, the larger surprise (two p-values)": cand_kin_joined("max"),
+    **{f"concepts with the look at k={k}": cand_product_with(knn_k=k) for k in (1, 5, 10, 20)},
+    **{f"kin under the smallest node holding {n} ImageNet classes": cand_kin_by_size(n) for n in (150, 250)},
+    "**concepts** (owned mass, kin share and knn at k=3, Fisher-combined)": cand_detector(CONCEPTS),
 }
 PRODUCT = next(name for name in CANDIDATES if name.startswith("**concepts**"))
 

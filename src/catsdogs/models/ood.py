@@ -12,14 +12,24 @@ Methods (values of ``train --ood-method``), compared on real data in docs/models
   distribution ``p``. Each user class owns the smallest WordNet node under which most of its TRAINING
   photos' top-1 concepts fall (:func:`catsdogs.models.taxonomy.owned_node`: "dog" for PetImages' dogs,
   "domestic cat" for its cats), so a concept every photo shares (the breeds) is owned and one a few
-  photos show as background (sofas, laptops) is not. "What is it" is the photo's mass under the owned
-  nodes; "does it look like training" is the ``knn`` score. Each is turned into a conformal p-value
-  against VALIDATION (the share of validation photos scoring at least as high), and the two are
-  combined by Fisher's rule (``-log p_what - log p_look``): a photo is answered only when the two
-  together are not extreme, so a printer (no owned mass at all) is "neither" however much it looks
+  photos show as background (sofas, laptops) is not. Three questions, each a score:
+
+  - "what is it": ``-log`` of the photo's mass under the owned nodes (a printer has none);
+  - "is it another of their kind": ``-log`` of the owned share of the mass of the owned nodes' kind
+    (:func:`catsdogs.models.taxonomy.kin_mask`, every other ImageNet animal for cats and dogs). A caged
+    cat's stray mass goes to "cage", a raccoon's to "badger" and "polecat": only the raccoon leans to
+    kin, so this asks what the first question cannot when the heads are unsure (a raccoon can keep as
+    much owned mass as a caged pet);
+  - "does it look like training": the ``knn`` score.
+
+  Each is turned into a conformal p-value against VALIDATION (the share of validation photos scoring
+  at least as high), and they are combined by Fisher's rule (the sum of ``-log p``): a photo is
+  answered only when together they are not extreme, so a printer is "neither" however much it looks
   like a PetImages photo, and another person's pug (owned mass, an unfamiliar look) is answered. The
-  choice of this rule, its share and its k were made on a held-out-class test on TRAIN/VALIDATION
-  (fit on one class, reject the other's validation photos), measured in docs/models.md. Needs
+  rule, the kin question, its share and its k (:data:`CONCEPTS_KNN_K`) were chosen on a held-out-class
+  test on TRAIN/VALIDATION (fit on one class, reject the other's validation photos; also with the
+  ImageNet heads blind to the held-out class, as they are to a raccoon), measured in docs/models.md. A
+  detector fitted before the kin question (no ``kin`` parameter) asks the other two, as it did. Needs
   ImageNet weights (EfficientNet-Lite models).
 * ``mahalanobis``: squared Mahalanobis distance to the nearest class mean under one shared,
   Ledoit-Wolf-shrunk covariance (Lee et al. 2018). Parameters: whitened class means and the
@@ -45,7 +55,7 @@ import torch.nn.functional as F
 
 from catsdogs.models.imagenet import NUM_CLASSES, imagenet_names, imagenet_probabilities
 from catsdogs.models.ood_names import AUTO, CONCEPTS, OOD_CHOICES, OOD_METHODS  # noqa: F401 - re-exported
-from catsdogs.models.taxonomy import node_mask, owned_node
+from catsdogs.models.taxonomy import kin_mask, node_mask, owned_node
 from catsdogs.shards.feature_shards import StreamedFeatures, chunks_of, take_rows
 
 OWN_SHARE = 0.8
@@ -64,7 +74,12 @@ LOOKS_LIKE_STRONG = 0.25
 a background object for many ordinary pet photos (``python -m benchmarks.open_world`` prints the share
 of validation photos it names one for)."""
 KNN_K = 10
-"""Neighbour rank for the kNN score (k=10: less noisy than k=1, still local)."""
+"""Neighbour rank of the ``knn`` method's score (k=10: less noisy than k=1, still local), and of every
+detector saved before the rank was recorded with it."""
+CONCEPTS_KNN_K = 3
+"""Neighbour rank of the ``concepts`` method's look: with the kin question beside it, k=3 rejected the most
+of the held-out class at the default accept rate on TRAIN/VALIDATION (k in 1, 3, 5, 10, 20; both test
+kinds, Lite0 and Lite1+Lite2, ``python -m benchmarks.open_world``)."""
 KNN_BANK_ROWS = 4096
 """Training features kept for kNN: bounds the checkpoint (4096 x 1280 float16 = 10.5 MB for Lite0,
 21 MB for the Lite1+Lite2 ensemble's 2560-d features)."""
@@ -81,6 +96,8 @@ MIN_SIDE = 16
 _EPS = 1e-6
 _TINY = 1e-12
 """Added to an owned mass before its log: no real photo's mass is 0 in float64, but a test head's may be."""
+VAL_WHAT, VAL_LOOK, VAL_KIN = "val_what", "val_look", "val_kin"
+"""The concepts method's sorted VALIDATION scores of each question (detector parameters)."""
 _FIT_CHUNK = 4096
 """Training rows per ImageNet-probability block while fitting concepts (4096 x 1000 float32 = 16 MB)."""
 
@@ -99,6 +116,8 @@ class Detector:
     accept_rate: float = 1.0
     owned_nodes: tuple[str, ...] = ()
     """Per user class, the WordNet synset of the ImageNet concepts it owns (with ImageNet heads)."""
+    knn_k: int = KNN_K
+    """Neighbour rank of the kNN look (``knn`` and ``concepts``)."""
     _float_params: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     """float32 copies of float16 parameters per device (not saved: rebuilt from ``params``)."""
 
@@ -116,8 +135,8 @@ class Detector:
         f = features.float()
         if self.method == CONCEPTS:
             p = self.imagenet_probabilities(f) if imagenet is None else imagenet
-            return (surprise(self.params["val_what"], self.what_score(p))
-                    + surprise(self.params["val_look"], self._knn(f, leave_out)))
+            return sum((surprise(self.params[ref], x) for ref, x in self._concept_parts(f, p, leave_out)),
+                       torch.zeros(len(f)))
         if self.method == "mahalanobis":
             z = f @ self.params["whiten"].to(f.device)
             return torch.cdist(z, self.params["means"].to(f.device)).square().min(dim=1).values
@@ -131,13 +150,31 @@ class Detector:
         """Cosine distance to the k-th nearest bank row (see :meth:`score` for ``leave_out``)."""
         bank = self._float("bank", f.device)
         sims = F.normalize(f, dim=1) @ bank.T
-        k = min(KNN_K, bank.shape[0])
+        k = min(self.knn_k, bank.shape[0])
         if leave_out is None:
             return 1.0 - sims.topk(k, dim=1).values[:, -1]
         top = sims.topk(min(k + 1, bank.shape[0]), dim=1).values
         own = leave_out.to(f.device) & (top[:, 0] >= 1.0 - SELF_COSINE_GAP)
         rank = torch.where(own, min(k, top.shape[1] - 1), k - 1)
         return 1.0 - top.gather(1, rank[:, None]).squeeze(1)
+
+    def _concept_parts(self, f: torch.Tensor, p: torch.Tensor, leave_out: torch.Tensor | None
+                       ) -> list[tuple[str, torch.Tensor]]:
+        """The concepts method's component scores, each with the name of its VALIDATION reference."""
+        parts = [(VAL_WHAT, self.what_score(p)), (VAL_LOOK, self._knn(f, leave_out))]
+        if "kin" in self.params:  # fitted with the kin question (absent: a detector from before it)
+            parts.append((VAL_KIN, self.kin_score(p)))
+        return parts
+
+    def kin_score(self, imagenet: torch.Tensor) -> torch.Tensor:
+        """``-log`` of the owned share of the owned-and-kin mass (nats; 0 = nothing of its kind but its own).
+
+        ``log((owned + kin) / owned)``: high when the photo's mass leans to a concept of its classes' kind
+        that none of them owns (a badger, a hamster), whatever else the photo holds.
+        """
+        p = imagenet.double()
+        owned = p[:, self.owned_any()].sum(dim=1) + _TINY
+        return ((owned + p[:, self.params["kin"]].sum(dim=1)) / owned).log().float()
 
     def what_score(self, imagenet: torch.Tensor) -> torch.Tensor:
         """``-log`` of each photo's ImageNet mass under the nodes its classes own (nats; 0 = all owned)."""
@@ -151,18 +188,17 @@ class Detector:
     def calibrate(self, val_features: torch.Tensor, val_logits: torch.Tensor, accept_rate: float) -> Detector:
         """Fit what comes from VALIDATION, then the threshold that accepts ``accept_rate`` of it.
 
-        For ``concepts`` that is first the two component scores' reference distributions (sorted, for
-        the percentiles the fused score averages); every method then takes its threshold as the
+        For ``concepts`` that is first the component scores' reference distributions (sorted, for their
+        conformal p-values); every method then takes its threshold as the
         ``accept_rate`` quantile of its own validation scores (:func:`calibrate_threshold`).
         """
         f = val_features.float()
         if self.method == CONCEPTS and len(f):
-            what, look = self.what_score(self.imagenet_probabilities(f)), self._knn(f, None)
-            self.params["val_what"] = what.sort().values.contiguous()
-            self.params["val_look"] = look.sort().values.contiguous()
-            scores = (surprise(self.params["val_what"], what, own=True)
-                      + surprise(self.params["val_look"], look, own=True)).numpy()
-            return calibrate_threshold(self, scores, accept_rate)
+            parts = self._concept_parts(f, self.imagenet_probabilities(f), None)
+            for ref, x in parts:
+                self.params[ref] = x.sort().values.contiguous()
+            scores = sum((surprise(self.params[ref], x, own=True) for ref, x in parts), torch.zeros(len(f)))
+            return calibrate_threshold(self, scores.numpy(), accept_rate)
         scores = self.score(f, val_logits).numpy() if len(f) else np.zeros(0)
         return calibrate_threshold(self, scores, accept_rate)
 
@@ -226,14 +262,15 @@ class Detector:
         """The checkpoint entry: plain tensors, floats and strings."""
         params = {k: v.cpu().contiguous() for k, v in self.params.items()}
         return {"method": self.method, "params": params, "threshold": float(self.threshold),
-                "accept_rate": float(self.accept_rate), "owned_nodes": list(self.owned_nodes)}
+                "accept_rate": float(self.accept_rate), "owned_nodes": list(self.owned_nodes),
+                "knn_k": int(self.knn_k)}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> Detector:
         """Rebuild a detector from its checkpoint entry."""
         return cls(method=str(state["method"]), params=dict(state["params"]),
                    threshold=float(state["threshold"]), accept_rate=float(state["accept_rate"]),
-                   owned_nodes=tuple(state.get("owned_nodes", ())))
+                   owned_nodes=tuple(state.get("owned_nodes", ())), knn_k=int(state.get("knn_k", KNN_K)))
 
 
 def resolve_method(requested: str, has_imagenet: bool) -> str:
@@ -338,7 +375,8 @@ def fit_detector(method: str, features: np.ndarray | StreamedFeatures, labels: n
     if method == CONCEPTS:
         if not heads:
             raise ValueError("the concepts detector needs the model's ImageNet heads")
-        return Detector(method, {**heads, "bank": _knn_bank(features, seed)}, owned_nodes=nodes)
+        return Detector(method, {**heads, "kin": kin_mask(nodes), "bank": _knn_bank(features, seed)},
+                        owned_nodes=nodes, knn_k=CONCEPTS_KNN_K)
     if method == "mahalanobis":
         f = torch.from_numpy(np.concatenate(list(chunks_of(features)))).double()
         means = torch.stack([f[y == c].mean(0) if (y == c).any() else f.mean(0) for c in range(num_classes)])

@@ -5,6 +5,9 @@ breeds fall under "dog" (n02084071), the five domestic cats under "domestic cat"
 ships as ``imagenet_hierarchy.tsv`` (every class and all its hypernyms; ``scripts/imagenet_hierarchy.py``
 derives it from WordNet 3.0). A user class *owns* the smallest node under which most of its TRAINING
 photos' top-1 concepts fall (:func:`owned_node`), learnt for any classes, never listed for cats and dogs.
+Its *kin* are the ImageNet concepts of the same kind that no class owns (:func:`kin_mask`): WordNet files
+every synset under one lexicographer file ("noun.animal" for "dog" and "domestic cat", "noun.artifact"
+for "printer"), so a raccoon's badgers and a hamster are kin of cats and dogs, a printer is not.
 """
 
 from __future__ import annotations
@@ -17,20 +20,30 @@ import torch
 from catsdogs.models.imagenet import imagenet_synsets
 
 HIERARCHY_FILE = "imagenet_hierarchy.tsv"
-"""``synset<TAB>lemma<TAB>direct hypernyms`` per line, next to this module (package data)."""
+"""``synset<TAB>lemma<TAB>direct hypernyms<TAB>lexicographer file`` per line, next to this module
+(package data)."""
+
+
+@cache
+def _kinds() -> dict[str, str]:
+    """Every node's WordNet lexicographer file (the kind of thing it is: "noun.animal")."""
+    return {line.split("\t")[0]: line.split("\t")[3] for line in _lines()}
+
+
+def _lines() -> list[str]:
+    """The data lines of the hierarchy file (the licence header left out)."""
+    text = resources.files("catsdogs.models").joinpath(HIERARCHY_FILE).read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
 
 
 @cache
 def _tree() -> tuple[tuple[str, ...], dict[str, str], dict[str, tuple[str, ...]]]:
     """The class synsets in head order, every node's lemma, and every node's direct hypernyms."""
-    pkg = resources.files("catsdogs.models")
     classes = imagenet_synsets()
     names: dict[str, str] = {}
     parents: dict[str, tuple[str, ...]] = {}
-    for line in pkg.joinpath(HIERARCHY_FILE).read_text(encoding="utf-8").splitlines():
-        if not line or line.startswith("#"):
-            continue
-        synset, lemma, ups = line.split("\t")
+    for line in _lines():
+        synset, lemma, ups, _kind = line.split("\t")
         names[synset] = lemma
         parents[synset] = tuple(ups.split())
     return classes, names, parents
@@ -84,3 +97,20 @@ def node_mask(synset: str) -> torch.Tensor:
     """Bool ``(1000,)``: the ImageNet classes under ``synset``."""
     nodes, leaves = node_leaves()
     return leaves[nodes.index(synset)]
+
+
+def node_kind(synset: str) -> str:
+    """The WordNet lexicographer file of a node: the kind of thing it is ("noun.animal")."""
+    return _kinds()[synset]
+
+
+def kin_mask(nodes: tuple[str, ...]) -> torch.Tensor:
+    """Bool ``(1000,)``: the ImageNet classes of the same kind as any of ``nodes`` that none of them owns.
+
+    For PetImages' "domestic cat" and "dog": every other ImageNet animal (badger, hamster, lion, ...).
+    """
+    classes = imagenet_synsets()
+    kinds = {node_kind(n) for n in nodes}
+    same = torch.tensor([node_kind(c) in kinds for c in classes], dtype=torch.bool)
+    owned = torch.stack([node_mask(n) for n in nodes]).any(dim=0) if nodes else torch.zeros_like(same)
+    return same & ~owned
