@@ -59,9 +59,7 @@ class AnswerWork:
         return self.predictor
 
     def __call__(self, x: np.ndarray, y: np.ndarray, split: str) -> Arrays:
-        a = self.predictor.build().answer(x, tta=self.tta, with_raw=True)
-        return {"probs": a.probs, "raw": a.raw if a.raw is not None else a.probs, "scores": a.scores,
-                "known": a.known, "labels": np.asarray(y, np.int64)}
+        return self.predictor.build().answer(x, tta=self.tta, with_raw=True).arrays(y)
 
 
 def split_features(results: dict[tuple[str, int], Arrays], n_shards: int, split: str

@@ -82,6 +82,28 @@ class Predictions:
     known: np.ndarray | None = None
     """``(n,)`` False where the image is answered "unknown" (None: all known)."""
 
+    @classmethod
+    def from_parts(cls, parts: list[dict[str, np.ndarray] | None], classes: int) -> Predictions:
+        """One split's answers from its shards' answer arrays (``Answers.arrays``), in shard order.
+
+        A local pass and Spark tasks give the same parts; None is a shard without rows. Each row keeps
+        its shard's position and its row inside it.
+        """
+        pos = [i for i, p in enumerate(parts) if p is not None and len(p["labels"])]
+        got = [parts[i] for i in pos]
+        if not got:
+            return cls(np.zeros((0, classes), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int32),
+                       np.zeros(0, np.int64), np.zeros((0, classes), np.float32), np.zeros(0, np.float32),
+                       np.zeros(0, bool))
+
+        def joined(key: str) -> np.ndarray:
+            return np.concatenate([p[key] for p in got])  # type: ignore[index]
+        n = [len(p["labels"]) for p in got]  # type: ignore[index]
+        return cls(probs=joined("probs"), labels=joined("labels"),
+                   shard=np.concatenate([np.full(k, i, np.int32) for i, k in zip(pos, n, strict=True)]),
+                   row=np.concatenate([np.arange(k, dtype=np.int64) for k in n]),
+                   raw=joined("raw"), scores=joined("scores"), known=joined("known"))
+
 
 def predict_split(predictor: Any, root: Path, manifest: Manifest, split: str, batch_size: int,
                   tta: bool | None = None, progress: bool = True) -> Predictions:
@@ -89,29 +111,16 @@ def predict_split(predictor: Any, root: Path, manifest: Manifest, split: str, ba
 
     ``tta`` None follows the predictor's (the run's) setting.
     """
-    n_batches = sum(math.ceil(s.rows / batch_size) for s in manifest.split_shards(split))
-    probs, raw, scores, known, labels, shard, row = [], [], [], [], [], [], []
+    shards = manifest.split_shards(split)
+    n_batches = sum(math.ceil(s.rows / batch_size) for s in shards)
+    batches: list[list[dict[str, np.ndarray]]] = [[] for _ in shards]
     with progress_bar(total=n_batches, desc=f"evaluate {split}", unit="batch", disable=not progress) as bar:
-        for pos, start, x, y in iter_batches(root, manifest, split, batch_size):
-            a = predictor.answer(x, tta=tta, with_raw=True)
-            probs.append(a.probs)
-            raw.append(a.raw)
-            scores.append(a.scores)
-            known.append(a.known)
-            labels.append(y)
-            shard.append(np.full(len(y), pos, dtype=np.int32))
-            row.append(np.arange(start, start + len(y), dtype=np.int64))
+        for pos, _start, x, y in iter_batches(root, manifest, split, batch_size):
+            batches[pos].append(predictor.answer(x, tta=tta, with_raw=True).arrays(y))
             bar.update(1)
-    c = len(manifest.classes)
-    return Predictions(
-        probs=np.concatenate(probs) if probs else np.zeros((0, c), dtype=np.float32),
-        labels=np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
-        shard=np.concatenate(shard) if shard else np.zeros(0, dtype=np.int32),
-        row=np.concatenate(row) if row else np.zeros(0, dtype=np.int64),
-        raw=np.concatenate(raw) if raw else np.zeros((0, c), dtype=np.float32),
-        scores=np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32),
-        known=np.concatenate(known) if known else np.zeros(0, dtype=bool),
-    )
+    parts = [{k: np.concatenate([b[k] for b in shard]) for k in shard[0]} if shard else None
+             for shard in batches]
+    return Predictions.from_parts(parts, len(manifest.classes))
 
 
 def spark_predict_split(cfg: EvaluateConfig, predictor: Predictor, source: str, manifest: Manifest
@@ -135,13 +144,7 @@ def spark_predict_split(cfg: EvaluateConfig, predictor: Predictor, source: str, 
         results, _ = run_shards(spark, master, data, manifest, (cfg.split,), work,
                                 batch_size=cfg.batch_size, desc=f"evaluate {cfg.split}")
     parts = in_shard_order(results, cfg.split, len(manifest.split_shards(cfg.split)))
-    return Predictions(
-        probs=np.concatenate([r["probs"] for r in parts]),
-        labels=np.concatenate([r["labels"] for r in parts]),
-        shard=np.concatenate([np.full(len(r["labels"]), pos, np.int32) for pos, r in enumerate(parts)]),
-        row=np.concatenate([np.arange(len(r["labels"]), dtype=np.int64) for r in parts]),
-        raw=np.concatenate([r["raw"] for r in parts]), scores=np.concatenate([r["scores"] for r in parts]),
-        known=np.concatenate([r["known"] for r in parts]))
+    return Predictions.from_parts(parts, len(manifest.classes))
 
 
 def cached_predict_split(predictor: Any, cfg: EvaluateConfig, data: Path, manifest: Manifest) -> Predictions:

@@ -88,6 +88,14 @@ class Answers:
         return Answer(self.probs[k], float(self.scores[k]), bool(self.known[k]),
                       self.looks_like[k] if self.looks_like else [])
 
+    def arrays(self, labels: np.ndarray) -> dict[str, np.ndarray]:
+        """The answers as named arrays, with the images' true ``labels``: evaluate's rows.
+
+        The same whether a local pass or a Spark task computed them (``Predictions.from_parts``).
+        """
+        return {"probs": self.probs, "raw": self.raw if self.raw is not None else self.probs,
+                "scores": self.scores, "known": self.known, "labels": np.asarray(labels, np.int64)}
+
 
 @dataclass
 class Answer:
