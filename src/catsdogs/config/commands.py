@@ -154,8 +154,9 @@ class TrainConfig(EngineConfig, ComputeConfig, TrackingConfig):
     """Record that images the out-of-distribution detector rejects are answered "unknown" (evaluate,
     predict and serve follow it unless --reject/--no-reject). The detector is fitted either way."""
     ood_method: str = setting("auto", choices=OOD_CHOICES)
-    """Out-of-distribution detector fitted on train features: auto is concepts (what the photo shows and
-    how it looks) for the ImageNet models, knn for those trained from scratch (docs/models.md)."""
+    """Out-of-distribution detector fitted on train features: auto is concepts (what the photo shows,
+    whether it is another of its classes' kind, how it looks) for the ImageNet models, knn for those
+    trained from scratch (docs/models.md)."""
     accept_rate: float = setting(0.995, gt=0.0, le=1.0)
     """Share of validation images the detector's threshold accepts (the rest would be "unknown"): real
     pets refused against other things let through (docs/models.md)."""
