@@ -94,6 +94,12 @@ class JobReport:
                 f"{'; features via Parquet feature shards' if self.spilled else ''}")
 
 
+def shard_items(manifest: Manifest, splits: tuple[str, ...]) -> list[Item]:
+    """Every shard of ``splits``, in split then shard order."""
+    return [Item(split, pos, info) for split in splits
+            for pos, info in enumerate(manifest.split_shards(split))]
+
+
 def group_items(items: list[Item], groups: int) -> list[list[Item]]:
     """One task per shard (``groups`` 0), or ``groups`` tasks balanced by rows (largest shard first)."""
     if groups <= 0 or groups >= len(items):
@@ -127,6 +133,40 @@ def _spill_path(spill: str, key: Key) -> str:
         else os.path.join(spill, key[0], f"part_{key[1]:05d}.parquet")
 
 
+def shard_arrays(x: Any, y: np.ndarray, split: str, work: BatchWork, batch_size: int,
+                 each_batch: Callable[[], object] | None = None) -> Arrays:
+    """Run ``work`` over one opened shard, ``batch_size`` rows at a time; its arrays, concatenated.
+
+    What a Spark task does with each of its shards, and :func:`run_local` with each shard here.
+    """
+    parts: dict[str, list[np.ndarray]] = {}
+    for _start, xb, yb in shard_batches(x, y, batch_size):
+        for name, a in work(xb, yb, split).items():
+            parts.setdefault(name, []).append(a)
+        if each_batch is not None:
+            each_batch()
+    return {name: np.concatenate(v) for name, v in parts.items()}
+
+
+def run_local(data: str | Path, manifest: Manifest, splits: tuple[str, ...], work: BatchWork, *,
+              batch_size: int, desc: str, progress: bool = True) -> dict[Key, Arrays]:
+    """:func:`run_shards` on this machine: the same work over every shard of ``splits``, arrays per shard.
+
+    One shard is open at a time, one batch of pixels in memory. A shard without rows gives no arrays.
+    """
+    from catsdogs.progress import progress_bar
+
+    items = shard_items(manifest, splits)
+    total = sum(-(-it.info.rows // batch_size) for it in items)
+    results: dict[Key, Arrays] = {}
+    with progress_bar(total=total, desc=desc, unit="batch", disable=not progress) as bar:
+        for it in items:
+            x, y = open_shard(data, it.info, manifest.size)
+            results[(it.split, it.pos)] = shard_arrays(x, y, it.split, work, batch_size,
+                                                       lambda: bar.update(1))
+    return results
+
+
 def _task(data: str, size: int, batch_size: int, work: BatchWork, spill: str
           ) -> Callable[[list[Item]], list[tuple[dict[str, Any], Arrays]]]:
     """Return the RDD ``map`` function: one group of shards in, ``(meta, arrays)`` per shard out."""
@@ -134,14 +174,9 @@ def _task(data: str, size: int, batch_size: int, work: BatchWork, spill: str
     def run(items: list[Item]) -> list[tuple[dict[str, Any], Arrays]]:
         out = []
         for it in items:
-            parts: dict[str, list[np.ndarray]] = {}
             t0 = time.perf_counter()
             with opened(data, it.info, size) as (x, y):
-                for _start, xb, yb in shard_batches(x, y, batch_size):
-                    res = work(xb, yb, it.split)
-                    for name, a in res.items():
-                        parts.setdefault(name, []).append(a)
-            arrays = {name: np.concatenate(v) for name, v in parts.items()}
+                arrays = shard_arrays(x, y, it.split, work, batch_size)
             meta: dict[str, Any] = {"split": it.split, "pos": it.pos, "rows": it.info.rows,
                                     "host": socket.gethostname(), "pid": os.getpid(),
                                     "builds": ship.builds(), "seconds": time.perf_counter() - t0}
@@ -168,8 +203,7 @@ def run_shards(spark: SparkSession, master: str, data: str, manifest: Manifest, 
     """
     from catsdogs.cluster.session import run_job  # lazy: keeps this module importable on executors
 
-    items = [Item(split, pos, info) for split in splits
-             for pos, info in enumerate(manifest.split_shards(split))]
+    items = shard_items(manifest, splits)
     report = JobReport(rows=sum(it.info.rows for it in items), spilled=bool(spill), key=repr(work.spec))
     tasks = group_items(items, groups)
     report.tasks = len(tasks)

@@ -9,6 +9,7 @@ and :meth:`catsdogs.infer.predictor.Predictor.answer`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -17,6 +18,20 @@ from catsdogs.cluster.ship import EngineSpec, PredictorSpec
 from catsdogs.train.features import batch_features
 
 Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A spec whose object is built already: the caller's own engine or predictor.
+
+    The work then runs on this machine (``shardjob.run_local``) as a Spark task runs it with the object
+    its spec builds.
+    """
+
+    built: Any
+
+    def build(self) -> Any:
+        return self.built
 
 
 @dataclass(frozen=True)
@@ -51,11 +66,11 @@ class AnswerWork:
     Probabilities after and before temperature scaling, the OOD score and whether it is known.
     """
 
-    predictor: PredictorSpec
+    predictor: PredictorSpec | Ready
     tta: bool | None = None
 
     @property
-    def spec(self) -> PredictorSpec:
+    def spec(self) -> PredictorSpec | Ready:
         return self.predictor
 
     def __call__(self, x: np.ndarray, y: np.ndarray, split: str) -> Arrays:

@@ -11,7 +11,6 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +21,8 @@ import numpy as np
 
 from catsdogs import schema
 from catsdogs.checkpoint import CKPT_TRAIN_CONFIG
+from catsdogs.cluster.shardjob import in_shard_order, run_local
+from catsdogs.cluster.work import AnswerWork, Ready
 from catsdogs.config import EvaluateConfig, check_required, need, save_config, to_dict
 from catsdogs.engines import feature_cache
 from catsdogs.errors import ConfigError, InputError
@@ -42,11 +43,10 @@ from catsdogs.infer.predictor import Predictor
 from catsdogs.io import storage
 from catsdogs.io.atomic import atomic_write_text
 from catsdogs.io.checksum import sha256_file
-from catsdogs.progress import progress_bar
 from catsdogs.rundir import EVAL_DIR, EVAL_METRICS_NAME, REPORT_NAME, RunDir, read_history
 from catsdogs.shards.cache import cache_folder, fetch_manifest, local_shards, partial_copy
 from catsdogs.shards.manifest import Manifest, load_manifest
-from catsdogs.shards.reader import iter_batches, load_rows
+from catsdogs.shards.reader import load_rows
 from catsdogs.track.lineage import TAG_PREFIX, data_tags, git_tags
 from catsdogs.track.mlflow_run import PARENT_TAG, ending, experiment_name_given, open_run, read_link
 from catsdogs.track.registry import tracking_uri
@@ -89,7 +89,7 @@ class Predictions:
         A local pass and Spark tasks give the same parts; None is a shard without rows. Each row keeps
         its shard's position and its row inside it.
         """
-        pos = [i for i, p in enumerate(parts) if p is not None and len(p["labels"])]
+        pos = [i for i, p in enumerate(parts) if p and len(p["labels"])]
         got = [parts[i] for i in pos]
         if not got:
             return cls(np.zeros((0, classes), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int32),
@@ -109,17 +109,13 @@ def predict_split(predictor: Any, root: Path, manifest: Manifest, split: str, ba
                   tta: bool | None = None, progress: bool = True) -> Predictions:
     """Run ``predictor`` over every row of ``split``; return its answers, labels and locations.
 
-    ``tta`` None follows the predictor's (the run's) setting.
+    The same per-batch work as the Spark tasks of :func:`spark_predict_split`, run here. ``tta`` None
+    follows the predictor's (the run's) setting.
     """
-    shards = manifest.split_shards(split)
-    n_batches = sum(math.ceil(s.rows / batch_size) for s in shards)
-    batches: list[list[dict[str, np.ndarray]]] = [[] for _ in shards]
-    with progress_bar(total=n_batches, desc=f"evaluate {split}", unit="batch", disable=not progress) as bar:
-        for pos, _start, x, y in iter_batches(root, manifest, split, batch_size):
-            batches[pos].append(predictor.answer(x, tta=tta, with_raw=True).arrays(y))
-            bar.update(1)
-    parts = [{k: np.concatenate([b[k] for b in shard]) for k in shard[0]} if shard else None
-             for shard in batches]
+    work = AnswerWork(Ready(predictor), tta)
+    results = run_local(root, manifest, (split,), work, batch_size=batch_size, desc=f"evaluate {split}",
+                        progress=progress)
+    parts = in_shard_order(results, split, len(manifest.split_shards(split)))
     return Predictions.from_parts(parts, len(manifest.classes))
 
 
@@ -131,9 +127,8 @@ def spark_predict_split(cfg: EvaluateConfig, predictor: Predictor, source: str, 
     passed here) and send back only the answers, so the result is the one :func:`predict_split` gives.
     """
     from catsdogs.cluster.session import NEEDED, runtime_modules, spark_session  # lazy: pyspark
-    from catsdogs.cluster.shardjob import in_shard_order, run_shards
+    from catsdogs.cluster.shardjob import run_shards
     from catsdogs.cluster.ship import Shipment
-    from catsdogs.cluster.work import AnswerWork
 
     data = source if storage.is_remote(source) else str(Path(source).resolve())
     modules = NEEDED + runtime_modules(predictor.backend)
