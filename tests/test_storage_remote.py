@@ -135,6 +135,14 @@ def test_cache_refetches_a_damaged_copy_and_refuses_damaged_remote(s3: str, tmp_
     with pytest.raises(SchemaError, match="sha256"):
         local_shards("s3a://pets/cached", tmp_path / "c", quiet=True)
     assert not (first / "manifest.json").exists(), "an incomplete cache must not look complete"
+    # A Spark task fetching that shard for itself refuses it the same way.
+    from catsdogs.cluster.shardjob import opened
+    from catsdogs.shards.cache import fetch_manifest
+
+    manifest = fetch_manifest("s3a://pets/cached")
+    with pytest.raises(SchemaError, match="sha256"), \
+            opened("s3a://pets/cached", manifest.split_shards("train")[0], manifest.size):
+        pass
     with pytest.raises(SchemaError, match="--data"):
         local_shards("s3a://pets/nothing-here", tmp_path / "c", quiet=True)
 

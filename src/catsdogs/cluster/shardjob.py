@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from catsdogs.cluster import ship
-from catsdogs.errors import SchemaError
 from catsdogs.io import storage
+from catsdogs.shards.cache import fetch_verified
 from catsdogs.shards.feature_shards import read_feature_shard, write_feature_shard
 from catsdogs.shards.manifest import Manifest, ShardInfo
 from catsdogs.shards.reader import open_shard, shard_batches
@@ -121,10 +121,7 @@ def opened(data: str, info: ShardInfo, size: int) -> Iterator[tuple[Any, np.ndar
         return
     with tempfile.TemporaryDirectory(prefix="catsdogs-shard-") as tmp:
         for rel, sha in dict(((info.x, info.x_sha256), (info.y, info.y_sha256))).items():
-            got = storage.download(storage.join(data, rel), Path(tmp) / rel)
-            if sha and got != sha:
-                raise SchemaError(f"{data}/{rel} has sha256 {got[:12]}..., the manifest says {sha[:12]}...; "
-                                  f"re-run catsdogs preprocess")
+            fetch_verified(data, rel, Path(tmp) / rel, sha)
         yield open_shard(tmp, info, size)
 
 

@@ -84,19 +84,7 @@ def local_shards(data: str, cache_dir: str | Path | None = None, flag: str = "--
     for info in manifest.shards:
         expected[info.x] = info.x_sha256
         expected[info.y] = info.y_sha256
-    fetched = 0
-    for rel, sha in sorted(expected.items()):
-        path = local / rel
-        if path.is_file() and sha and sha256_file(path) == sha:
-            continue
-        (local / schema.MANIFEST_NAME).unlink(missing_ok=True)  # the cached copy is incomplete now
-        got = storage.download(storage.join(uri, rel), path)
-        fetched += path.stat().st_size
-        if sha and got != sha:
-            path.unlink(missing_ok=True)
-            raise SchemaError(f"{uri}/{rel} has sha256 {got[:12]}..., the manifest says {sha[:12]}...: "
-                              f"the shards changed while being read, or are damaged; re-run catsdogs "
-                              f"preprocess")
+    fetched = sum(_refresh(uri, local, rel, sha) for rel, sha in sorted(expected.items()))
     for rel in (schema.FILES_CSV_NAME, schema.CONFIG_NAME):  # small, for a complete local copy
         if (local / rel).is_file() and not fetched:
             continue  # the cache was complete and verified: these came with it
@@ -133,14 +121,27 @@ def partial_copy(data: str, manifest: Manifest, split: str, rows: int = 0,
             continue
         covered += info.rows
         for rel, sha in dict(((info.x, info.x_sha256), (info.y, info.y_sha256))).items():
-            path = local / rel
-            if path.is_file() and sha and sha256_file(path) == sha:
-                continue
-            (local / schema.MANIFEST_NAME).unlink(missing_ok=True)
-            got = storage.download(storage.join(uri, rel), path)
-            if sha and got != sha:
-                path.unlink(missing_ok=True)
-                raise SchemaError(f"{uri}/{rel} has sha256 {got[:12]}..., the manifest says {sha[:12]}...: "
-                                  f"the shards changed while being read, or are damaged; re-run catsdogs "
-                                  f"preprocess")
+            _refresh(uri, local, rel, sha)
     return str(local)
+
+
+def fetch_verified(uri: str, rel: str, path: Path, sha: str) -> None:
+    """Download the shard file ``rel`` of ``uri`` to ``path``, checked against the manifest's sha256.
+
+    A file that does not match is deleted and refused: it changed while being read, or is damaged.
+    """
+    got = storage.download(storage.join(uri, rel), path)
+    if sha and got != sha:
+        path.unlink(missing_ok=True)
+        raise SchemaError(f"{uri}/{rel} has sha256 {got[:12]}..., the manifest says {sha[:12]}...: "
+                          f"the shards changed while being read, or are damaged; re-run catsdogs preprocess")
+
+
+def _refresh(uri: str, local: Path, rel: str, sha: str) -> int:
+    """Make the cached copy of ``rel`` under ``local`` current; return the bytes fetched (0: it was)."""
+    path = local / rel
+    if path.is_file() and sha and sha256_file(path) == sha:
+        return 0
+    (local / schema.MANIFEST_NAME).unlink(missing_ok=True)  # the cached copy is incomplete now
+    fetch_verified(uri, rel, path, sha)
+    return path.stat().st_size
