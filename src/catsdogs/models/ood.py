@@ -136,7 +136,7 @@ class Detector:
         if self.method == CONCEPTS:
             p = self.imagenet_probabilities(f) if imagenet is None else imagenet
             return sum((surprise(self.params[ref], x) for ref, x in self._concept_parts(f, p, leave_out)),
-                       torch.zeros(len(f)))
+                       torch.zeros(len(f), device=f.device))
         if self.method == "mahalanobis":
             z = f @ self.params["whiten"].to(f.device)
             return torch.cdist(z, self.params["means"].to(f.device)).square().min(dim=1).values
@@ -197,8 +197,9 @@ class Detector:
             parts = self._concept_parts(f, self.imagenet_probabilities(f), None)
             for ref, x in parts:
                 self.params[ref] = x.sort().values.contiguous()
-            scores = sum((surprise(self.params[ref], x, own=True) for ref, x in parts), torch.zeros(len(f)))
-            return calibrate_threshold(self, scores.numpy(), accept_rate)
+            scores = sum((surprise(self.params[ref], x, own=True) for ref, x in parts),
+                         torch.zeros(len(f), device=f.device))
+            return calibrate_threshold(self, scores.cpu().numpy(), accept_rate)
         scores = self.score(f, val_logits).numpy() if len(f) else np.zeros(0)
         return calibrate_threshold(self, scores, accept_rate)
 
