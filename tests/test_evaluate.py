@@ -11,7 +11,7 @@ from PIL import Image
 
 from catsdogs import cli
 from catsdogs.evaluate import plots
-from catsdogs.evaluate.command import OUTPUT_FILES
+from catsdogs.evaluate.command import OUTPUT_FILES, Predictions
 from catsdogs.evaluate.metrics import compute_metrics, most_confident_mistakes, roc_curves
 from catsdogs.rundir import read_history
 from catsdogs.shards.manifest import load_manifest
@@ -87,6 +87,19 @@ def test_iter_batches_streams_bounded_writable_batches(tmp_path: Path) -> None:
     assert [(b[0], b[1]) for b in batches] == [(0, 0), (0, 16), (0, 32), (0, 48), (1, 0)]
     x = batches[0][2]
     assert x.dtype == np.uint8 and x.shape == (16, 32, 32, 3) and x.flags.writeable
+
+
+def test_answers_keep_their_shard_and_row_when_a_shard_is_empty() -> None:
+    """Per-shard parts in shard order (a local pass or Spark tasks): a shard without rows keeps its place."""
+    def part(n: int, first: int) -> dict[str, np.ndarray]:
+        probs = np.full((n, 2), 0.5, np.float32)
+        return {"probs": probs, "raw": probs, "scores": np.zeros(n, np.float32), "known": np.ones(n, bool),
+                "labels": np.arange(first, first + n, dtype=np.int64)}
+    preds = Predictions.from_parts([part(2, 0), None, {}, part(3, 2)], classes=2)
+    assert preds.labels.tolist() == [0, 1, 2, 3, 4]
+    assert preds.shard.tolist() == [0, 0, 3, 3, 3] and preds.row.tolist() == [0, 1, 0, 1, 2]
+    empty = Predictions.from_parts([None], classes=2)
+    assert empty.probs.shape == (0, 2) and empty.known is not None and len(empty.known) == 0
 
 
 def test_read_history_takes_last_row_per_epoch(tmp_path: Path) -> None:
