@@ -399,11 +399,13 @@ _NEVER = 1e9
 
 def _fisher(parts: Callable[[torch.Tensor], list[torch.Tensor]], vf: torch.Tensor,
             group: Callable[[torch.Tensor], torch.Tensor] | None = None,
-            veto: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Scorer:
+            veto: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            weights: tuple[float, ...] | None = None) -> Scorer:
     """Fisher's rule over component scores, each a conformal p-value against validation, as the product.
 
     ``group``: each photo's p-values are taken against the validation photos of its own group only
     (Mondrian conformal: the predicted class). ``veto``: photos it marks are unknown whatever the rest.
+    ``weights``: each part's ``-log p`` is multiplied by its weight (None: all 1, Fisher's rule).
     The threshold comes from the validation scores left out of their own reference (``threshold_at``).
     """
     def groups(f: torch.Tensor) -> torch.Tensor:
@@ -417,7 +419,9 @@ def _fisher(parts: Callable[[torch.Tensor], list[torch.Tensor]], vf: torch.Tenso
         for g, ref in refs.items():
             sel = fg == g
             if sel.any():
-                out[sel] = sum(surprise(r, x[sel], own=own) for r, x in zip(ref, fparts, strict=True))
+                w = weights or (1.0,) * len(ref)
+                out[sel] = sum(wt * surprise(r, x[sel], own=own)
+                               for wt, r, x in zip(w, ref, fparts, strict=True))
         return out if veto is None else torch.where(veto(f), torch.tensor(_NEVER), out)
 
     val = np.sort(score(vf, own=True).numpy())
@@ -473,24 +477,30 @@ def cand_full_bank(train: Split, ctx: dict) -> Scorer:
     return _fisher(lambda f: [det.what_score(det.imagenet_probabilities(f)), det._knn(f, None)], ctx["val_f"])
 
 
-def _product(train: Split, ctx: dict, **change: Any) -> Any:
-    """The product's concepts detector fitted on ``train``, then changed (``knn_k=``, ``kin=None``)."""
+def _product(train: Split, ctx: dict, kin: bool = True, knn_k: int | None = None) -> Any:
+    """The product's concepts detector fitted on ``train``; ``kin`` False drops the kin question, ``knn_k``
+    sets another neighbour rank for the look."""
     det = fit_detector(CONCEPTS, train.f, train.y, ctx["num_classes"], 0, imagenet=ctx["imagenet"])
-    if change.pop("kin", True) is None:
+    if not kin:
         del det.params["kin"]
-    for name, value in change.items():
-        setattr(det, name, value)
+    det.knn_k = knn_k or det.knn_k
     return det
 
 
-def cand_product_with(**change: Any) -> Callable[..., Scorer]:
-    """The product's rule with one setting changed (the look's k; ``kin=None``: without the kin question)."""
-    def fit(train: Split, ctx: dict) -> Scorer:
-        det = _product(train, ctx, **change)
+def _concept_rule(det: Any, ctx: dict, weights: tuple[float, ...] | None = None) -> Scorer:
+    """``det``'s own questions (what, look, then kin) through :func:`_fisher`, optionally weighted."""
+    def parts(f: torch.Tensor) -> list[torch.Tensor]:
+        return [x for _ref, x in det._concept_parts(f.float(), det.imagenet_probabilities(f), None)]
+    return _fisher(parts, ctx["val_f"], weights=weights)
 
-        def parts(f: torch.Tensor) -> list[torch.Tensor]:
-            return [x for _ref, x in det._concept_parts(f.float(), det.imagenet_probabilities(f), None)]
-        return _fisher(parts, ctx["val_f"])
+
+def cand_product_with(kin: bool = True, knn_k: int | None = None, what_weight: float = 1.0
+                      ) -> Callable[..., Scorer]:
+    """The product's rule with one setting changed: without the kin question, the look's k, or the weight
+    of "what is it" against the other two questions (1: Fisher's rule)."""
+    def fit(train: Split, ctx: dict) -> Scorer:
+        det = _product(train, ctx, kin=kin, knn_k=knn_k)
+        return _concept_rule(det, ctx, None if what_weight == 1.0 else (what_weight, 1.0, 1.0))
     return fit
 
 
@@ -510,10 +520,7 @@ def cand_kin_by_size(min_classes: int) -> Callable[..., Scorer]:
         det = _product(train, ctx)
         region = torch.stack([node_mask(ancestor(n)) for n in det.owned_nodes]).any(dim=0)
         det.params["kin"] = region & ~det.owned_any()
-
-        def parts(f: torch.Tensor) -> list[torch.Tensor]:
-            return [x for _ref, x in det._concept_parts(f.float(), det.imagenet_probabilities(f), None)]
-        return _fisher(parts, ctx["val_f"])
+        return _concept_rule(det, ctx)
     return fit
 
 
@@ -525,8 +532,7 @@ def cand_kin_joined(how: str) -> Callable[..., Scorer]:
         vf = ctx["val_f"]
 
         def parts(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            p = det.imagenet_probabilities(f)
-            return det.what_score(p), det.kin_score(p)
+            return det._what_and_kin(det.imagenet_probabilities(f))
         if how == "sum":
             return _fisher(lambda f: [sum(parts(f)), det._knn(f, None)], vf)  # type: ignore[list-item]
         ref_what, ref_kin = (x.sort().values for x in parts(vf))
@@ -567,11 +573,13 @@ CANDIDATES: dict[str, Callable[..., Scorer]] = {
     "the look against every training row (no 4,096-row sample)": cand_full_bank,
     "two stages: a non-owned concept at 50 % or more is unknown, then concepts": cand_two_stage,
     "concepts before the kin question (owned mass and knn at k=10, Fisher-combined)": cand_product_with(
-        kin=None, knn_k=10),
-    "concepts without the kin question, knn at k=3": cand_product_with(kin=None),
+        kin=False, knn_k=10),
+    "concepts without the kin question, knn at k=3": cand_product_with(kin=False),
     "kin summed into the owned mass's score (two p-values)": cand_kin_joined("sum"),
     "kin or owned mass, the larger surprise (two p-values)": cand_kin_joined("max"),
     **{f"concepts with the look at k={k}": cand_product_with(knn_k=k) for k in (1, 5, 10, 20)},
+    **{f"concepts with \"what is it\" weighted {w:g}": cand_product_with(what_weight=w)
+       for w in (0.25, 0.5, 2.0)},
     **{f"kin under the smallest node holding {n} ImageNet classes": cand_kin_by_size(n) for n in (150, 250)},
     "**concepts** (owned mass, kin share and knn at k=3, Fisher-combined)": cand_detector(CONCEPTS),
 }

@@ -82,7 +82,7 @@ class EngineSpec:
     file: str
     """Shipped file: the ONNX graph (onnx/openvino engines) or a weights-only model file (torch)."""
     threads: int | None = None
-    """Forward-pass threads per task (0: the task's cores, ``spark.task.cpus``)."""
+    """Forward-pass threads per task (None: the task's cores, ``spark.task.cpus``)."""
 
     def build(self) -> Engine:
         """This process's engine for the spec, built on first use."""

@@ -252,7 +252,7 @@ class PredictConfig(InferenceConfig, SparkConfig, TrackingConfig):
     explain: str | None = setting(None, path=FILE)
     """Folder to write, per image, a Grad-CAM heatmap of what drove the answer: <stem>.png (the photo with
     the heatmap overlaid) and <stem>.npy (float32, the photo's height x width, values 0..1); files
-    sharing a stem get -1, -2, ... (see explanations.csv there). Empty: no explanations."""
+    sharing a stem get -1, -2, ... (see explanations.csv there). Not set: no explanations."""
 
 
 @dataclass
@@ -298,7 +298,7 @@ class ServeConfig(InferenceConfig, TrackingConfig):
     one client fill one default --max-batch micro-batch and caps its buffered uploads at 32 x --max-bytes."""
     cors_origin: str | None = None
     """Comma-separated origins (https://app.example.com) whose pages may call the API from a browser;
-    empty = no CORS headers, so only this server's own page can."""
+    not set: no CORS headers, so only this server's own page can."""
     forwarded_allow_ips: str = "127.0.0.1"
     """Comma-separated addresses of reverse proxies trusted to name the client in X-Forwarded-For
     (rate limits are per client); '*' trusts everyone, which lets any client pick its own identity."""
@@ -330,7 +330,7 @@ class ExportConfig(Config):
     format: str = setting("onnx", choices=tuple(rundir.EXPORT_NAMES))
     """Export format."""
     output: str | None = setting(None, path=LOCAL)
-    """Output file; empty: the format's file in the run folder (model.onnx, model.ts)."""
+    """Output file; not set: the format's file in the run folder (model.onnx, model.ts)."""
 
 
 @dataclass

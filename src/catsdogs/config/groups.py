@@ -75,7 +75,7 @@ class SparkConfig(Config):
 
     master: str | None = None
     """Spark master to run the forward passes on, as one task per shard (evaluate, audit) or per batch
-    of files (predict): local[N], spark://host:7077, yarn or k8s://...; empty = in this process, no JVM."""
+    of files (predict): local[N], spark://host:7077, yarn or k8s://...; not set: in this process, no JVM."""
     spark_conf: dict[str, str] = field(default_factory=dict)
     """Extra Spark settings with --master, key=value (config file or repeated --spark-conf)."""
 

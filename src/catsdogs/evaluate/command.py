@@ -89,19 +89,17 @@ class Predictions:
         A local pass and Spark tasks give the same parts; None is a shard without rows. Each row keeps
         its shard's position and its row inside it.
         """
-        pos = [i for i, p in enumerate(parts) if p and len(p["labels"])]
-        got = [parts[i] for i in pos]
-        if not got:
+        kept = [(pos, p) for pos, p in enumerate(parts) if p and len(p["labels"])]
+        if not kept:
             return cls(np.zeros((0, classes), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int32),
                        np.zeros(0, np.int64), np.zeros((0, classes), np.float32), np.zeros(0, np.float32),
                        np.zeros(0, bool))
 
         def joined(key: str) -> np.ndarray:
-            return np.concatenate([p[key] for p in got])  # type: ignore[index]
-        n = [len(p["labels"]) for p in got]  # type: ignore[index]
+            return np.concatenate([p[key] for _pos, p in kept])
         return cls(probs=joined("probs"), labels=joined("labels"),
-                   shard=np.concatenate([np.full(k, i, np.int32) for i, k in zip(pos, n, strict=True)]),
-                   row=np.concatenate([np.arange(k, dtype=np.int64) for k in n]),
+                   shard=np.concatenate([np.full(len(p["labels"]), pos, np.int32) for pos, p in kept]),
+                   row=np.concatenate([np.arange(len(p["labels"]), dtype=np.int64) for _pos, p in kept]),
                    raw=joined("raw"), scores=joined("scores"), known=joined("known"))
 
 

@@ -161,10 +161,23 @@ class Detector:
     def _concept_parts(self, f: torch.Tensor, p: torch.Tensor, leave_out: torch.Tensor | None
                        ) -> list[tuple[str, torch.Tensor]]:
         """The concepts method's component scores, each with the name of its VALIDATION reference."""
-        parts = [(VAL_WHAT, self.what_score(p)), (VAL_LOOK, self._knn(f, leave_out))]
-        if "kin" in self.params:  # fitted with the kin question (absent: a detector from before it)
-            parts.append((VAL_KIN, self.kin_score(p)))
+        what, kin = self._what_and_kin(p)
+        parts = [(VAL_WHAT, what), (VAL_LOOK, self._knn(f, leave_out))]
+        if kin is not None:  # fitted with the kin question (absent: a detector from before it)
+            parts.append((VAL_KIN, kin))
         return parts
+
+    def _what_and_kin(self, imagenet: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`what_score` and :meth:`kin_score` from one pass over the owned mass.
+
+        The kin score is None for a detector fitted without the kin question.
+        """
+        p = imagenet.double()
+        owned = p[:, self.owned_any()].sum(dim=1) + _TINY
+        what = -owned.log().float()
+        if "kin" not in self.params:
+            return what, None
+        return what, ((owned + p[:, self.params["kin"]].sum(dim=1)) / owned).log().float()
 
     def kin_score(self, imagenet: torch.Tensor) -> torch.Tensor:
         """``-log`` of the owned share of the owned-and-kin mass (nats; 0 = nothing of its kind but its own).
@@ -172,13 +185,14 @@ class Detector:
         ``log((owned + kin) / owned)``: high when the photo's mass leans to a concept of its classes' kind
         that none of them owns (a badger, a hamster), whatever else the photo holds.
         """
-        p = imagenet.double()
-        owned = p[:, self.owned_any()].sum(dim=1) + _TINY
-        return ((owned + p[:, self.params["kin"]].sum(dim=1)) / owned).log().float()
+        kin = self._what_and_kin(imagenet)[1]
+        if kin is None:
+            raise ValueError("this detector was fitted without the kin question")
+        return kin
 
     def what_score(self, imagenet: torch.Tensor) -> torch.Tensor:
         """``-log`` of each photo's ImageNet mass under the nodes its classes own (nats; 0 = all owned)."""
-        return -(imagenet.double()[:, self.owned_any()].sum(dim=1) + _TINY).log().float()
+        return self._what_and_kin(imagenet)[0]
 
     def owned_any(self) -> torch.Tensor:
         """Bool ``(1000,)``: the ImageNet classes any user class owns (all False when none are recorded)."""

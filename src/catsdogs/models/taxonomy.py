@@ -25,28 +25,21 @@ HIERARCHY_FILE = "imagenet_hierarchy.tsv"
 
 
 @cache
-def _kinds() -> dict[str, str]:
-    """Every node's WordNet lexicographer file (the kind of thing it is: "noun.animal")."""
-    return {line.split("\t")[0]: line.split("\t")[3] for line in _lines()}
+def _tree() -> tuple[tuple[str, ...], dict[str, str], dict[str, tuple[str, ...]], dict[str, str]]:
+    """The class synsets in head order, and every node's lemma, direct hypernyms and kind.
 
-
-def _lines() -> list[str]:
-    """The data lines of the hierarchy file (the licence header left out)."""
+    The kind is the node's WordNet lexicographer file ("noun.animal"). One pass over the hierarchy file.
+    """
     text = resources.files("catsdogs.models").joinpath(HIERARCHY_FILE).read_text(encoding="utf-8")
-    return [line for line in text.splitlines() if line and not line.startswith("#")]
-
-
-@cache
-def _tree() -> tuple[tuple[str, ...], dict[str, str], dict[str, tuple[str, ...]]]:
-    """The class synsets in head order, every node's lemma, and every node's direct hypernyms."""
-    classes = imagenet_synsets()
     names: dict[str, str] = {}
     parents: dict[str, tuple[str, ...]] = {}
-    for line in _lines():
-        synset, lemma, ups, _kind = line.split("\t")
-        names[synset] = lemma
-        parents[synset] = tuple(ups.split())
-    return classes, names, parents
+    kinds: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):  # the licence header
+            continue
+        synset, lemma, ups, kind = line.split("\t")
+        names[synset], parents[synset], kinds[synset] = lemma, tuple(ups.split()), kind
+    return imagenet_synsets(), names, parents, kinds
 
 
 @cache
@@ -56,7 +49,7 @@ def node_leaves() -> tuple[tuple[str, ...], torch.Tensor]:
     A class lies under itself and under each of its hypernyms (WordNet is a DAG: some classes have two
     parents, and then lie under both).
     """
-    classes, names, parents = _tree()
+    classes, names, parents, _kinds = _tree()
     nodes = tuple(sorted(names))
     row = {n: i for i, n in enumerate(nodes)}
     leaves = torch.zeros(len(nodes), len(classes), dtype=torch.bool)
@@ -101,7 +94,7 @@ def node_mask(synset: str) -> torch.Tensor:
 
 def node_kind(synset: str) -> str:
     """The WordNet lexicographer file of a node: the kind of thing it is ("noun.animal")."""
-    return _kinds()[synset]
+    return _tree()[3][synset]
 
 
 def kin_mask(nodes: tuple[str, ...]) -> torch.Tensor:

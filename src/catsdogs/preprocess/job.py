@@ -19,6 +19,7 @@ from catsdogs.spark import TaskProgress
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+
 def _columns_to_rows(cols: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """Turn one task's column lists into row dicts."""
     keys = list(cols)
